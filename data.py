@@ -1,0 +1,259 @@
+"""Data: ImageNet-layout folders, the built-in procedural dataset, the official augmentations, a resumable sharded
+sampler, and the memory-mapped latent cache the generator trains from.
+
+Every random choice of an item (crop, flip) comes from a generator seeded by (seed, epoch, index), and the sampler's
+order from (seed, epoch); so the stream of batches is a pure function of the step: a resumed run sees exactly the
+batches it would have seen, whatever the number of loader workers.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def list_images(root):
+    """Sorted image paths under `root` (recursive) and integer labels: one sub-folder per class gives labels in
+    sorted folder order; images directly in `root` (a flat folder) get label 0."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: no such data folder")
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); point --data at an "
+                         f"ImageNet-style folder or use --data builtin")
+    classes = sorted({os.path.relpath(os.path.dirname(p), root).split(os.sep)[0] for p in paths} - {"."})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index.get(os.path.relpath(p, root).split(os.sep)[0], 0) if os.sep in os.path.relpath(p, root) else 0
+              for p in paths]
+    return paths, labels, classes
+
+
+def _shrink(img, size):
+    # ADM: halve with BOX filtering while the short side is >= 2x the target, so BICUBIC never aliases badly.
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    return img
+
+
+def center_crop(img, size):
+    """ADM centre crop (guided-diffusion `center_crop_arr`): short side to `size`, then the central square."""
+    img = _shrink(img, size)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    x, y = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((x, y, x + size, y + size))
+
+
+def random_crop(img, size, rng, min_frac=0.8):
+    """The official training crop (ADM `random_crop_arr`): short side to a random size in [size, size / 0.8], i.e. a
+    crop of 0.8-1.0 of the short side, then a random `size` square."""
+    short = int(rng.integers(size, math.ceil(size / min_frac) + 1))
+    img = _shrink(img, short)
+    scale = short / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    x = int(rng.integers(0, img.size[0] - size + 1))
+    y = int(rng.integers(0, img.size[1] - size + 1))
+    return img.crop((x, y, x + size, y + size))
+
+
+def to_tensor(img):  # PIL RGB -> (3, H, W) float in [-1, 1]
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Items are (image (3, S, S) in [-1, 1], label, number of unreadable files skipped to produce it).
+    crop: 'random' (tokenizer training, spec §6) or 'center' (ADM centre crop: generator and evaluation).
+    A corrupt or unreadable file is replaced by the next readable one and counted, never a crash mid-epoch."""
+
+    def __init__(self, root, image_size, crop="center", flip=False, seed=0):
+        self.paths, self.labels, self.classes = list_images(root)
+        self.image_size, self.crop, self.flip, self.seed, self.epoch = image_size, crop, flip, seed, 0
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        for skipped in range(min(len(self.paths), 50)):
+            j = (i + skipped) % len(self.paths)
+            try:
+                with Image.open(self.paths[j]) as f:
+                    img = f.convert("RGB")
+            except Exception:  # truncated, not an image, permission denied, ...
+                continue
+            rng = np.random.default_rng((self.seed, self.epoch, j))
+            img = random_crop(img, self.image_size, rng) if self.crop == "random" else center_crop(img, self.image_size)
+            if self.flip and rng.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            return to_tensor(img), self.labels[j], skipped
+        raise RuntimeError(f"50 consecutive unreadable images around {self.paths[i]}; check the data folder")
+
+
+class BuiltinShapes(torch.utils.data.Dataset):
+    """A procedural dataset of 8 visually distinct classes (disk, square, triangle, ring, cross, horizontal stripes,
+    vertical stripes, checkerboard), each a random-coloured shape on a random-coloured background with a random
+    size and position. Item i is a pure function of (seed, i): train and held-out splits use different seeds."""
+
+    classes = ["disk", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes", "checker"]
+
+    def __init__(self, image_size=32, size=4096, heldout=False, flip=False, seed=0):
+        self.image_size, self.size, self.seed, self.epoch = image_size, size, seed + (10 ** 6 if heldout else 0), 0
+        self.flip = flip
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng((self.seed, i))
+        label = i % len(self.classes)
+        S = self.image_size
+        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S  # coordinates in [0, 1)
+        cx, cy = rng.uniform(0.35, 0.65, size=2)
+        r = rng.uniform(0.2, 0.35)
+        dx, dy = xx - cx, yy - cy
+        period = rng.uniform(0.15, 0.3)
+        mask = [np.hypot(dx, dy) < r,
+                np.maximum(abs(dx), abs(dy)) < r * 0.85,
+                (dy < r * 0.8) & (dy > -r * 0.8 + 2 * abs(dx)),
+                (np.hypot(dx, dy) < r) & (np.hypot(dx, dy) > r * 0.55),
+                ((abs(dx) < r * 0.3) | (abs(dy) < r * 0.3)) & (np.maximum(abs(dx), abs(dy)) < r),
+                (yy / period) % 1 < 0.5,
+                (xx / period) % 1 < 0.5,
+                ((xx / period).astype(int) + (yy / period).astype(int)) % 2 == 0][label]
+        fg, bg = rng.uniform(-1, 1, size=3), rng.uniform(-1, 1, size=3)
+        while np.abs(fg - bg).sum() < 1.2:  # keep the shape visible
+            fg = rng.uniform(-1, 1, size=3)
+        img = np.where(mask[None], fg[:, None, None], bg[:, None, None]).astype(np.float32)
+        if self.flip and np.random.default_rng((self.seed, self.epoch, i)).random() < 0.5:
+            img = img[:, :, ::-1]
+        return torch.from_numpy(img.copy()), label, 0
+
+
+def make_dataset(path, image_size, crop="center", flip=False, heldout=False, seed=0):
+    """`path` is a folder or 'builtin'. heldout selects the built-in held-out split (a folder is its own split)."""
+    if path == "builtin":
+        return BuiltinShapes(image_size, heldout=heldout, flip=flip, seed=seed)
+    return ImageFolderDataset(path, image_size, crop=crop, flip=flip, seed=seed)
+
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """DistributedSampler that can start mid-epoch: epoch e is a permutation seeded by (seed, e), padded to a whole
+    number of global batches; rank r takes every world-th index. `start` skips batches already consumed."""
+
+    def __init__(self, n, batch_size, rank=0, world=1, seed=0):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.epoch, self.start = 0, 0
+        self.batches_per_epoch = max(1, n // (batch_size * world))
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start = epoch, start_batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)
+        need = self.batches_per_epoch * self.batch_size * self.world
+        order = order.repeat(math.ceil(need / self.n))[:need]  # datasets smaller than one global batch repeat
+        mine = order[self.rank::self.world]
+        return iter(mine[self.start * self.batch_size:].tolist())
+
+    def __len__(self):
+        return (self.batches_per_epoch - self.start) * self.batch_size
+
+
+def collate(items):
+    images, labels, skipped = zip(*items)
+    return torch.stack(images), torch.tensor(labels), torch.tensor(sum(skipped))
+
+
+def make_loader(dataset, sampler, batch_size, workers, pin_memory):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       collate_fn=collate, pin_memory=pin_memory, drop_last=True,
+                                       persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def batches(dataset, sampler, batch_size, workers, step, pin_memory=False):
+    """Endless (images, labels, skipped) batches starting at global step `step`, epoch after epoch."""
+    epoch, start = divmod(step, sampler.batches_per_epoch)
+    while True:
+        sampler.set_epoch(epoch, start)
+        dataset.epoch = epoch
+        yield from make_loader(dataset, sampler, batch_size, workers, pin_memory)
+        epoch, start = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Latent cache (spec §8): every image and its horizontal flip encoded once, in a memory-mapped float16 array
+# latents.npy of shape (N, 2, L, d) beside labels.npy and meta.json (latent mean/std over the whole cache).
+@torch.no_grad()
+def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size, workers, autocast, extra_meta=None):
+    """Each rank encodes items rank, rank + world, ... straight into the shared memory map. Returns the measured
+    (mean, std) of the cache; meta.json records them beside `extra_meta` (the tokenizer and its own statistics)."""
+    import torch.distributed as dist
+    cfg = tokenizer.config
+    n = len(dataset)
+    path = os.path.join(out, "latents.npy")
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, 2, cfg.num_tokens, cfg.token_dim))
+        np.save(os.path.join(out, "labels.npy"), np.zeros(n, np.int64))
+    if dist.is_initialized():
+        dist.barrier()
+    latents = np.load(path, mmap_mode="r+")
+    labels = np.load(os.path.join(out, "labels.npy"), mmap_mode="r+")
+    mine = list(range(rank, n, world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # count, sum, sum of squares
+    done = 0
+    for images, y, _ in loader:
+        images = images.to(device, non_blocking=True)
+        with autocast:
+            z = torch.stack([tokenizer.encode(images), tokenizer.encode(images.flip(-1))], dim=1).float()  # (B, 2, L, d)
+        z16 = z.half()  # statistics of what is stored, so that a cached generator sees exactly (z - mean) / std
+        stats += torch.stack([torch.tensor(z16.numel(), device=device, dtype=torch.float64),
+                              z16.double().sum(), z16.double().pow(2).sum()])
+        idx = mine[done:done + len(images)]
+        latents[idx] = z16.cpu().numpy()
+        labels[idx] = y.numpy()
+        done += len(images)
+    latents.flush()
+    labels.flush()
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    count, total, squares = stats.tolist()
+    mean = total / count
+    std = math.sqrt(max(squares / count - mean ** 2, 0.0) * count / max(count - 1, 1))
+    if rank == 0:
+        meta = {"count": n, "num_tokens": cfg.num_tokens, "token_dim": cfg.token_dim,
+                "num_classes": len(getattr(dataset, "classes", [])) or int(np.max(labels)) + 1,
+                "measured_mean": mean, "measured_std": std, **(extra_meta or {})}
+        with open(os.path.join(out, "meta.json.tmp"), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))  # written last: complete
+    return mean, std
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """Items are (latent (L, d) float32, label, 0) from the cache; the image or its flip is chosen 50/50, seeded by
+    (seed, epoch, index) like the image augmentations."""
+
+    def __init__(self, folder, seed=0):
+        meta_path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{folder}: no complete latent cache (meta.json missing); run --stage cache")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.latents = np.load(os.path.join(folder, "latents.npy"), mmap_mode="r")
+        self.labels = np.load(os.path.join(folder, "labels.npy"))
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        flip = int(np.random.default_rng((self.seed, self.epoch, i)).random() < 0.5)
+        return torch.from_numpy(self.latents[i, flip].astype(np.float32)), int(self.labels[i]), 0

@@ -1,0 +1,238 @@
+"""Shared transformer parts: attention, MLP, the DINOv2-style ViT block and backbone, position-embedding helpers,
+and the hand-written `.safetensors` reader/writer used by every checkpoint loader.
+
+Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `blocks.i.attn.qkv`, `blocks.i.ls1.gamma`,
+`norm`, ...) so that the official SoftVQ, DINOv2 and DINO checkpoints load without a renaming table.
+"""
+import json
+import math
+import os
+import struct
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a packed qkv projection (timm layout), computed by SDPA (flash/mem-efficient
+    kernels on CUDA). The official code switches to flash-attn for non-fp32 inputs; SDPA gives the same function."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, T, D) -> (B, T, D)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear. DINOv2 uses the exact GELU, DiT/SiT the tanh approximation."""
+
+    def __init__(self, dim, hidden_dim, gelu_approximate="none"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate=gelu_approximate)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale (CaiT/DINOv2); timm initialises it to 1e-5 for the DINOv2 models."""
+
+    def __init__(self, dim, init_value=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block in the DINOv2 form: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
+    LayerNorm eps 1e-6, qkv bias. `layerscale=False` gives the DINO v1 block (no ls1/ls2)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, layerscale=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim) if layerscale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim) if layerscale else nn.Identity()
+
+    def forward(self, x):  # (B, T, D)
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens in raster order, by a strided conv (timm's `patch_embed.proj`)."""
+
+    def __init__(self, patch_size, dim, in_chans=3):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, H/p * W/p, D)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ViT(nn.Module):
+    """A timm/DINOv2-layout ViT backbone: [cls, patches] + learned absolute position embedding, blocks, final norm.
+    The tokenizer uses its pieces directly (it appends latent tokens after the position embedding); the DINOv2
+    teacher and the DINO discriminator call `forward_features`."""
+
+    def __init__(self, image_size, patch_size, width, depth, num_heads, mlp_ratio=4.0, layerscale=True,
+                 patch_embed=True):
+        super().__init__()
+        assert image_size % patch_size == 0, f"image size {image_size} is not divisible by patch size {patch_size}"
+        self.patch_size = patch_size
+        self.num_patches = (image_size // patch_size) ** 2
+        # The decoder never patchifies an image; the official code carries the unused weights, we leave them out.
+        self.patch_embed = PatchEmbed(patch_size, width) if patch_embed else None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, width))
+        self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, layerscale) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # timm's default ViT init: trunc-normal 0.02 for Linear weights and the position table, zero biases,
+        # cls ~ N(0, 1e-6), LayerNorm (1, 0); conv patch embedding keeps PyTorch's default (lecun-uniform-like).
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def embed(self, tokens):  # (B, N, D) patch or mask tokens -> (B, 1 + N, D) with cls and position embedding
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1) + self.pos_embed
+
+    def forward_features(self, x, taps=()):
+        """Image (B, 3, H, W) -> normed tokens (B, 1 + N, D); with `taps`, also the outputs of those blocks
+        (index -1 = the embedding before any block), as the DINO discriminator needs."""
+        x = self.embed(self.patch_embed(x))
+        feats = [x] if -1 in taps else []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in taps:
+                feats.append(x)
+        return (self.norm(x), feats) if taps else self.norm(x)
+
+
+def sincos_1d(num_positions, dim, interleaved=False):
+    """Fixed sinusoidal table (num_positions, dim), base 10000, computed in float64.
+    interleaved=True puts sin on even and cos on odd channels (the official SoftVQ SiT 1-D table);
+    otherwise [sin | cos] halves (the MAE/DiT 2-D helper's per-axis layout)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.arange(num_positions, dtype=np.float64)[:, None] * omega[None]  # (P, D/2)
+    if interleaved:
+        table = np.stack([np.sin(angles), np.cos(angles)], axis=-1).reshape(num_positions, dim)
+    else:
+        table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    return torch.from_numpy(table).float()
+
+
+def sincos_2d(grid_size, dim):
+    """Fixed 2-D sin-cos table (grid_size**2, dim): first half encodes the column, second the row (MAE/DiT)."""
+    cols = sincos_1d(grid_size, dim // 2)  # (G, D/2)
+    col = cols.repeat(grid_size, 1)  # position (r, c) -> row-major index r*G + c
+    row = cols.repeat_interleave(grid_size, 0)
+    return torch.cat([col, row], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# .safetensors by hand: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+# then the raw little-endian tensor bytes. Released SoftVQ and SiT weights use this format.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def load_safetensors(path):
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated .safetensors file (no header); download it again")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path}: truncated or not a .safetensors file (header length {n} > file size)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: corrupt .safetensors header; download the file again") from None
+        data = bytearray(f.read())
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if end > len(data) or info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name} is truncated or of unknown dtype {info['dtype']}")
+        dtype = _ST_DTYPES[info["dtype"]]
+        t = torch.frombuffer(data, dtype=dtype, offset=start, count=(end - start) // dtype.itemsize) if end > start \
+            else torch.empty(0, dtype=dtype)
+        out[name] = t.reshape(info["shape"]).clone()
+    return out
+
+
+def save_safetensors(tensors, path):
+    header, chunks, offset = {}, [], 0
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        b = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        chunks.append(b)
+        offset += len(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)  # the format pads the header to 8-byte alignment
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for b in chunks:
+            f.write(b)
+    os.replace(tmp, path)
+
+
+def load_state_dict_file(path):
+    """A plain state dict from `.safetensors` or a `torch.save` file (weights_only: never unpickles code)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        return load_safetensors(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code, ...
+        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}); is the file complete?") from None
+    return sd
+
+
+def check_state_dict(module, sd, ignore=()):
+    """Strict key and shape check with a readable message, then load. `ignore`: key prefixes to drop first."""
+    sd = {k: v for k, v in sd.items() if not k.startswith(tuple(ignore))} if ignore else sd
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"shape mismatch: {wrong[:3]}" if wrong else ""]
+        raise ValueError(f"checkpoint does not fit {type(module).__name__}: " + "; ".join(p for p in parts if p)
+                         + " -- is it a checkpoint of this kind and preset?")
+    module.load_state_dict(sd, strict=True)
+    return module
