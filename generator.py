@@ -1,0 +1,251 @@
+"""SiT flow-matching generator on 1-D token sequences (the SoftVQ "SiT-XL/1" recipe), its training loss and samplers.
+
+Model: DiT/SiT adaLN-Zero transformer (Peebles & Xie, DiT models.py; Ma et al., SiT) with patch size 1 on the
+tokenizer's L continuous tokens of width d: a per-token Linear embedding replaces the patchifier and a fixed 1-D
+sin-cos table replaces the 2-D one (official SoftVQ `modelling/sit.py`, `vae_1d=True`). Parameter names equal the
+official ones, so released SoftVQ SiT weights load with `model.check_state_dict`.
+
+Flow convention (project decision 1, REPA/SoftVQ): x_t = (1 - t) x + t eps, t = 0 data, t = 1 noise, the network
+predicts v = eps - x, and raw t in [0, 1] enters the timestep embedding. Samplers integrate t from 1 to 0.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import Attention, Mlp
+
+
+@dataclass
+class SiTConfig:
+    num_tokens: int = 32  # L, from the tokenizer
+    token_dim: int = 64  # d, from the tokenizer
+    width: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000  # the label table has one extra row: the null class (= num_classes) for CFG
+    class_dropout: float = 0.1  # label-drop probability in training (classifier-free guidance)
+
+
+# Official SiT sizes (patch 1 on 1-D tokens), plus a tiny one for CPU tests.
+GENERATOR_PRESETS = {
+    "sit-tiny": dict(width=128, depth=4, num_heads=4),
+    "sit-s": dict(width=384, depth=12, num_heads=6),
+    "sit-b": dict(width=768, depth=12, num_heads=12),
+    "sit-l": dict(width=1024, depth=24, num_heads=16),
+    "sit-xl": dict(width=1152, depth=28, num_heads=16),
+}
+
+
+def sit_config(name, num_tokens, token_dim, **overrides):
+    """SiTConfig of a preset on a tokenizer's (num_tokens, token_dim); `overrides` e.g. num_classes=10."""
+    if name not in GENERATOR_PRESETS:
+        raise ValueError(f"unknown generator preset {name!r}; choose from {sorted(GENERATOR_PRESETS)}")
+    return SiTConfig(**{**GENERATOR_PRESETS[name], "num_tokens": num_tokens, "token_dim": token_dim, **overrides})
+
+
+def pos_embed_1d(num_tokens, dim):
+    """The official 1-D table (`positionalencoding1d`): sin on even, cos on odd channels, frequency
+    10000^(-2k/dim) for channel pair k, computed in float32 exactly as the official code does so the values match
+    bit for bit (model.sincos_1d(interleaved=True) is the same table in float64, equal to ~1e-6)."""
+    pos = torch.arange(num_tokens, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(num_tokens, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table  # (L, D)
+
+
+def modulate(x, shift, scale):  # adaLN: (B, L, D) * (1 + (B, 1, D)) + (B, 1, D)
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] (raw, not x1000) -> 256-d frequency features [cos | sin] (GLIDE/DiT order) -> MLP -> (B, D)."""
+
+    def __init__(self, width, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):  # (B,) -> (B, D)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]  # features in float32, then t's dtype (as the official code)
+        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(feats.to(t.dtype) if t.is_floating_point() else feats)
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with a null row (index num_classes); in training each label becomes null with prob p (CFG)."""
+
+    def __init__(self, num_classes, width, dropout):
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.embedding_table = nn.Embedding(num_classes + 1, width)
+
+    def forward(self, y):  # (B,) int64 -> (B, D)
+        if self.training and self.dropout > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.embedding_table(y)
+
+
+class SiTBlock(nn.Module):
+    """adaLN-Zero block (DiT): c regresses shift/scale/gate for both branches; gates start at 0 -> identity block."""
+
+    def __init__(self, width, num_heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, int(width * mlp_ratio), gelu_approximate="tanh")
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, c):  # x (B, L, D), c (B, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width, out_dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, c):  # (B, L, D), (B, D) -> (B, L, d)
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class SiT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        self.x_embedder = nn.Linear(cfg.token_dim, cfg.width)
+        # Fixed table, but a Parameter (requires_grad=False) like the official model: it is in the state dict.
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width), requires_grad=False)
+        self.t_embedder = TimestepEmbedder(cfg.width)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.width, cfg.class_dropout)
+        self.blocks = nn.ModuleList(SiTBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg.width, cfg.token_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # DiT/SiT init: xavier-uniform Linears with zero bias; N(0, 0.02) label table and timestep-MLP weights;
+        # adaLN and output projections zeroed, so every block starts as the identity and the output is exactly 0.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.pos_embed.data.copy_(pos_embed_1d(self.config.num_tokens, self.config.width)[None])
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for lin in [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1],
+                                                                    self.final_layer.linear]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x, t, y):  # x (B, L, d) noisy tokens, t (B,) in [0, 1], y (B,) labels -> v (B, L, d)
+        h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.final_layer(h, c)  # (B, L, d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training objective (official losses/sit_loss.py, path "linear", prediction "v")
+
+def sample_time(n, time_dist="lognormal", device=None, generator=None):
+    """(n,) times in (0, 1). "lognormal" is EDM's sigma = exp(N(0,1)), t = sigma / (1 + sigma), i.e. logit-normal(0, 1)
+    = sigmoid(N(0, 1)) (the SoftVQ default); "uniform" is U(0, 1)."""
+    if time_dist == "lognormal":
+        return torch.sigmoid(torch.randn(n, device=device, generator=generator))
+    if time_dist == "uniform":
+        return torch.rand(n, device=device, generator=generator)
+    raise ValueError(f"unknown time distribution {time_dist!r} (lognormal | uniform)")
+
+
+def flow_matching_loss(model, x, y, time_dist="lognormal", t=None, noise=None):
+    """Plain MSE over all elements between v(x_t, t, y) and eps - x. x: (B, L, d) normalised latents, y: (B,)."""
+    t = sample_time(x.shape[0], time_dist, x.device) if t is None else t
+    noise = torch.randn_like(x) if noise is None else noise
+    t_ = t.to(x.dtype)[:, None, None]
+    x_t = (1 - t_) * x + t_ * noise
+    return F.mse_loss(model(x_t, t.to(x.dtype), y).float(), (noise - x).float())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samplers (official modelling/samplers.py, REPA style): state in float64, each model call in the model's dtype.
+# Model calls: "euler" N, "heun" 2N - 1 (no corrector on the last step), "sde" N (N - 1 Euler-Maruyama steps on
+# linspace(1, 0.04, N), then one noise-free step 0.04 -> 0). CFG doubles the batch of a call only while
+# guidance_low <= t <= guidance_high (Heun's corrector follows the decision of its step's start time).
+
+def _randn(x, generator):
+    """Standard normals like x (float64). generator: None, a torch.Generator, or a list of one generator per sample
+    (then every sample's noise depends only on its own generator, whatever the batch it is drawn in)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device).to(x.device)
+                            for g in generator])
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def sample(model, noise, labels, sampler="sde", steps=250, cfg=1.0, guidance_low=0.0, guidance_high=1.0,
+           generator=None, null_label=None):
+    """Integrate from t = 1 (noise (B, L, d)) to t = 0 and return latents (B, L, d) in noise's dtype.
+
+    model: any callable velocity(x (B', L, d), t (B',), y (B',)) -> (B', L, d), e.g. a SiT in eval mode.
+    cfg: guidance scale s >= 1, v = v_uncond + s (v_cond - v_uncond) on all channels, null label = num_classes.
+    generator: SDE noise source (see _randn)."""
+    if sampler not in ("euler", "ode", "heun", "sde"):
+        raise ValueError(f"unknown sampler {sampler!r} (euler/ode | heun | sde)")
+    if steps < 1 or cfg < 1.0:
+        raise ValueError(f"need steps >= 1 and cfg >= 1 (got steps={steps}, cfg={cfg})")
+    if null_label is None:
+        null_label = getattr(getattr(model, "config", None), "num_classes", 1000)
+    params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    dtype = params.dtype if params is not None and params.is_floating_point() else noise.dtype
+    y_null = torch.full_like(labels, null_label)
+
+    def velocity(x, t, guide):  # x float64 (B, L, d), t python float -> float64 (B, L, d)
+        guide = guide and cfg > 1.0
+        x_in, y_in = (torch.cat([x, x]), torch.cat([labels, y_null])) if guide else (x, labels)
+        t_in = torch.full((x_in.shape[0],), t, dtype=dtype, device=x.device)
+        v = model(x_in.to(dtype), t_in, y_in).to(torch.float64)
+        if guide:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + cfg * (v_cond - v_uncond)
+        return v
+
+    x = noise.to(torch.float64)
+    with torch.no_grad():
+        if sampler == "sde":
+            ts = torch.linspace(1.0, 0.04, steps, dtype=torch.float64).tolist() + [0.0]
+        else:
+            ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+        for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+            guide = guidance_low <= t <= guidance_high
+            dt = t_next - t  # < 0
+            v = velocity(x, t, guide)
+            if sampler == "sde":
+                # Reverse-time SDE sharing the flow's marginals, diffusion w(t) = 2t; score from the velocity on the
+                # linear path: s = -((1 - t) v + x) / t; drift d = v - w s / 2. The last step (from 0.04) is its mean.
+                w = 2.0 * t
+                score = -((1.0 - t) * v + x) / t
+                x_new = x + (v - 0.5 * w * score) * dt
+                if i < len(ts) - 2:
+                    x_new = x_new + math.sqrt(w) * math.sqrt(abs(dt)) * _randn(x, generator)
+                x = x_new
+            elif sampler == "heun" and i < len(ts) - 2:
+                x_pred = x + dt * v
+                x = x + dt * 0.5 * (v + velocity(x_pred, t_next, guide))
+            else:
+                x = x + dt * v
+    return x.to(noise.dtype)

