@@ -184,7 +184,7 @@ def flow_matching_loss(model, x, y, time_dist="lognormal", t=None, noise=None):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Samplers (official modelling/samplers.py, REPA style): state in float64, each model call in the model's dtype.
-# Model calls: "euler" N, "heun" 2N - 1 (no corrector on the last step), "sde" N (N - 1 Euler-Maruyama steps on
+# Model calls: "ode" (Euler) N, "heun" 2N - 1 (no corrector on the last step), "sde" N (N - 1 Euler-Maruyama steps on
 # linspace(1, 0.04, N), then one noise-free step 0.04 -> 0). CFG doubles the batch of a call only while
 # guidance_low <= t <= guidance_high (Heun's corrector follows the decision of its step's start time).
 
@@ -204,8 +204,8 @@ def sample(model, noise, labels, sampler="sde", steps=250, cfg=1.0, guidance_low
     model: any callable velocity(x (B', L, d), t (B',), y (B',)) -> (B', L, d), e.g. a SiT in eval mode.
     cfg: guidance scale s >= 1, v = v_uncond + s (v_cond - v_uncond) on all channels, null label = num_classes.
     generator: SDE noise source (see _randn)."""
-    if sampler not in ("euler", "ode", "heun", "sde"):
-        raise ValueError(f"unknown sampler {sampler!r} (euler/ode | heun | sde)")
+    if sampler not in ("ode", "heun", "sde"):
+        raise ValueError(f"unknown sampler {sampler!r} (ode | heun | sde)")
     if steps < 1 or cfg < 1.0:
         raise ValueError(f"need steps >= 1 and cfg >= 1 (got steps={steps}, cfg={cfg})")
     if null_label is None:

@@ -47,7 +47,8 @@ TINY_TRAIN = ["--preset", "softvq-tiny", "--data", "builtin", "--batch-size", "8
 
 def _official_keys(preset):
     """(key -> shape) of an officially released layout, from shared/spec (skips where the spec is not beside us)."""
-    path = os.path.join(SPEC, "official_keys", f"keys_softvq_{OFFICIAL_KEY_FILES[preset]}.txt")
+    name = "keys_sit_xl1_32x64" if preset == "sit-xl" else f"keys_softvq_{OFFICIAL_KEY_FILES[preset]}"
+    path = os.path.join(SPEC, "official_keys", name + ".txt")
     if not os.path.isfile(path):
         pytest.skip(f"spec file {path} not found")
     keys = {}
@@ -263,6 +264,71 @@ def _log(out):
     return recs, by_step
 
 
+# The README quickstart, stage by stage (its command is checked against README.md below).
+QUICKSTART_TOKENIZER = ["--stage", "tokenizer", "--preset", "softvq-tiny", "--data", "builtin", "--batch-size", "16",
+                        "--lr", "2e-3", "--warmup-steps", "100", "--ema-decay", "0.99", "--workers", "1"]
+QUICKSTART_GENERATOR = ["--stage", "generator", "--preset", "sit-tiny", "--batch-size", "64", "--lr", "1e-3",
+                        "--ema-decay", "0.999", "--workers", "1"]
+
+
+def _spectrum(x):  # colour-invariant shape features: |FFT| of the per-image standardised grey image
+    gray = x.mean(1)
+    gray = (gray - gray.mean((1, 2), keepdim=True)) / (gray.std((1, 2), keepdim=True) + 1e-6)
+    return torch.fft.fft2(gray).abs().flatten(1)
+
+
+def _quickstart(out, tok_steps, gen_steps):
+    """Tokenizer -> cache -> generator on built-in data; returns (PSNR gain over the mean image, nearest-real
+    distance of generated samples, of decoded random latents, class accuracy of samples, of random latents)."""
+    out = str(out)
+    train.main(QUICKSTART_TOKENIZER + ["--steps", str(tok_steps), "--sample-every", str(tok_steps),
+                                       "--log-every", "100", "--out", f"{out}/tok"])
+    done = [r for r in _log(f"{out}/tok")[0] if r.get("event") == "done"][0]
+    train.main(["--stage", "cache", "--tokenizer", f"{out}/tok/ckpt.pt", "--data", "builtin", "--workers", "1",
+                "--out", f"{out}/latents"])
+    train.main(QUICKSTART_GENERATOR + ["--latents", f"{out}/latents", "--steps", str(gen_steps), "--sample-every",
+                                       str(gen_steps), "--log-every", "100", "--out", f"{out}/sit"])
+    model, info = S.load_generator(f"{out}/sit/ckpt.pt")
+    tok, mean, std = S.load_tokenizer_for(model, info)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(128) % 8
+    shape = (128, model.config.num_tokens, model.config.token_dim)
+    with torch.no_grad():
+        samples = S.generate_images(model, tok, torch.randn(shape, generator=g), labels, mean, std, sampler="sde",
+                                    steps=100, cfg=2.0)
+        random = tok.decode(torch.randn(shape, generator=g) * std + mean).clamp(-1, 1)
+        fit = data.BuiltinShapes(32, seed=42)  # a classifier fitted on reconstructions: it sees the same blur
+        xs, ys = torch.stack([fit[i][0] for i in range(1024)]), torch.tensor([fit[i][1] for i in range(1024)])
+        features = _spectrum(tok(xs)[0].clamp(-1, 1))
+    centroids = torch.stack([features[ys == c].mean(0) for c in range(8)])
+    accuracy = lambda x: (torch.cdist(_spectrum(x), centroids).argmin(1) == labels).float().mean().item()
+    held = data.BuiltinShapes(32, heldout=True, seed=42)
+    real = torch.stack([held[i][0] for i in range(1024)]).flatten(1)
+    nearest = lambda x: (torch.cdist(x.flatten(1), real) ** 2 / real.shape[1]).min(1).values.mean().item()
+    return (done["heldout_psnr"] - done["mean_image_psnr"], nearest(samples), nearest(random), accuracy(samples),
+            accuracy(random))
+
+
+def test_quickstart_pipeline_learns(tmp_path):
+    """A shortened quickstart (500 of 2400 tokenizer steps, 600 of 6000 generator steps): the tokenizer beats the
+    mean image by 3 dB and generated samples are nearer to held-out real images than decoded random latents. (Class
+    structure needs the full run: test_quickstart_readme_pipeline, 61% class accuracy against 1/8 chance.)"""
+    gain, near_samples, near_random, _, _ = _quickstart(tmp_path, 500, 600)
+    assert gain >= 3.0
+    assert near_samples < near_random
+
+
+@pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"), reason="the full quickstart, 10 minutes: set SOFTVQ_SLOW=1")
+def test_quickstart_readme_pipeline(tmp_path):
+    readme = open(REPO / "README.md").read()
+    assert " ".join(QUICKSTART_TOKENIZER) + " --steps 2400" in readme  # exactly the README's stages
+    assert " ".join(QUICKSTART_GENERATOR[4:]).split(" --workers")[0] in readme and "--steps 6000" in readme
+    gain, near_samples, near_random, acc_samples, acc_random = _quickstart(tmp_path, 2400, 6000)
+    assert gain >= 6.0
+    assert near_samples < near_random
+    assert acc_samples > 0.4 > acc_random
+
+
 def test_train_errors(tmp_path, capsys):
     cases = [(["--stage", "tokenizer", "--preset", "softvq-zzz", "--data", "builtin"], "unknown tokenizer preset"),
              (TINY_TRAIN + ["--stage", "tokenizer", "--image-size", "30"], "not divisible by the patch size"),
@@ -279,6 +345,17 @@ def test_train_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(TINY_TRAIN + ["--stage", "tokenizer", "--steps", "1", "--out", str(tmp_path), "--resume"])
     assert "not tokenizer softvq-tiny" in capsys.readouterr().err
+
+
+def test_corrupt_images_are_skipped_and_counted_in_the_log(tmp_path):
+    folder = tmp_path / "imgs"
+    _image_folder(folder, n=4)
+    (folder / "class0" / "zz_broken.png").write_bytes(b"\x89PNG truncated")
+    out = str(tmp_path / "run")
+    train.main(["--stage", "tokenizer", "--preset", "softvq-tiny", "--data", str(folder), "--batch-size", "5",
+                "--steps", "2", "--log-every", "2", "--workers", "0", "--out", out])
+    recs, by_step = _log(out)
+    assert by_step[2]["skipped_images"] == 2  # every image is seen once per step; the broken one twice in 2 steps
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -323,7 +400,7 @@ def _kill_and_resume(args, full, part, keys):
 
 
 def test_resume_after_kill_gives_identical_losses(tmp_path):
-    args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "24", "--ckpt-every", "6"]
+    args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "12", "--ckpt-every", "4"]
     _kill_and_resume(args, str(tmp_path / "full"), str(tmp_path / "part"), ("loss", "mse", "entropy", "grad_norm"))
 
 
@@ -587,7 +664,7 @@ def test_train_with_every_term_on_and_exact_resume(tmp_path):
     files = _obj_files()
     init = str(tmp_path / "dinov2_init.pth")
     torch.save(_obj_dinov2_state(torch.Generator().manual_seed(1), width=128, depth=4), init)
-    args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "6", "--ckpt-every", "2", "--disc-start", "0",
+    args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "4", "--ckpt-every", "2", "--disc-start", "0",
                          "--perceptual-warmup", "2", "--repa-patch-size", "4", "--adaptive-disc-weight",
                          "--vgg", files["vgg_path"], "--lpips", files["lpips_path"], "--dino", files["dino_path"],
                          "--dinov2", files["dinov2_path"], "--init-encoder", init]
@@ -661,23 +738,12 @@ def test_psnr_ssim_match_scipy_reference():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The SiT generator (generator.py) and sampling (sample.py)
-_GEN_KEYS = os.path.join(SPEC, "official_keys", "keys_sit_xl1_32x64.txt")
-
-
-def _gen_official_keys():
-    out = {}
-    for line in open(_GEN_KEYS):
-        name, shape, _ = line.rstrip("\n").split("\t")
-        out[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return out
-
-
 def _gen_tiny_official_sd(D=32, depth=2, L=5, d=6, C=10, seed=0):
     """A random state dict in the official layout, derived from the XL key list by shrinking every dimension."""
     dims = {1152: D, 2304: 2 * D, 3456: 3 * D, 4608: 4 * D, 6912: 6 * D, 64: d, 32: L, 1001: C + 1, 256: 256, 1: 1}
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for name, shape in _gen_official_keys().items():
+    for name, shape in _official_keys("sit-xl").items():
         if name.startswith("blocks.") and int(name.split(".")[1]) >= depth:
             continue
         sd[name] = 0.3 * torch.randn([dims[s] for s in shape], generator=g)
@@ -742,7 +808,7 @@ def test_sit_xl_layout_and_param_count():
     with torch.device("meta"):
         model = G.SiT(G.sit_config("sit-xl", num_tokens=32, token_dim=64))
     sd = model.state_dict()
-    ref = _gen_official_keys()
+    ref = _official_keys("sit-xl")
     assert list(sd) == list(ref)
     assert {k: tuple(v.shape) for k, v in sd.items()} == ref
     # The official count (sum of p.numel() over parameters) includes the frozen 32 x 1152 pos_embed Parameter.
@@ -860,12 +926,12 @@ def test_ode_samplers_convergence_order(_gen_single_thread):
     eps = torch.randn(256, 1, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = mu + s * eps  # the exact ODE flow map from t = 1 to t = 0
     y = torch.zeros(256, dtype=torch.long)
-    for sampler, order in (("euler", 2.0), ("heun", 4.0)):
+    for sampler, order in (("ode", 2.0), ("heun", 4.0)):
         err = [(G.sample(_gen_gauss_velocity(mu, s), eps, y, sampler, n) - exact).abs().max().item()
                for n in (8, 16, 32, 64)]
         ratios = [a / b for a, b in zip(err, err[1:])]
         assert all(abs(r - order) < 0.5 for r in ratios), (sampler, err, ratios)
-        assert err[-1] < (0.04 if sampler == "euler" else 1e-3)
+        assert err[-1] < (0.04 if sampler == "ode" else 1e-3)
 
 
 def test_sde_reaches_data_distribution(_gen_single_thread):
@@ -886,7 +952,7 @@ def test_sde_reaches_data_distribution(_gen_single_thread):
 def test_sampler_model_calls_and_guidance_interval(_gen_single_thread):
     vel = _gen_gauss_velocity(0.0, 1.0)
     x, y = torch.randn(3, 2, 2), torch.tensor([0, 1, 2])
-    for sampler, calls_of in (("euler", lambda n: n), ("heun", lambda n: 2 * n - 1), ("sde", lambda n: n)):
+    for sampler, calls_of in (("ode", lambda n: n), ("heun", lambda n: 2 * n - 1), ("sde", lambda n: n)):
         for n in (1, 2, 8):
             for cfg in (1.0, 2.5):
                 f, calls = _gen_recorder(vel)
@@ -895,7 +961,7 @@ def test_sampler_model_calls_and_guidance_interval(_gen_single_thread):
                 assert {b for b, _ in calls} == {6 if cfg > 1 else 3}
     # interval [0.25, 0.75] on the exact grid 1, 0.875, ..., 0.125: doubled exactly at t in [0.25, 0.75]
     f, calls = _gen_recorder(vel)
-    G.sample(f, x, y, "euler", 8, cfg=2.0, guidance_low=0.25, guidance_high=0.75)
+    G.sample(f, x, y, "ode", 8, cfg=2.0, guidance_low=0.25, guidance_high=0.75)
     assert calls == [(3, 1.0), (3, 0.875), (6, 0.75), (6, 0.625), (6, 0.5), (6, 0.375), (6, 0.25), (3, 0.125)]
     # Heun's corrector (evaluated at t_next) follows its step's decision at t_cur; no corrector on the last step
     f, calls = _gen_recorder(vel)
@@ -911,14 +977,14 @@ def test_cfg_formula_and_scale_one(_gen_single_thread):
     def vel(x, t, y):  # a label-dependent field; the null label is 10
         return -x + y.double()[:, None, None] * t.double()[:, None, None]
     x, y = torch.randn(3, 2, 2, dtype=torch.float64), torch.tensor([1, 2, 3])
-    out = G.sample(vel, x, y, "euler", 1, cfg=3.0, null_label=10)  # one step from t=1 to 0: x - v
+    out = G.sample(vel, x, y, "ode", 1, cfg=3.0, null_label=10)  # one step from t=1 to 0: x - v
     v_c, v_u = vel(x, torch.ones(3), y), vel(x, torch.ones(3), torch.full((3,), 10))
     torch.testing.assert_close(out, x - (v_u + 3.0 * (v_c - v_u)))
     f, calls = _gen_recorder(vel)
-    torch.testing.assert_close(G.sample(f, x, y, "euler", 1, cfg=1.0), x - vel(x, torch.ones(3), y))
+    torch.testing.assert_close(G.sample(f, x, y, "ode", 1, cfg=1.0), x - vel(x, torch.ones(3), y))
     assert calls == [(3, 1.0)]
     with pytest.raises(ValueError):
-        G.sample(vel, x, y, "euler", 4, cfg=0.5)
+        G.sample(vel, x, y, "ode", 4, cfg=0.5)
 
 
 def test_sample_with_sit_and_per_sample_generators(_gen_single_thread):
@@ -1533,11 +1599,13 @@ def test_generator_stage_from_cache_resumes_exactly_and_previews(tmp_path):
                     _image_folder(tmp_path / "imgs"), "--batch-size", "4", "--workers", "0", "--out",
                     str(tmp_path / "cache")], cwd=REPO, check=True, capture_output=True)
     args = ["--stage", "generator", "--preset", "sit-tiny", "--latents", str(tmp_path / "cache"), "--batch-size", "4",
-            "--workers", "0", "--steps", "8", "--ckpt-every", "3", "--log-every", "1", "--sample-every", "8"]
+            "--workers", "0", "--steps", "8", "--ckpt-every", "3", "--log-every", "1", "--sample-every", "4"]
     _, last = _kill_and_resume(args, str(tmp_path / "full"), str(tmp_path / "part"), ("loss", "grad_norm"))
     assert last["kind"] == "generator" and last["config"]["num_classes"] == 3
     assert last["tokenizer"]["latent_mean"] == 0.01 and last["tokenizer"]["latent_std"] == 0.2
-    grid = Image.open(tmp_path / "full" / "samples_0000008.png")  # one row per class, from the EMA weights
+    # previews mid-run and at the end (training goes on from the cache after a preview), one row per class
+    assert os.path.isfile(tmp_path / "full" / "samples_0000004.png")
+    grid = Image.open(tmp_path / "full" / "samples_0000008.png")
     assert grid.size[1] == 3 * 32
     model, info = S.load_generator(str(tmp_path / "full" / "ckpt.pt"))  # sample.py reads what train.py wrote
     assert info["path"] == str(tmp_path / "tok.pt")

@@ -169,11 +169,12 @@ class Logger:
         self.bar = tqdm(total=args.steps, initial=start_step, disable=rank != 0, dynamic_ncols=True,
                         desc=args.stage)
 
-    def note(self, **record):
+    def note(self, echo=True, **record):
         if self.rank == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
+            if echo:
+                tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
 
     def add(self, logs):
         for k, v in logs.items():
@@ -188,7 +189,10 @@ class Logger:
             t = torch.stack([vals[k].float() for k in keys])
             dist.all_reduce(t)
             vals = dict(zip(keys, t / dist.get_world_size()))
+        world = dist.get_world_size() if dist.is_initialized() else 1
         rec = {"step": step, **{k: float(v) for k, v in vals.items()}, **extra}
+        if "skipped_images" in rec:  # a count, not a mean: unreadable files replaced since the last line, all ranks
+            rec["skipped_images"] = round(rec["skipped_images"] * self.count * world)
         if self.t0 is not None:
             rec["img_per_s"] = round(images_per_step * self.count / (now - self.t0), 1)
         self.sums, self.count, self.t0 = {}, 0, now
@@ -295,8 +299,8 @@ def train(args):
         log.note(event="start", stage=args.stage, preset=args.preset, world=world, device=str(device),
                  params=sum(p.numel() for p in model.parameters()), lr=args.lr, steps=args.steps,
                  batch=args.batch_size)
-        for message in warnings:  # loud at start (printed by TokenizerLoss) and in the log
-            log.note(event="warning", message=message)
+        for message in warnings:  # already printed loudly when found; here they go into the log
+            log.note(echo=False, event="warning", message=message)
 
     def checkpoint():
         if rank == 0:
@@ -359,9 +363,9 @@ def train(args):
                     rec = ema(preview.to(device))
                 save_grid([to_uint8(preview), to_uint8(rec[0])], path)
             else:
-                tokenizer = tokenizer or preview_tokenizer(info, device, log)
-                if tokenizer is not None:
-                    sample_grid(ema, tokenizer, info, num_classes, device, args.seed,
+                decoder = tokenizer or preview_tokenizer(info, device, log)  # loaded once per preview
+                if decoder is not None:
+                    sample_grid(ema, decoder, info, num_classes, device, args.seed,
                                 getattr(dataset, "classes", None) or None, path)
         if step == args.steps and args.stage == "tokenizer" and rank == 0:  # stored with the tokenizer (spec §7)
             mean, std = latent_stats(ema, dataset, device, autocast)
@@ -381,6 +385,7 @@ def train(args):
 
 
 def preview_tokenizer(info, device, log):
+    """The tokenizer that decodes preview samples when training from the cache (its path is in the cache)."""
     if info.get("path") and os.path.isfile(info["path"]):
         return load_tokenizer(info["path"], info.get("config_json")).to(device)
     log.note(event="warning", message="no tokenizer for the sample grid; pass --tokenizer to get one")
@@ -395,7 +400,7 @@ def sample_grid(ema, tokenizer, info, num_classes, device, seed, class_names, pa
     labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(labels), ema.config.num_tokens, ema.config.token_dim, generator=g).to(device)
-    images = generate_images(ema, tokenizer, noise, labels, info["latent_mean"], info["latent_std"], sampler="euler",
+    images = generate_images(ema, tokenizer, noise, labels, info["latent_mean"], info["latent_std"], sampler="ode",
                              steps=50, cfg=4.0)
     labelled_grid(to_uint8(images), labels.tolist(), class_names).save(path)
 
