@@ -358,6 +358,29 @@ def test_corrupt_images_are_skipped_and_counted_in_the_log(tmp_path):
     assert by_step[2]["skipped_images"] == 2  # every image is seen once per step; the broken one twice in 2 steps
 
 
+def test_schedule_optimizer_clipping_and_image_size(tmp_path, monkeypatch):
+    args = train.parse_args(["--stage", "tokenizer", "--preset", "softvq-tiny", "--data", "builtin", "--out", "x",
+                             "--lr", "1e-3", "--warmup-steps", "10", "--steps", "110"])
+    assert train.learning_rate(0, args) == 1e-5 and train.learning_rate(10, args) == pytest.approx(1e-3)
+    assert train.learning_rate(60, args) == pytest.approx(1e-4 + 9e-4 * 0.5)  # half way down the cosine
+    assert train.learning_rate(110, args) == pytest.approx(1e-4)  # ends at 0.1 x peak
+    args.weight_decay = 0.05
+    model = SoftVQVAE(tokenizer_config("softvq-tiny"))
+    opt = train.make_optimizer(model.parameters(), args, torch.device("cpu"), (0.9, 0.95))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert isinstance(opt, torch.optim.AdamW) and [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert all((p.ndim >= 2) == (id(p) in decayed) for p in model.parameters())  # no decay on biases, norms, gains
+    clips, real_clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, max_norm: clips.append(max_norm) or real_clip(p, max_norm))
+    out = tmp_path / "run"
+    train.main(TINY_TRAIN + ["--stage", "tokenizer", "--steps", "1", "--weight-decay", "0.05", "--grad-clip", "0.25",
+                             "--image-size", "48", "--out", str(out)])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]] == [0.05, 0.0] and clips == [0.25]
+    assert ckpt["config"]["image_size"] == 48 and ckpt["model"]["encoder.model.pos_embed"].shape[1] == 1 + 12 * 12
+    assert Image.open(out / "recon_0000001.png").size == (8 * 48, 2 * 48)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
@@ -667,13 +690,20 @@ def test_train_with_every_term_on_and_exact_resume(tmp_path):
     args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "4", "--ckpt-every", "2", "--disc-start", "0",
                          "--perceptual-warmup", "2", "--repa-patch-size", "4", "--adaptive-disc-weight",
                          "--vgg", files["vgg_path"], "--lpips", files["lpips_path"], "--dino", files["dino_path"],
-                         "--dinov2", files["dinov2_path"], "--init-encoder", init]
+                         "--dinov2", files["dinov2_path"], "--init-encoder", init, "--entropy-weight", "0.02",
+                         "--perceptual-weight", "0.7", "--adversarial-weight", "0.3", "--lecam-weight", "0.5",
+                         "--consistency-weight", "2.0", "--repa-weight", "0.2"]
     keys = ("loss", "mse", "lpips", "entropy", "repa", "g_adv", "adaptive_weight", "d_loss", "d_hinge", "lecam",
             "consistency", "d_grad_norm")
     first, last = _kill_and_resume(args, str(tmp_path / "full"), str(tmp_path / "part"), keys)
     recs, by_step = _log(str(tmp_path / "full"))
     assert not [r for r in recs if r.get("event") == "warning"]  # every term on: no term switched off
     assert all(math.isfinite(by_step[s][k]) for s in by_step for k in keys)
+    for s, r in by_step.items():  # the totals are made of the logged terms with exactly the weights passed
+        ramp = min(1.0, (s - 1) / 2)  # --perceptual-warmup 2; the loss of logged step s is computed at step s - 1
+        g = r["mse"] + 0.7 * ramp * r["lpips"] + 0.02 * r["entropy"] + 0.2 * r["repa"] + 0.3 * r["adaptive_weight"] * r["g_adv"]
+        assert r["loss"] == pytest.approx(g, rel=1e-5, abs=1e-6)
+        assert r["d_loss"] == pytest.approx(0.3 * (r["d_hinge"] + 0.5 * r["lecam"]) + 2.0 * r["consistency"], rel=1e-5)
     changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)
     heads = lambda c: {k: v for k, v in c["criterion"].items() if k.startswith("disc.heads")}
     projector = lambda c: {k: v for k, v in c["criterion"].items() if k.startswith("projector")}
@@ -1654,3 +1684,62 @@ def test_reconstruct_folder_metrics_and_sharding(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="not a tokenizer checkpoint"):
         torch.save({"kind": "generator", "config": {}, "model": {}}, tmp_path / "gen.pt")
         S.main(["--ckpt", str(tmp_path / "gen.pt"), "--images", images, "--out", str(tmp_path / "x")])
+
+
+def test_cache_from_a_released_tokenizer_layout(tmp_path):
+    """--stage cache with official S-64 weights (.safetensors) and a config.json that is not beside them."""
+    torch.manual_seed(0)
+    keys = _official_keys("softvq-s-64")
+    source = SoftVQVAE(tokenizer_config("softvq-s-64")).eval()
+    sd = {k: source.state_dict()[k] if k in source.state_dict() else torch.randn(v) for k, v in keys.items()}
+    (tmp_path / "weights").mkdir()
+    save_safetensors(sd, str(tmp_path / "weights" / "model.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps(_official_config_json(source.config)))
+    images = _image_folder(tmp_path / "imgs", n=3)
+    train.main(["--stage", "cache", "--tokenizer", str(tmp_path / "weights" / "model.safetensors"), "--tokenizer-config",
+                str(tmp_path / "cfg.json"), "--data", images, "--batch-size", "4", "--workers", "0", "--out",
+                str(tmp_path / "cache")])
+    cache = data.LatentCache(str(tmp_path / "cache"))
+    assert cache.latents.shape == (3, 2, 64, 32) and cache.meta["latent_std"] == pytest.approx(0.06745294)
+    x = torch.stack([data.ImageFolderDataset(images, 256, crop="center")[i][0] for i in range(3)])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(cache.latents[:, 0].astype(np.float32)), source.encode(x),
+                                   atol=1e-3, rtol=1e-3)
+
+
+def test_sample_flags_reach_their_calls(tmp_path, monkeypatch, _gen_single_thread):
+    """--weights, --class-names, --fp32 on our checkpoints; --config for official SiT weights."""
+    ckpt, stub = _gen_setup_sampling(tmp_path)
+    monkeypatch.setitem(sys.modules, "tokenizer", _gen_stub_module(stub))
+    c = torch.load(ckpt, weights_only=True)
+    c["model"] = {k: torch.zeros_like(v) for k, v in c["model"].items()}  # "model" weights differ from "ema"
+    torch.save(c, ckpt)
+    seen, real_grid, real_gen = {}, S.labelled_grid, S.generate_images
+
+    def grid(images, labels, class_names=None):
+        seen["names"] = class_names
+        return real_grid(images, labels, class_names)
+
+    def gen(model, *a, amp=True, **k):
+        seen["amp"], seen["model"] = amp, model
+        return real_gen(model, *a, amp=amp, **k)
+
+    monkeypatch.setattr(S, "labelled_grid", grid)
+    monkeypatch.setattr(S, "generate_images", gen)
+    (tmp_path / "names.txt").write_text("\n".join(f"class-{i}" for i in range(5)))
+    common = ["--classes", "1", "3", "--per-class", "2", "--steps", "2", "--sampler", "ode", "--device", "cpu"]
+    S.main(["--ckpt", ckpt, "--weights", "model", "--class-names", str(tmp_path / "names.txt"), "--fp32",
+            "--out", str(tmp_path / "g.png"), *common])
+    assert seen["names"][3] == "class-3" and seen["amp"] is False
+    assert all(p.abs().sum() == 0 for p in seen["model"].parameters())  # the zeroed "model" weights, not the EMA
+    # official SiT weights whose width names no preset: the heads come from --config
+    sd = _gen_tiny_official_sd(D=32, depth=2, L=4, d=3, C=5)
+    (tmp_path / "sit").mkdir()
+    save_safetensors(sd, str(tmp_path / "sit" / "model.safetensors"))
+    (tmp_path / "sit_config.json").write_text(json.dumps({"num_heads": 4, "depth": 2}))
+    official = ["--ckpt", str(tmp_path / "sit" / "model.safetensors"), "--tokenizer", str(tmp_path / "tok.json"),
+                "--out", str(tmp_path / "o.png"), *common]
+    with pytest.raises(SystemExit, match="num_heads"):
+        S.main(official)
+    S.main(official + ["--config", str(tmp_path / "sit_config.json")])
+    assert seen["model"].config.num_heads == 4 and os.path.isfile(tmp_path / "o.png")
