@@ -1743,3 +1743,32 @@ def test_sample_flags_reach_their_calls(tmp_path, monkeypatch, _gen_single_threa
         S.main(official)
     S.main(official + ["--config", str(tmp_path / "sit_config.json")])
     assert seen["model"].config.num_heads == 4 and os.path.isfile(tmp_path / "o.png")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: skipped without CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_bf16_pipeline(tmp_path):
+    """On CUDA train.py compiles the model and runs under bf16: both stages train (finite, falling loss), and
+    sample.py draws a grid from the result."""
+    train.main(TINY_TRAIN + ["--stage", "tokenizer", "--steps", "60", "--log-every", "20", "--out", str(tmp_path / "t")])
+    losses = [r["loss"] for r in _log(str(tmp_path / "t"))[1].values()]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    train.main(["--stage", "cache", "--tokenizer", str(tmp_path / "t" / "ckpt.pt"), "--data", "builtin", "--workers",
+                "2", "--out", str(tmp_path / "c")])
+    train.main(QUICKSTART_GENERATOR + ["--latents", str(tmp_path / "c"), "--steps", "60", "--log-every", "20",
+                                       "--sample-every", "60", "--out", str(tmp_path / "g")])
+    losses = [r["loss"] for r in _log(str(tmp_path / "g"))[1].values()]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    S.main(["--ckpt", str(tmp_path / "g" / "ckpt.pt"), "--classes", "0", "1", "--per-class", "4", "--steps", "10",
+            "--cfg", "1.5", "--out", str(tmp_path / "grid.png")])
+    assert Image.open(tmp_path / "grid.png").size[1] == 2 * 32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fid_features_equal_cpu(fid_model, fid_ts_path):
+    """TF32 is off by default, so GPU features equal the CPU ones to fp32 rounding."""
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 80, 3), dtype=np.uint8)
+    cpu = fid.inception_features(images, fid_model)
+    gpu = fid.inception_features(images, fid.load_inception(fid_ts_path, "cuda"))
+    np.testing.assert_allclose(gpu, cpu, atol=1e-3)

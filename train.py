@@ -351,7 +351,8 @@ def train(args):
             disc_optimizer.step()
         update_ema(ema, model, args.ema_decay)
         step += 1
-        log.add({"loss": loss, **logs, "grad_norm": grad_norm, "skipped_images": skipped.float()})
+        log.add({"loss": loss, **logs, "grad_norm": grad_norm,
+                 "skipped_images": skipped.to(device, torch.float32, non_blocking=True)})  # one device per all-reduce
         log.bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
             extra = {"codebook_usage": round(model.quantize.usage(), 4)} if args.stage == "tokenizer" else {}
