@@ -259,8 +259,9 @@ def load_tokenizer(path, config_json=None, use_ema=True):
         return model.eval()
     config_json = config_json or os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     if not os.path.isfile(config_json):
-        raise FileNotFoundError(f"{path} looks like an official state dict but {config_json} is missing; pass the "
-                                f"released config.json (--config) next to the weights")
+        raise FileNotFoundError(f"{path} looks like an official state dict but {config_json} is missing; put the "
+                                f"released config.json next to the weights or name it (sample.py --config, "
+                                f"train.py --tokenizer-config)")
     with open(config_json) as f:
         cfg = config_from_official(json.load(f))
     model = SoftVQVAE(cfg)
