@@ -24,13 +24,11 @@ def list_images(root):
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
-        raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); point --data at an "
-                         f"ImageNet-style folder or use --data builtin")
-    classes = sorted({os.path.relpath(os.path.dirname(p), root).split(os.sep)[0] for p in paths} - {"."})
+        raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    parts = [os.path.relpath(p, root).split(os.sep) for p in paths]  # [class, ..., file] or [file]
+    classes = sorted({r[0] for r in parts if len(r) > 1})
     index = {c: i for i, c in enumerate(classes)}
-    labels = [index.get(os.path.relpath(p, root).split(os.sep)[0], 0) if os.sep in os.path.relpath(p, root) else 0
-              for p in paths]
-    return paths, labels, classes
+    return paths, [index[r[0]] if len(r) > 1 else 0 for r in parts], classes
 
 
 def _shrink(img, size):

