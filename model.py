@@ -1,8 +1,8 @@
-"""Shared transformer parts: attention, MLP, the DINOv2-style ViT block and backbone, position-embedding helpers,
-and the hand-written `.safetensors` reader/writer used by every checkpoint loader.
+"""Shared transformer parts: attention, MLP, the DINOv2-style ViT block and backbone, the 1-D sin-cos table, and
+the checkpoint reading every loader uses (a hand-written `.safetensors` reader, strict state-dict checks).
 
 Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `blocks.i.attn.qkv`, `blocks.i.ls1.gamma`,
-`norm`, ...) so that the official SoftVQ, DINOv2 and DINO checkpoints load without a renaming table.
+`norm`, ...) so that the released SoftVQ, DINOv2 and DINO checkpoints load without a renaming table.
 """
 import json
 import math
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 class Attention(nn.Module):
     """Multi-head self-attention with a packed qkv projection (timm layout), computed by SDPA (flash/mem-efficient
-    kernels on CUDA). The official code switches to flash-attn for non-fp32 inputs; SDPA gives the same function."""
+    kernels on CUDA)."""
 
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
@@ -97,7 +97,7 @@ class ViT(nn.Module):
         assert image_size % patch_size == 0, f"image size {image_size} is not divisible by patch size {patch_size}"
         self.patch_size = patch_size
         self.num_patches = (image_size // patch_size) ** 2
-        # The decoder never patchifies an image; the official code carries the unused weights, we leave them out.
+        # The decoder never patchifies an image, so it has no patch embedding (README, Differences).
         self.patch_embed = PatchEmbed(patch_size, width) if patch_embed else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, width))
@@ -132,9 +132,8 @@ class ViT(nn.Module):
 
 
 def sincos_1d(num_positions, dim):
-    """Fixed 1-D sin-cos table (num_positions, dim), as the official SiT's `positionalencoding1d`: sin on even and
-    cos on odd channels, frequency 10000^(-2k/dim) for channel pair k, in float32 like the official code, so a
-    freshly built model's table equals the one in released checkpoints bit for bit."""
+    """Fixed 1-D sin-cos table (num_positions, dim), as `positionalencoding1d` in continuous_tokenizer's
+    modelling/sit.py: sin on even and cos on odd channels, frequency 10000^(-2k/dim) for channel pair k, in float32."""
     pos = torch.arange(num_positions, dtype=torch.float32)[:, None]
     freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
     table = torch.zeros(num_positions, dim)
@@ -177,25 +176,6 @@ def load_safetensors(path):
             else torch.empty(0, dtype=dtype)
         out[name] = t.reshape(info["shape"]).clone()
     return out
-
-
-def save_safetensors(tensors, path):
-    header, chunks, offset = {}, [], 0
-    names = {v: k for k, v in _ST_DTYPES.items()}
-    for name, t in tensors.items():
-        t = t.detach().contiguous().cpu()
-        b = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
-        chunks.append(b)
-        offset += len(b)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)  # the format pads the header to 8-byte alignment
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        for b in chunks:
-            f.write(b)
-    os.replace(tmp, path)
 
 
 def load_state_dict_file(path):

@@ -29,14 +29,14 @@ import generator as G
 import sample as S
 import tokenizer as TOK
 import train
-from model import ViT, check_state_dict, load_safetensors, load_state_dict_file, save_safetensors
-from sample import psnr, ssim
+from fid import psnr, ssim
+from model import _ST_DTYPES, ViT, check_state_dict, load_safetensors, load_state_dict_file
 from tokenizer import (LPIPS, PRESETS, DinoDiscriminator, LossConfig, SoftVQVAE, SoftVectorQuantizer, TokenizerLoss,
                        _cutout, _translate, diff_augment, entropy_loss, init_encoder_from_dinov2, load_tokenizer,
                        resample_patch_kernel, tokenizer_config)
 
 REPO = Path(__file__).resolve().parent
-SPEC = REPO.parent / "shared" / "spec"
+TESTDATA = REPO / "testdata"  # facts the tests compare against: released key layouts, copied into the repository
 OFFICIAL_PARAMS = {"softvq-s-64": 44_839_200, "softvq-b-32": 174_587_712, "softvq-b-64": 173_563_680,
                    "softvq-bl-64": 391_334_432, "softvq-l-64": 608_924_448}
 OFFICIAL_KEY_FILES = {"softvq-s-64": "SS_64", "softvq-b-32": "BB_32", "softvq-b-64": "BB_64", "softvq-bl-64": "BL_64",
@@ -45,12 +45,40 @@ TINY_TRAIN = ["--preset", "softvq-tiny", "--data", "builtin", "--batch-size", "8
               "--warmup-steps", "2", "--lr", "1e-3", "--sample-every", "1000", "--log-every", "1"]
 
 
+def save_safetensors(tensors, path):
+    """Writes the released weights' format, independently of our reader: 8-byte little-endian header length, a JSON
+    header {name: {dtype, shape, data_offsets}} padded to 8 bytes, then the raw little-endian tensor bytes."""
+    header, chunks, offset = {}, [], 0
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        b = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        chunks.append(b)
+        offset += len(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + b"".join(chunks))
+
+
+def _user_error(capsys, main, argv):
+    """Run an entry point's main expecting a user error: exit status 2 and one `error: ...` line, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    msg = err.strip().splitlines()[-1]  # before it, at most a progress bar
+    assert msg.startswith("error: "), err
+    return msg
+
+
 def _official_keys(preset):
-    """(key -> shape) of an officially released layout, from shared/spec (skips where the spec is not beside us)."""
+    """(key -> shape) of a released layout (testdata/keys_*.txt: name, shape, dtype per line, from random-init
+    instances of the released model classes)."""
     name = "keys_sit_xl1_32x64" if preset == "sit-xl" else f"keys_softvq_{OFFICIAL_KEY_FILES[preset]}"
-    path = os.path.join(SPEC, "official_keys", name + ".txt")
-    if not os.path.isfile(path):
-        pytest.skip(f"spec file {path} not found")
+    path = TESTDATA / (name + ".txt")
     keys = {}
     for line in open(path):
         name, shape, _ = line.rstrip("\n").split("\t")
@@ -96,7 +124,7 @@ def test_soft_vq_gradient_paths():
     h = torch.randn(2, 4, 8, requires_grad=True)
     z, logits = vq(h)
     # The entropy term depends only on the logits: it reaches the encoder but never the codebook (detached there).
-    entropy_loss(logits).backward(retain_graph=True)
+    entropy_loss(logits, 0.01).backward(retain_graph=True)
     assert h.grad.abs().sum() > 0
     assert vq.embedding.grad is None or vq.embedding.grad.abs().sum() == 0
     # z reaches the codebook (the weighted sum) and the encoder (through the posterior p).
@@ -288,14 +316,15 @@ def _quickstart(out, tok_steps, gen_steps):
                 "--out", f"{out}/latents"])
     train.main(QUICKSTART_GENERATOR + ["--latents", f"{out}/latents", "--steps", str(gen_steps), "--sample-every",
                                        str(gen_steps), "--log-every", "100", "--out", f"{out}/sit"])
-    model, info = S.load_generator(f"{out}/sit/ckpt.pt")
-    tok, mean, std = S.load_tokenizer_for(model, info)
+    model, info = G.load_generator(f"{out}/sit/ckpt.pt")
+    tok = G.load_tokenizer_for(model, info)
+    mean, std = tok.config.latent_mean, tok.config.latent_std
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(128) % 8
     shape = (128, model.config.num_tokens, model.config.token_dim)
     with torch.no_grad():
-        samples = S.generate_images(model, tok, torch.randn(shape, generator=g), labels, mean, std, sampler="sde",
-                                    steps=100, cfg=2.0)
+        samples = G.generate_images(model, tok, torch.randn(shape, generator=g), labels,
+                                    G.Sampling("sde", 100, cfg_scale=2.0))
         random = tok.decode(torch.randn(shape, generator=g) * std + mean).clamp(-1, 1)
         fit = data.BuiltinShapes(32, seed=42)  # a classifier fitted on reconstructions: it sees the same blur
         xs, ys = torch.stack([fit[i][0] for i in range(1024)]), torch.tensor([fit[i][1] for i in range(1024)])
@@ -378,20 +407,21 @@ def test_schedule_optimizer_clipping_and_image_size(tmp_path, monkeypatch):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]] == [0.05, 0.0] and clips == [0.25]
     assert ckpt["config"]["image_size"] == 48 and ckpt["model"]["encoder.model.pos_embed"].shape[1] == 1 + 12 * 12
-    assert Image.open(out / "recon_0000001.png").size == (8 * 48, 2 * 48)
+    width, height = Image.open(out / "recon_0000001.png").size  # 8 held-out images over their reconstructions
+    assert height == 2 * 48 and width > 8 * 48  # and a margin naming the rows
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    data.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
 
     def dying_save(obj, f):  # the process is killed half-way through writing
-        open(f, "wb").write(b"partial")
+        f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"step": 2}, path)
+        data.save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -631,7 +661,7 @@ def test_dino_discriminator_loads_vit_s_and_keeps_backbone_out():
     path = os.path.join(os.path.dirname(_obj_files()["vgg_path"]), "dino_vits16.pth")
     torch.save({k: torch.randn(s) * 0.02 for k, s in shapes.items()}, path)  # dino_deitsmall16_pretrain layout
     disc = DinoDiscriminator(path)
-    assert len(disc.backbone[0].blocks) == 12 and disc.backbone[0].blocks[0].attn.num_heads == 6
+    assert len(disc.frozen["backbone"].blocks) == 12 and disc.frozen["backbone"].blocks[0].attn.num_heads == 6
     assert abs(sum(p.numel() for p in disc.parameters()) - 7.39e6) < 0.01e6  # the official ~7.39M head parameters
     assert all(k.startswith("heads.") for k in disc.state_dict())
     with torch.no_grad():
@@ -677,7 +707,7 @@ def test_tokenizer_loss_trains_every_term():
     assert loss_fn.lecam_ema_real != 0 and loss_fn.lecam_ema_fake != 0
     loss_fn.double()  # .to()-style calls reach the frozen nets too
     assert loss_fn.frozen["lpips"].features[0].weight.dtype == torch.float64
-    assert loss_fn.disc.backbone[0].pos_embed.dtype == loss_fn.frozen["teacher"].pos_embed.dtype == torch.float64
+    assert loss_fn.disc.frozen["backbone"].pos_embed.dtype == loss_fn.frozen["teacher"].pos_embed.dtype == torch.float64
 
 
 def test_train_with_every_term_on_and_exact_resume(tmp_path):
@@ -892,14 +922,14 @@ def test_sit_official_layout_roundtrip_and_reference(tmp_path, _gen_single_threa
     save_safetensors(sd, str(tmp_path / "hf" / "model.safetensors"))
     json.dump(dict(depth=2, hidden_size=32, num_heads=4, input_size=5, in_channels=6, patch_size=1, vae_1d=True,
                    num_classes=10), open(tmp_path / "hf" / "config.json", "w"))
-    loaded, info = S.load_generator(str(tmp_path / "hf" / "model.safetensors"))
+    loaded, info = G.load_generator(str(tmp_path / "hf" / "model.safetensors"))
     assert info is None and loaded.config == cfg
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), v)
     with pytest.raises(ValueError, match="num_heads"):
-        S.official_config(sd)  # width 32 is no preset and no config.json -> ask for it
+        G.official_config(sd)  # width 32 is no preset and no config.json -> ask for it
     torch.save({"ema": {"_orig_mod." + k: w for k, w in sd.items()}}, tmp_path / "train_ckpt.pt")
-    loaded, _ = S.load_generator(str(tmp_path / "train_ckpt.pt"), str(tmp_path / "hf" / "config.json"))
+    loaded, _ = G.load_generator(str(tmp_path / "train_ckpt.pt"), str(tmp_path / "hf" / "config.json"))
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), v)
 
@@ -941,14 +971,14 @@ def test_flow_matching_loss_matches_independent(_gen_single_thread):
 
 def test_logit_normal_time_distribution(_gen_single_thread):
     g = torch.Generator().manual_seed(0)
-    t = G.sample_time(200_000, "lognormal", generator=g).double()
+    t = G.draw_time(200_000, "lognormal", rng=g).double()
     n = torch.log(t / (1 - t))
     assert 0 < t.min() and t.max() < 1
     assert abs(n.mean()) < 0.01 and abs(n.std() - 1) < 0.01
-    u = G.sample_time(200_000, "uniform", generator=g)
+    u = G.draw_time(200_000, "uniform", rng=g)
     assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
     with pytest.raises(ValueError):
-        G.sample_time(3, "cosine")
+        G.draw_time(3, "cosine")
 
 
 # ------------------------------------------------------------------------------------------- the samplers
@@ -959,7 +989,7 @@ def test_ode_samplers_convergence_order(_gen_single_thread):
     exact = mu + s * eps  # the exact ODE flow map from t = 1 to t = 0
     y = torch.zeros(256, dtype=torch.long)
     for sampler, order in (("ode", 2.0), ("heun", 4.0)):
-        err = [(G.sample(_gen_gauss_velocity(mu, s), eps, y, sampler, n) - exact).abs().max().item()
+        err = [(G.integrate_flow(_gen_gauss_velocity(mu, s), eps, y, G.Sampling(sampler, n)) - exact).abs().max().item()
                for n in (8, 16, 32, 64)]
         ratios = [a / b for a, b in zip(err, err[1:])]
         assert all(abs(r - order) < 0.5 for r in ratios), (sampler, err, ratios)
@@ -970,14 +1000,14 @@ def test_sde_reaches_data_distribution(_gen_single_thread):
     mu, s = torch.tensor([1.5, -0.5]), torch.tensor([0.5, 1.2])
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(20_000, 1, 2, generator=g, dtype=torch.float64)
-    out = G.sample(_gen_gauss_velocity(mu.double(), s.double()), eps, torch.zeros(20_000, dtype=torch.long), "sde",
-                   100, generator=g)
+    out = G.integrate_flow(_gen_gauss_velocity(mu.double(), s.double()), eps, torch.zeros(20_000, dtype=torch.long),
+                           G.Sampling("sde", 100), rng=g)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out.mean((0, 1)), mu.double(), atol=0.03, rtol=0)
     torch.testing.assert_close(out.std((0, 1)), s.double(), atol=0, rtol=0.03)
     # it is stochastic: another generator gives other samples
-    out2 = G.sample(_gen_gauss_velocity(mu.double(), s.double()), eps[:100], torch.zeros(100, dtype=torch.long),
-                    "sde", 10, generator=torch.Generator().manual_seed(5))
+    out2 = G.integrate_flow(_gen_gauss_velocity(mu.double(), s.double()), eps[:100], torch.zeros(100, dtype=torch.long),
+                            G.Sampling("sde", 10), rng=torch.Generator().manual_seed(5))
     assert not torch.allclose(out2, out[:100])
 
 
@@ -988,19 +1018,19 @@ def test_sampler_model_calls_and_guidance_interval(_gen_single_thread):
         for n in (1, 2, 8):
             for cfg in (1.0, 2.5):
                 f, calls = _gen_recorder(vel)
-                G.sample(f, x, y, sampler, n, cfg=cfg)
+                G.integrate_flow(f, x, y, G.Sampling(sampler, n, cfg_scale=cfg))
                 assert len(calls) == calls_of(n), (sampler, n)
                 assert {b for b, _ in calls} == {6 if cfg > 1 else 3}
     # interval [0.25, 0.75] on the exact grid 1, 0.875, ..., 0.125: doubled exactly at t in [0.25, 0.75]
     f, calls = _gen_recorder(vel)
-    G.sample(f, x, y, "ode", 8, cfg=2.0, guidance_low=0.25, guidance_high=0.75)
+    G.integrate_flow(f, x, y, G.Sampling("ode", 8, cfg_scale=2.0, guidance_low=0.25, guidance_high=0.75))
     assert calls == [(3, 1.0), (3, 0.875), (6, 0.75), (6, 0.625), (6, 0.5), (6, 0.375), (6, 0.25), (3, 0.125)]
     # Heun's corrector (evaluated at t_next) follows its step's decision at t_cur; no corrector on the last step
     f, calls = _gen_recorder(vel)
-    G.sample(f, x, y, "heun", 4, cfg=2.0, guidance_low=0.0, guidance_high=0.5)
+    G.integrate_flow(f, x, y, G.Sampling("heun", 4, cfg_scale=2.0, guidance_low=0.0, guidance_high=0.5))
     assert calls == [(3, 1.0), (3, 0.75), (3, 0.75), (3, 0.5), (6, 0.5), (6, 0.25), (6, 0.25)]
     f, calls = _gen_recorder(vel)
-    G.sample(f, x, y, "sde", 5, cfg=2.0, guidance_high=0.5)
+    G.integrate_flow(f, x, y, G.Sampling("sde", 5, cfg_scale=2.0, guidance_high=0.5))
     assert [b for b, _ in calls] == [3, 3, 3, 6, 6] and calls[-1][1] == pytest.approx(0.04)
     assert [t for _, t in calls[:-1]] == pytest.approx([1.0, 0.76, 0.52, 0.28])
 
@@ -1009,14 +1039,14 @@ def test_cfg_formula_and_scale_one(_gen_single_thread):
     def vel(x, t, y):  # a label-dependent field; the null label is 10
         return -x + y.double()[:, None, None] * t.double()[:, None, None]
     x, y = torch.randn(3, 2, 2, dtype=torch.float64), torch.tensor([1, 2, 3])
-    out = G.sample(vel, x, y, "ode", 1, cfg=3.0, null_label=10)  # one step from t=1 to 0: x - v
+    out = G.integrate_flow(vel, x, y, G.Sampling("ode", 1, cfg_scale=3.0), null_label=10)  # one step from t=1 to 0: x - v
     v_c, v_u = vel(x, torch.ones(3), y), vel(x, torch.ones(3), torch.full((3,), 10))
     torch.testing.assert_close(out, x - (v_u + 3.0 * (v_c - v_u)))
     f, calls = _gen_recorder(vel)
-    torch.testing.assert_close(G.sample(f, x, y, "ode", 1, cfg=1.0), x - vel(x, torch.ones(3), y))
+    torch.testing.assert_close(G.integrate_flow(f, x, y, G.Sampling("ode", 1)), x - vel(x, torch.ones(3), y))
     assert calls == [(3, 1.0)]
     with pytest.raises(ValueError):
-        G.sample(vel, x, y, "ode", 4, cfg=0.5)
+        G.Sampling("ode", 4, cfg_scale=0.5)
 
 
 def test_sample_with_sit_and_per_sample_generators(_gen_single_thread):
@@ -1025,11 +1055,12 @@ def test_sample_with_sit_and_per_sample_generators(_gen_single_thread):
     cfg = G.sit_config("sit-tiny", 4, 3, num_classes=5)
     model = check_state_dict(G.SiT(cfg), {k: torch.randn_like(w) * 0.1 for k, w in G.SiT(cfg).state_dict().items()})
     model.eval()
-    noise, labels, gens = S.sample_inputs(7, range(4), 4, 3, 5, torch.device("cpu"))
-    full = G.sample(model, noise, labels, "sde", 6, cfg=2.0, generator=gens)
-    _, _, gens = S.sample_inputs(7, range(4), 4, 3, 5, torch.device("cpu"))
+    noise, labels, rngs = S.sample_inputs(7, range(4), 4, 3, 5, torch.device("cpu"))
+    full = G.integrate_flow(model, noise, labels, G.Sampling("sde", 6, cfg_scale=2.0), rng=rngs)
+    _, _, rngs = S.sample_inputs(7, range(4), 4, 3, 5, torch.device("cpu"))
     for i in range(4):  # the same sample alone
-        one = G.sample(model, noise[i:i + 1], labels[i:i + 1], "sde", 6, cfg=2.0, generator=[gens[i]])
+        one = G.integrate_flow(model, noise[i:i + 1], labels[i:i + 1], G.Sampling("sde", 6, cfg_scale=2.0),
+                               rng=[rngs[i]])
         torch.testing.assert_close(one, full[i:i + 1], atol=1e-5, rtol=1e-5)
     n2, l2, _ = S.sample_inputs(7, [2], 4, 3, 5, torch.device("cpu"))
     assert torch.equal(n2[0], noise[2]) and l2[0] == labels[2]
@@ -1085,7 +1116,7 @@ def _gen_setup_sampling(tmp_path, num_classes=5):
 
 
 def _gen_stub_module(path):
-    spec = importlib.util.spec_from_file_location("tokenizer", path)
+    spec = importlib.util.spec_from_file_location("stub_tokenizer", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -1093,7 +1124,7 @@ def _gen_stub_module(path):
 
 def test_sample_grid_png(tmp_path, monkeypatch, _gen_single_thread):
     ckpt, stub = _gen_setup_sampling(tmp_path)
-    monkeypatch.setitem(sys.modules, "tokenizer", _gen_stub_module(stub))
+    monkeypatch.setattr(G, "load_tokenizer", _gen_stub_module(stub).load_tokenizer)
     out = tmp_path / "grid.png"
     S.main(["--ckpt", ckpt, "--classes", "1", "3", "0", "--per-class", "4", "--out", str(out), "--steps", "3",
             "--cfg", "2", "--sampler", "ode", "--batch-size", "5", "--device", "cpu"])
@@ -1101,19 +1132,20 @@ def test_sample_grid_png(tmp_path, monkeypatch, _gen_single_thread):
     assert img.shape[0] == 3 * 8 and (img.shape[1] - 4 * 8) > 0  # one 8-px row per class, a label margin
     margin = img.shape[1] - 4 * 8
     assert (img[:, :margin] < 128).any()  # the label text is drawn
-    grid = S.labelled_grid(np.zeros((5, 8, 8, 3), np.uint8), [2, 2, 7, 2, 7], class_names={2: "cat", 7: "dog"})
+    grid = data.labelled_grid(np.zeros((5, 8, 8, 3), np.uint8), [2, 2, 7, 2, 7], class_names={2: "cat", 7: "dog"})
     assert grid.size[1] == 2 * 8 and grid.size[0] > 3 * 8
     # latents are un-normalised (z = x * std + mean) before decode: a zero-init SiT (v = 0) keeps x = noise
     seen = []
     tok = type("Tok", (), {"decode": lambda self, z: seen.append(z) or torch.zeros(len(z), 3, 2, 2)})()
     model, noise = G.SiT(G.sit_config("sit-tiny", 4, 3, num_classes=5)), torch.randn(2, 4, 3)
-    S.generate_images(model, tok, noise, torch.tensor([0, 1]), 0.5, 3.0, sampler="ode", steps=2, cfg=2.0)
+    tok.config = TOK.TokenizerConfig(latent_mean=0.5, latent_std=3.0)
+    G.generate_images(model, tok, noise, torch.tensor([0, 1]), G.Sampling("ode", 2, cfg_scale=2.0))
     torch.testing.assert_close(seen[0], noise * 3.0 + 0.5)
     x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
-    assert S.to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255]
+    assert data.to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255]
 
 
-def test_sample_with_real_tokenizer(tmp_path, _gen_single_thread):
+def test_sample_with_real_tokenizer(tmp_path, capsys, _gen_single_thread):
     """End to end with tokenizer.py: our tokenizer checkpoint named by our generator checkpoint -> grid PNG."""
     torch.manual_seed(0)
     tok = TOK.SoftVQVAE(TOK.tokenizer_config("softvq-tiny", latent_mean=0.5, latent_std=2.0))
@@ -1123,20 +1155,22 @@ def test_sample_with_real_tokenizer(tmp_path, _gen_single_thread):
     info = {"path": str(tmp_path / "tok.pt"), "config_json": None, "latent_mean": 0.25, "latent_std": None}
     torch.save({"kind": "generator", "config": vars(cfg), "model": sd, "ema": sd, "tokenizer": info,
                 "step": 0, "args": {"lr": 1e-4}}, tmp_path / "gen.pt")
-    model, info = S.load_generator(str(tmp_path / "gen.pt"))
-    _, mean, std = S.load_tokenizer_for(model, info)
+    model, info = G.load_generator(str(tmp_path / "gen.pt"))
+    loaded = G.load_tokenizer_for(model, info)
+    mean, std = loaded.config.latent_mean, loaded.config.latent_std
     assert (mean, std) == (0.25, 2.0)  # the generator's stats win; a missing one falls back to the tokenizer's
     S.main(["--ckpt", str(tmp_path / "gen.pt"), "--classes", "2", "0", "--per-class", "3", "--steps", "2",
             "--sampler", "heun", "--cfg", "3", "--device", "cpu", "--out", str(tmp_path / "g.png")])
     assert Image.open(tmp_path / "g.png").size[1] == 2 * tok.config.image_size
-    with pytest.raises(SystemExit, match="'tokenizer' checkpoint"):
-        S.main(["--ckpt", str(tmp_path / "tok.pt"), "--device", "cpu"])
+    assert "'tokenizer' checkpoint" in _user_error(capsys, S.main, ["--ckpt", str(tmp_path / "tok.pt"), "--device",
+                                                                    "cpu"])
 
 
 def _gen_cmd(stub, args):
-    code = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('tokenizer', sys.argv[1]); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); sys.modules['tokenizer'] = m; "
-            f"sys.path.insert(0, {str(REPO)!r}); import sample; sample.main(sys.argv[2:])")
+    code = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('stub', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            f"sys.path.insert(0, {str(REPO)!r}); import generator; generator.load_tokenizer = m.load_tokenizer; "
+            "import sample; sample.main(sys.argv[2:])")
     return [sys.executable, "-c", code, stub] + args
 
 
@@ -1166,7 +1200,7 @@ def test_sample_npz_resumes_after_kill(tmp_path):
 
 def test_sample_cli_errors(tmp_path, monkeypatch, capsys, _gen_single_thread):
     ckpt, stub = _gen_setup_sampling(tmp_path)
-    monkeypatch.setitem(sys.modules, "tokenizer", _gen_stub_module(stub))
+    monkeypatch.setattr(G, "load_tokenizer", _gen_stub_module(stub).load_tokenizer)
     torch.save({"kind": "tokenizer", "config": {}, "model": {}}, tmp_path / "tok.pt")
     base = ["--device", "cpu", "--steps", "2", "--out", str(tmp_path / "g.png")]
     cases = [(["--ckpt", str(tmp_path / "nope.pt")], "no such"),
@@ -1323,14 +1357,7 @@ def _fid_eig_distance(mu1, s1, mu2, s2):
 
 
 def _fid_main_error(capsys, argv):
-    """Run the CLI expecting a user error: non-zero exit and a one-line message, no traceback."""
-    with pytest.raises(SystemExit) as e:
-        fid.main(argv)
-    code, err = e.value.code, capsys.readouterr().err
-    msg = code if isinstance(code, str) else err.strip().splitlines()[-1]
-    assert code not in (0, None) and 'Traceback' not in err
-    assert msg.startswith('fid.py: error:') and '\n' not in msg
-    return msg
+    return _user_error(capsys, fid.main, argv)
 
 
 # ---- network and weights ----------------------------------------------------------------------------------------
@@ -1580,7 +1607,7 @@ def _tiny_tokenizer_ckpt(path, mean=0.01, std=0.2):
     for name, p in tok.named_parameters():  # LayerScale 1 instead of 1e-5: latents that depend on the image
         if name.endswith("gamma"):
             p.data.fill_(1.0)
-    train.save_checkpoint(TOK.tokenizer_checkpoint(tok, tok), str(path))
+    data.save_checkpoint(TOK.tokenizer_checkpoint(tok, tok), str(path))
     return tok.eval()
 
 
@@ -1639,7 +1666,7 @@ def test_generator_stage_from_cache_resumes_exactly_and_previews(tmp_path):
     assert os.path.isfile(tmp_path / "full" / "samples_0000004.png")
     grid = Image.open(tmp_path / "full" / "samples_0000008.png")
     assert grid.size[1] == 3 * 32
-    model, info = S.load_generator(str(tmp_path / "full" / "ckpt.pt"))  # sample.py reads what train.py wrote
+    model, info = G.load_generator(str(tmp_path / "full" / "ckpt.pt"))  # sample.py reads what train.py wrote
     assert info["path"] == str(tmp_path / "tok.pt")
 
 
@@ -1683,9 +1710,9 @@ def test_reconstruct_folder_metrics_and_sharding(tmp_path, monkeypatch, capsys):
     ref = fid.frechet_distance(*fid.statistics(real.reshape(7, -1)[:, :5].astype(np.float64)),
                                *fid.statistics(recon.reshape(7, -1)[:, :5].astype(np.float64)))
     assert one["rfid"] == pytest.approx(ref)
-    with pytest.raises(SystemExit, match="not a tokenizer checkpoint"):
-        torch.save({"kind": "generator", "config": {}, "model": {}}, tmp_path / "gen.pt")
-        S.main(["--ckpt", str(tmp_path / "gen.pt"), "--images", images, "--out", str(tmp_path / "x")])
+    torch.save({"kind": "generator", "config": {}, "model": {}}, tmp_path / "gen.pt")
+    assert "not a tokenizer checkpoint" in _user_error(capsys, S.main, ["--ckpt", str(tmp_path / "gen.pt"), "--images",
+                                                                        images, "--out", str(tmp_path / "x")])
 
 
 def test_cache_from_a_released_tokenizer_layout(tmp_path):
@@ -1709,14 +1736,14 @@ def test_cache_from_a_released_tokenizer_layout(tmp_path):
                                    atol=1e-3, rtol=1e-3)
 
 
-def test_sample_flags_reach_their_calls(tmp_path, monkeypatch, _gen_single_thread):
+def test_sample_flags_reach_their_calls(tmp_path, monkeypatch, capsys, _gen_single_thread):
     """--weights, --class-names, --fp32 on our checkpoints; --config for official SiT weights."""
     ckpt, stub = _gen_setup_sampling(tmp_path)
-    monkeypatch.setitem(sys.modules, "tokenizer", _gen_stub_module(stub))
+    monkeypatch.setattr(G, "load_tokenizer", _gen_stub_module(stub).load_tokenizer)
     c = torch.load(ckpt, weights_only=True)
     c["model"] = {k: torch.zeros_like(v) for k, v in c["model"].items()}  # "model" weights differ from "ema"
     torch.save(c, ckpt)
-    seen, real_grid, real_gen = {}, S.labelled_grid, S.generate_images
+    seen, real_grid, real_gen = {}, data.labelled_grid, S.generate_images
 
     def grid(images, labels, class_names=None):
         seen["names"] = class_names
@@ -1726,7 +1753,7 @@ def test_sample_flags_reach_their_calls(tmp_path, monkeypatch, _gen_single_threa
         seen["amp"], seen["model"] = amp, model
         return real_gen(model, *a, amp=amp, **k)
 
-    monkeypatch.setattr(S, "labelled_grid", grid)
+    monkeypatch.setattr(data, "labelled_grid", grid)
     monkeypatch.setattr(S, "generate_images", gen)
     (tmp_path / "names.txt").write_text("\n".join(f"class-{i}" for i in range(5)))
     common = ["--classes", "1", "3", "--per-class", "2", "--steps", "2", "--sampler", "ode", "--device", "cpu"]
@@ -1741,8 +1768,7 @@ def test_sample_flags_reach_their_calls(tmp_path, monkeypatch, _gen_single_threa
     (tmp_path / "sit_config.json").write_text(json.dumps({"num_heads": 4, "depth": 2}))
     official = ["--ckpt", str(tmp_path / "sit" / "model.safetensors"), "--tokenizer", str(tmp_path / "tok.json"),
                 "--out", str(tmp_path / "o.png"), *common]
-    with pytest.raises(SystemExit, match="num_heads"):
-        S.main(official)
+    assert "num_heads" in _user_error(capsys, S.main, official)
     S.main(official + ["--config", str(tmp_path / "sit_config.json")])
     assert seen["model"].config.num_heads == 4 and os.path.isfile(tmp_path / "o.png")
 

@@ -1,14 +1,14 @@
 """SoftVQ-VAE (arXiv 2412.10958): a ViT encoder that writes L learned latent tokens, a soft categorical posterior over
 G codebooks that turns each token into a convex mix of unit codewords, and a ViT decoder that paints mask tokens
-from those latents. Everything here computes what the official code (Hhhhhhao/continuous_tokenizer) computes, with
-the same parameter names, so released checkpoints load unchanged (shared/spec/softvq.md §2-3).
+from those latents. Parameter names are those of the released checkpoints (Hhhhhhao/continuous_tokenizer,
+`modelling/tokenizer.py`), so they load unchanged.
 
-The second half is the training objective (§4-§6): MSE + entropy + LPIPS (VGG16) + hinge GAN against a frozen-DINO
-discriminator (DiffAugment, LeCam, consistency regularisation) + REPA alignment of the latents to a frozen DINOv2, and
-DINOv2 encoder initialisation with the FlexiViT patch-kernel resize. Pretrained networks are local files the user
-brings (spec README, decision 4): a term whose file is missing is switched off with a loud WARNING and recorded in
-`TokenizerLoss.disabled`. The frozen networks are held outside the module tree (not in `parameters()` or
-`state_dict()`), so they are never optimised or saved; `.to()` still moves them.
+Part 1 is the model: config and presets, the soft quantizer, encoder, decoder, checkpoints and latent normalisation.
+Part 2 is the training objective: MSE + entropy + LPIPS (VGG16) + hinge GAN against a frozen-DINO discriminator
+(DiffAugment, LeCam, consistency regularisation) + REPA alignment of the latents to a frozen DINOv2, and DINOv2
+encoder initialisation with the FlexiViT patch-kernel resize. Pretrained networks are local files the user brings
+(README, "Pretrained networks"): a term whose file is missing is switched off with a loud WARNING and recorded in
+`TokenizerLoss.disabled`.
 """
 import json
 import math
@@ -39,9 +39,8 @@ class TokenizerConfig:
     token_dim: int = 64  # d: width of each token (64 for 32 tokens, 32 for 64 tokens: 2048 floats per image)
     codebook_size: int = 8192  # K
     num_codebooks: int = 4  # G: token groups of L/G consecutive tokens, one codebook each
-    tau: float = 0.07  # posterior temperature (§3)
-    entropy_temperature: float = 0.01  # the entropy regulariser's own temperature (official `compute_entropy_loss`)
-    latent_mean: float = 0.0  # scalar latent statistics for the generator: x = (z - mean) / std (§7)
+    tau: float = 0.07  # posterior temperature (0.07 in the paper)
+    latent_mean: float = 0.0  # scalar latent statistics for the generator: x = (z - mean) / std (see `normalize`)
     latent_std: float = 1.0
 
     def __post_init__(self):
@@ -52,23 +51,29 @@ class TokenizerConfig:
             raise ValueError(f"{self.num_tokens} tokens cannot be split into {self.num_codebooks} codebook groups")
 
 
-# (width, depth, heads) of the DINOv2 ViTs the official presets are built from.
+# (width, depth, heads) of the DINOv2 ViTs the released presets are built from.
 VIT_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 
 
-def _preset(enc, dec, tokens, image_size):
+def _preset(enc, dec, tokens, image_size):  # tokens x token_dim = 2048 floats per image in every preset
     (ew, ed, eh), (dw, dd, dh) = VIT_SIZES[enc], VIT_SIZES[dec]
     return dict(image_size=image_size, enc_width=ew, enc_depth=ed, enc_heads=eh, dec_width=dw, dec_depth=dd,
                 dec_heads=dh, num_tokens=tokens, token_dim=2048 // tokens)
 
 
-# softvq-{s,b,bl,l}-{32,64} at 256 px, and the same with a -512 suffix at 512 px. BL = ViT-B encoder + ViT-L decoder.
-PRESETS = {f"softvq-{name}-{tokens}{'' if size == 256 else '-512'}": _preset(enc, dec, tokens, size)
-           for name, (enc, dec) in {"s": ("s", "s"), "b": ("b", "b"), "bl": ("b", "l"), "l": ("l", "l")}.items()
-           for tokens in (32, 64) for size in (256, 512)}
-# A CPU-sized model for the quickstart and the tests: 32 px images, 64 patches of 4x4, 16 tokens of width 16.
-PRESETS["softvq-tiny"] = dict(image_size=32, patch_size=4, enc_width=128, enc_depth=4, enc_heads=4, dec_width=128,
-                              dec_depth=4, dec_heads=4, num_tokens=16, token_dim=16, codebook_size=512)
+PRESETS = {  # name: (encoder ViT, decoder ViT, tokens, image size); BL = ViT-B encoder + ViT-L decoder
+    "softvq-s-32": _preset("s", "s", 32, 256), "softvq-s-64": _preset("s", "s", 64, 256),
+    "softvq-b-32": _preset("b", "b", 32, 256), "softvq-b-64": _preset("b", "b", 64, 256),
+    "softvq-bl-32": _preset("b", "l", 32, 256), "softvq-bl-64": _preset("b", "l", 64, 256),
+    "softvq-l-32": _preset("l", "l", 32, 256), "softvq-l-64": _preset("l", "l", 64, 256),
+    "softvq-s-32-512": _preset("s", "s", 32, 512), "softvq-s-64-512": _preset("s", "s", 64, 512),
+    "softvq-b-32-512": _preset("b", "b", 32, 512), "softvq-b-64-512": _preset("b", "b", 64, 512),
+    "softvq-bl-32-512": _preset("b", "l", 32, 512), "softvq-bl-64-512": _preset("b", "l", 64, 512),
+    "softvq-l-32-512": _preset("l", "l", 32, 512), "softvq-l-64-512": _preset("l", "l", 64, 512),
+    # CPU-sized, for the quickstart and the tests: 32 px images, 64 patches of 4x4, 16 tokens of width 16
+    "softvq-tiny": dict(image_size=32, patch_size=4, enc_width=128, enc_depth=4, enc_heads=4, dec_width=128,
+                        dec_depth=4, dec_heads=4, num_tokens=16, token_dim=16, codebook_size=512),
+}
 
 
 def tokenizer_config(preset, **overrides):
@@ -78,18 +83,19 @@ def tokenizer_config(preset, **overrides):
 
 
 class SoftVectorQuantizer(nn.Module):
-    """Soft VQ (§3): tokens are split into G groups of L/G consecutive tokens; group g uses codebook g. With unit
-    vectors, p = softmax(<ẑ, sg(e_k)> / τ) and z = Σ_k p_k e_k. The codebook is detached inside the logits, so the
-    encoder learns through p and the codebook only through the weighted sum z. No codebook or commitment loss."""
+    """The soft categorical posterior of arXiv 2412.10958 (continuous_tokenizer `modelling/quantizers/softvq.py`).
+    Tokens are split into G groups of L/G consecutive tokens; group g uses codebook g. With unit vectors,
+    p = softmax(<ẑ, sg(e_k)> / τ) and z = Σ_k p_k e_k. The codebook is detached inside the logits, so the encoder
+    learns through p and the codebook only through the weighted sum z. No codebook or commitment loss."""
 
     def __init__(self, codebook_size, token_dim, num_codebooks, tau):
         super().__init__()
         self.tau = tau
-        # Official init: uniform(±1/K) then row-normalised.
+        # Init as the released code: uniform(±1/K), then row-normalised.
         emb = torch.empty(num_codebooks, codebook_size, token_dim).uniform_(-1 / codebook_size, 1 / codebook_size)
         self.embedding = nn.Parameter(F.normalize(emb, dim=-1))
         # The last 65,536 argmax indices per codebook, for the usage statistic (float32, as in the released layout).
-        # -1 marks an empty slot. Logging only; unlike the official code we store each codebook's own indices.
+        # -1 marks an empty slot. Logging only: each codebook's own indices (README, Differences).
         self.register_buffer("codebook_used", torch.full((num_codebooks, 65536), -1.0))
 
     def forward(self, h):  # (B, L, d) -> z (B, L, d), logits (B, G, L/G, K)
@@ -117,12 +123,12 @@ class SoftVectorQuantizer(nn.Module):
         return sum(len(torch.unique(row[row >= 0])) for row in self.codebook_used) / (K * len(self.codebook_used))
 
 
-def entropy_loss(logits, temperature=0.01):
-    """The official "KL" regulariser (§3): on the raw cosine logits at its own temperature, pooled over all codebooks
-    and tokens: mean per-row entropy (sharp assignments) minus the entropy of the mean assignment (spread usage)."""
+def entropy_loss(logits, temperature):
+    """The "KL" regulariser to a uniform prior (arXiv 2412.10958: KL = H(q) - H(E q)), on the raw cosine logits at
+    its own temperature, pooled over all codebooks and tokens: mean per-row entropy (sharp assignments) minus the
+    entropy of the mean assignment (spread usage)."""
     flat = logits.reshape(-1, logits.shape[-1]).float() / temperature  # (rows, K)
     probs = torch.softmax(flat, dim=-1)
-    # The official code takes log_softmax(flat + 1e-5): a constant shift, so log_softmax(flat) is the same number.
     sample_entropy = -(probs * torch.log_softmax(flat, dim=-1)).sum(-1).mean()
     avg_probs = probs.mean(0)
     avg_entropy = -(avg_probs * torch.log(avg_probs + 1e-6)).sum()
@@ -131,7 +137,7 @@ def entropy_loss(logits, temperature=0.01):
 
 class Encoder(nn.Module):
     """ViT over [cls, patches + 2-D learned position embedding, L latent tokens + their 1-D position embedding];
-    returns the last L outputs after the final norm (§2.1)."""
+    returns the last L outputs after the final norm."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -150,7 +156,7 @@ class Encoder(nn.Module):
 
 
 class PixelHead(nn.Module):
-    """Per-token Linear to a p x p x 3 patch, then unpatchify (official `to_pixel='linear'`, key to_pixel.model)."""
+    """Per-token Linear to a p x p x 3 patch, then unpatchify (released `to_pixel='linear'`, key to_pixel.model)."""
 
     def __init__(self, width, patch_size):
         super().__init__()
@@ -166,7 +172,7 @@ class PixelHead(nn.Module):
 
 class Decoder(nn.Module):
     """ViT over [cls, N mask tokens + 2-D learned position embedding, L projected latents + 1-D position embedding];
-    the N mask-token outputs after the final norm become pixels (§2.2). Randomly initialised, never pretrained."""
+    the N mask-token outputs after the final norm become pixels. Randomly initialised, never pretrained."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -206,34 +212,38 @@ class SoftVQVAE(nn.Module):
         z, logits = self.quantize(self.quant_conv(self.encoder(images)))
         return self.decode(z), z, logits
 
-    def normalize(self, z):  # latent -> generator space (§7)
-        return (z - self.config.latent_mean) / self.config.latent_std
 
-    def denormalize(self, x):
-        return x * self.config.latent_std + self.config.latent_mean
+# The generator works on normalised latents x = (z - mean) / std, with scalar statistics measured over the training
+# set once the tokenizer is trained and stored in its config (released configs: vq_mean, vq_std).
+def normalize(z, mean, std):  # tokenizer latents -> generator space
+    return (z - mean) / std
+
+
+def denormalize(x, mean, std):  # generator space -> tokenizer latents
+    return x * std + mean
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Released checkpoints: the official state dict (.safetensors or torch.save) plus its config.json (the fields of the
-# official `ModelArgs`). The decoder's patch embedding is carried unused by later official files: we drop it.
+# Checkpoints: ours (a plain dict, kind "tokenizer"), or a released state dict (.safetensors or torch.save) plus its
+# config.json (the fields of the released `ModelArgs`). Released files carry an unused decoder patch embedding.
 OFFICIAL_UNUSED = ("decoder.model.patch_embed.",)
 _DINOV2_SIZES = {"vit_small": "s", "vit_base": "b", "vit_large": "l"}
 
 
 def config_from_official(cfg_json):
-    """Map an official config.json (flat ModelArgs fields, or nested under "config") to a TokenizerConfig."""
+    """Map a released config.json (flat ModelArgs fields, or nested under "config") to a TokenizerConfig."""
     c = cfg_json.get("config", cfg_json)
 
     def vit(name):
         for prefix, size in _DINOV2_SIZES.items():
             if str(name).startswith(prefix):
                 return VIT_SIZES[size]
-        raise ValueError(f"official config names backbone {name!r}; only DINOv2 ViT-S/B/L backbones are supported")
+        raise ValueError(f"config.json names backbone {name!r}; only DINOv2 ViT-S/B/L backbones are supported")
 
     (ew, ed, eh), (dw, dd, dh) = vit(c["encoder_model"]), vit(c["decoder_model"])
     if c.get("enc_patch_size", 16) != c.get("dec_patch_size", 16) or c.get("to_pixel", "linear") != "linear" \
             or c.get("use_rope", False) or c.get("enc_type", "vit") != "vit":
-        raise ValueError("official config uses options SoftVQ does not (RoPE, non-linear pixel head, CNN, "
+        raise ValueError("config.json uses options SoftVQ does not (RoPE, non-linear pixel head, CNN, "
                          "different patch sizes); this loader supports the released SoftVQ models")
     return TokenizerConfig(image_size=c["image_size"], patch_size=c.get("enc_patch_size", 16), enc_width=ew,
                            enc_depth=ed, enc_heads=eh, dec_width=dw, dec_depth=dd, dec_heads=dh,
@@ -245,7 +255,7 @@ def config_from_official(cfg_json):
 
 def load_tokenizer(path, config_json=None, use_ema=True):
     """A SoftVQVAE in eval mode from our checkpoint (kind 'tokenizer'; EMA weights by default) or from a released
-    official state dict plus its config.json (by default the config.json next to the weights file)."""
+    state dict plus its config.json (by default the config.json next to the weights file)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such tokenizer checkpoint")
     sd = load_state_dict_file(path)
@@ -259,7 +269,7 @@ def load_tokenizer(path, config_json=None, use_ema=True):
         return model.eval()
     config_json = config_json or os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     if not os.path.isfile(config_json):
-        raise FileNotFoundError(f"{path} looks like an official state dict but {config_json} is missing; put the "
+        raise FileNotFoundError(f"{path} looks like a released state dict but {config_json} is missing; put the "
                                 f"released config.json next to the weights or name it (sample.py --config, "
                                 f"train.py --tokenizer-config)")
     with open(config_json) as f:
@@ -278,7 +288,7 @@ def tokenizer_checkpoint(model, ema=None, **extra):
 
 
 # =================================================================================================================
-# The training objective
+# Part 2: the training objective (continuous_tokenizer `losses/vq_loss.py`, `configs/softvq-l-64.yaml`)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -290,6 +300,20 @@ def imagenet_normalize(x):  # (B, 3, H, W) in [-1, 1] -> [0, 1] -> ImageNet mean
 def _freeze(net):
     net.requires_grad_(False)
     return net.eval()
+
+
+class UsesFrozen(nn.Module):
+    """A module that runs frozen pretrained networks held in `self.frozen`, a plain dict: they are not submodules,
+    so they are never optimised, switched to train mode or saved; `.to(device)` still moves them."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = {}
+
+    def _apply(self, fn, recurse=True):
+        for net in self.frozen.values():
+            net._apply(fn)
+        return super()._apply(fn, recurse)
 
 
 def _unset_vit(*args, **kwargs):  # a ViT whose every weight is about to be loaded strictly: skip the random init
@@ -307,11 +331,12 @@ def _vit_checkpoint(path):  # timm-layout ViT state dict -> (state dict, width, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# LPIPS v0.1 with VGG16 (Zhang et al. 2018; the taming-transformers copy the official code uses, §5.1).
+# LPIPS v0.1 with VGG16 (Zhang et al. 2018; richzhang/PerceptualSimilarity, as the taming-transformers copy in
+# continuous_tokenizer uses it).
 class LPIPS(nn.Module):
     """Per-image LPIPS distance for images in [-1, 1]. Weights: torchvision `vgg16-397923af.pth` (features.* only) and
     LPIPS `vgg.pth` (lin{0..4}.model.1.weight). Frozen and always in eval mode: the heads' dropout is not applied
-    (README decision 3; the official code trains with it on, §13.3)."""
+    (README, Differences)."""
     CHANNELS = (64, 128, 256, 512, 512)
     TAPS = (3, 8, 15, 22, 29)  # torchvision `features` indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 
@@ -350,8 +375,9 @@ class LPIPS(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DiffAugment (Zhao et al. 2020; official utils/diff_aug.py): each policy fires with probability `prob`, decided once
-# per batch; the random parameters are per sample. Weak: G and D steps. Strong: consistency regularisation (§5.3).
+# DiffAugment (Zhao et al. 2020; continuous_tokenizer utils/diff_aug.py): each policy fires with probability `prob`,
+# decided once per batch; the random parameters are per sample. Weak: G and D steps. Strong: consistency
+# regularisation.
 WEAK, STRONG = ("color", "translation", "cutout_0.2"), ("color", "translation", "cutout_0.5")
 
 
@@ -398,12 +424,11 @@ def diff_augment(x, policy=WEAK, prob=0.5):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Frozen-DINO discriminator (VAR-style, official modelling/discriminators/discriminator_dino.py, §5.2).
+# Frozen-DINO discriminator (VAR-style; continuous_tokenizer modelling/discriminators/discriminator_dino.py).
 def dino_vit16(path):
     """Frozen DINO v1 ViT/16 at 224 px (`dino_deitsmall16_pretrain.pth` layout: ViT-S, width 384, 12 blocks, 6 heads),
     strict keys. Width and depth are read from the file (heads = width / 64) so tests can use a narrow stand-in.
-    The official code zeroes the key biases first: a no-op under softmax (it shifts all logits of a query equally),
-    so we skip it. Its frozen copy runs the MLP with tanh-GELU (`MLPNoDrop`); we follow it (DINO used exact GELU)."""
+    The MLP runs with tanh-GELU, as the discriminator's frozen copy (`MLPNoDrop`) does (README, Differences)."""
     sd, width, depth, _ = _vit_checkpoint(path)
     if depth < 12:
         raise ValueError(f"{path}: the DINO discriminator taps block 11, but the checkpoint has {depth} blocks")
@@ -413,12 +438,12 @@ def dino_vit16(path):
     return _freeze(check_state_dict(vit, sd))
 
 
-def _bn(c):  # SyncBatchNorm under multi-process training (the official 'sbn'), plain BatchNorm otherwise (§5.2)
+def _bn(c):  # SyncBatchNorm under multi-process training (the released 'sbn'), plain BatchNorm otherwise
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     return (nn.SyncBatchNorm if multi else nn.BatchNorm1d)(c, eps=1e-6)
 
 
-def _sn_conv(c_in, c_out, k):  # spectral norm, one power iteration per training forward (official SpectralConv1d)
+def _sn_conv(c_in, c_out, k):  # spectral norm, one power iteration per training forward (SpectralConv1d)
     return spectral_norm(nn.Conv1d(c_in, c_out, k, padding=k // 2, padding_mode="circular"))
 
 
@@ -431,22 +456,18 @@ class _Residual(nn.Module):
         return (self.fn(x) + x) / math.sqrt(2)
 
 
-class DinoDiscriminator(nn.Module):
+class DinoDiscriminator(UsesFrozen):
     """Five trainable heads on frozen DINO ViT-S/16 features (embedding output, blocks 2, 5, 8, 11). ~7.39M params."""
     TAPS = (-1, 2, 5, 8, 11)  # -1: the embedding output before any block
 
     def __init__(self, dino_path, kernel=9):
         super().__init__()
-        self.backbone = (dino_vit16(dino_path),)  # a tuple: not a submodule, so never optimised or saved
-        width = self.backbone[0].cls_token.shape[-1]
+        self.frozen["backbone"] = dino_vit16(dino_path)
+        width = self.frozen["backbone"].cls_token.shape[-1]
         self.heads = nn.ModuleList(nn.Sequential(
             _sn_conv(width, width, 1), _bn(width), nn.LeakyReLU(0.2),
             _Residual(nn.Sequential(_sn_conv(width, width, kernel), _bn(width), nn.LeakyReLU(0.2))),
             _sn_conv(width, 1, 1)) for _ in self.TAPS)
-
-    def _apply(self, fn, recurse=True):  # .to(device) / .cuda() also move the hidden backbone
-        self.backbone[0]._apply(fn)
-        return super()._apply(fn, recurse)
 
     def forward(self, x):  # (B, 3, H, W) in [-1, 1] -> logits (B, 5 * 196)
         x = imagenet_normalize(x.float())
@@ -454,16 +475,16 @@ class DinoDiscriminator(nn.Module):
         if H > 224 and W > 224 and torch.rand(()).item() < 0.5:  # one random 224 crop for the whole batch
             i, j = torch.randint(0, H - 223, ()).item(), torch.randint(0, W - 223, ()).item()
             x = x[..., i:i + 224, j:j + 224]
-        elif (H, W) != (224, 224):  # area when shrinking, bicubic when enlarging (official)
+        elif (H, W) != (224, 224):  # area when shrinking, bicubic when enlarging (as discriminator_dino.py)
             x = F.interpolate(x, size=(224, 224), mode="area" if H > 224 else "bicubic")
-        _, feats = self.backbone[0].forward_features(x, taps=self.TAPS)  # 5 x (B, 1 + 196, 384)
+        _, feats = self.frozen["backbone"].forward_features(x, taps=self.TAPS)  # 5 x (B, 1 + 196, 384)
         # Each tapped map: patch tokens + cls token, channels first (B, 384, 196) for the Conv1d heads.
         return torch.cat([head((f[:, 1:] + f[:, :1]).transpose(1, 2)).flatten(1)
                           for head, f in zip(self.heads, feats)], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DINOv2 loading with patch 14 -> 16 (§2.3): what timm's checkpoint filter does when the official code builds
+# DINOv2 loading with patch 14 -> 16: what timm's checkpoint filter does when continuous_tokenizer builds
 # `vit_*_patch14_dinov2` with patch_size=16 and the training image size.
 def resample_patch_kernel(w, size):
     """FlexiViT pseudo-inverse resize (Beyer et al. 2023; timm `resample_patch_embed`) of a patch kernel
@@ -507,7 +528,8 @@ def init_encoder_from_dinov2(vit: ViT, path):
 
 
 def dinov2_teacher(path, image_size, patch_size=16):
-    """The frozen REPA teacher (§4): DINOv2 at `patch_size` and the training image size (heads = width / 64)."""
+    """The frozen alignment teacher (REPA, Yu et al. 2024, as arXiv 2412.10958 applies it to the tokenizer's
+    latents): DINOv2 at `patch_size` and the training image size (heads = width / 64)."""
     sd, width, depth, mlp_ratio = _vit_checkpoint(path)
     vit = _unset_vit(image_size, patch_size, width, depth, width // 64, mlp_ratio=mlp_ratio)
     return _freeze(init_encoder_from_dinov2(vit, sd))
@@ -515,9 +537,10 @@ def dinov2_teacher(path, image_size, patch_size=16):
 
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
-class LossConfig:  # defaults: configs/softvq-l-64.yaml (§5-§6)
+class LossConfig:  # defaults: continuous_tokenizer configs/softvq-l-64.yaml
     mse_weight: float = 1.0
     entropy_weight: float = 0.01
+    entropy_temperature: float = 0.01  # the regulariser's own temperature (released `compute_entropy_loss`)
     perceptual_weight: float = 1.0
     perceptual_warmup: int = 10000  # the LPIPS weight ramps linearly from 0 over these steps
     adversarial_weight: float = 0.2
@@ -534,20 +557,21 @@ class LossConfig:  # defaults: configs/softvq-l-64.yaml (§5-§6)
     dinov2_path: Optional[str] = None  # dinov2_vit{s,b,l}14_pretrain.pth or the timm .safetensors
 
 
-class TokenizerLoss(nn.Module):
-    """Generator side (§5.1): mse·MSE + entropy·H + warmup·perceptual·LPIPS + adv·(-D(aug x̂)) + repa·REPA.
-    Discriminator side (§5.3): adv·(hinge + lecam·LeCam) + consistency·CR, from `disc_start` on.
-    Trainable here: the REPA projector (`generator_parameters`) and the D heads (`discriminator_parameters`)."""
+class TokenizerLoss(UsesFrozen):
+    """Generator side: mse·MSE + entropy·H + warmup·perceptual·LPIPS + adv·(-D(aug x̂)) + repa·REPA.
+    Discriminator side, its own step after the generator's: adv·(hinge + lecam·LeCam) + consistency·CR, from
+    `disc_start` on. Trainable here: the REPA projector (`generator_parameters`) and the D heads
+    (`discriminator_parameters`)."""
 
     def __init__(self, tcfg: TokenizerConfig, cfg: LossConfig):
         super().__init__()
-        self.cfg, self.entropy_temperature = cfg, tcfg.entropy_temperature
+        self.cfg = cfg
         self.disabled = []  # why a term is off although its weight is > 0; train.py writes it to the JSON log
-        self.frozen = {}  # a plain dict: frozen nets are not submodules, so never optimised or saved
         if self._wanted("perceptual_weight", "LPIPS perceptual", "vgg_path", "lpips_path"):
             self.frozen["lpips"] = LPIPS(cfg.vgg_path, cfg.lpips_path)
-        self.disc = DinoDiscriminator(cfg.dino_path) if self._wanted(
-            "adversarial_weight", "adversarial (DINO discriminator, LeCam, consistency)", "dino_path") else None
+        self.disc = None
+        if self._wanted("adversarial_weight", "adversarial (DINO discriminator, LeCam, consistency)", "dino_path"):
+            self.disc = DinoDiscriminator(cfg.dino_path)
         self.register_buffer("lecam_ema_real", torch.zeros(()))  # LeCam EMAs of the mean D logits (checkpointed)
         self.register_buffer("lecam_ema_fake", torch.zeros(()))
         self.projector = None
@@ -572,11 +596,6 @@ class TokenizerLoss(nn.Module):
             self.disabled.append(msg)
         return not missing
 
-    def _apply(self, fn, recurse=True):  # .to(device) / .cuda() also move the frozen nets
-        for net in self.frozen.values():
-            net._apply(fn)
-        return super()._apply(fn, recurse)
-
     def generator_parameters(self):
         return list(self.projector.parameters()) if self.projector is not None else []
 
@@ -586,7 +605,7 @@ class TokenizerLoss(nn.Module):
     def discriminator_active(self, step):
         return self.disc is not None and step >= self.cfg.disc_start
 
-    def alignment_loss(self, images, z):  # §4, 'repeat': -cos(proj(z_i), teacher patch n) for n in token i's strip
+    def alignment_loss(self, images, z):  # released 'repeat' mode: -cos(proj(z_i), teacher patch n) for n in token i's strip
         with torch.no_grad():
             target = self.frozen["teacher"].forward_features(imagenet_normalize(images.float()))[:, 1:]  # (B, N, D_t)
         B, L, _ = z.shape
@@ -607,7 +626,7 @@ class TokenizerLoss(nn.Module):
             nll = nll + cfg.perceptual_weight * ramp * lp
         loss = nll
         if cfg.entropy_weight > 0:
-            logs["entropy"] = ent = entropy_loss(logits, self.entropy_temperature)
+            logs["entropy"] = ent = entropy_loss(logits, cfg.entropy_temperature)
             loss = loss + cfg.entropy_weight * ent
         if self.projector is not None:
             logs["repa"] = rep = self.alignment_loss(images, z)
@@ -643,7 +662,7 @@ class TokenizerLoss(nn.Module):
         real = self.disc(diff_augment(images, WEAK, 0.5))  # real and fake augmented independently
         fake = self.disc(diff_augment(recon, WEAK, 0.5))
         hinge = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
-        with torch.no_grad():  # LeCam (Tseng et al. 2021): EMAs updated before use, as the official code does
+        with torch.no_grad():  # LeCam (Tseng et al. 2021): EMAs updated before use, as vq_loss.py does
             self.lecam_ema_real.lerp_(real.mean().to(self.lecam_ema_real.dtype), 0.001)
             self.lecam_ema_fake.lerp_(fake.mean().to(self.lecam_ema_fake.dtype), 0.001)
         lecam = F.relu(real - self.lecam_ema_fake).pow(2).mean() + F.relu(self.lecam_ema_real - fake).pow(2).mean()
