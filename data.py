@@ -1,6 +1,7 @@
 """Data and the plumbing every entry point shares: ImageNet-layout folders, the built-in procedural dataset, the
-official augmentations, a resumable sharded sampler, the memory-mapped latent cache the generator trains from, image
-grids; and the run helpers (distributed setup, seeds, atomic file writes, one-line user errors).
+training augmentations of the SoftVQ code, a resumable sharded sampler, the memory-mapped latent cache the
+generator trains from, image grids; and the run helpers (distributed setup, seeds, atomic file writes, one-line
+user errors).
 
 Every random choice of an item (crop, flip) comes from a generator seeded by (seed, epoch, index), and the sampler's
 order from (seed, epoch); so the stream of batches is a pure function of the step: a resumed run sees exactly the
@@ -54,7 +55,7 @@ def center_crop(img, size):
 
 
 def random_crop(img, size, rng, min_frac=0.8):
-    """The official training crop (ADM `random_crop_arr`): short side to a random size in [size, size / 0.8], i.e. a
+    """The tokenizer's training crop (ADM `random_crop_arr`): short side to a random size in [size, size / 0.8], i.e. a
     crop of 0.8-1.0 of the short side, then a random `size` square."""
     short = int(rng.integers(size, math.ceil(size / min_frac) + 1))
     img = _shrink(img, short)
@@ -71,7 +72,8 @@ def to_tensor(img):  # PIL RGB -> (3, H, W) float in [-1, 1]
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Items are (image (3, S, S) in [-1, 1], label, number of unreadable files skipped to produce it).
-    crop: 'random' (tokenizer training, as the official train/train_tokenizer.py) or 'center' (ADM centre crop: generator and evaluation).
+    crop: 'random' (tokenizer training, as continuous_tokenizer's train/train_tokenizer.py) or 'center' (ADM centre
+    crop: generator and evaluation).
     A corrupt or unreadable file is replaced by the next readable one and counted, never a crash mid-epoch."""
 
     def __init__(self, root, image_size, crop="center", flip=False, seed=0):
@@ -157,7 +159,7 @@ class ShardedSampler(torch.utils.data.Sampler):
         self.epoch, self.start = epoch, start_batch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch))
         order = torch.randperm(self.n, generator=g)
         need = self.batches_per_epoch * self.batch_size * self.world
         order = order.repeat(math.ceil(need / self.n))[:need]  # datasets smaller than one global batch repeat
@@ -190,7 +192,7 @@ def batches(dataset, sampler, batch_size, workers, step, pin_memory=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Latent cache: every image and its horizontal flip encoded once (the official SiT training on SoftVQ latents uses
+# Latent cache: every image and its horizontal flip encoded once (the SiT training of continuous_tokenizer uses
 # both), in a memory-mapped float16 array latents.npy of shape (N, 2, L, d) beside labels.npy and meta.json.
 def moments(sums):
     """(count, sum, sum of squares) -> (mean, unbiased std) of a scalar, from float64 sums reduced over ranks."""
@@ -227,7 +229,7 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
     for images, y, _ in loader:
         images = images.to(device, non_blocking=True)
         with autocast:
-            z = torch.stack([tokenizer.encode(images), tokenizer.encode(images.flip(-1))], dim=1).float()  # (B, 2, L, d)
+            z = torch.stack([tokenizer.encode(images), tokenizer.encode(images.flip(-1))], 1).float()  # (B, 2, L, d)
         z16 = z.half()  # statistics of what is stored, so that a cached generator sees exactly (z - mean) / std
         sums += moment_sums(z16)
         idx = mine[done:done + len(images)]
@@ -316,6 +318,13 @@ def setup_distributed(device=None, timeout_minutes=30):
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
     return rank, world, device
+
+
+def seed_for(*ids):
+    """The one seed recipe: a 32-bit seed from non-negative integers (run seed, step, rank, epoch, sample index),
+    hashed by numpy's SeedSequence, which is also what seeds every item's crop and flip here (default_rng of a
+    tuple); nearby tuples give unrelated streams."""
+    return int(np.random.SeedSequence(list(ids)).generate_state(1)[0])
 
 
 def atomic_write(path, write):

@@ -68,7 +68,7 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t):  # (B,) -> (B, D)
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t.float()[:, None] * freqs[None]  # features in float32, then t's dtype (as the official code)
+        args = t.float()[:, None] * freqs[None]  # features in float32, then t's dtype (as the released sit.py)
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(feats.to(t.dtype) if t.is_floating_point() else feats)
 
@@ -206,7 +206,7 @@ class Sampling:
                              f"guidance interval is empty")
 
 
-PREVIEW = Sampling("ode", steps=50, cfg_scale=4.0)  # the in-training sample grid of the official train_sit.py
+PREVIEW = Sampling("ode", steps=50, cfg_scale=4.0)  # the in-training sample grid of train_sit.py
 
 
 def _randn(x, rng):
@@ -286,7 +286,8 @@ def generate_latents(model, noise, labels, sampling=Sampling(), rng=None, amp=Tr
 
 
 def generate_images(model, tokenizer, noise, labels, sampling=Sampling(), rng=None, amp=True):
-    """Images (B, 3, H, W) in [-1, 1]: integrate the flow, un-normalise with the tokenizer's latent statistics, decode."""
+    """Images (B, 3, H, W) in [-1, 1]: integrate the flow, un-normalise with the tokenizer's latent statistics,
+    decode."""
     c = tokenizer.config
     z = denormalize(generate_latents(model, noise, labels, sampling, rng, amp), c.latent_mean, c.latent_std)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and z.device.type == "cuda"):
@@ -329,7 +330,7 @@ def official_config(sd, config_json=None):
 
 def load_generator(path, config_json=None, weights="ema"):
     """-> (SiT in eval mode, tokenizer info dict or None). Accepts our checkpoint (a dict with "kind"), a
-    checkpoint of the official train_sit.py (its "ema"), or a released state dict + config.json."""
+    checkpoint of continuous_tokenizer's train_sit.py (its "ema"), or a released state dict + config.json."""
     ckpt = load_state_dict_file(path)
     info = config = None
     if "kind" in ckpt:

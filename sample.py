@@ -39,7 +39,7 @@ DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="generator (or, with --images, tokenizer) checkpoint: ours or released")
+    p.add_argument("--ckpt", required=True, help="generator (with --images: tokenizer) checkpoint, ours or released")
     p.add_argument("--config", help="released config.json of --ckpt (default: config.json beside the weights)")
     p.add_argument("--images", help="reconstruction mode: a folder of images for the tokenizer --ckpt")
     p.add_argument("--inception", help="FID Inception weights for rFID (default: as fid.py)")
@@ -58,18 +58,20 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=Sampling.cfg_scale, help="classifier-free guidance scale (>= 1)")
     p.add_argument("--guidance-low", type=float, default=Sampling.guidance_low)
     p.add_argument("--guidance-high", type=float, default=Sampling.guidance_high)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="a non-negative integer")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     args = p.parse_args(argv)
     npz = args.num_samples is not None
     args.out = args.out or ("samples.npz" if npz else "grid.png" if not args.images else "recon")
-    for bad, msg in [(min(args.per_class, args.batch_size, args.shard_size) < 1, "sizes must be >= 1"),
+    for bad, msg in [(args.seed < 0, "--seed must be a non-negative integer"),
+                     (min(args.per_class, args.batch_size, args.shard_size) < 1, "sizes must be >= 1"),
                      (npz and args.classes is not None, "--classes (grid) and --num-samples (.npz) exclude each other"),
                      (npz and args.num_samples < 1, "--num-samples must be >= 1"),
                      (npz and not args.out.endswith(".npz"), "--out must end in .npz with --num-samples"),
-                     (args.class_names is not None and not os.path.isfile(args.class_names), "no such --class-names file")]:
+                     (args.class_names is not None and not os.path.isfile(args.class_names),
+                      "no such --class-names file")]:
         if bad:
             p.error(msg)
     try:
@@ -81,19 +83,14 @@ def parse_args(argv=None):
     return args
 
 
-def sample_seed(seed, k):
-    """32-bit seed of sample k (CPU generators keep only 32 bits); the odd multiplier keeps seeds' streams apart."""
-    return (seed * 0x9E3779B1 + k) % 2 ** 32
-
-
 def sample_inputs(seed, indices, num_tokens, token_dim, num_classes, device):
-    """Noise (B, L, d), uniform labels (B,) and one SDE-noise generator per sample, all a function of (seed, k)."""
+    """Noise (B, L, d), uniform labels (B,) and one SDE-noise generator per sample k, all seeded by (seed, k)."""
     noise, labels, rngs = [], [], []
     for k in indices:
-        rng = torch.Generator().manual_seed(sample_seed(seed, k))
+        rng = torch.Generator().manual_seed(data.seed_for(seed, k))
         noise.append(torch.randn(num_tokens, token_dim, generator=rng))
         labels.append(torch.randint(num_classes, (1,), generator=rng))
-        rngs.append(rng if device.type == "cpu" else torch.Generator(device).manual_seed(sample_seed(seed, k)))
+        rngs.append(rng if device.type == "cpu" else torch.Generator(device).manual_seed(data.seed_for(seed, k)))
     return torch.stack(noise).to(device), torch.cat(labels).to(device), rngs
 
 
@@ -160,7 +157,8 @@ def write_grid(args, model, tok, class_names, device):
     if args.class_names:
         class_names = open(args.class_names).read().splitlines()
         if len(class_names) < C:
-            raise ValueError(f"--class-names {args.class_names} has {len(class_names)} lines, the generator {C} classes")
+            raise ValueError(f"--class-names {args.class_names} has {len(class_names)} lines for {C} classes; "
+                             f"give one name per class")
     labels = [c for c in classes for _ in range(args.per_class)]
     start, out = time.time(), []
     for b in range(0, len(labels), args.batch_size):

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -84,6 +85,86 @@ def _official_keys(preset):
         name, shape, _ = line.rstrip("\n").split("\t")
         keys[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
     return keys
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The house: the import graph, function sizes, references that resolve inside the repository
+MODULES = ("model", "tokenizer", "generator", "train", "sample", "fid", "data")
+
+
+def _imports(name):  # top-level module names `name`.py imports, anywhere in the file
+    import ast
+    tree = ast.parse((REPO / f"{name}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(MODULES)
+
+
+def test_entry_points_are_leaves_and_the_graph_is_layered():
+    graph = {m: _imports(m) for m in MODULES}
+    assert not [m for m in MODULES if {"train", "sample"} & graph[m]], graph  # nothing imports an entry point
+    # model <- tokenizer <- generator; data <- fid; train and sample on top
+    assert graph["model"] == set() and graph["data"] == set() and graph["tokenizer"] == {"model"}
+    assert graph["generator"] == {"model", "tokenizer"} and graph["fid"] == {"data"}
+
+
+def test_no_function_over_100_lines_and_no_references_outside_the_repository():
+    import ast
+    long = []
+    for m in MODULES:
+        for node in ast.walk(ast.parse((REPO / f"{m}.py").read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+                long.append(f"{m}.py:{node.lineno} {node.name}")
+    assert not long
+    # notes a clone does not have: the paper, the public code and the README are what comments cite
+    pattern = re.compile(r"shared[/]spec|[.][.]/shared|spec[ ]README|spec[ ]\u00a7|\(\u00a7|\u00a7\d|decision[ ]\d|fact[ ]sheet")
+    hits = [f"{f.name}:{i}" for f in [REPO / f"{m}.py" for m in MODULES] + [Path(__file__), REPO / "README.md"]
+            for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, hits
+
+
+def _readme_commands():
+    """The README's two commands: the lines after the `# 1.` and `# 2.` comments of its first code block."""
+    block = open(REPO / "README.md").read().split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    after = lambda mark: next(block[i + 1 + j] for i, line in enumerate(block) if line.startswith(mark)
+                              for j, nxt in enumerate(block[i + 1:]) if not nxt.startswith("#"))
+    return after("# 1."), after("# 2.")
+
+
+def test_ci_runs_the_readme_commands():
+    setup_and_quickstart, tests = _readme_commands()
+    setup = setup_and_quickstart.split(" && python train.py")[0]  # the set-up part of command 1
+    assert setup.startswith("python3 -m venv .venv") and "pip install -r requirements.txt" in setup
+    assert "pytest" in tests and tests.startswith(". .venv/bin/activate")
+    ci = [line for line in open(REPO / ".ci" / "run").read().splitlines() if line and not line.startswith("#")]
+    assert setup in ci and tests in ci and ci[-1] == tests  # run as written, the tests last (their exit status)
+    extra = [line for line in ci if line not in (setup, tests)]  # the one documented difference: the CPU torch build
+    assert extra == ["set -euo pipefail", 'cd "$(dirname "$0")/.."',
+                     "python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0"]
+    assert "torch" in open(REPO / "requirements.txt").read() and "pytest" not in open(REPO / "requirements.txt").read()
+
+
+def test_old_checkpoint_layout_still_loads(tmp_path):
+    """Checkpoints written before the loss knobs moved out of TokenizerConfig (their config holds
+    entropy_temperature) and the generator checkpoint written by the old train.py still load."""
+    torch.manual_seed(0)
+    tok = SoftVQVAE(tokenizer_config("softvq-tiny"))
+    old = TOK.tokenizer_checkpoint(tok, tok, step=3)
+    old["config"]["entropy_temperature"] = 0.01
+    torch.save(old, tmp_path / "tok.pt")
+    loaded = load_tokenizer(str(tmp_path / "tok.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tok.state_dict().values()))
+    sit = G.SiT(G.sit_config("sit-tiny", 16, 16, num_classes=8))
+    torch.save({"kind": "generator", "config": vars(sit.config), "model": sit.state_dict(), "ema": sit.state_dict(),
+                "tokenizer": {"path": str(tmp_path / "tok.pt"), "config_json": None, "latent_mean": 0.5,
+                              "latent_std": 2.0}, "classes": ["a"] * 8, "step": 1, "optimizer": {}, "args": {}},
+               tmp_path / "gen.pt")
+    model, info = G.load_generator(str(tmp_path / "gen.pt"))
+    assert G.load_tokenizer_for(model, info).config.latent_std == 2.0 and info["classes"] == ["a"] * 8
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1303,7 +1384,7 @@ def _fid_ts_features(ts, images):
         return ts(x).double().numpy()
 
 
-# §2.7 mapping written out independently of fid.py: NVlabs conv path -> pytorch-fid (torchvision) module path
+# The name mapping written out independently of fid.py: NVlabs conv path -> pytorch-fid (torchvision) module path
 _FID_TV = {'conv': 'Conv2d_1a_3x3', 'conv_1': 'Conv2d_2a_3x3', 'conv_2': 'Conv2d_2b_3x3', 'conv_3': 'Conv2d_3b_1x1',
            'conv_4': 'Conv2d_4a_3x3'}
 for _b, _t in [('mixed', 'Mixed_5b'), ('mixed_1', 'Mixed_5c'), ('mixed_2', 'Mixed_5d')]:

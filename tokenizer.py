@@ -325,7 +325,7 @@ def _vit_checkpoint(path):  # timm-layout ViT state dict -> (state dict, width, 
     sd = load_state_dict_file(path) if isinstance(path, str) else dict(path)
     if "cls_token" not in sd or "pos_embed" not in sd or "blocks.0.mlp.fc1.weight" not in sd:
         raise ValueError(f"{path if isinstance(path, str) else 'state dict'}: not a ViT checkpoint in the "
-                         f"DINO/DINOv2 (official or timm) layout")
+                         f"DINO/DINOv2 (facebookresearch or timm) layout")
     width, depth = sd["cls_token"].shape[-1], 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     return sd, width, depth, sd["blocks.0.mlp.fc1.weight"].shape[0] / width
 
@@ -513,7 +513,7 @@ def resample_pos_embed(pos, grid):
 
 
 def init_encoder_from_dinov2(vit: ViT, path):
-    """Load a DINOv2 checkpoint (path or state dict; official facebookresearch or timm layout) into `vit` (e.g. the
+    """Load a DINOv2 checkpoint (path or state dict; facebookresearch or timm layout) into `vit` (e.g. the
     tokenizer's `encoder.model`): patch kernel resampled to vit's patch size, position grid (37 x 37 at 518 px) to
     vit's grid, mask_token dropped (used only by DINOv2's masked-image training)."""
     sd, width, depth, _ = _vit_checkpoint(path)
@@ -605,7 +605,7 @@ class TokenizerLoss(UsesFrozen):
     def discriminator_active(self, step):
         return self.disc is not None and step >= self.cfg.disc_start
 
-    def alignment_loss(self, images, z):  # released 'repeat' mode: -cos(proj(z_i), teacher patch n) for n in token i's strip
+    def alignment_loss(self, images, z):  # released 'repeat' mode: -cos(proj(z_i), teacher patch n) for n in strip i
         with torch.no_grad():
             target = self.frozen["teacher"].forward_features(imagenet_normalize(images.float()))[:, 1:]  # (B, N, D_t)
         B, L, _ = z.shape
@@ -646,7 +646,7 @@ class TokenizerLoss(UsesFrozen):
         return loss, {k: v.detach() for k, v in logs.items()}
 
     @staticmethod
-    def adaptive_weight(nll, g_adv, last_layer):  # VQGAN (Esser et al. 2021): ‖∇nll‖ / (‖∇g‖ + 1e-4), last layer
+    def adaptive_weight(nll, g_adv, last_layer):  # VQGAN (Esser et al. 2021): ‖∇nll‖ / (‖∇g‖ + 1e-4)
         if last_layer is None:
             raise ValueError("adaptive_disc_weight needs last_layer=model.decoder.to_pixel.model.weight")
         g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]

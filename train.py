@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--dino", help="dino_deitsmall16_pretrain.pth (discriminator backbone)")
     p.add_argument("--dinov2", help="DINOv2 checkpoint of the REPA teacher (e.g. dinov2_vitl14_pretrain.pth)")
     p.add_argument("--init-encoder", help="DINOv2 checkpoint of the encoder's size to initialise it from")
-    p.add_argument("--tokenizer", help="generator/cache: tokenizer checkpoint (ours, or released weights + config.json)")
+    p.add_argument("--tokenizer", help="generator/cache: tokenizer checkpoint (ours, or released weights+config.json)")
     p.add_argument("--tokenizer-config", help="config.json of a released tokenizer (default: next to the weights)")
     p.add_argument("--latents", help="generator: latent cache folder written by --stage cache (else encode on the fly)")
     p.add_argument("--time-dist", default="lognormal", choices=["lognormal", "uniform"],
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-every", type=int, default=5000, help="PNG grid of reconstructions / samples")
     p.add_argument("--ckpt-every", type=int, default=10_000)
     p.add_argument("--workers", type=int, default=8, help="data loader workers per rank")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="a non-negative integer")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     args = p.parse_args(argv)
     needs = {"tokenizer": ["--preset", "--data"], "cache": ["--tokenizer", "--data"],
@@ -88,6 +88,8 @@ def parse_args(argv=None):
     for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seed < 0:
+        p.error(f"--seed {args.seed}: use a non-negative integer")
     if args.workers < 0 or args.warmup_steps < 0 or args.weight_decay < 0 or not 0 <= args.ema_decay < 1:
         p.error("--workers, --warmup-steps, --weight-decay must be >= 0 and --ema-decay in [0, 1)")
     if args.lr is not None and not args.lr > 0:
@@ -407,7 +409,7 @@ def train(args):
     while step < args.steps:
         batch, labels, skipped = next(stream)
         batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)  # per-step randomness: resumable
+        torch.manual_seed(data.seed_for(args.seed, step, rank))  # per-step randomness: resumable
         for opt in stage.optimizers:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, args)
