@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-every", type=int, default=5000, help="PNG grid of reconstructions / samples")
     p.add_argument("--ckpt-every", type=int, default=10_000)
     p.add_argument("--workers", type=int, default=8, help="data loader workers per rank")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the trained model: auto = on CUDA only; off to debug, on to test it on CPU")
     p.add_argument("--seed", type=int, default=42, help="a non-negative integer")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     args = p.parse_args(argv)
@@ -147,12 +149,12 @@ def optimize(optimizer, loss, params, clip, world, outside_ddp=()):
     return grad_norm
 
 
-def wrap(model, device, world):
-    """DDP over the ranks, then torch.compile on CUDA. broadcast_buffers=False: the only buffer (the tokenizer's
-    codebook-usage log) is each rank's own."""
+def wrap(model, device, world, compile):
+    """DDP over the ranks, then torch.compile (--compile; auto = on CUDA). broadcast_buffers=False: the only buffer
+    (the tokenizer's codebook-usage log) is each rank's own."""
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
         if world > 1 else model
-    return torch.compile(ddp) if device.type == "cuda" else ddp
+    return torch.compile(ddp) if compile == "on" or (compile == "auto" and device.type == "cuda") else ddp
 
 
 class Logger:
@@ -238,7 +240,7 @@ class TokenizerStage:
                               ("criterion", self.criterion), ("disc_optimizer", self.disc_optimizer)]:
                 if obj is not None:
                     obj.load_state_dict(resume[name])
-        self.forward = wrap(model, device, world)
+        self.forward = wrap(model, device, world, args.compile)
 
     def step(self, images, labels, step):  # images (B, 3, H, W) in [-1, 1] -> logs (tensors)
         with self.autocast:
@@ -317,7 +319,7 @@ class GeneratorStage:
         if resume is not None:
             for name, obj in [("model", model), ("ema", self.ema), ("optimizer", self.optimizer)]:
                 obj.load_state_dict(resume[name])
-        self.forward = wrap(model, device, world)
+        self.forward = wrap(model, device, world, args.compile)
         self.decoder = self.tokenizer or self._preview_tokenizer()
 
     def _preview_tokenizer(self):
