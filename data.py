@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 from datetime import timedelta
 
@@ -25,17 +26,53 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", "
 
 def list_images(root):
     """Sorted image paths under `root` (recursive) and integer labels: one sub-folder per class gives labels in
-    sorted folder order; images directly in `root` (a flat folder) get label 0."""
+    sorted folder order; images directly in `root` (a flat folder) get label 0. A folder that cannot be listed, or
+    images beside class folders, are refused: either would silently shift labels."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: no such data folder")
-    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+
+    def unreadable(e):
+        raise PermissionError(f"{e.filename}: cannot list this folder ({e.strerror}); fix its permissions or move "
+                              f"it out of {root}")
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, onerror=unreadable, followlinks=True)
+                   for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
         raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     parts = [os.path.relpath(p, root).split(os.sep) for p in paths]  # [class, ..., file] or [file]
     classes = sorted({r[0] for r in parts if len(r) > 1})
+    loose = [os.path.join(root, r[0]) for r in parts if len(r) == 1]
+    if classes and loose:
+        raise ValueError(f"{root} has class folders and also {len(loose)} images beside them (e.g. {loose[0]}); "
+                         f"move those into a class folder")
     index = {c: i for i, c in enumerate(classes)}
     return paths, [index[r[0]] if len(r) > 1 else 0 for r in parts], classes
+
+
+def read_rgb(path):
+    """Any image file -> PIL RGB, 8 bits per channel. 16-bit and 32-bit grayscale ("I;16", "I", "F") are scaled to
+    0..255 (PIL's convert would clip them, so most come out white); palette, CMYK, grayscale and LA/RGBA images go
+    through PIL's convert("RGB"). Alpha is dropped, not composited: a transparent pixel shows the colour stored under
+    it, as ADM's and torchvision's loaders do."""
+    with Image.open(path) as img:
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            a = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+            gray = np.clip(np.round(a * 255.0 / top), 0, 255).astype(np.uint8)
+            return Image.fromarray(gray).convert("RGB")
+        return img.convert("RGB")
+
+
+def check_readable(paths, n=16):
+    """Refuse at the start a folder whose images cannot be decoded (tried: the first and last n)."""
+    tried = paths[:n] + paths[-n:]
+    for p in tried:
+        try:
+            read_rgb(p)
+            return
+        except Exception:
+            continue
+    raise ValueError(f"none of {len(set(tried))} images tried in {os.path.dirname(paths[0])} can be decoded "
+                     f"(e.g. {paths[0]}); check the data folder")
 
 
 def _shrink(img, size):
@@ -78,6 +115,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, image_size, crop="center", flip=False, seed=0):
         self.paths, self.labels, self.classes = list_images(root)
+        check_readable(self.paths)
         self.image_size, self.crop, self.flip, self.seed, self.epoch = image_size, crop, flip, seed, 0
 
     def __len__(self):
@@ -87,8 +125,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for skipped in range(min(len(self.paths), 50)):
             j = (i + skipped) % len(self.paths)
             try:
-                with Image.open(self.paths[j]) as f:
-                    img = f.convert("RGB")
+                img = read_rgb(self.paths[j])
             except Exception:  # truncated, not an image, permission denied, ...
                 continue
             rng = np.random.default_rng((self.seed, self.epoch, j))
@@ -96,7 +133,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if self.flip and rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
             return to_tensor(img), self.labels[j], skipped
-        raise RuntimeError(f"50 consecutive unreadable images around {self.paths[i]}; check the data folder")
+        raise ValueError(f"50 consecutive unreadable images around {self.paths[i]}; check the data folder")
 
 
 class BuiltinShapes(torch.utils.data.Dataset):
@@ -209,12 +246,16 @@ def moment_sums(x):  # -> float64 (3,) [count, sum, sum of squares] on x's devic
 @torch.no_grad()
 def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size, workers, autocast, extra_meta=None):
     """Each rank encodes items rank, rank + world, ... straight into the shared memory map. Returns the measured
-    (mean, std) of the cache; meta.json records them beside `extra_meta` (the tokenizer and its own statistics)."""
+    (mean, std) of the cache; meta.json records them beside `extra_meta` (the tokenizer and its own statistics).
+    meta.json marks a complete cache: it is removed first and written last, so a killed run never leaves old
+    metadata beside new latents."""
     cfg = tokenizer.config
     n = len(dataset)
     path = os.path.join(out, "latents.npy")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
+        if os.path.exists(os.path.join(out, "meta.json")):
+            os.remove(os.path.join(out, "meta.json"))
         np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, 2, cfg.num_tokens, cfg.token_dim))
         np.save(os.path.join(out, "labels.npy"), np.zeros(n, np.int64))
     if dist.is_initialized():
@@ -258,10 +299,20 @@ class LatentCache(torch.utils.data.Dataset):
         meta_path = os.path.join(folder, "meta.json")
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{folder}: no complete latent cache (meta.json missing); run --stage cache")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        self.latents = np.load(os.path.join(folder, "latents.npy"), mmap_mode="r")
-        self.labels = np.load(os.path.join(folder, "labels.npy"))
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+            self.latents = np.load(os.path.join(folder, "latents.npy"), mmap_mode="r")
+            self.labels = np.load(os.path.join(folder, "labels.npy"))
+            m = self.meta
+            expected = (m["count"], 2, m["num_tokens"], m["token_dim"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{folder}: damaged latent cache ({type(e).__name__}: {e}); write it again with "
+                             f"--stage cache --overwrite") from None
+        if self.latents.shape != expected or self.latents.dtype != np.float16 or self.labels.shape != expected[:1]:
+            raise ValueError(f"{folder}: latents {self.latents.shape} {self.latents.dtype} / labels "
+                             f"{self.labels.shape} do not match meta.json {expected}; write the cache again with "
+                             f"--stage cache --overwrite")
         self.classes = self.meta.get("classes", [])
         self.seed, self.epoch = seed, 0
 
@@ -303,7 +354,7 @@ def labelled_grid(images, labels, class_names=None):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Run plumbing shared by train.py, sample.py and fid.py.
-def setup_distributed(device=None, timeout_minutes=30):
+def setup_distributed(device=None, timeout_s=1800):
     """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process
     and no process group is started (nanoGPT's pattern). device: "cuda" / "cpu" / "cuda:1" (default: CUDA when
     there is one); under torchrun each rank takes GPU LOCAL_RANK. NCCL on CUDA, gloo on CPU; a collective that
@@ -316,7 +367,7 @@ def setup_distributed(device=None, timeout_minutes=30):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return rank, world, device
 
 
@@ -340,11 +391,33 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def remove_stale_temps(path):
+    """Delete what killed atomic writes of `path` left behind (`path`.tmp<pid>); call it at the start of a run."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if os.path.isdir(folder):
+        for f in os.listdir(folder):
+            if f.startswith(name + ".tmp") and f[len(name) + 4:].isdigit():
+                os.remove(os.path.join(folder, f))
+
+
+def check_writable(folder):
+    """Refuse at the start an output folder that cannot be created or written (rather than hours later)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"{folder}: cannot write there ({e.strerror}); choose another output path") from None
+
+
 def save_checkpoint(obj, path):  # plain dicts of tensors and numbers: they load with torch.load(weights_only=True)
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-USER_ERRORS = (ValueError, OSError)  # what loaders and checks raise for bad input: a missing file, a bad flag, ...
+# What loaders and checks raise for bad input (a missing file, a bad flag, a full disk) or a diverged run.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 def fail(message):
@@ -360,8 +433,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 @contextlib.contextmanager
 def user_errors():
-    """Around an entry point's work: a user error (USER_ERRORS) becomes one `error: ...` line and exit status 2."""
+    """Around an entry point's work: a user error (USER_ERRORS) becomes one `error: ...` line and exit status 2.
+    A file-size limit (ulimit -f) then fails the write with an error instead of killing the process."""
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         yield
     except USER_ERRORS as e:
         fail(" ".join(str(e).split()) or type(e).__name__)
+    except dist.DistError as e:  # a collective that outlived the timeout: a rank is stuck or gone
+        fail(f"a collective between the ranks failed or timed out ({type(e).__name__}); another rank is stuck or "
+             f"died: see its output. " + " ".join(str(e).split())[:300])

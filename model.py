@@ -151,30 +151,40 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 def load_safetensors(path):
+    """{name: tensor} from a .safetensors file, every header entry checked against the bytes it claims."""
     size = os.path.getsize(path)
+    bad = lambda why: ValueError(f"{path}: not a valid .safetensors file ({why}); download it again")
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: truncated .safetensors file (no header); download it again")
+            raise bad("no header")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise ValueError(f"{path}: truncated or not a .safetensors file (header length {n} > file size)")
+            raise bad(f"header length {n} > file size")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path}: corrupt .safetensors header; download the file again") from None
+            raise bad("corrupt header") from None
         data = bytearray(f.read())
+    if not isinstance(header, dict):
+        raise bad("the header is not a mapping")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        start, end = info["data_offsets"]
-        if end > len(data) or info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name} is truncated or of unknown dtype {info['dtype']}")
-        dtype = _ST_DTYPES[info["dtype"]]
+        try:
+            start, end = (int(o) for o in info["data_offsets"])
+            dtype, shape = _ST_DTYPES[info["dtype"]], [int(d) for d in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has no valid dtype, shape and data_offsets") from None
+        if not 0 <= start <= end <= len(data) or min(shape, default=0) < 0:
+            raise bad(f"tensor {name!r} has offsets {start}..{end} outside the {len(data)} data bytes")
+        if (end - start) != math.prod(shape) * dtype.itemsize:
+            raise bad(f"tensor {name!r} of shape {shape} {info['dtype']} needs {math.prod(shape) * dtype.itemsize} "
+                      f"bytes, its offsets hold {end - start}")
         t = torch.frombuffer(data, dtype=dtype, offset=start, count=(end - start) // dtype.itemsize) if end > start \
             else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(info["shape"]).clone()
+        out[name] = t.reshape(shape).clone()
     return out
 
 
@@ -186,8 +196,11 @@ def load_state_dict_file(path):
         return load_safetensors(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code, ...
-        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}); is the file complete?") from None
+    except Exception as e:  # truncated zip, pickle with code (refused: never unpickled), ...
+        raise ValueError(f"{path}: not a readable checkpoint of tensors ({type(e).__name__}); it is truncated or "
+                         f"not a weights file, so it is not loaded") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: holds a {type(sd).__name__}, not a dict of tensors")
     return sd
 
 

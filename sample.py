@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished --out")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds a rank waits for the others in a collective")
     args = p.parse_args(argv)
     npz = args.num_samples is not None
     args.out = args.out or ("samples.npz" if npz else "grid.png" if not args.images else "recon")
@@ -80,7 +82,25 @@ def parse_args(argv=None):
         p.error(str(e))
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available")
+    finished = os.path.join(args.out, "metrics.json") if args.images else args.out
+    if os.path.exists(finished) and not args.overwrite:
+        p.error(f"{finished} exists; pass --overwrite to replace it or choose another --out")
+    if not args.timeout > 0:
+        p.error("--timeout must be > 0 seconds")
     return args
+
+
+def prepare_out(args, rank):
+    """Refuse at the start an --out that cannot be written (its folder is created); clean killed writes' temps."""
+    if rank == 0:
+        folder = args.out if args.images else os.path.dirname(os.path.abspath(args.out))
+        data.check_writable(folder)
+        data.remove_stale_temps(args.out)
+        parts = args.out + ".parts"
+        for name in os.listdir(parts) if os.path.isdir(parts) else []:
+            data.remove_stale_temps(os.path.join(parts, name.split(".tmp")[0]))
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def sample_inputs(seed, indices, num_tokens, token_dim, num_classes, device):
@@ -226,8 +246,9 @@ def reconstruct(args, device, rank, world):
 def main(argv=None):
     args = parse_args(argv)
     with data.user_errors():
-        rank, world, device = data.setup_distributed(args.device)
+        rank, world, device = data.setup_distributed(args.device, args.timeout)
         try:
+            prepare_out(args, rank)
             if args.images:
                 return reconstruct(args, device, rank, world)
             npz = args.num_samples is not None

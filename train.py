@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import data
 from fid import psnr
+from model import check_state_dict, load_state_dict_file
 from generator import PREVIEW, SiT, flow_matching_loss, generate_images, generator_checkpoint, load_tokenizer_for, \
     sit_config
 from tokenizer import (PRESETS, LossConfig, SoftVQVAE, TokenizerLoss, init_encoder_from_dinov2, load_tokenizer,
@@ -46,7 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="0 = Adam without decay, what the released tokenizers ran; >0 = AdamW on >=2-D weights")
     p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (> 0)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per step: the global batch is split over ranks x this many (less memory)")
     # Tokenizer objective (defaults: the released L-64 recipe, configs/softvq-l-64.yaml). A term whose weights file is
     # missing is switched off with a WARNING at start and in the log; a weight of 0 switches it off quietly.
     p.add_argument("--entropy-weight", type=float, default=0.01, help="tokenizer: weight of the entropy regulariser")
@@ -77,6 +80,11 @@ def parse_args(argv=None):
                    help="torch.compile the trained model: auto = on CUDA only; off to debug, on to test it on CPU")
     p.add_argument("--seed", type=int, default=42, help="a non-negative integer")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue although settings that change the run differ from the checkpoint's")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUT holds (a finished run or latent cache)")
+    p.add_argument("--timeout", type=float, default=1800,
+                   help="seconds a rank waits for the others in a collective before the run ends with an error")
     args = p.parse_args(argv)
     needs = {"tokenizer": ["--preset", "--data"], "cache": ["--tokenizer", "--data"],
              "generator": ["--preset", "--latents or --tokenizer with --data"]}[args.stage]
@@ -94,6 +102,10 @@ def parse_args(argv=None):
         p.error(f"--seed {args.seed}: use a non-negative integer")
     if args.workers < 0 or args.warmup_steps < 0 or args.weight_decay < 0 or not 0 <= args.ema_decay < 1:
         p.error("--workers, --warmup-steps, --weight-decay must be >= 0 and --ema-decay in [0, 1)")
+    if not args.grad_clip > 0 or args.grad_accum < 1 or not args.timeout > 0:
+        p.error("--grad-clip and --timeout must be > 0 and --grad-accum at least 1")
+    if args.resume and args.overwrite:
+        p.error("--resume continues OUT and --overwrite replaces it: choose one")
     if args.lr is not None and not args.lr > 0:
         p.error(f"--lr {args.lr}: the learning rate must be > 0")
     if args.lr is None:  # the released recipes: tokenizer 1e-4 per 256 images, SiT 1e-4
@@ -139,22 +151,33 @@ def average_gradients(params, world):
         torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
-def optimize(optimizer, loss, params, clip, world, outside_ddp=()):
-    """One optimizer step on `loss`: backward, average the gradients DDP does not see, clip, step -> grad norm."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+def backward_micro(loss, k, micro_batches, ddp):
+    """Backward of micro-batch k's share of the step's loss; DDP all-reduces the gradients on the last one only."""
+    sync = ddp.no_sync() if isinstance(ddp, DDP) and k < micro_batches - 1 else nullcontext()
+    with sync:
+        (loss / micro_batches).backward()
+
+
+def clip_and_step(optimizer, params, clip, world, outside_ddp=()):
+    """Average the gradients DDP does not see, clip, step -> the global gradient norm (a tensor: no host sync)."""
     average_gradients(outside_ddp, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
 
+def mean_logs(per_micro):  # [{name: scalar tensor}] of the micro-batches -> their means, in float32
+    return {k: sum(logs[k].float() for logs in per_micro) / len(per_micro) for k in per_micro[0]}
+
+
 def wrap(model, device, world, compile):
-    """DDP over the ranks, then torch.compile (--compile; auto = on CUDA). broadcast_buffers=False: the only buffer
-    (the tokenizer's codebook-usage log) is each rank's own."""
+    """-> (DDP module or the model, what the training step calls). DDP over the ranks, then torch.compile
+    (--compile; auto = on CUDA). broadcast_buffers=False: the only buffer (the tokenizer's codebook-usage log) is
+    each rank's own."""
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
         if world > 1 else model
-    return torch.compile(ddp) if compile == "on" or (compile == "auto" and device.type == "cuda") else ddp
+    return ddp, torch.compile(ddp) if compile == "on" or (compile == "auto" and device.type == "cuda") else ddp
 
 
 class Logger:
@@ -236,24 +259,32 @@ class TokenizerStage:
         self.disc_optimizer = make_optimizer(self.disc_params, args, device, (0.9, 0.95)) if self.disc_params else None
         self.optimizers = [o for o in (self.optimizer, self.disc_optimizer) if o is not None]
         if resume is not None:
-            for name, obj in [("model", model), ("ema", self.ema), ("optimizer", self.optimizer),
-                              ("criterion", self.criterion), ("disc_optimizer", self.disc_optimizer)]:
-                if obj is not None:
-                    obj.load_state_dict(resume[name])
-        self.forward = wrap(model, device, world, args.compile)
+            restore(resume, [(name, obj) for name, obj in [
+                ("model", model), ("ema", self.ema), ("optimizer", self.optimizer), ("criterion", self.criterion),
+                ("disc_optimizer", self.disc_optimizer)] if obj is not None], args)
+        self.ddp, self.forward = wrap(model, device, world, args.compile)
 
     def step(self, images, labels, step):  # images (B, 3, H, W) in [-1, 1] -> logs (tensors)
-        with self.autocast:
-            recon, z, logits = self.forward(images)
-            loss, logs = self.criterion.generator_loss(images, recon, z, logits, step,
-                                                       last_layer=self.model.decoder.to_pixel.model.weight)
-        grad_norm = optimize(self.optimizer, loss, self.params, self.args.grad_clip, self.world, self.extra_params)
-        if self.criterion.discriminator_active(step):  # after the generator step, on the detached reconstruction
+        K, per_micro, recons = self.args.grad_accum, [], []
+        for k, x in enumerate(images.chunk(K)):
             with self.autocast:
-                d_loss, d_logs = self.criterion.discriminator_loss(images, recon.detach(), step)
-            logs.update(d_logs, d_grad_norm=optimize(self.disc_optimizer, d_loss, self.disc_params,
-                                                     self.args.grad_clip, self.world, self.disc_params))
-        return {"loss": loss, **logs, "grad_norm": grad_norm}
+                recon, z, logits = self.forward(x)
+                loss, logs = self.criterion.generator_loss(x, recon, z, logits, step,
+                                                           last_layer=self.model.decoder.to_pixel.model.weight)
+            backward_micro(loss, k, K, self.ddp)
+            per_micro.append({"loss": loss.detach(), **logs})
+            recons.append(recon.detach())
+        grad_norm = clip_and_step(self.optimizer, self.params, self.args.grad_clip, self.world, self.extra_params)
+        if self.criterion.discriminator_active(step):  # after the generator step, on the detached reconstructions
+            for k, (x, recon) in enumerate(zip(images.chunk(K), recons)):
+                with self.autocast:
+                    d_loss, d_logs = self.criterion.discriminator_loss(x, recon, step)
+                d_loss.div(K).backward()  # D is outside DDP: average_gradients all-reduces its gradients once
+                per_micro[k].update(d_logs)
+            d_grad_norm = clip_and_step(self.disc_optimizer, self.disc_params, self.args.grad_clip, self.world,
+                                        self.disc_params)
+            return {**mean_logs(per_micro), "d_grad_norm": d_grad_norm, "grad_norm": grad_norm}
+        return {**mean_logs(per_micro), "grad_norm": grad_norm}
 
     def log_extra(self):
         return {"codebook_usage": round(self.model.quantize.usage(), 4)}
@@ -317,9 +348,8 @@ class GeneratorStage:
         self.optimizer = make_optimizer(self.params, args, device, (0.9, 0.999))
         self.optimizers = [self.optimizer]
         if resume is not None:
-            for name, obj in [("model", model), ("ema", self.ema), ("optimizer", self.optimizer)]:
-                obj.load_state_dict(resume[name])
-        self.forward = wrap(model, device, world, args.compile)
+            restore(resume, [("model", model), ("ema", self.ema), ("optimizer", self.optimizer)], args)
+        self.ddp, self.forward = wrap(model, device, world, args.compile)
         self.decoder = self.tokenizer or self._preview_tokenizer()
 
     def _preview_tokenizer(self):
@@ -332,14 +362,18 @@ class GeneratorStage:
         return None
 
     def step(self, batch, labels, step):  # batch: latents (B, L, d) or images (B, 3, H, W) -> logs (tensors)
-        with self.autocast:
-            if self.tokenizer is not None:  # images -> latents on the fly
-                with torch.no_grad():
-                    batch = self.tokenizer.encode(batch).float()
-            x = normalize(batch, self.info["latent_mean"], self.info["latent_std"])  # (B, L, d)
-            loss = flow_matching_loss(self.forward, x, labels, self.args.time_dist)
-        grad_norm = optimize(self.optimizer, loss, self.params, self.args.grad_clip, self.world)
-        return {"loss": loss, "grad_norm": grad_norm}
+        K, losses = self.args.grad_accum, []
+        for k, (x, y) in enumerate(zip(batch.chunk(K), labels.chunk(K))):
+            with self.autocast:
+                if self.tokenizer is not None:  # images -> latents on the fly
+                    with torch.no_grad():
+                        x = self.tokenizer.encode(x).float()
+                x = normalize(x, self.info["latent_mean"], self.info["latent_std"])  # (B, L, d)
+                loss = flow_matching_loss(self.forward, x, y, self.args.time_dist)
+            backward_micro(loss, k, K, self.ddp)
+            losses.append(loss.detach())
+        grad_norm = clip_and_step(self.optimizer, self.params, self.args.grad_clip, self.world)
+        return {"loss": sum(losses) / K, "grad_norm": grad_norm}
 
     def log_extra(self):
         return {}
@@ -367,32 +401,85 @@ class GeneratorStage:
                                     optimizer=self.optimizer.state_dict(), args=vars(self.args))
 
 
+# Settings that do not change the trajectory of a run; every other flag must match the checkpoint's on --resume.
+RESUME_FREE = {"out", "resume", "allow_changes", "overwrite", "log_every", "sample_every", "ckpt_every", "workers",
+               "compile", "timeout"}
+
+
 def load_resume(args, ckpt_path):
-    """The checkpoint to continue (with --resume), after checking it is this run's kind and preset."""
+    """The checkpoint to continue (with --resume), after checking it is a training checkpoint of this run's kind
+    and preset, made with the same settings (or --allow-changes)."""
     if not args.resume:
-        if os.path.isfile(ckpt_path):
-            raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+        if os.path.isfile(ckpt_path) and not args.overwrite:
+            raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue it, --overwrite to replace it, "
+                                  f"or choose another --out")
         return None
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"--resume: {ckpt_path} does not exist; start without --resume")
-    resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if resume.get("kind") != args.stage or resume["args"]["preset"] != args.preset:
+    resume = load_state_dict_file(ckpt_path)
+    if not isinstance(resume, dict) or not isinstance(resume.get("args"), dict) or "step" not in resume:
+        raise ValueError(f"--resume: {ckpt_path} is not a training checkpoint of train.py (released weights load "
+                         f"with --init-encoder / --tokenizer, not --resume); use another --out")
+    if resume.get("kind") != args.stage or resume["args"].get("preset") != args.preset:
         raise ValueError(f"--resume: {ckpt_path} is a {resume.get('kind')} {resume['args'].get('preset')} "
                          f"checkpoint, not {args.stage} {args.preset}; use another --out")
+    changed = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {resume['args'][k]!r})" for k, v in sorted(vars(args).items())
+               if k not in RESUME_FREE and k in resume["args"] and resume["args"][k] != v]
+    if changed and not args.allow_changes:
+        raise ValueError(f"--resume with other settings than {ckpt_path} was made with: {', '.join(changed)}; the "
+                         f"run would not continue as it started. Use the same flags, or add --allow-changes")
     return resume
 
 
+def restore(resume, parts, args):
+    """Load (name, module or optimizer) pairs from the resume checkpoint; one of another shape is a user error."""
+    for name, obj in parts:
+        try:
+            if isinstance(obj, torch.nn.Module):
+                check_state_dict(obj, resume[name])
+            else:
+                obj.load_state_dict(resume[name])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ValueError(f"--resume: the {name} in {os.path.join(args.out, 'ckpt.pt')} does not fit this run "
+                             f"({' '.join(str(e).split())[:200]}); use another --out") from None
+
+
+def check_finite(nonfinite, step, ckpt_path):
+    """Stop a diverged run: `nonfinite` holds 1 + the first step whose loss or gradient norm was not finite."""
+    bad = int(nonfinite)  # a host sync, only at log and checkpoint time
+    if bad:
+        last = f"the newest checkpoint, {ckpt_path}, holds finite weights" if os.path.isfile(ckpt_path) else \
+            "no checkpoint was written"
+        raise FloatingPointError(f"the loss or gradient norm is not finite at step {bad} (stopped at step {step}); "
+                                 f"{last}. Lower --lr, or check the data and --grad-clip")
+
+
+def prepare_out(args, rank):
+    """Refuse an output folder that cannot be written; clean what killed writes left; --overwrite empties a run."""
+    if rank == 0:
+        data.check_writable(args.out)
+        ckpt_path = os.path.join(args.out, "ckpt.pt")
+        data.remove_stale_temps(ckpt_path)
+        if args.overwrite:
+            for name in ("ckpt.pt", "log.jsonl"):
+                if os.path.isfile(os.path.join(args.out, name)):
+                    os.remove(os.path.join(args.out, name))
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def train(args):
-    rank, world, device = data.setup_distributed()
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+    rank, world, device = data.setup_distributed(timeout_s=args.timeout)
+    if args.batch_size % (world * args.grad_accum):
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks x --grad-accum "
+                         f"{args.grad_accum}")
     local_batch = args.batch_size // world
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if args.stage == "cache":
         return cache_latents(args, rank, world, device, autocast)
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     resume = load_resume(args, ckpt_path)
+    prepare_out(args, rank)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     Stage = TokenizerStage if args.stage == "tokenizer" else GeneratorStage
     stage = Stage(args, device, world, autocast, resume)
@@ -406,7 +493,10 @@ def train(args):
                  batch=args.batch_size)
         for message in stage.warnings:  # already printed loudly when found; here they go into the log
             log.note(echo=False, event="warning", message=message)
+    else:  # the log holds the steps a killed run made after this checkpoint: they repeat from here
+        log.note(event="resume", step=step)
 
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # 1 + first step with a non-finite loss; 0 = none
     stage.model.train()
     while step < args.steps:
         batch, labels, skipped = next(stream)
@@ -416,6 +506,8 @@ def train(args):
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, args)
         logs = stage.step(batch, labels, step)
+        finite = torch.isfinite(torch.stack([logs["loss"].float(), logs["grad_norm"].float()])).all()
+        nonfinite = torch.where((nonfinite == 0) & ~finite, step + 1, nonfinite)  # on the device: no sync
         update_ema(stage.ema, stage.model, args.ema_decay)
         step += 1
         log.add({**logs, "skipped_images": skipped.to(device, torch.float32, non_blocking=True)})
@@ -423,12 +515,15 @@ def train(args):
         last = step == args.steps
         if step % args.log_every == 0 or last:
             log.flush(step, args.batch_size, lr=learning_rate(step - 1, args), **stage.log_extra())
+            check_finite(nonfinite, step, ckpt_path)
         if rank == 0 and (step % args.sample_every == 0 or last):
             stage.preview(os.path.join(args.out, f"{stage.preview_name}_{step:07d}.png"))
         if last:
             stage.finish(rank)
-        if rank == 0 and (step % args.ckpt_every == 0 or last):
-            data.save_checkpoint(stage.checkpoint(step), ckpt_path)
+        if step % args.ckpt_every == 0 or last:
+            check_finite(nonfinite, step, ckpt_path)
+            if rank == 0:
+                data.save_checkpoint(stage.checkpoint(step), ckpt_path)
     log.bar.close()
     if dist.is_initialized():
         dist.barrier()
@@ -452,6 +547,11 @@ def latent_stats(model, dataset, device, autocast, n=50_000, batch=64):
 
 
 def cache_latents(args, rank, world, device, autocast):
+    if os.path.isfile(os.path.join(args.out, "meta.json")) and not args.overwrite:
+        raise FileExistsError(f"{args.out} holds a complete latent cache; pass --overwrite to replace it or choose "
+                              f"another --out")
+    if rank == 0:
+        data.check_writable(args.out)
     tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_config).to(device)
     tc = tokenizer.config
     dataset = data.make_dataset(args.data, tc.image_size, crop="center", seed=args.seed)
