@@ -1855,6 +1855,254 @@ def test_sample_flags_reach_their_calls(tmp_path, monkeypatch, capsys, _gen_sing
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The probe: bad input and faults through the real command lines. Each case ends in a user error (one `error: ...`
+# line, exit status 2, no traceback) naming what to fix, or in the right result. The cheap cases run here; the
+# ones that need subprocesses, kills, a non-root user or a file-size limit run with SOFTVQ_SLOW=1 (BENCHMARKS.md).
+@functools.lru_cache(None)
+def _probe_files():
+    """Files every probe case may use, written once: a tiny tokenizer, its latent cache, a generator trained one
+    step on it, image folders and broken files of many kinds."""
+    d = Path(tempfile.mkdtemp(prefix="probe_"))
+    atexit.register(shutil.rmtree, d, True)
+    f = {"dir": d}
+    _tiny_tokenizer_ckpt(d / "tok.pt")
+    f["tok"] = str(d / "tok.pt")
+    f["imgs"] = _image_folder(d / "imgs", n=6)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "train.py", *a], cwd=REPO, check=True, env=env,
+                                    capture_output=True)
+    run("--stage", "cache", "--tokenizer", f["tok"], "--data", f["imgs"], "--batch-size", "2", "--workers", "0",
+        "--out", str(d / "cache"))
+    f["cache"] = str(d / "cache")
+    run("--stage", "generator", "--preset", "sit-tiny", "--latents", f["cache"], "--batch-size", "2", "--workers",
+        "0", "--steps", "1", "--sample-every", "100", "--out", str(d / "sit"))
+    f["gen"] = str(d / "sit" / "ckpt.pt")
+    tok_args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "2", "--ckpt-every", "1"]
+    run(*tok_args, "--out", str(d / "tokrun"))
+    f["tokrun"], f["tok_args"] = str(d / "tokrun"), tok_args
+    (d / "empty").mkdir()
+    f["empty"] = str(d / "empty")
+    for name in ("allbad/a", "loose/a"):
+        (d / name).mkdir(parents=True)
+    for i in range(3):
+        (d / "allbad" / "a" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.new("RGB", (8, 8)).save(d / "loose" / "a" / "x.png")
+    Image.new("RGB", (8, 8)).save(d / "loose" / "y.png")
+    blob = (d / "tok.pt").read_bytes()
+    (d / "cut.pt").write_bytes(blob[:len(blob) // 3])
+    (d / "empty.pt").write_bytes(b"")
+    torch.save({"x": torch.zeros(1), "code": Image.Image}, d / "code.pt")  # unpickling would import a class
+    torch.save(SoftVQVAE(tokenizer_config("softvq-tiny")).state_dict(), d / "released.pt")
+    sd = {"w": torch.arange(6, dtype=torch.float32)}
+    save_safetensors(sd, str(d / "ok.safetensors"))
+    header = lambda h: len(json.dumps(h)).to_bytes(8, "little") + json.dumps(h).encode() + bytes(24)
+    bad = {"list": [1, 2], "inverted": {"w": {"dtype": "F32", "shape": [6], "data_offsets": [24, 0]}},
+           "nooffsets": {"w": {"dtype": "F32", "shape": [6]}},
+           "shape": {"w": {"dtype": "F32", "shape": [7], "data_offsets": [0, 24]}},
+           "dtype": {"w": {"dtype": "F99", "shape": [6], "data_offsets": [0, 24]}}}
+    for name, h in bad.items():
+        (d / f"{name}.safetensors").write_bytes(header(h))
+    return f
+
+
+def _probe_tokenizer_resume(f, tmp, extra):
+    """A copy of a finished 2-step tokenizer run, resumed to 3 steps with `extra` flags."""
+    out = tmp / "run"
+    shutil.copytree(f["tokrun"], out)
+    return f["tok_args"][:-4] + ["--steps", "3", "--out", str(out), "--resume"] + extra
+
+
+def _probe_npz(tmp):
+    np.savez(tmp / "done.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    return str(tmp / "done.npz")
+
+
+T = lambda *a: TINY_TRAIN + ["--stage", "tokenizer", "--steps", "1", *a]  # a 1-step tokenizer run's flags
+# (id, entry point, argv builder (files, tmp_path) -> argv, needle of the one-line error)
+PROBE_ERRORS = [
+    ("train-no-preset", "train", lambda f, t: ["--stage", "tokenizer", "--data", "builtin", "--out", str(t)],
+     "needs --preset"),
+    ("train-unknown-preset", "train", lambda f, t: ["--stage", "tokenizer", "--preset", "softvq-q", "--data",
+                                                    "builtin", "--out", str(t)], "unknown tokenizer preset"),
+    ("train-steps-0", "train", lambda f, t: T("--steps", "0", "--out", str(t)), "--steps must be at least 1"),
+    ("train-batch-0", "train", lambda f, t: T("--batch-size", "0", "--out", str(t)), "--batch-size must be"),
+    ("train-lr-0", "train", lambda f, t: T("--lr", "0", "--out", str(t)), "--lr 0.0"),
+    ("train-lr-negative", "train", lambda f, t: T("--lr=-1e-3", "--out", str(t)), "must be > 0"),
+    ("train-grad-clip-0", "train", lambda f, t: T("--grad-clip", "0", "--out", str(t)), "--grad-clip"),
+    ("train-grad-clip-negative", "train", lambda f, t: T("--grad-clip", "-1", "--out", str(t)), "--grad-clip"),
+    ("train-ema-1", "train", lambda f, t: T("--ema-decay", "1", "--out", str(t)), "--ema-decay"),
+    ("train-workers-negative", "train", lambda f, t: T("--workers", "-1", "--out", str(t)), "--workers"),
+    ("train-grad-accum-0", "train", lambda f, t: T("--grad-accum", "0", "--out", str(t)), "--grad-accum"),
+    ("train-timeout-0", "train", lambda f, t: T("--timeout", "0", "--out", str(t)), "--timeout"),
+    ("train-seed-negative", "train", lambda f, t: T("--seed", "-3", "--out", str(t)), "--seed"),
+    ("train-resume-and-overwrite", "train", lambda f, t: T("--resume", "--overwrite", "--out", str(t)),
+     "choose one"),
+    ("train-accum-indivisible", "train", lambda f, t: T("--grad-accum", "3", "--out", str(t)), "not divisible"),
+    ("train-image-size", "train", lambda f, t: T("--image-size", "30", "--out", str(t)), "not divisible by the patch"),
+    ("cache-no-tokenizer", "train", lambda f, t: ["--stage", "cache", "--data", "builtin", "--out", str(t)],
+     "needs --tokenizer"),
+    ("cache-latents-no-tokenizer", "train", lambda f, t: ["--stage", "cache", "--latents", f["cache"], "--data",
+                                                          "builtin", "--out", str(t)], "needs --tokenizer"),
+    ("generator-no-source", "train", lambda f, t: ["--stage", "generator", "--preset", "sit-tiny", "--out", str(t)],
+     "needs --latents or --tokenizer with --data"),
+    ("data-missing", "train", lambda f, t: T("--data", str(t / "nope"), "--out", str(t / "o")), "no such data folder"),
+    ("data-empty", "train", lambda f, t: T("--data", f["empty"], "--out", str(t / "o")), "no images found"),
+    ("data-all-unreadable", "train", lambda f, t: T("--data", str(f["dir"] / "allbad"), "--out", str(t / "o")),
+     "can be decoded"),
+    ("data-loose-images", "train", lambda f, t: T("--data", str(f["dir"] / "loose"), "--out", str(t / "o")),
+     "beside them"),
+    ("out-is-a-file", "train", lambda f, t: T("--out", f["tok"]), "cannot write"),
+    ("out-has-run", "train", lambda f, t: T("--out", f["tokrun"]), "pass --resume"),
+    ("resume-nothing", "train", lambda f, t: T("--resume", "--out", str(t)), "does not exist"),
+    ("resume-truncated", "train", lambda f, t: (shutil.copy(f["dir"] / "cut.pt", t / "ckpt.pt"), T(
+        "--resume", "--out", str(t)))[1], "truncated or not a weights file"),
+    ("resume-empty-file", "train", lambda f, t: (shutil.copy(f["dir"] / "empty.pt", t / "ckpt.pt"), T(
+        "--resume", "--out", str(t)))[1], "truncated or not a weights file"),
+    ("resume-code-pickle", "train", lambda f, t: (shutil.copy(f["dir"] / "code.pt", t / "ckpt.pt"), T(
+        "--resume", "--out", str(t)))[1], "not loaded"),
+    ("resume-released-layout", "train", lambda f, t: (shutil.copy(f["dir"] / "released.pt", t / "ckpt.pt"), T(
+        "--resume", "--out", str(t)))[1], "not a training checkpoint"),
+    ("resume-other-kind", "train", lambda f, t: (shutil.copy(f["gen"], t / "ckpt.pt"), T(
+        "--resume", "--out", str(t)))[1], "not tokenizer softvq-tiny"),
+    ("resume-other-batch", "train", lambda f, t: _probe_tokenizer_resume(f, t, ["--batch-size", "4"]),
+     "--batch-size 4"),
+    ("resume-other-lr", "train", lambda f, t: _probe_tokenizer_resume(f, t, ["--lr", "1e-4"]), "--lr 0.0001"),
+    ("resume-other-data", "train", lambda f, t: _probe_tokenizer_resume(f, t, ["--data", f["imgs"]]), "--data"),
+    ("resume-other-shape", "train", lambda f, t: _probe_tokenizer_resume(f, t, ["--image-size", "48",
+                                                                                "--allow-changes"]), "does not fit"),
+    ("init-encoder-missing", "train", lambda f, t: T("--init-encoder", str(t / "no.pth"), "--out", str(t / "o")),
+     "no such checkpoint file"),
+    ("init-encoder-not-vit", "train", lambda f, t: T("--init-encoder", f["tok"], "--out", str(t / "o")),
+     "not a ViT checkpoint"),
+    ("tokenizer-is-generator", "train", lambda f, t: ["--stage", "generator", "--preset", "sit-tiny", "--tokenizer",
+                                                      f["gen"], "--data", f["imgs"], "--out", str(t)],
+     "not a tokenizer checkpoint"),
+    ("cache-incomplete", "train", lambda f, t: ["--stage", "generator", "--preset", "sit-tiny", "--latents", str(t),
+                                                "--out", str(t / "o")], "no complete latent cache"),
+    ("cache-damaged", "train", lambda f, t: (shutil.copytree(f["cache"], t / "c"), np.save(
+        t / "c" / "latents.npy", np.zeros((1, 2), np.float16)), ["--stage", "generator", "--preset", "sit-tiny",
+                                                                 "--latents", str(t / "c"), "--out", str(t / "o")])[2],
+     "do not match meta.json"),
+    ("cache-exists", "train", lambda f, t: ["--stage", "cache", "--tokenizer", f["tok"], "--data", f["imgs"],
+                                            "--out", f["cache"]], "--overwrite"),
+    ("cache-tokenizer-misfit", "train", lambda f, t: (torch.save(TOK.tokenizer_checkpoint(SoftVQVAE(
+        tokenizer_config("softvq-tiny", num_tokens=8))), t / "t8.pt"), ["--stage", "generator", "--preset", "sit-tiny",
+                                                                        "--latents", f["cache"], "--tokenizer",
+                                                                        str(t / "t8.pt"), "--out", str(t / "o")])[1],
+     "tokenizer makes 8x16 tokens"),
+    ("diverging-lr", "train", lambda f, t: T("--lr", "1e12", "--warmup-steps", "0", "--steps", "4",
+                                             "--sample-every", "100", "--ckpt-every", "100", "--log-every", "4",
+                                             "--out", str(t)), "not finite at step"),
+    ("sample-ckpt-missing", "sample", lambda f, t: ["--ckpt", str(t / "nope.pt"), "--device", "cpu"], "no such"),
+    ("sample-ckpt-tokenizer", "sample", lambda f, t: ["--ckpt", f["tok"], "--out", str(t / "g.png")],
+     "'tokenizer' checkpoint"),
+    ("sample-ckpt-truncated", "sample", lambda f, t: ["--ckpt", str(f["dir"] / "cut.pt"), "--out", str(t / "g.png")],
+     "truncated or not a weights file"),
+    ("sample-cfg", "sample", lambda f, t: ["--ckpt", f["gen"], "--cfg", "0.5"], "--cfg 0.5"),
+    ("sample-steps", "sample", lambda f, t: ["--ckpt", f["gen"], "--steps", "0"], "--steps 0"),
+    ("sample-interval", "sample", lambda f, t: ["--ckpt", f["gen"], "--guidance-low", "0.9", "--guidance-high",
+                                                "0.1"], "--guidance-low"),
+    ("sample-solver", "sample", lambda f, t: ["--ckpt", f["gen"], "--sampler", "rk45"], "invalid choice"),
+    ("sample-num-0", "sample", lambda f, t: ["--ckpt", f["gen"], "--num-samples", "0", "--out", str(t / "s.npz")],
+     "--num-samples must be"),
+    ("sample-num-and-classes", "sample", lambda f, t: ["--ckpt", f["gen"], "--num-samples", "2", "--classes", "1",
+                                                       "--out", str(t / "s.npz")], "exclude each other"),
+    ("sample-npz-suffix", "sample", lambda f, t: ["--ckpt", f["gen"], "--num-samples", "2", "--out",
+                                                  str(t / "s.png")], "must end in .npz"),
+    ("sample-npz-finished", "sample", lambda f, t: ["--ckpt", f["gen"], "--num-samples", "2", "--out",
+                                                    _probe_npz(t)], "pass --overwrite"),
+    ("sample-class-names-short", "sample", lambda f, t: ((t / "n.txt").write_text("a\nb"), [
+        "--ckpt", f["gen"], "--class-names", str(t / "n.txt"), "--classes", "0", "--out", str(t / "g.png")])[1],
+     "2 lines for 3 classes"),
+    ("sample-class-names-missing", "sample", lambda f, t: ["--ckpt", f["gen"], "--class-names", str(t / "n.txt")],
+     "no such --class-names"),
+    ("sample-class-range", "sample", lambda f, t: ["--ckpt", f["gen"], "--classes", "7", "--out", str(t / "g.png")],
+     "class ids must be in [0, 3)"),
+    ("sample-seed", "sample", lambda f, t: ["--ckpt", f["gen"], "--seed", "-1"], "--seed"),
+    ("sample-no-cuda", "sample", lambda f, t: ["--ckpt", f["gen"], "--device", "cuda"], "CUDA is not available"),
+    ("sample-images-empty", "sample", lambda f, t: ["--ckpt", f["tok"], "--images", f["empty"], "--out", str(t)],
+     "no images found"),
+    ("safetensors-not-mapping", "sample", lambda f, t: ["--ckpt", str(f["dir"] / "list.safetensors")],
+     "not a mapping"),
+    ("safetensors-inverted", "sample", lambda f, t: ["--ckpt", str(f["dir"] / "inverted.safetensors")], "offsets"),
+    ("safetensors-no-offsets", "sample", lambda f, t: ["--ckpt", str(f["dir"] / "nooffsets.safetensors")],
+     "no valid dtype, shape and data_offsets"),
+    ("safetensors-shape", "sample", lambda f, t: ["--ckpt", str(f["dir"] / "shape.safetensors")], "needs 28 bytes"),
+    ("safetensors-dtype", "sample", lambda f, t: ["--ckpt", str(f["dir"] / "dtype.safetensors")],
+     "no valid dtype"),
+    ("fid-one-input", "fid", lambda f, t: [f["imgs"]], "give two inputs"),
+    ("fid-batch-0", "fid", lambda f, t: [f["imgs"], f["imgs"], "--batch-size", "0"], "--batch-size"),
+    ("fid-missing-input", "fid", lambda f, t: [str(t / "nope"), f["imgs"]], "not a folder"),
+]
+
+
+@pytest.mark.parametrize("case", PROBE_ERRORS, ids=[c[0] for c in PROBE_ERRORS])
+def test_probe_user_errors(case, tmp_path, capsys, monkeypatch):
+    _, entry, argv, needle = case
+    monkeypatch.setenv("SOFTVQ_INCEPTION", str(tmp_path / "no-inception.pt"))
+    main = {"train": train.main, "sample": S.main, "fid": fid.main}[entry]
+    msg = _user_error(capsys, main, argv(_probe_files(), tmp_path))
+    assert needle in msg and "weights_only=False" not in msg, msg
+
+
+def test_probe_diverged_run_keeps_the_last_finite_checkpoint(tmp_path, capsys):
+    """A run whose loss turns non-finite stops with one line naming the step; the newest checkpoint is finite."""
+    out = tmp_path / "run"
+    msg = _user_error(capsys, train.main, T("--lr", "1e12", "--warmup-steps", "4", "--steps", "8", "--ckpt-every",
+                                            "1", "--log-every", "1", "--sample-every", "100", "--out", str(out)))
+    bad = int(re.search(r"not finite at step (\d+)", msg).group(1))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] < bad and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_probe_outputs_and_overwrite(tmp_path, capsys):
+    """Finished outputs are replaced only with --overwrite; an --out in a missing folder is created at the start;
+    after a resume the log marks where the repeated steps begin."""
+    f = _probe_files()
+    common = ["--ckpt", f["gen"], "--classes", "0", "--per-class", "1", "--steps", "1", "--sampler", "ode"]
+    S.main(common + ["--out", str(tmp_path / "new" / "deeper" / "g.png")])
+    assert (tmp_path / "new" / "deeper" / "g.png").is_file()
+    assert "--overwrite" in _user_error(capsys, S.main, common + ["--out", str(tmp_path / "new" / "deeper" / "g.png")])
+    S.main(common + ["--out", str(tmp_path / "new" / "deeper" / "g.png"), "--overwrite"])
+    out = tmp_path / "run"
+    train.main(T("--steps", "2", "--ckpt-every", "1", "--out", str(out)))
+    (out / "ckpt.pt.tmp12345").write_bytes(b"left by a killed write")
+    train.main(T("--steps", "3", "--ckpt-every", "1", "--out", str(out), "--resume", "--allow-changes"))
+    recs, _ = _log(str(out))
+    assert [r["event"] for r in recs if "event" in r][-2:] == ["resume", "done"] and recs[-2]["step"] == 3
+    assert sorted(os.listdir(out))[:2] == ["ckpt.pt", "log.jsonl"] and not list(out.glob("*.tmp*"))
+    train.main(T("--steps", "1", "--out", str(out), "--overwrite"))
+    assert [r.get("event") for r in _log(str(out))[0]][0] == "start" and torch.load(
+        out / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+def test_probe_image_modes_decode_to_their_colours(tmp_path):
+    """16-bit and 32-bit grayscale, palette, CMYK, grayscale and alpha images decode to the RGB a viewer shows
+    (alpha dropped); 16-bit PNGs are not clipped to white."""
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")  # mode I;16
+    rgb = data.read_rgb(tmp_path / "g16.png")
+    assert np.array_equal(np.asarray(rgb)[..., 0], np.round(ramp / 65535 * 255).astype(np.uint8))
+    Image.fromarray(ramp.astype(np.int32) // 256, mode="I").save(tmp_path / "g32.tif")
+    assert np.asarray(data.read_rgb(tmp_path / "g32.tif"))[..., 1].max() == 255
+    base = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(base).convert("P", palette=Image.ADAPTIVE, colors=256).save(tmp_path / "p.png")
+    assert np.abs(np.asarray(data.read_rgb(tmp_path / "p.png")).astype(int) - base).max() < 64
+    Image.fromarray(base).convert("CMYK").save(tmp_path / "c.jpg", quality=100)
+    assert np.abs(np.asarray(data.read_rgb(tmp_path / "c.jpg")).astype(int) - base).mean() < 8
+    Image.fromarray(base[..., 0]).save(tmp_path / "l.png")
+    assert np.array_equal(np.asarray(data.read_rgb(tmp_path / "l.png")), np.repeat(base[..., :1], 3, 2))
+    rgba = np.concatenate([base, np.zeros((8, 8, 1), np.uint8)], 2)  # fully transparent: the stored colour shows
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    assert np.array_equal(np.asarray(data.read_rgb(tmp_path / "a.png")), base)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(tmp_path / "g16.png", folder / "g16.png")
+    image = data.ImageFolderDataset(str(folder), 8)[0][0]
+    assert image.min() < -0.9 and image.max() > 0.9  # the ramp, not a white square
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # GPU: skipped without CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_compiled_bf16_pipeline(tmp_path):

@@ -498,33 +498,35 @@ def train(args):
 
     nonfinite = torch.zeros((), dtype=torch.long, device=device)  # 1 + first step with a non-finite loss; 0 = none
     stage.model.train()
-    while step < args.steps:
-        batch, labels, skipped = next(stream)
-        batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        torch.manual_seed(data.seed_for(args.seed, step, rank))  # per-step randomness: resumable
-        for opt in stage.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(step, args)
-        logs = stage.step(batch, labels, step)
-        finite = torch.isfinite(torch.stack([logs["loss"].float(), logs["grad_norm"].float()])).all()
-        nonfinite = torch.where((nonfinite == 0) & ~finite, step + 1, nonfinite)  # on the device: no sync
-        update_ema(stage.ema, stage.model, args.ema_decay)
-        step += 1
-        log.add({**logs, "skipped_images": skipped.to(device, torch.float32, non_blocking=True)})
-        log.bar.update(1)
-        last = step == args.steps
-        if step % args.log_every == 0 or last:
-            log.flush(step, args.batch_size, lr=learning_rate(step - 1, args), **stage.log_extra())
-            check_finite(nonfinite, step, ckpt_path)
-        if rank == 0 and (step % args.sample_every == 0 or last):
-            stage.preview(os.path.join(args.out, f"{stage.preview_name}_{step:07d}.png"))
-        if last:
-            stage.finish(rank)
-        if step % args.ckpt_every == 0 or last:
-            check_finite(nonfinite, step, ckpt_path)
-            if rank == 0:
-                data.save_checkpoint(stage.checkpoint(step), ckpt_path)
-    log.bar.close()
+    try:
+        while step < args.steps:
+            batch, labels, skipped = next(stream)
+            batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            torch.manual_seed(data.seed_for(args.seed, step, rank))  # per-step randomness: resumable
+            for opt in stage.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(step, args)
+            logs = stage.step(batch, labels, step)
+            finite = torch.isfinite(torch.stack([logs["loss"].float(), logs["grad_norm"].float()])).all()
+            nonfinite = torch.where((nonfinite == 0) & ~finite, step + 1, nonfinite)  # on the device: no sync
+            update_ema(stage.ema, stage.model, args.ema_decay)
+            step += 1
+            log.add({**logs, "skipped_images": skipped.to(device, torch.float32, non_blocking=True)})
+            log.bar.update(1)
+            last = step == args.steps
+            if step % args.log_every == 0 or last:
+                log.flush(step, args.batch_size, lr=learning_rate(step - 1, args), **stage.log_extra())
+                check_finite(nonfinite, step, ckpt_path)
+            if rank == 0 and (step % args.sample_every == 0 or last):
+                stage.preview(os.path.join(args.out, f"{stage.preview_name}_{step:07d}.png"))
+            if last:
+                stage.finish(rank)
+            if step % args.ckpt_every == 0 or last:
+                check_finite(nonfinite, step, ckpt_path)
+                if rank == 0:
+                    data.save_checkpoint(stage.checkpoint(step), ckpt_path)
+    finally:  # the bar's line ends before any error message
+        log.bar.close()
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
