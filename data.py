@@ -384,7 +384,12 @@ def atomic_write(path, write):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:  # torch.save's zip writer hides a failed write (disk full) behind its own error
+                if isinstance(e.__context__, OSError):
+                    raise OSError(e.__context__.errno, f"cannot write {path}: {e.__context__.strerror}") from None
+                raise
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -441,6 +446,8 @@ def user_errors():
         yield
     except USER_ERRORS as e:
         fail(" ".join(str(e).split()) or type(e).__name__)
-    except dist.DistError as e:  # a collective that outlived the timeout: a rank is stuck or gone
-        fail(f"a collective between the ranks failed or timed out ({type(e).__name__}); another rank is stuck or "
-             f"died: see its output. " + " ".join(str(e).split())[:300])
+    except RuntimeError as e:  # a collective that outlived --timeout (gloo and NCCL raise RuntimeErrors)
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "timed out" in str(e).lower())):
+            raise
+        fail(f"a collective between the ranks failed or timed out: another rank is stuck or died (see its "
+             f"output). {' '.join(str(e).split())[:300]}")

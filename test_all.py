@@ -1,11 +1,13 @@
 """The whole test suite: `pytest -q test_all.py` (under 5 minutes on 2 CPU cores; GPU checks skip without CUDA)."""
 import atexit
+import contextlib
 import functools
 import importlib.util
 import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -2100,6 +2102,134 @@ def test_probe_image_modes_decode_to_their_colours(tmp_path):
     shutil.copy(tmp_path / "g16.png", folder / "g16.png")
     image = data.ImageFolderDataset(str(folder), 8)[0][0]
     assert image.min() < -0.9 and image.max() > 0.9  # the ramp, not a white square
+
+
+def _train_cmd(*args):
+    return [sys.executable, "train.py", *args]
+
+
+def _run(cmd, **kw):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          **kw)
+
+
+def _one_error_line(proc):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and lines[-1].startswith("error: "), proc.stderr
+    return lines[-1]
+
+
+def test_probe_disk_full_during_a_checkpoint(tmp_path):
+    """ulimit -f: the checkpoint write fails with one line; the previous checkpoint stays loadable, no temp file."""
+    out = str(tmp_path / "run")
+    args = T("--steps", "1", "--out", out)
+    assert _run(_train_cmd(*args)).returncode == 0
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    cmd = " ".join(map(shlex.quote, _train_cmd(*T("--steps", "2", "--out", out, "--resume", "--allow-changes"))))
+    proc = _run(["bash", "-c", f"ulimit -f 2000 && exec {cmd}"])  # 1 MB: the log fits, a checkpoint does not
+    assert "File too large" in _one_error_line(proc)
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before and not list((tmp_path / "run").glob("*.tmp*"))
+
+
+def test_probe_without_root_permission_bypass(tmp_path):
+    """As root without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH (setpriv): an output folder that cannot be written and
+    a class folder that cannot be listed are refused at the start, in one line."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    proc = _run(drop + _train_cmd(*T("--out", str(locked / "run"))))
+    assert "cannot write there" in _one_error_line(proc)
+    images = Path(_image_folder(tmp_path / "imgs", n=4))
+    (images / "class1").chmod(0)
+    try:
+        proc = _run(drop + _train_cmd(*T("--data", str(images), "--out", str(tmp_path / "run"))))
+        assert "cannot list this folder" in _one_error_line(proc)
+    finally:
+        (images / "class1").chmod(0o755)
+
+
+def test_probe_stuck_rank_ends_the_run_within_the_timeout(tmp_path):
+    """A rank that hangs (SIGSTOP, not killed) ends a 2-rank gloo run within --timeout, with a message."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *T("--steps", "100000", "--log-every", "1", "--ckpt-every", "100000", "--timeout", "8",
+              "--out", str(tmp_path / "run"))]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and '"step": 3' in log.read_text()):
+        time.sleep(0.2)
+    ranks = {}
+    for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        ranks[[e for e in env if e.startswith(b"RANK=")][0]] = int(child)
+    os.kill(ranks[b"RANK=1"], signal.SIGSTOP)
+    stopped = time.time()
+    alive = lambda pid: Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    while alive(ranks[b"RANK=0"]) and time.time() < stopped + 90:
+        time.sleep(0.2)
+    waited = time.time() - stopped
+    for pid in ranks.values():  # torchrun would give the stopped rank 30 s to answer SIGTERM
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and waited < 8 + 20, waited
+    assert "error: a collective between the ranks failed or timed out" in err, err[-3000:]
+
+
+@pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"), reason="kills at random moments, 2 minutes: SOFTVQ_SLOW=1")
+def test_probe_kill_at_random_moments_then_resume(tmp_path):
+    """kill -9 a tokenizer run at 6 random moments (mid-step, mid-checkpoint), resume each time: the finished run's
+    logged losses and weights equal an uninterrupted run's, and no temp file survives a restart."""
+    args = T("--steps", "12", "--ckpt-every", "1", "--log-every", "1")
+    assert _run(_train_cmd(*args, "--out", str(tmp_path / "full"))).returncode == 0
+    out, rng = tmp_path / "part", np.random.default_rng(0)
+    for delay in rng.uniform(3, 9, size=6):
+        resume = ["--resume"] if (out / "ckpt.pt").exists() else []
+        p = subprocess.Popen(_train_cmd(*args, "--out", str(out), *resume), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        time.sleep(delay)
+        p.kill()
+        p.wait()
+        if (out / "ckpt.pt").exists():
+            torch.load(out / "ckpt.pt", weights_only=True)  # never half-written
+    proc = _run(_train_cmd(*args, "--out", str(out), *(["--resume"] if (out / "ckpt.pt").exists() else [])))
+    assert proc.returncode == 0 and not list(out.glob("*.tmp*"))
+    _, a = _log(str(tmp_path / "full"))
+    recs, _ = _log(str(out))
+    last = {}
+    for r in recs:  # the newest record of each step: a resume repeats the steps after its checkpoint
+        if "step" in r and "event" not in r:
+            last[r["step"]] = r
+    assert all(last[s]["loss"] == a[s]["loss"] for s in a)
+    ta, tb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (tmp_path / "full", out))
+    assert all(torch.equal(ta["model"][k], tb["model"][k]) for k in ta["model"])
+
+
+@pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"), reason="kills during a cache write: SOFTVQ_SLOW=1")
+def test_probe_killed_cache_write_is_never_taken_for_complete(tmp_path):
+    """A cache run killed while it rewrites a folder that held a cache: the generator refuses the folder, and the
+    next cache run (no --overwrite needed: nothing complete is there) writes it whole."""
+    f = _probe_files()
+    shutil.copytree(f["cache"], tmp_path / "cache")
+    images = _image_folder(tmp_path / "imgs", n=400)
+    cache = ["--stage", "cache", "--tokenizer", f["tok"], "--data", images, "--batch-size", "2", "--workers", "0",
+             "--out", str(tmp_path / "cache"), "--overwrite"]
+    p = subprocess.Popen(_train_cmd(*cache), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (tmp_path / "cache" / "latents.npy").exists() or (tmp_path / "cache" / "meta.json").exists():
+        time.sleep(0.01)
+    time.sleep(1.0)
+    p.kill()
+    p.wait()
+    gen = ["--stage", "generator", "--preset", "sit-tiny", "--latents", str(tmp_path / "cache"), "--steps", "1",
+           "--out", str(tmp_path / "sit")]
+    assert "no complete latent cache" in _one_error_line(_run(_train_cmd(*gen)))
+    assert _run(_train_cmd(*cache[:-1])).returncode == 0
+    assert data.LatentCache(str(tmp_path / "cache")).latents.shape[0] == 400
 
 
 # ---------------------------------------------------------------------------------------------------------------
