@@ -171,12 +171,17 @@ def mean_logs(per_micro):  # [{name: scalar tensor}] of the micro-batches -> the
     return {k: sum(logs[k].float() for logs in per_micro) / len(per_micro) for k in per_micro[0]}
 
 
+# Larger than DDP's default 25 MB, so a compiled L-64 or SiT-XL graph is split into a few pieces rather than ~100
+# (DDPOptimizer splits at bucket boundaries). A guess to check on a GPU: BENCHMARKS.md has the command.
+DDP_BUCKET_MB = 100
+
+
 def wrap(model, device, world, compile):
     """-> (DDP module or the model, what the training step calls). DDP over the ranks, then torch.compile
     (--compile; auto = on CUDA). broadcast_buffers=False: the only buffer (the tokenizer's codebook-usage log) is
     each rank's own."""
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
-        if world > 1 else model
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+              bucket_cap_mb=DDP_BUCKET_MB, gradient_as_bucket_view=True) if world > 1 else model
     return ddp, torch.compile(ddp) if compile == "on" or (compile == "auto" and device.type == "cuda") else ddp
 
 
@@ -298,12 +303,12 @@ class TokenizerStage:
                            ["held-out", "recon"]).save(path)
 
     def finish(self, rank):
-        """At the last step, on rank 0: the latent statistics x = (z - mean) / std of the generator, stored in the
-        tokenizer's config (the released configs' vq_mean / vq_std)."""
-        if rank == 0:
-            mean, std = latent_stats(self.ema, self.dataset, self.device, self.autocast)
-            for m in (self.model, self.ema):
-                m.config.latent_mean, m.config.latent_std = mean, std
+        """At the last step: the latent statistics x = (z - mean) / std of the generator, stored in the tokenizer's
+        config (the released configs' vq_mean / vq_std); every rank encodes its shard, one all-reduce."""
+        mean, std = latent_stats(self.ema, self.dataset, self.device, self.autocast, rank, self.world,
+                                 self.args.workers)
+        for m in (self.model, self.ema):
+            m.config.latent_mean, m.config.latent_std = mean, std
 
     def report(self, log, step):
         log.note(event="done", step=step, latent_mean=self.model.config.latent_mean,
@@ -537,14 +542,18 @@ def train(args):
 
 
 @torch.no_grad()
-def latent_stats(model, dataset, device, autocast, n=50_000, batch=64):
-    """Scalar mean and std of z over (up to n images of) the training set: x = (z - mean) / std for the generator."""
+def latent_stats(model, dataset, device, autocast, rank=0, world=1, workers=0, n=50_000, batch=64):
+    """Scalar mean and std of z over (up to n images of) the training set: x = (z - mean) / std for the generator.
+    Rank r encodes images r, r + world, ... with the data loader's workers; the sums are all-reduced."""
+    mine = torch.utils.data.Subset(dataset, range(rank, min(n, len(dataset)), world))
+    loader = torch.utils.data.DataLoader(mine, batch_size=batch, num_workers=workers, collate_fn=data.collate)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # read once at the end
-    for i in range(0, min(n, len(dataset)), batch):
-        images = torch.stack([dataset[j][0] for j in range(i, min(i + batch, n, len(dataset)))]).to(device)
+    for images, _, _ in loader:
         with autocast:
-            z = model.encode(images)
+            z = model.encode(images.to(device))
         sums += data.moment_sums(z)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
     return data.moments(sums)
 
 
