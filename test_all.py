@@ -2275,3 +2275,140 @@ def test_cuda_fid_features_equal_cpu(fid_model, fid_ts_path):
     cpu = fid.inception_features(images, fid_model)
     gpu = fid.inception_features(images, fid.load_inception(fid_ts_path, "cuda"))
     np.testing.assert_allclose(gpu, cpu, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GPU benchmark (BENCHMARKS.md): SOFTVQ_BENCH=1 python -m pytest -q -s test_all.py -k gpu_benchmark
+# It times the training steps on fixed device batches (data loading excluded), with stand-in pretrained networks of
+# the published sizes and layouts (random weights), compiled, bf16. A CPU smoke run with tiny models keeps it working.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, NVIDIA data sheets (SXM)
+
+
+def _bench_standins(d, full_size):
+    """Stand-in weights for VGG16 + LPIPS heads, DINO ViT-S/16 and the DINOv2 teacher (ViT-L/14 when full_size)."""
+    files = dict(_obj_files())
+    if full_size:
+        g = torch.Generator().manual_seed(0)
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in ViT(224, 16, 384, 12, 6, layerscale=False).state_dict().items()}
+        torch.save({k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}, d / "dino_s16.pth")
+        torch.save(_obj_dinov2_state(g, width=1024, depth=24), d / "dinov2_l14.pth")
+        files.update(dino_path=str(d / "dino_s16.pth"), dinov2_path=str(d / "dinov2_l14.pth"))
+    return files
+
+
+def _timed(fn, steps, device):
+    """Seconds per call of fn() after one warm-up call (which compiles), and the peak memory in GiB."""
+    fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    return (time.perf_counter() - start) / steps, peak
+
+
+def _host_syncs(fn, device):
+    """Synchronising CUDA calls in one call of fn() (torch.cuda.set_sync_debug_mode warns on each)."""
+    if device.type != "cuda":
+        return 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _bench_tokenizer(preset, files, batch, steps, device, extra):
+    args = train.parse_args(["--stage", "tokenizer", "--preset", preset, "--data", "builtin", "--out", "/tmp/unused",
+                             "--batch-size", str(batch), "--disc-start", "0", "--adaptive-disc-weight", "--vgg",
+                             files["vgg_path"], "--lpips", files["lpips_path"], "--dino", files["dino_path"],
+                             "--dinov2", files["dinov2_path"], *extra])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    stage = train.TokenizerStage(args, device, 1, autocast)
+    size = stage.model.config.image_size
+    images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    counter = iter(range(10 ** 9))
+    step = lambda: stage.step(images, labels, next(counter))
+    seconds, peak = _timed(step, steps, device)
+    return {"img_per_s": batch / seconds, "peak_gib": peak, "host_syncs_per_step": _host_syncs(step, device)}
+
+
+def _bench_generator(preset, tokens, dim, batch, steps, device, tmp, extra):
+    cache = tmp / f"cache_{tokens}x{dim}"
+    cache.mkdir(exist_ok=True)
+    np.save(cache / "latents.npy", np.random.default_rng(0).standard_normal((64, 2, tokens, dim)).astype(np.float16))
+    np.save(cache / "labels.npy", np.arange(64) % 10)
+    (cache / "meta.json").write_text(json.dumps({"count": 64, "num_tokens": tokens, "token_dim": dim,
+                                                 "num_classes": 1000, "classes": [], "path": None,
+                                                 "latent_mean": 0.0, "latent_std": 1.0}))
+    args = train.parse_args(["--stage", "generator", "--preset", preset, "--latents", str(cache), "--out",
+                             "/tmp/unused", "--batch-size", str(batch), *extra])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    stage = train.GeneratorStage(args, device, 1, autocast)
+    x = torch.randn(batch, tokens, dim, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    step = lambda: stage.step(x, y, 0)
+    seconds, peak = _timed(step, steps, device)
+    n = sum(p.numel() for p in stage.model.parameters() if p.requires_grad)
+    c = stage.model.config
+    flops = batch * (6 * n * tokens + 12 * c.depth * tokens ** 2 * c.width)  # fwd + bwd: 3 x (2 FLOPs per MAC)
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None) \
+        if device.type == "cuda" else None
+    return {"img_per_s": batch / seconds, "peak_gib": peak, "host_syncs_per_step": _host_syncs(step, device),
+            "mfu": flops / seconds / 1e12 / peak_tflops if peak_tflops else None}, stage.ema
+
+
+def _bench_sampling(sit, tokenizer_preset, batch, steps, device):
+    tok = SoftVQVAE(tokenizer_config(tokenizer_preset)).to(device).eval()
+    c = sit.config
+    net = torch.compile(sit) if device.type == "cuda" else sit
+    noise, labels, rngs = S.sample_inputs(0, range(batch), c.num_tokens, c.token_dim, c.num_classes, device)
+    sampling = G.Sampling("sde", steps, cfg_scale=1.75, guidance_high=0.7)
+    seconds, _ = _timed(lambda: G.generate_images(net, tok, noise, labels, sampling, rngs), 1, device)
+    return {"img_per_s": batch / seconds}
+
+
+def _bench_fid(batch, size, steps, device):
+    net = fid.InceptionV3FID().eval().to(device)
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
+    seconds, _ = _timed(lambda: fid._encode(images, net), steps, device)
+    return {"img_per_s": batch / seconds}
+
+
+def _benchmark(tmp, device, full_size):
+    files = _bench_standins(tmp, full_size)
+    if full_size:  # the GPU figures (BENCHMARKS.md)
+        out = {p: _bench_tokenizer(p, files, 32, 10, device, []) for p in ("softvq-b-32", "softvq-l-64")}
+        out["sit-xl"], sit = _bench_generator("sit-xl", 32, 64, 256, 10, device, tmp, [])
+        out["sde250_cfg1.75_b-32"] = _bench_sampling(sit, "softvq-b-32", 256, 250, device)
+        out["fid_features_256px"] = _bench_fid(250, 256, 5, device)
+    else:  # CPU smoke: the same code on tiny models
+        out = {"softvq-tiny": _bench_tokenizer("softvq-tiny", files, 4, 1, device, ["--repa-patch-size", "4"])}
+        out["sit-tiny"], sit = _bench_generator("sit-tiny", 16, 16, 4, 1, device, tmp, [])
+        out["sde"] = _bench_sampling(sit, "softvq-tiny", 2, 3, device)
+        out["fid"] = _bench_fid(2, 32, 1, device)
+    return out
+
+
+def test_benchmark_harness_runs_on_cpu(tmp_path):
+    """The GPU benchmark's code, on tiny models on the CPU: every figure comes out positive and finite."""
+    out = _benchmark(tmp_path, torch.device("cpu"), full_size=False)
+    assert all(v["img_per_s"] > 0 and math.isfinite(v["img_per_s"]) for v in out.values())
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and os.environ.get("SOFTVQ_BENCH")),
+                    reason="the GPU benchmark: SOFTVQ_BENCH=1 on a CUDA machine")
+def test_gpu_benchmark(tmp_path):
+    out = _benchmark(tmp_path, torch.device("cuda"), full_size=True)
+    print("\n" + json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, **out}, indent=1))
+    assert all(v["img_per_s"] > 0 for v in out.values())
