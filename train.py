@@ -563,6 +563,7 @@ def cache_latents(args, rank, world, device, autocast):
                               f"another --out")
     if rank == 0:
         data.check_writable(args.out)
+        data.remove_stale_temps(os.path.join(args.out, "meta.json"))
     tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_config).to(device)
     tc = tokenizer.config
     dataset = data.make_dataset(args.data, tc.image_size, crop="center", seed=args.seed)
