@@ -97,21 +97,29 @@ def sample_inputs(seed, indices, num_tokens, token_dim, num_classes, device):
     return torch.stack(noise).to(device), torch.cat(labels).to(device), rngs
 
 
-def save_npz(path, chunks, shape):
-    """ADM .npz (arr_0 uint8 NHWC) streamed from `chunks` in order, written atomically; fixed zip timestamps, so the
-    bytes depend on the images only (np.savez stamps the current time)."""
+def save_npz(path, chunks, shape, labels=None):
+    """ADM .npz: arr_0 uint8 NHWC streamed from `chunks` in order, and arr_1 int64 class labels when given (as
+    guided-diffusion's scripts/image_sample.py writes class-conditional batches); written atomically, with fixed zip
+    timestamps, so the bytes depend on the images and labels only (np.savez stamps the current time)."""
+    def entry(zf, name):
+        return zf.open(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True)
+
     def write(f):
-        entry = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
-                zf.open(entry, "w", force_zip64=True) as arr:
-            np.lib.format.write_array_header_1_0(arr, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
-            for c in chunks:
-                arr.write(np.ascontiguousarray(c, dtype=np.uint8).tobytes())
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with entry(zf, "arr_0.npy") as arr:
+                np.lib.format.write_array_header_1_0(arr, {"descr": "|u1", "fortran_order": False,
+                                                           "shape": tuple(shape)})
+                for c in chunks:
+                    arr.write(np.ascontiguousarray(c, dtype=np.uint8).tobytes())
+            if labels is not None:
+                with entry(zf, "arr_1.npy") as arr:
+                    np.lib.format.write_array(arr, np.asarray(labels, dtype=np.int64))
     data.atomic_write(path, write)
 
 
 def write_samples(args, model, tok, device, rank, world):
-    """Generate args.num_samples images with uniform labels into the ADM .npz args.out, resumably (see top)."""
+    """Generate args.num_samples images with uniform labels into the ADM .npz args.out (arr_0 images, arr_1 labels),
+    resumably (see top)."""
     parts, n, size, s = args.out + ".parts", args.num_samples, args.shard_size, args.sampling
     shard = lambda i: os.path.join(parts, f"shard_{i:06d}.npy")
     n_shards = math.ceil(n / size)
@@ -145,7 +153,10 @@ def write_samples(args, model, tok, device, rank, world):
     barrier()
     if rank == 0:
         first = np.load(shard(0), mmap_mode="r")
-        save_npz(args.out, (np.load(shard(i)) for i in range(n_shards)), (n,) + first.shape[1:])
+        cfg, cpu = model.config, torch.device("cpu")  # the labels again from (seed, k): the same on any resume
+        labels = np.concatenate([sample_inputs(args.seed, range(i, min(n, i + 4096)), cfg.num_tokens, cfg.token_dim,
+                                               cfg.num_classes, cpu)[1].numpy() for i in range(0, n, 4096)])
+        save_npz(args.out, (np.load(shard(i)) for i in range(n_shards)), (n,) + first.shape[1:], labels)
         shutil.rmtree(parts)
         print(f"wrote {args.out}: {n} images; {stats[0]:.0f} generated in {stats[1]:.1f}s = "
               f"{stats[0] / max(stats[1].item(), 1e-9):.2f} images/s (sampling + decoding, all ranks)")

@@ -2003,3 +2003,26 @@ def test_cuda_fid_features_equal_cpu(fid_model, fid_ts_path):
     gpu = fid.inception_features(images, fid.load_inception(fid_ts_path, "cuda"))
     np.testing.assert_allclose(gpu, cpu, atol=1e-3)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation outputs: labelled sample batches, the reconstruction table with LPIPS, linear probing of latent tokens
+def test_sample_npz_has_arr_1_labels(tmp_path, monkeypatch, _gen_single_thread):
+    """The sample .npz carries arr_1 int64 labels as the ADM sample batches do: sample k's label from (seed, k), and
+    arr_0[k] is the image generated with it."""
+    ckpt, stub = _gen_setup_sampling(tmp_path)
+    monkeypatch.setattr(G, "load_tokenizer", _gen_stub_module(stub).load_tokenizer)
+    out = tmp_path / "s.npz"
+    S.main(["--ckpt", ckpt, "--num-samples", "7", "--shard-size", "3", "--batch-size", "2", "--steps", "2",
+            "--sampler", "ode", "--cfg", "1.5", "--seed", "5", "--device", "cpu", "--out", str(out)])
+    with np.load(out) as z:
+        assert sorted(z.files) == ["arr_0", "arr_1"]
+        images, labels = z["arr_0"], z["arr_1"]
+    cpu = torch.device("cpu")
+    expected = [S.sample_inputs(5, [k], 4, 3, 5, cpu)[1].item() for k in range(7)]
+    assert labels.dtype == np.int64 and labels.tolist() == expected and len(set(expected)) > 1
+    model, info = G.load_generator(ckpt)
+    tok = G.load_tokenizer_for(model, info)
+    noise, y, rngs = S.sample_inputs(5, [4], 4, 3, 5, cpu)
+    with torch.no_grad():
+        again = data.to_uint8(G.generate_images(model, tok, noise, y, G.Sampling("ode", 2, 1.5), rngs))
+    assert np.array_equal(again[0], images[4])
