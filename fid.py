@@ -1,7 +1,7 @@
 """
 The evaluation suite: the ADM evaluator's metrics (Inception Score, FID, sFID, precision, recall) with the standard
 Inception-v3 (TF graph 2015-12-05) written out by hand and the NVlabs/ADM preprocessing, without TensorFlow; PSNR and
-SSIM of reconstructions.
+SSIM of reconstructions; linear probing of latent tokens.
 
 Why this preprocessing: the numbers in the papers come from the ADM evaluator (TF graph) or NVlabs' port of it.
 Both feed 0-255 floats to the graph's own TF1 *legacy* bilinear resize to 299x299 (source coordinate =
@@ -18,13 +18,15 @@ wheel: features only, no IS) or pytorch-fid's `pt_inception-2015-12-05-6726825d.
 
     python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz     # REF SAMPLES, in evaluator.py's order
     python fid.py --save-stats images/ ref_stats.npz                # mu, sigma, mu_s, sigma_s
+    python fid.py --linear-probe runs/latents_train runs/latents_val
 
 API: model = load_inception(path, device); evaluate(ref, samples, model=...) -> {metric: value}; fid_of(a, b, ...);
 source_features / image_features / feature_statistics -> statistics and pool_3 features; frechet_distance,
-inception_score, precision_recall on statistics, logits and features.
+inception_score, precision_recall on statistics, logits and features; linear_probe(train_cache, val_cache).
 """
 import contextlib
 import functools
+import math
 import os
 import sys
 import warnings
@@ -807,28 +809,99 @@ def ssim(a, b):
     return s.mean((1, 2, 3))  # equal-size channel maps: the mean of per-channel means
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Linear probing of latent tokens (the SoftVQ paper's Fig. 3a): how linearly class-informative a latent space is.
+
+def _probe_batch(latents, idx, pool, device='cpu'):  # float16 memmap (M, L, d), sorted rows -> float32 (n, D)
+    z = torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)).to(device)
+    return z.mean(1) if pool == 'mean' else z.flatten(1)
+
+
+def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_decay=0.05, batch_size=256, seed=0,
+                 device='cpu'):
+    """Top-1 of a linear softmax classifier fitted on the latents of a training cache and scored on a validation
+    cache (data.LatentCache, written by `train.py --stage cache`: latents.npy (N, 2, L, d) float16, index 1 the
+    flip). Features: each image's L x d tokens flattened (pool='flatten') or averaged over the L tokens ('mean'),
+    standardised per dimension with the training set's mean and std. Training examples: every image and its flip;
+    validation: the images unflipped. Optimiser: AdamW (decoupled weight decay), mini-batches of `batch_size`,
+    cosine learning-rate decay over `epochs` epochs, zero-initialised weights, on `device`; seeded, so a rerun
+    repeats. -> {'top1', 'train_top1', 'train_examples', 'val_images', 'classes', 'features'}."""
+    tr, va = data.LatentCache(train_dir), data.LatentCache(val_dir)
+    if tr.latents.shape[2:] != va.latents.shape[2:]:
+        raise ValueError(f'the caches hold different tokens: {tr.latents.shape[2:]} vs {va.latents.shape[2:]} (L, d)')
+    if tr.classes and va.classes and tr.classes != va.classes:
+        raise ValueError(f'the caches have different classes ({len(tr.classes)} vs {len(va.classes)} folders)')
+    x_tr = tr.latents.reshape(-1, *tr.latents.shape[2:])  # (2N, L, d): image i at 2i, its flip at 2i + 1
+    y_tr, y_va = torch.from_numpy(np.repeat(tr.labels, 2)), torch.from_numpy(va.labels.astype(np.int64))
+    s1 = s2 = 0
+    for i in range(0, len(x_tr), 8192):  # per-dimension mean and std, float64 sums
+        c = _probe_batch(x_tr, np.arange(i, min(i + 8192, len(x_tr))), pool).double()
+        s1, s2 = s1 + c.sum(0), s2 + (c * c).sum(0)
+    mean = s1 / len(x_tr)
+    std = (s2 / len(x_tr) - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-6)
+    mean, std = mean.float().to(device), std.float().to(device)
+    num_classes = int(max(y_tr.max(), y_va.max())) + 1
+    head = nn.Linear(len(mean), num_classes).to(device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    g = torch.Generator().manual_seed(seed)
+    steps = epochs * math.ceil(len(x_tr) / batch_size)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x_tr), generator=g).split(batch_size):
+            idx = np.sort(idx.numpy())
+            loss = F.cross_entropy(head((_probe_batch(x_tr, idx, pool, device) - mean) / std), y_tr[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+
+    @torch.no_grad()
+    def top1(latents, labels):
+        hits = sum((head((_probe_batch(latents, np.arange(i, min(i + 8192, len(latents))), pool, device) - mean) / std)
+                    .argmax(1).cpu() == labels[i:i + 8192]).sum().item() for i in range(0, len(latents), 8192))
+        return hits / len(latents)
+    return {'top1': top1(va.latents[:, 0], y_va), 'train_top1': top1(x_tr, y_tr), 'train_examples': len(x_tr),
+            'val_images': len(va), 'classes': num_classes, 'features': len(mean)}
+
+
 def main(argv=None):
     p = data.ArgumentParser(description="The ADM evaluator's metrics (IS, FID, sFID, precision, recall) with the "
-                                        "NVlabs/ADM Inception-v3, no TensorFlow; FID statistics.")
+                                        "NVlabs/ADM Inception-v3, no TensorFlow; FID statistics; linear probing.")
     p.add_argument('inputs', nargs='*', help='REF SAMPLES, reference first as evaluator.py: each an image folder, '
                                              'an ADM .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s) or stats')
     p.add_argument('--save-stats', nargs=2, metavar=('PATH', 'OUT.npz'),
                    help='write mu, sigma (pool_3) and mu_s, sigma_s (sFID) of PATH to OUT.npz')
+    p.add_argument('--linear-probe', nargs=2, metavar=('TRAIN_CACHE', 'VAL_CACHE'),
+                   help='top-1 of a linear classifier on latent caches (train.py --stage cache)')
+    p.add_argument('--probe-pool', choices=['flatten', 'mean'], default='flatten',
+                   help='tokens flattened (L x d features) or averaged over L (d features)')
+    p.add_argument('--probe-epochs', type=int, default=30)
+    p.add_argument('--probe-lr', type=float, default=1e-3)
+    p.add_argument('--probe-weight-decay', type=float, default=0.05)
     p.add_argument('--inception', help=f'weights file (default: $SOFTVQ_INCEPTION or {DEFAULT_INCEPTION})')
     p.add_argument('--batch-size', type=int, default=250)
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='image decoding processes')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--tf32', action='store_true', help='allow TF32 on GPU (faster, features no longer exact fp32)')
     args = p.parse_args(argv)
-    if (len(args.inputs) > 0) + (args.save_stats is not None) != 1 or (args.inputs and len(args.inputs) != 2):
-        p.error('give REF SAMPLES, or --save-stats PATH OUT.npz')
-    if args.batch_size < 1 or args.workers < 0:
-        p.error('--batch-size must be >= 1 and --workers >= 0')
+    modes = (len(args.inputs) > 0) + (args.save_stats is not None) + (args.linear_probe is not None)
+    if modes != 1 or (args.inputs and len(args.inputs) != 2):
+        p.error('give REF SAMPLES, or --save-stats PATH OUT.npz, or --linear-probe TRAIN_CACHE VAL_CACHE')
+    if args.batch_size < 1 or args.workers < 0 or args.probe_epochs < 1 or not args.probe_lr > 0:
+        p.error('--batch-size and --probe-epochs must be >= 1, --workers >= 0, --probe-lr > 0')
     if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
         p.error(f'--device {args.device}: CUDA is not available')
     kw = dict(batch_size=args.batch_size, workers=args.workers, tf32=args.tf32)
     with data.user_errors():
-        if args.save_stats:
+        if args.linear_probe:
+            r = linear_probe(*args.linear_probe, args.probe_pool, args.probe_epochs, args.probe_lr,
+                             args.probe_weight_decay, device=args.device)
+            print(f'Linear probe top-1: {r["top1"]:.4f} (train {r["train_top1"]:.4f}; {r["train_examples"]} train '
+                  f'examples = images and flips, {r["val_images"]} val images, {r["classes"]} classes, '
+                  f'{r["features"]} features, {args.probe_pool})')
+        elif args.save_stats:
             src, out = args.save_stats
             stats = source_features(src, lambda: load_inception(args.inception, args.device), **kw)
             data.atomic_write(out, lambda f: np.savez(f, **{k: stats[k] for k in STATS_KEYS if k in stats}))
