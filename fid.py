@@ -577,6 +577,7 @@ def _radii(x, x2, k, block):
 
 
 @torch.inference_mode()
+@_cuda_precision(False)  # exact float32 products on a GPU, whatever the caller set
 def precision_recall(ref, samples, k=3, block=4096, device='cpu'):
     """Improved precision and recall (Kynkäänniemi et al. 2019) as the ADM evaluator's ManifoldEstimator: (N, D)
     pool_3 features of REF and SAMPLES, all of both; each point's ball has the radius of its k-th nearest neighbour
@@ -741,6 +742,7 @@ METRICS = ('Inception Score', 'FID', 'sFID', 'Precision', 'Recall')
 
 
 @torch.inference_mode()
+@_cuda_precision(False)
 def _logits(model, pool, batch=5000):  # (N, 2048) float32 numpy -> (N, 1008) float32 CPU tensor
     device = next(model.parameters()).device
     return torch.cat([model.logits(torch.from_numpy(pool[i:i + batch]).to(device)).cpu()
