@@ -24,10 +24,10 @@ from PIL import Image, ImageDraw, ImageFont
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-def list_images(root):
+def list_images(root, labelled=True):
     """Sorted image paths under `root` (recursive) and integer labels: one sub-folder per class gives labels in
     sorted folder order; images directly in `root` (a flat folder) get label 0. A folder that cannot be listed, or
-    images beside class folders, are refused: either would silently shift labels."""
+    (when `labelled`) images beside class folders, are refused: either would silently shift labels."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: no such data folder")
 
@@ -41,7 +41,7 @@ def list_images(root):
     parts = [os.path.relpath(p, root).split(os.sep) for p in paths]  # [class, ..., file] or [file]
     classes = sorted({r[0] for r in parts if len(r) > 1})
     loose = [os.path.join(root, r[0]) for r in parts if len(r) == 1]
-    if classes and loose:
+    if labelled and classes and loose:
         raise ValueError(f"{root} has class folders and also {len(loose)} images beside them (e.g. {loose[0]}); "
                          f"move those into a class folder")
     index = {c: i for i, c in enumerate(classes)}

