@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Attention, Mlp, check_state_dict, load_state_dict_file, sincos_1d
+from model import Attention, Mlp, check_state_dict, load_state_dict_file, run_blocks, sincos_1d
 from tokenizer import denormalize, load_tokenizer
 
 
@@ -129,7 +129,13 @@ class SiT(nn.Module):
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.width, cfg.class_dropout)
         self.blocks = nn.ModuleList(SiTBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.width, cfg.token_dim)
+        self.grad_checkpointing = False
         self.reset_parameters()
+
+    def set_grad_checkpointing(self, enabled=True):
+        """Activation checkpointing of every SiT block (model.run_blocks); off by default."""
+        self.grad_checkpointing = enabled
+        return self
 
     def reset_parameters(self):
         # DiT/SiT init: xavier-uniform Linears with zero bias; N(0, 0.02) label table and timestep-MLP weights;
@@ -150,8 +156,7 @@ class SiT(nn.Module):
     def forward(self, x, t, y):  # x (B, L, d) noisy tokens, t (B,) in [0, 1], y (B,) labels -> v (B, L, d)
         h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        for block in self.blocks:
-            h = block(h, c)
+        h = run_blocks(self.blocks, h, c, checkpointing=self.grad_checkpointing)
         return self.final_layer(h, c)  # (B, L, d)
 
 

@@ -12,6 +12,7 @@ import struct
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class Attention(nn.Module):
@@ -129,6 +130,16 @@ class ViT(nn.Module):
             if i in taps:
                 feats.append(x)
         return (self.norm(x), feats) if taps else self.norm(x)
+
+
+def run_blocks(blocks, x, *args, checkpointing=False):
+    """x = block(x, *args) for each block. checkpointing: keep only each block's input and recompute its activations
+    in the backward (torch.utils.checkpoint, non-reentrant as the PyTorch docs recommend): less memory, one more
+    forward per block; the gradients are the same. Only while gradients are being recorded."""
+    use = checkpointing and torch.is_grad_enabled()
+    for blk in blocks:
+        x = checkpoint(blk, x, *args, use_reentrant=False) if use else blk(x, *args)
+    return x
 
 
 def sincos_1d(num_positions, dim):

@@ -1881,3 +1881,44 @@ def test_cuda_fid_features_equal_cpu(fid_model, fid_ts_path):
     cpu = fid.inception_features(images, fid_model)
     gpu = fid.inception_features(images, fid.load_inception(fid_ts_path, "cuda"))
     np.testing.assert_allclose(gpu, cpu, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU path: the model side (adaptive weight under torch.compile, the global batch norm and LeCam EMAs under DDP, frozen
+# networks, LPIPS passes, the sampler's graphs and noise, activation checkpointing, memory-mapped loading). CPU-sized.
+_GPU_NO_EXTRAS = dict(latent_stats=lambda *a, **k: (0.0, 1.0), evaluate_tokenizer=lambda *a, **k: {})  # end of run
+
+
+def test_gpu_grad_checkpointing_gives_the_same_gradients(_gen_single_thread):
+    """set_grad_checkpointing(True) on the tiny tokenizer and the tiny SiT: every block's forward runs again in the
+    backward, and the gradients equal those without it."""
+    torch.manual_seed(0)
+    tok = SoftVQVAE(tokenizer_config("softvq-tiny"))
+    sit = G.SiT(G.sit_config("sit-tiny", 16, 16, num_classes=8))
+    for p in sit.parameters():  # away from the zero init, so every gradient is non-trivial
+        p.data.add_(torch.randn_like(p) * 0.05)
+    images, lat = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 16, 16)
+    t, y = torch.rand(2), torch.tensor([1, 8])
+    losses = {"tok": lambda: sum(out.pow(2).mean() for out in tok(images)[:2]),
+              "sit": lambda: sit(lat, t, y).pow(2).mean()}
+    for name, model in (("tok", tok), ("sit", sit)):
+        calls = []
+        blocks = list(model.encoder.model.blocks) + list(model.decoder.model.blocks) if name == "tok" else model.blocks
+        for blk in blocks:
+            blk.register_forward_pre_hook(lambda *_: calls.append(1))  # a recomputation may stop early
+        grads = []
+        for on in (False, True):
+            model.zero_grad(set_to_none=True)
+            model.set_grad_checkpointing(on)
+            calls.clear()
+            losses[name]().backward()
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+            assert len(calls) == len(blocks) * (2 if on else 1)
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+        for k in grads[0]:
+            torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-6, atol=1e-8, msg=k)
+        with torch.no_grad():  # no recomputation where nothing is recorded
+            calls.clear()
+            losses[name]()
+            assert len(calls) == len(blocks)
+        model.set_grad_checkpointing(False)

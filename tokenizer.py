@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from model import ViT, check_state_dict, load_state_dict_file
+from model import ViT, check_state_dict, load_state_dict_file, run_blocks
 
 
 @dataclass
@@ -145,13 +145,12 @@ class Encoder(nn.Module):
         self.latent_tokens = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.enc_width) * 0.02)
         self.latent_pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, cfg.num_tokens, cfg.enc_width),
                                                                    std=0.02))
+        self.grad_checkpointing = False  # SoftVQVAE.set_grad_checkpointing
 
     def forward(self, images):  # (B, 3, H, W) -> (B, L, D_enc)
         x = self.model.embed(self.model.patch_embed(images))  # (B, 1 + N, D)
         latents = (self.latent_tokens + self.latent_pos_embed).expand(x.shape[0], -1, -1)
-        x = torch.cat([x, latents], dim=1)
-        for blk in self.model.blocks:
-            x = blk(x)
+        x = run_blocks(self.model.blocks, torch.cat([x, latents], dim=1), checkpointing=self.grad_checkpointing)
         return self.model.norm(x)[:, -latents.shape[1]:]
 
 
@@ -182,13 +181,13 @@ class Decoder(nn.Module):
         self.latent_pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, cfg.num_tokens, cfg.dec_width),
                                                                    std=0.02))
         self.to_pixel = PixelHead(cfg.dec_width, cfg.patch_size)
+        self.grad_checkpointing = False  # SoftVQVAE.set_grad_checkpointing
 
     def forward(self, h):  # (B, L, D_dec) -> (B, 3, H, W)
         N = self.model.num_patches
         x = self.model.embed(self.mask_token.expand(h.shape[0], N, -1))  # (B, 1 + N, D)
-        x = torch.cat([x, h + self.latent_pos_embed], dim=1)
-        for blk in self.model.blocks:
-            x = blk(x)
+        x = run_blocks(self.model.blocks, torch.cat([x, h + self.latent_pos_embed], dim=1),
+                       checkpointing=self.grad_checkpointing)
         return self.to_pixel(self.model.norm(x)[:, 1:1 + N])
 
 
@@ -211,6 +210,12 @@ class SoftVQVAE(nn.Module):
     def forward(self, images):  # -> reconstruction (B, 3, H, W), z (B, L, d), posterior logits (B, G, L/G, K)
         z, logits = self.quantize(self.quant_conv(self.encoder(images)))
         return self.decode(z), z, logits
+
+    def set_grad_checkpointing(self, enabled=True):
+        """Activation checkpointing of every encoder and decoder ViT block (model.run_blocks): for the large presets,
+        whose block activations dominate training memory. Off by default."""
+        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = enabled
+        return self
 
 
 # The generator works on normalised latents x = (z - mean) / std, with scalar statistics measured over the training
