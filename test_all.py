@@ -1889,6 +1889,38 @@ def test_cuda_fid_features_equal_cpu(fid_model, fid_ts_path):
 _GPU_NO_EXTRAS = dict(latent_stats=lambda *a, **k: (0.0, 1.0), evaluate_tokenizer=lambda *a, **k: {})  # end of run
 
 
+def _gpu_objective_args(*extra):
+    files = _obj_files()
+    return TINY_TRAIN + ["--stage", "tokenizer", "--vgg", files["vgg_path"], "--lpips", files["lpips_path"],
+                         "--dino", files["dino_path"], "--dinov2", files["dinov2_path"], "--repa-patch-size", "4",
+                         *extra]
+
+
+def test_gpu_adaptive_weight_under_compile_matches_eager(tmp_path, monkeypatch):
+    """train.py --compile on with the whole objective and the adaptive GAN weight: step 0 is a plain backward (which
+    compiles the tokenizer's backward with donated buffers), the GAN term and the adaptive weight start at step 1.
+    The two retain_graph gradients of the pixel head's weight used to run that compiled backward again and crash.
+    Backend aot_eager: the AOTAutograd that has the donated buffers (same as inductor, without its C++ codegen:
+    seconds instead of a minute per graph on a CPU). The losses equal --compile off."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager"))
+    for name, stub in _GPU_NO_EXTRAS.items():
+        monkeypatch.setattr(train, name, stub)
+    args = _gpu_objective_args("--steps", "3", "--disc-start", "1", "--adaptive-disc-weight",
+                               "--perceptual-warmup", "0", "--consistency-weight", "1")
+    try:
+        for mode in ("on", "off"):
+            train.main(args + ["--compile", mode, "--out", str(tmp_path / mode)])
+    finally:
+        torch._dynamo.reset()
+    on, off = _log(str(tmp_path / "on"))[1], _log(str(tmp_path / "off"))[1]
+    assert "adaptive_weight" not in on[1] and "adaptive_weight" in on[2] and "adaptive_weight" in on[3]
+    for s in (1, 2, 3):
+        for k in off[s]:
+            if k not in ("img_per_s", "lr", "codebook_usage", "step"):
+                assert on[s][k] == pytest.approx(off[s][k], rel=1e-5, abs=1e-7), (s, k)  # measured: equal
+
+
 def test_gpu_grad_checkpointing_gives_the_same_gradients(_gen_single_thread):
     """set_grad_checkpointing(True) on the tiny tokenizer and the tiny SiT: every block's forward runs again in the
     backward, and the gradients equal those without it."""

@@ -155,14 +155,25 @@ class Encoder(nn.Module):
 
 
 class PixelHead(nn.Module):
-    """Per-token Linear to a p x p x 3 patch, then unpatchify (released `to_pixel='linear'`, key to_pixel.model)."""
+    """Per-token Linear to a p x p x 3 patch, then unpatchify (released `to_pixel='linear'`, key to_pixel.model).
+
+    SoftVQVAE.set_eager_pixel_head runs it outside torch.compile (`eager_pixels`: `pixels` under
+    torch.compiler.disable, a graph break). The adaptive GAN weight takes two gradients of this Linear's weight per
+    step with retain_graph=True before the step's backward. Inside the compiled graph each would run the whole
+    tokenizer's compiled backward, which AOTAutograd refuses once that backward was compiled with donated buffers (by
+    a first plain backward, e.g. any step before --disc-start), and would cost two extra full backwards. Eager, those
+    gradients stop at this layer's input, and the compiled backward runs once, in the step's backward."""
 
     def __init__(self, width, patch_size):
         super().__init__()
         self.patch_size = patch_size
         self.model = nn.Linear(width, 3 * patch_size * patch_size)
+        self.eager_pixels = None
 
     def forward(self, x):  # (B, N, D) -> (B, 3, H, W)
+        return self.pixels(x) if self.eager_pixels is None else self.eager_pixels(self, x)
+
+    def pixels(self, x):
         B, N, _ = x.shape
         p, h = self.patch_size, int(N ** 0.5)
         x = self.model(x).view(B, h, h, p, p, 3)  # per-patch layout (row, col, channel)
@@ -215,6 +226,12 @@ class SoftVQVAE(nn.Module):
         """Activation checkpointing of every encoder and decoder ViT block (model.run_blocks): for the large presets,
         whose block activations dominate training memory. Off by default."""
         self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = enabled
+        return self
+
+    def set_eager_pixel_head(self, enabled=True):
+        """Run the pixel head outside torch.compile: needed by the adaptive GAN weight (see PixelHead). Unbound, so
+        a deepcopy (the EMA) calls its own head; made here because torch.compiler.disable imports torch._dynamo."""
+        self.decoder.to_pixel.eager_pixels = torch.compiler.disable(PixelHead.pixels) if enabled else None
         return self
 
 
@@ -620,7 +637,8 @@ class TokenizerLoss(UsesFrozen):
 
     def generator_loss(self, images, recon, z, logits, step, last_layer=None):
         """images, recon (B, 3, H, W) in [-1, 1]; z (B, L, d) the SoftVQ latents; logits (B, G, L/G, K) the posterior
-        cosine logits; last_layer: decoder.to_pixel.model.weight (only for adaptive_disc_weight).
+        cosine logits; last_layer: decoder.to_pixel.model.weight (only for adaptive_disc_weight; a compiled model
+        must run that head eagerly: SoftVQVAE.set_eager_pixel_head).
         -> (loss, logs: dict of detached scalar tensors; no host syncs)."""
         cfg, logs = self.cfg, {}
         logs["mse"] = mse = F.mse_loss(recon.float(), images.float())

@@ -224,6 +224,7 @@ class TokenizerStage:
             adaptive_disc_weight=args.adaptive_disc_weight, vgg_path=args.vgg, lpips_path=args.lpips,
             dino_path=args.dino, dinov2_path=args.dinov2)).to(device)
         self.warnings += self.criterion.disabled
+        model.set_eager_pixel_head(args.adaptive_disc_weight)  # its weight's gradients are taken before the backward
         self.dataset = data.make_dataset(args.data, model.config.image_size, crop="random", flip=True, seed=args.seed)
         self.holdout = data.make_dataset(args.data, model.config.image_size, heldout=True, seed=args.seed)
         self.preview_images = torch.stack([self.holdout[i][0] for i in range(min(8, len(self.holdout)))])
