@@ -460,9 +460,54 @@ def dino_vit16(path):
     return _freeze(check_state_dict(vit, sd))
 
 
-def _bn(c):  # SyncBatchNorm under multi-process training (the released 'sbn'), plain BatchNorm otherwise
-    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return (nn.SyncBatchNorm if multi else nn.BatchNorm1d)(c, eps=1e-6)
+def _world():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradient: the gradient of the sum of the ranks' losses
+    (as torch.distributed.nn's deprecated all_reduce); the parameter gradients are then averaged over the ranks."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch of all ranks (the released 'sbn', SyncBatchNorm). Local batches are equal in
+    size, so a training call needs one all_reduce of the per-channel [sum, sum of squares] (2, C), on any backend
+    (gloo too), with no count exchange and no host sync; its backward reduces the gradient the same way. Running
+    statistics are updated as BatchNorm1d does (momentum, unbiased variance of the global batch), so every rank holds
+    the same ones. One process, or eval mode: plain BatchNorm1d. Same state_dict keys as BatchNorm1d/SyncBatchNorm.
+    The variance is E[x²] - E[x]² in float32: fine for these heads' O(1) features, not for |mean| >> std."""
+
+    def forward(self, x):  # (B, C, T) -> (B, C, T)
+        world = _world()
+        if not self.training or world == 1:
+            return super().forward(x)
+        n = x.shape[0] * x.shape[2] * world
+        xf = x.float()  # statistics in float32 under autocast, as cuDNN's batch norm keeps them
+        sums = _SumOverRanks.apply(torch.stack([xf.sum((0, 2)), xf.pow(2).sum((0, 2))]))  # (2, C)
+        mean = sums[0] / n
+        var = (sums[1] / n - mean * mean).clamp_min(0)  # biased, as used to normalise
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * (n / (n - 1))).to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked.add_(1)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return ((xf - mean[:, None]) * scale[:, None] + self.bias[:, None]).to(x.dtype)
+
+
+def _bn(c):
+    return GlobalBatchNorm1d(c, eps=1e-6)
 
 
 def _sn_conv(c_in, c_out, k):  # spectral norm, one power iteration per training forward (SpectralConv1d)
@@ -686,8 +731,12 @@ class TokenizerLoss(UsesFrozen):
         fake = self.disc(diff_augment(recon, WEAK, 0.5))
         hinge = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
         with torch.no_grad():  # LeCam (Tseng et al. 2021): EMAs updated before use, as vq_loss.py does
-            self.lecam_ema_real.lerp_(real.mean().to(self.lecam_ema_real.dtype), 0.001)
-            self.lecam_ema_fake.lerp_(fake.mean().to(self.lecam_ema_fake.dtype), 0.001)
+            means = torch.stack([real.mean(), fake.mean()]).to(self.lecam_ema_real.dtype)
+            if _world() > 1:  # the global batch's means: every rank holds the same EMAs, so rank 0's checkpoint
+                dist.all_reduce(means)  # resumes all of them exactly (one small all_reduce, no host sync)
+                means /= _world()
+            self.lecam_ema_real.lerp_(means[0], 0.001)
+            self.lecam_ema_fake.lerp_(means[1], 0.001)
         lecam = F.relu(real - self.lecam_ema_fake).pow(2).mean() + F.relu(self.lecam_ema_real - fake).pow(2).mean()
         loss = cfg.adversarial_weight * (hinge + cfg.lecam_weight * lecam)
         logs = {"d_hinge": hinge, "lecam": lecam, "logits_real": real.mean(), "logits_fake": fake.mean()}
