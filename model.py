@@ -1,5 +1,6 @@
-"""Shared transformer parts: attention, MLP, the DINOv2-style ViT block and backbone, the 1-D sin-cos table, and
-the checkpoint reading every loader uses (a hand-written `.safetensors` reader, strict state-dict checks).
+"""Shared transformer parts: attention, MLP, the DINOv2-style ViT block and backbone, the 1-D sin-cos table, a block
+runner with optional activation checkpointing, the one-time cast of frozen weights to the autocast dtype, and the
+checkpoint reading every loader uses (a hand-written `.safetensors` reader, strict state-dict checks).
 
 Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `blocks.i.attn.qkv`, `blocks.i.ls1.gamma`,
 `norm`, ...) so that the released SoftVQ, DINOv2 and DINO checkpoints load without a renaming table.
@@ -140,6 +141,18 @@ def run_blocks(blocks, x, *args, checkpointing=False):
     for blk in blocks:
         x = checkpoint(blk, x, *args, use_reentrant=False) if use else blk(x, *args)
     return x
+
+
+def cast_autocast_weights(module, dtype):
+    """Cast the weights and biases of every Linear / Conv in `module` to `dtype` (e.g. bfloat16), in place, once.
+    These are exactly the tensors autocast casts to its dtype on each call (the matmul/conv ops of its lower-precision
+    list); it caches such casts only for weights that require grad, so a frozen network's are re-cast on every call.
+    Under autocast the outputs are unchanged; norms, embeddings and buffers stay in their dtype. Frozen networks
+    only: after this the module needs autocast (a float32 input meets bfloat16 weights outside it)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            m.to(dtype)
+    return module
 
 
 def sincos_1d(num_positions, dim):

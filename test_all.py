@@ -1921,6 +1921,74 @@ def test_gpu_adaptive_weight_under_compile_matches_eager(tmp_path, monkeypatch):
                 assert on[s][k] == pytest.approx(off[s][k], rel=1e-5, abs=1e-7), (s, k)  # measured: equal
 
 
+def test_gpu_frozen_networks_cast_once_give_the_same_losses_under_autocast():
+    """prepare_frozen(bf16) casts the frozen nets' Linear/Conv weights once: under (CPU) bf16 autocast every loss, the
+    D logits and the gradient w.r.t. the reconstruction are bit-identical to autocast re-casting fp32 weights each call;
+    norms and embeddings stay fp32. The ImageNet constants are buffers outside the state dict."""
+    files = _obj_files()
+    cfg = LossConfig(disc_start=0, perceptual_warmup=0, repa_patch_size=4, **files)
+    losses = []
+    for cast in (False, True):
+        torch.manual_seed(0)
+        loss_fn = TokenizerLoss(tokenizer_config("softvq-tiny"), cfg)
+        if cast:
+            loss_fn.prepare_frozen(torch.bfloat16)
+        losses.append(loss_fn)
+    plain, cast = losses
+    vgg_conv, teacher_blk = cast.frozen["lpips"].features[0], cast.frozen["teacher"].blocks[0]
+    assert vgg_conv.weight.dtype == vgg_conv.bias.dtype == teacher_blk.attn.qkv.weight.dtype == torch.bfloat16
+    assert teacher_blk.norm1.weight.dtype == cast.frozen["teacher"].pos_embed.dtype == torch.float32
+    assert cast.disc.frozen["backbone"].blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert cast.disc.heads[0][0].parametrizations.weight.original.dtype == torch.float32  # trained heads untouched
+    g = torch.Generator().manual_seed(1)
+    images, recon0 = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    z, logits = torch.randn(2, 16, 16, generator=g), torch.randn(2, 4, 4, 512, generator=g)
+    out = []
+    for loss_fn in (plain, cast):
+        recon = recon0.clone().requires_grad_(True)
+        torch.manual_seed(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, logs = loss_fn.generator_loss(images, recon, z, logits, step=0)
+            d_loss, d_logs = loss_fn.discriminator_loss(images, recon, step=0)
+        loss.backward()
+        out.append(({**logs, **d_logs}, recon.grad))
+    (logs_a, grad_a), (logs_b, grad_b) = out
+    assert set(logs_a) >= {"lpips", "repa", "g_adv", "d_hinge", "consistency"}
+    assert all(torch.equal(logs_a[k], logs_b[k]) for k in logs_a)
+    assert torch.equal(grad_a, grad_b)
+    norm = plain.disc.normalize
+    assert not [k for k in plain.state_dict() if "normalize" in k] and norm.mean.shape == (1, 3, 1, 1)
+    x = torch.rand(1, 3, 2, 2) * 2 - 1
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
+    torch.testing.assert_close(norm(x), ((x + 1) / 2 - mean) / std)
+
+
+def test_gpu_lpips_real_images_record_no_graph_and_gradients_match_reference():
+    """LPIPS runs one VGG pass per image set: the real images' pass (no gradient needed) saves nothing for the backward,
+    and the distance and its gradient w.r.t. the reconstruction equal the written-out formula (float64)."""
+    files = _obj_files()
+    lp = LPIPS(files["vgg_path"], files["lpips_path"]).double()
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1)  # noqa: E731
+    lp.shift.copy_(f64([-.030, -.088, -.188]))  # the reference's float64 constants, not float32 ones made float64
+    lp.scale.copy_(f64([.458, .448, .450]))
+    vgg = {k: v.double() for k, v in torch.load(files["vgg_path"]).items()}
+    heads = {k: v.double() for k, v in torch.load(files["lpips_path"]).items()}
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=g) * 2 - 1
+    b0 = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=g) * 2 - 1
+    saved = []
+    b = b0.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        ours = lp(a, b)
+    ours.sum().backward()
+    assert saved and all(s[0] != 2 * 3 for s in saved if len(s) == 4)  # nothing of a batch holding a and b together
+    b_ref = b0.clone().requires_grad_(True)
+    ref = _obj_lpips_reference(vgg, heads, a, b_ref)
+    ref.sum().backward()
+    torch.testing.assert_close(ours, ref, atol=0, rtol=1e-12)
+    torch.testing.assert_close(b.grad, b_ref.grad, atol=1e-12 * b_ref.grad.abs().max().item(), rtol=0)
+
+
 _GPU_DDP_SCRIPT = """
 import os, shutil, sys, torch
 sys.path.insert(0, {repo!r})

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from model import ViT, check_state_dict, load_state_dict_file, run_blocks
+from model import ViT, cast_autocast_weights, check_state_dict, load_state_dict_file, run_blocks
 
 
 @dataclass
@@ -314,9 +314,17 @@ def tokenizer_checkpoint(model, ema=None, **extra):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def imagenet_normalize(x):  # (B, 3, H, W) in [-1, 1] -> [0, 1] -> ImageNet mean/std, as DINO and DINOv2 expect
-    mean, std = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((x + 1) / 2 - mean) / std
+class ImageNetNormalize(nn.Module):
+    """(B, 3, H, W) in [-1, 1] -> [0, 1] -> ImageNet mean/std, as DINO and DINOv2 expect. The constants are
+    non-persistent buffers (not in state dicts): they move with the module, so no host-to-device copy per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return ((x + 1) / 2 - self.mean) / self.std
 
 
 def _freeze(net):
@@ -384,15 +392,21 @@ class LPIPS(nn.Module):
     def train(self, mode=True):  # frozen: stays in eval mode whatever the parent module is switched to
         return super().train(False)
 
-    def forward(self, a, b):  # (B, 3, H, W) x2 in [-1, 1] -> (B,) distances
-        x = (torch.cat([a, b]) - self.shift) / self.scale  # one VGG pass for both images
-        total, taps = 0, iter(self.lins)
+    def features_at_taps(self, x):  # (B, 3, H, W) in [-1, 1] -> 5 maps, unit-normalised over channels (eps 1e-10)
+        x, out = (x - self.shift) / self.scale, []
         for i, layer in enumerate(self.features):
             x = layer(x)
             if i in self.TAPS:
-                # unit-normalise over channels (LPIPS eps 1e-10), squared difference, 1x1 head
-                fa, fb = (x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)
-                total = total + next(taps)((fa - fb) ** 2).mean((1, 2, 3))  # spatial mean, summed over layers
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, a, b):  # reference a, compared b: (B, 3, H, W) x2 in [-1, 1] -> (B,) distances
+        # One VGG pass per image set: with frozen weights, a pass over a that needs no gradient (the real images)
+        # records no graph, so the backward and the saved activations cover b alone. VGG has no batch norm, so the
+        # distances are those of one pass over both, up to float rounding.
+        total = 0
+        for lin, fa, fb in zip(self.lins, self.features_at_taps(a), self.features_at_taps(b)):
+            total = total + lin((fa - fb) ** 2).mean((1, 2, 3))  # squared difference, 1x1 head, spatial mean
         return total
 
 
@@ -530,6 +544,7 @@ class DinoDiscriminator(UsesFrozen):
     def __init__(self, dino_path, kernel=9):
         super().__init__()
         self.frozen["backbone"] = dino_vit16(dino_path)
+        self.normalize = ImageNetNormalize()
         width = self.frozen["backbone"].cls_token.shape[-1]
         self.heads = nn.ModuleList(nn.Sequential(
             _sn_conv(width, width, 1), _bn(width), nn.LeakyReLU(0.2),
@@ -537,7 +552,7 @@ class DinoDiscriminator(UsesFrozen):
             _sn_conv(width, 1, 1)) for _ in self.TAPS)
 
     def forward(self, x):  # (B, 3, H, W) in [-1, 1] -> logits (B, 5 * 196)
-        x = imagenet_normalize(x.float())
+        x = self.normalize(x.float())
         H, W = x.shape[-2:]
         if H > 224 and W > 224 and torch.rand(()).item() < 0.5:  # one random 224 crop for the whole batch
             i, j = torch.randint(0, H - 223, ()).item(), torch.randint(0, W - 223, ()).item()
@@ -642,6 +657,7 @@ class TokenizerLoss(UsesFrozen):
         self.register_buffer("lecam_ema_real", torch.zeros(()))  # LeCam EMAs of the mean D logits (checkpointed)
         self.register_buffer("lecam_ema_fake", torch.zeros(()))
         self.projector = None
+        self.normalize = ImageNetNormalize()  # the teacher's input
         if self._wanted("repa_weight", "REPA alignment", "dinov2_path"):
             teacher = self.frozen["teacher"] = dinov2_teacher(cfg.dinov2_path, tcfg.image_size, cfg.repa_patch_size)
             if teacher.num_patches % tcfg.num_tokens:
@@ -650,6 +666,22 @@ class TokenizerLoss(UsesFrozen):
             h, d_t = cfg.repa_proj_dim, teacher.cls_token.shape[-1]
             self.projector = nn.Sequential(nn.Linear(tcfg.token_dim, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(),
                                            nn.Linear(h, d_t))
+
+    def prepare_frozen(self, dtype=None, compile=False):
+        """Optional speed-ups of the frozen networks (LPIPS/VGG, the DINO backbone, the DINOv2 teacher); train.py
+        casts them to bf16 on CUDA. dtype: their Linear/Conv weights cast once (model.cast_autocast_weights; the
+        losses under autocast are unchanged, and the networks then need autocast). compile: torch.compile their
+        forward passes. With the adaptive weight, the backward of LPIPS and of the backbone runs twice per step
+        (retain_graph), which a compiled backward with donated buffers refuses, so then only the teacher (no
+        backward) is compiled."""
+        nets = {**self.frozen, **({"backbone": self.disc.frozen["backbone"]} if self.disc is not None else {})}
+        for name, net in nets.items():
+            if dtype is not None:
+                cast_autocast_weights(net, dtype)
+            if compile and (name == "teacher" or not self.cfg.adaptive_disc_weight):
+                method = "forward" if name == "lpips" else "forward_features"
+                setattr(net, method, torch.compile(getattr(net, method)))  # an instance attribute over the method
+        return self
 
     def _wanted(self, weight, what, *paths):  # weight > 0 and every file present; else off, loudly if weight > 0
         if getattr(self.cfg, weight) <= 0:
@@ -674,7 +706,7 @@ class TokenizerLoss(UsesFrozen):
 
     def alignment_loss(self, images, z):  # released 'repeat' mode: -cos(proj(z_i), teacher patch n) for n in strip i
         with torch.no_grad():
-            target = self.frozen["teacher"].forward_features(imagenet_normalize(images.float()))[:, 1:]  # (B, N, D_t)
+            target = self.frozen["teacher"].forward_features(self.normalize(images.float()))[:, 1:]  # (B, N, D_t)
         B, L, _ = z.shape
         target = F.normalize(target, dim=-1).view(B, L, target.shape[1] // L, -1)  # (B, L, N/L, D_t)
         pred = F.normalize(self.projector(z), dim=-1).unsqueeze(2)  # (B, L, 1, D_t): each token repeated N/L times

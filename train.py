@@ -224,6 +224,8 @@ class TokenizerStage:
             adaptive_disc_weight=args.adaptive_disc_weight, vgg_path=args.vgg, lpips_path=args.lpips,
             dino_path=args.dino, dinov2_path=args.dinov2)).to(device)
         self.warnings += self.criterion.disabled
+        if device.type == "cuda":  # frozen nets' Linear/Conv weights in bf16 once, not re-cast by autocast per call
+            self.criterion.prepare_frozen(torch.bfloat16)
         model.set_eager_pixel_head(args.adaptive_disc_weight)  # its weight's gradients are taken before the backward
         self.dataset = data.make_dataset(args.data, model.config.image_size, crop="random", flip=True, seed=args.seed)
         self.holdout = data.make_dataset(args.data, model.config.image_size, heldout=True, seed=args.seed)
