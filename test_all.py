@@ -2075,6 +2075,57 @@ def test_gpu_global_batch_norm_in_one_process_is_batch_norm():
     torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
 
 
+def _gpu_counting_backend():
+    graphs = []
+
+    def backend(gm, example_inputs):  # one call per compiled graph; records whether any size is symbolic
+        graphs.append(any(isinstance(a, torch.SymInt) for a in example_inputs))
+        return gm.forward
+    return backend, graphs
+
+
+def test_gpu_sampler_compiles_one_static_graph_per_batch_size(_gen_single_thread):
+    """A compiled SiT in integrate_flow with a guidance interval (batches B and 2B) and a smaller last batch: one
+    static graph per batch size, no dynamic-shape graph."""
+    torch.manual_seed(0)
+    model = G.SiT(G.sit_config("sit-tiny", 4, 3, num_classes=5)).eval()
+    backend, graphs = _gpu_counting_backend()
+    net = torch.compile(model, backend=backend)
+    sizes = set()
+    try:
+        for B in (3, 3, 2):
+            f, calls = _gen_recorder(net)
+            G.integrate_flow(f, torch.randn(B, 4, 3), torch.arange(B) % 5,
+                             G.Sampling("sde", 4, cfg_scale=2.0, guidance_high=0.5), null_label=5)
+            sizes |= {b for b, _ in calls}
+    finally:
+        torch._dynamo.reset()
+    assert sizes == {2, 3, 4, 6} and len(graphs) == len(sizes) and not any(graphs)
+
+
+def test_gpu_sde_noise_is_one_draw_per_sample_from_its_generator(_gen_single_thread, monkeypatch):
+    """With one generator per sample, each generator gives its sample's whole (steps - 1, L, d) noise in one draw at
+    the start (not one draw per sample per step); the trajectory equals Euler-Maruyama written out with that noise."""
+    mu, s, steps = 0.7, 1.3, 5
+    vel = _gen_gauss_velocity(mu, s)
+    x0, y = torch.randn(3, 2, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
+    seeds = [11, 12, 13]
+    draws, real_randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: draws.append(a) or real_randn(*a, **k))
+    out = G.integrate_flow(vel, x0, y, G.Sampling("sde", steps), rng=[torch.Generator().manual_seed(k) for k in seeds])
+    monkeypatch.setattr(torch, "randn", real_randn)
+    assert len(draws) == 3
+    noise = torch.stack([torch.randn((steps - 1, 2, 4), generator=torch.Generator().manual_seed(k)) for k in seeds], 1)
+    ts = [1.0 - i * 0.96 / (steps - 1) for i in range(steps)] + [0.0]
+    x = x0.clone()
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        v = vel(x, torch.full((3,), t, dtype=torch.float64), y)
+        x = x + (v + t * ((1 - t) * v + x) / t) * (t_next - t)  # drift v - w s / 2 with w = 2t, s = -((1-t)v + x)/t
+        if i < steps - 1:
+            x = x + math.sqrt(2 * t) * math.sqrt(t - t_next) * noise[i].double()
+    torch.testing.assert_close(out, x, atol=1e-12, rtol=1e-12)
+
+
 def test_gpu_grad_checkpointing_gives_the_same_gradients(_gen_single_thread):
     """set_grad_checkpointing(True) on the tiny tokenizer and the tiny SiT: every block's forward runs again in the
     backward, and the gradients equal those without it."""
