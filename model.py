@@ -9,7 +9,9 @@ import json
 import math
 import os
 import struct
+import zipfile
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -187,7 +189,8 @@ def load_safetensors(path):
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ValueError(f"{path}: corrupt .safetensors header; download the file again") from None
-        data = bytearray(f.read())
+    # The tensor bytes are memory-mapped (copy-on-write), not read: each tensor is copied out of the page cache once.
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n) if size > 8 + n else bytearray()
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -203,13 +206,15 @@ def load_safetensors(path):
 
 
 def load_state_dict_file(path):
-    """A plain state dict from `.safetensors` or a `torch.save` file (weights_only: never unpickles code)."""
+    """A plain state dict from `.safetensors` or a `torch.save` file (weights_only: never unpickles code). Zip-format
+    files (every torch.save since PyTorch 1.6) are memory-mapped (torch.load mmap=True): tensors are read from the
+    page cache as they are copied into a model, so N ranks loading one large checkpoint do not each hold a copy."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
         return load_safetensors(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # the legacy (pre-1.6) format cannot be memory-mapped
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # truncated zip, pickle with code, ...
         raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}); is the file complete?") from None
     return sd

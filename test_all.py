@@ -2159,3 +2159,16 @@ def test_gpu_grad_checkpointing_gives_the_same_gradients(_gen_single_thread):
             losses[name]()
             assert len(calls) == len(blocks)
         model.set_grad_checkpointing(False)
+
+
+def test_gpu_checkpoint_files_are_memory_mapped(tmp_path, monkeypatch):
+    """Zip-format torch.save files load memory-mapped; the legacy format, which cannot be, loads as before."""
+    sd = {"w": torch.randn(3, 4), "b": torch.arange(5)}
+    torch.save(sd, tmp_path / "new.pt")
+    torch.save(sd, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    seen, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("mmap")) or real_load(*a, **k))
+    for name in ("new.pt", "old.pt"):
+        out = load_state_dict_file(str(tmp_path / name))
+        assert all(torch.equal(out[k], v) for k, v in sd.items()) and out.keys() == sd.keys()
+    assert seen == [True, False]
