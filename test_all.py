@@ -1963,7 +1963,30 @@ def test_gpu_frozen_networks_cast_once_give_the_same_losses_under_autocast():
     torch.testing.assert_close(norm(x), ((x + 1) / 2 - mean) / std)
 
 
-def test_gpu_lpips_real_images_record_no_graph_and_gradients_match_reference():
+def test_gpu_frozen_networks_compile_only_where_no_backward_runs_twice(monkeypatch):
+    """prepare_frozen(compile=True) puts torch.compile over the forward each loss term calls: LPIPS, the D backbone and
+    the teacher; with the adaptive weight (two retain_graph backwards through LPIPS and D) only the teacher. (Real
+    aot_eager compiles give bit-identical losses and gradients for both; 25 s on a CPU, so here a recording stub.)"""
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        def wrapped(*a, **k):
+            calls.append(fn.__self__)
+            return fn(*a, **k)
+        return wrapped
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    files = _obj_files()
+    g = torch.Generator().manual_seed(1)
+    images, recon = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    z, logits = torch.randn(2, 16, 16, generator=g), torch.randn(2, 4, 4, 512, generator=g)
+    for adaptive in (False, True):
+        loss_fn = TokenizerLoss(tokenizer_config("softvq-tiny"), LossConfig(
+            disc_start=0, repa_patch_size=4, adaptive_disc_weight=adaptive, **files)).prepare_frozen(compile=True)
+        calls.clear()
+        r = recon.clone().requires_grad_(True)
+        loss_fn.generator_loss(images, r, z, logits, step=0, last_layer=r)  # the adaptive weight needs a last layer
+        nets = loss_fn.frozen["lpips"], loss_fn.disc.frozen["backbone"], loss_fn.frozen["teacher"]
+        assert [sum(c is n for c in calls) for n in nets] == ([0, 0, 1] if adaptive else [1, 1, 1])
     """LPIPS runs one VGG pass per image set: the real images' pass (no gradient needed) saves nothing for the backward,
     and the distance and its gradient w.r.t. the reconstruction equal the written-out formula (float64)."""
     files = _obj_files()
