@@ -14,13 +14,14 @@ and tokenizer pairing of the generator.
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Attention, Mlp, check_state_dict, load_state_dict_file, sincos_1d
+from model import Attention, Mlp, check_state_dict, load_state_dict_file, run_blocks, sincos_1d
 from tokenizer import denormalize, load_tokenizer
 
 
@@ -129,7 +130,13 @@ class SiT(nn.Module):
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.width, cfg.class_dropout)
         self.blocks = nn.ModuleList(SiTBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.width, cfg.token_dim)
+        self.grad_checkpointing = False
         self.reset_parameters()
+
+    def set_grad_checkpointing(self, enabled=True):
+        """Activation checkpointing of every SiT block (model.run_blocks); off by default."""
+        self.grad_checkpointing = enabled
+        return self
 
     def reset_parameters(self):
         # DiT/SiT init: xavier-uniform Linears with zero bias; N(0, 0.02) label table and timestep-MLP weights;
@@ -150,8 +157,7 @@ class SiT(nn.Module):
     def forward(self, x, t, y):  # x (B, L, d) noisy tokens, t (B,) in [0, 1], y (B,) labels -> v (B, L, d)
         h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        for block in self.blocks:
-            h = block(h, c)
+        h = run_blocks(self.blocks, h, c, checkpointing=self.grad_checkpointing)
         return self.final_layer(h, c)  # (B, L, d)
 
 
@@ -209,20 +215,34 @@ class Sampling:
 PREVIEW = Sampling("ode", steps=50, cfg_scale=4.0)  # the in-training sample grid of train_sit.py
 
 
-def _randn(x, rng):
-    """Standard normals like x (float64). rng: None, a torch.Generator, or a list of one generator per sample
-    (then every sample's noise depends only on its own generator, whatever the batch it is drawn in)."""
+def _sde_noise(x, rng, n):
+    """The SDE's n noise draws like x (B, L, d): a function i -> standard normals (B, L, d), float64. rng: None or a
+    torch.Generator (one draw per step), or a list of one generator per sample: then each sample's n draws come from
+    its own generator, all at once at the start ((n, L, d) in float32), so a sample's noise depends only on its
+    generator, whatever batch it is drawn in, and a batch costs B draws instead of B per step."""
     if isinstance(rng, (list, tuple)):
-        return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device).to(x.device)
-                            for g in rng])
-    return torch.randn(x.shape, generator=rng, dtype=x.dtype, device=x.device)
+        table = torch.stack([torch.randn((n, *x.shape[1:]), generator=g, device=g.device).to(x.device)
+                             for g in rng], dim=1) if n else None  # (n, B, L, d)
+        return lambda i: table[i].to(x.dtype)
+    return lambda i: torch.randn(x.shape, generator=rng, dtype=x.dtype, device=x.device)
+
+
+def _static(*tensors):
+    """Mark dim 0 static: a compiled model specialises on each batch size instead of recompiling with a dynamic one.
+    Only once torch._dynamo is loaded (every torch.compile loads it): no second-long import for eager sampling."""
+    dynamo = sys.modules.get("torch._dynamo")
+    for t in tensors if dynamo is not None else ():
+        dynamo.mark_static(t, 0)
+    return tensors
 
 
 def integrate_flow(model, noise, labels, sampling=Sampling(), rng=None, null_label=None):
     """Integrate from t = 1 (noise (B, L, d)) to t = 0 and return latents (B, L, d) in noise's dtype.
 
     model: any callable velocity(x (B', L, d), t (B',), y (B',)) -> (B', L, d), e.g. a SiT in eval mode.
-    Guidance acts on all channels; the null label is num_classes. rng: the SDE noise source (see _randn)."""
+    Guidance acts on all channels; the null label is num_classes. rng: the SDE noise source (see _sde_noise).
+    The model's inputs are marked static in the batch dimension: a compiled model gets one static graph per batch
+    size (B, and 2B inside the guidance interval), not a dynamic-shape recompilation."""
     if null_label is None:
         null_label = getattr(getattr(model, "config", None), "num_classes", 1000)
     params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
@@ -234,7 +254,7 @@ def integrate_flow(model, noise, labels, sampling=Sampling(), rng=None, null_lab
         guide = guide and s > 1.0
         x_in, y_in = (torch.cat([x, x]), torch.cat([labels, y_null])) if guide else (x, labels)
         t_in = torch.full((x_in.shape[0],), t, dtype=dtype, device=x.device)
-        v = model(x_in.to(dtype), t_in, y_in).to(torch.float64)
+        v = model(*_static(x_in.to(dtype), t_in, y_in)).to(torch.float64)
         if guide:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + s * (v_cond - v_uncond)
@@ -243,6 +263,7 @@ def integrate_flow(model, noise, labels, sampling=Sampling(), rng=None, null_lab
     x = noise.to(torch.float64)
     if sampling.solver == "sde":
         ts = torch.linspace(1.0, 0.04, sampling.steps, dtype=torch.float64).tolist() + [0.0]
+        draw = _sde_noise(x, rng, sampling.steps - 1)  # no noise on the last step
     else:
         ts = torch.linspace(1.0, 0.0, sampling.steps + 1, dtype=torch.float64).tolist()
     with torch.no_grad():
@@ -258,7 +279,7 @@ def integrate_flow(model, noise, labels, sampling=Sampling(), rng=None, null_lab
                 score = -((1.0 - t) * v + x) / t
                 x_new = x + (v - 0.5 * w * score) * dt
                 if not last:
-                    x_new = x_new + math.sqrt(w) * math.sqrt(abs(dt)) * _randn(x, rng)
+                    x_new = x_new + math.sqrt(w) * math.sqrt(abs(dt)) * draw(i)
                 x = x_new
             elif sampling.solver == "heun" and not last:
                 x_pred = x + dt * v

@@ -1,5 +1,6 @@
-"""Shared transformer parts: attention, MLP, the DINOv2-style ViT block and backbone, the 1-D sin-cos table, and
-the checkpoint reading every loader uses (a hand-written `.safetensors` reader, strict state-dict checks).
+"""Shared transformer parts: attention, MLP, the DINOv2-style ViT block and backbone, the 1-D sin-cos table, a block
+runner with optional activation checkpointing, the one-time cast of frozen weights to the autocast dtype, and the
+checkpoint reading every loader uses (a hand-written `.safetensors` reader, strict state-dict checks).
 
 Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `blocks.i.attn.qkv`, `blocks.i.ls1.gamma`,
 `norm`, ...) so that the released SoftVQ, DINOv2 and DINO checkpoints load without a renaming table.
@@ -8,10 +9,13 @@ import json
 import math
 import os
 import struct
+import zipfile
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class Attention(nn.Module):
@@ -131,6 +135,28 @@ class ViT(nn.Module):
         return (self.norm(x), feats) if taps else self.norm(x)
 
 
+def run_blocks(blocks, x, *args, checkpointing=False):
+    """x = block(x, *args) for each block. checkpointing: keep only each block's input and recompute its activations
+    in the backward (torch.utils.checkpoint, non-reentrant as the PyTorch docs recommend): less memory, one more
+    forward per block; the gradients are the same. Only while gradients are being recorded."""
+    use = checkpointing and torch.is_grad_enabled()
+    for blk in blocks:
+        x = checkpoint(blk, x, *args, use_reentrant=False) if use else blk(x, *args)
+    return x
+
+
+def cast_autocast_weights(module, dtype):
+    """Cast the weights and biases of every Linear / Conv in `module` to `dtype` (e.g. bfloat16), in place, once.
+    These are exactly the tensors autocast casts to its dtype on each call (the matmul/conv ops of its lower-precision
+    list); it caches such casts only for weights that require grad, so a frozen network's are re-cast on every call.
+    Under autocast the outputs are unchanged; norms, embeddings and buffers stay in their dtype. Frozen networks
+    only: after this the module needs autocast (a float32 input meets bfloat16 weights outside it)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            m.to(dtype)
+    return module
+
+
 def sincos_1d(num_positions, dim):
     """Fixed 1-D sin-cos table (num_positions, dim), as `positionalencoding1d` in continuous_tokenizer's
     modelling/sit.py: sin on even and cos on odd channels, frequency 10000^(-2k/dim) for channel pair k, in float32."""
@@ -165,9 +191,10 @@ def load_safetensors(path):
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise bad("corrupt header") from None
-        data = bytearray(f.read())
     if not isinstance(header, dict):
         raise bad("the header is not a mapping")
+    # The tensor bytes are memory-mapped (copy-on-write), not read: each tensor is copied out of the page cache once.
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n) if size > 8 + n else bytearray()
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -189,13 +216,15 @@ def load_safetensors(path):
 
 
 def load_state_dict_file(path):
-    """A plain state dict from `.safetensors` or a `torch.save` file (weights_only: never unpickles code)."""
+    """A plain state dict from `.safetensors` or a `torch.save` file (weights_only: never unpickles code). Zip-format
+    files (every torch.save since PyTorch 1.6) are memory-mapped (torch.load mmap=True): tensors are read from the
+    page cache as they are copied into a model, so N ranks loading one large checkpoint do not each hold a copy."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
         return load_safetensors(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # the legacy (pre-1.6) format cannot be memory-mapped
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # truncated zip, pickle with code (refused: never unpickled), ...
         raise ValueError(f"{path}: not a readable checkpoint of tensors ({type(e).__name__}); it is truncated or "
                          f"not a weights file, so it is not loaded") from None

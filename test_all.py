@@ -2434,7 +2434,7 @@ def test_probe_killed_cache_write_is_never_taken_for_complete(tmp_path):
     assert data.LatentCache(str(tmp_path / "cache")).latents.shape[0] == 400
 
 
-def test_grad_accumulation_equals_one_batch(tmp_path):
+def test_grad_accumulation_and_checkpointing_equal_one_batch(tmp_path):
     """--grad-accum 4 (micro-batches of 2) takes the same first step as one batch of 8 with the MSE-only objective
     (the entropy term's mean assignment is per micro-batch, so it is off): equal loss and gradient norm to float
     rounding, and the same weights after the step to Adam's rounding. Measured on CPU: loss 8e-8 relative, grad norm
@@ -2448,6 +2448,10 @@ def test_grad_accumulation_equals_one_batch(tmp_path):
     assert one[1]["grad_norm"] == pytest.approx(four[1]["grad_norm"], rel=1e-5)
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("one", "four"))
     assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()) < 1e-6
+    train.main(base + ["--grad-checkpointing", "--out", str(tmp_path / "ckpt")])  # recomputed activations: same step
+    _, recomputed = _log(str(tmp_path / "ckpt"))
+    assert recomputed[1]["loss"] == one[1]["loss"] and recomputed[1]["grad_norm"] == pytest.approx(one[1]["grad_norm"],
+                                                                                                   rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2710,3 +2714,317 @@ def test_linear_probe_reads_the_class_and_only_the_class(tmp_path, capsys):
     other = _probe_cache(tmp_path / "other", rng.normal(size=(5, 2, 4, 6)), np.arange(5) % 4, classes)
     assert "different tokens" in _user_error(capsys, fid.main, ["--linear-probe", train, other])
     assert "no complete latent cache" in _user_error(capsys, fid.main, ["--linear-probe", train, str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU path: the model side (adaptive weight under torch.compile, the global batch norm and LeCam EMAs under DDP, frozen
+# networks, LPIPS passes, the sampler's graphs and noise, activation checkpointing, memory-mapped loading). CPU-sized.
+_GPU_NO_EXTRAS = dict(latent_stats=lambda *a, **k: (0.0, 1.0), evaluate_tokenizer=lambda *a, **k: {})  # end of run
+
+
+def _gpu_objective_args(*extra):
+    files = _obj_files()
+    return TINY_TRAIN + ["--stage", "tokenizer", "--vgg", files["vgg_path"], "--lpips", files["lpips_path"],
+                         "--dino", files["dino_path"], "--dinov2", files["dinov2_path"], "--repa-patch-size", "4",
+                         *extra]
+
+
+def test_gpu_adaptive_weight_under_compile_matches_eager(tmp_path, monkeypatch):
+    """train.py --compile on with the whole objective and the adaptive GAN weight: step 0 is a plain backward (which
+    compiles the tokenizer's backward with donated buffers), the GAN term and the adaptive weight start at step 1.
+    The two retain_graph gradients of the pixel head's weight used to run that compiled backward again and crash.
+    Backend aot_eager: the AOTAutograd that has the donated buffers (same as inductor, without its C++ codegen:
+    seconds instead of a minute per graph on a CPU). The losses equal --compile off."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager"))
+    for name, stub in _GPU_NO_EXTRAS.items():
+        monkeypatch.setattr(train, name, stub)
+    args = _gpu_objective_args("--steps", "3", "--disc-start", "1", "--adaptive-disc-weight",
+                               "--perceptual-warmup", "0", "--consistency-weight", "1")
+    try:
+        for mode in ("on", "off"):
+            train.main(args + ["--compile", mode, "--out", str(tmp_path / mode)])
+    finally:
+        torch._dynamo.reset()
+    on, off = _log(str(tmp_path / "on"))[1], _log(str(tmp_path / "off"))[1]
+    assert "adaptive_weight" not in on[1] and "adaptive_weight" in on[2] and "adaptive_weight" in on[3]
+    for s in (1, 2, 3):
+        for k in off[s]:
+            if k not in ("img_per_s", "lr", "codebook_usage", "step"):
+                assert on[s][k] == pytest.approx(off[s][k], rel=1e-5, abs=1e-7), (s, k)  # measured: equal
+
+
+def test_gpu_frozen_networks_cast_once_give_the_same_losses_under_autocast():
+    """prepare_frozen(bf16) casts the frozen nets' Linear/Conv weights once: under (CPU) bf16 autocast every loss, the
+    D logits and the gradient w.r.t. the reconstruction are bit-identical to autocast re-casting fp32 weights each call;
+    norms and embeddings stay fp32. The ImageNet constants are buffers outside the state dict."""
+    files = _obj_files()
+    cfg = LossConfig(disc_start=0, perceptual_warmup=0, repa_patch_size=4, **files)
+    losses = []
+    for cast in (False, True):
+        torch.manual_seed(0)
+        loss_fn = TokenizerLoss(tokenizer_config("softvq-tiny"), cfg)
+        if cast:
+            loss_fn.prepare_frozen(torch.bfloat16)
+        losses.append(loss_fn)
+    plain, cast = losses
+    vgg_conv, teacher_blk = cast.frozen["lpips"].features[0], cast.frozen["teacher"].blocks[0]
+    assert vgg_conv.weight.dtype == vgg_conv.bias.dtype == teacher_blk.attn.qkv.weight.dtype == torch.bfloat16
+    assert teacher_blk.norm1.weight.dtype == cast.frozen["teacher"].pos_embed.dtype == torch.float32
+    assert cast.disc.frozen["backbone"].blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert cast.disc.heads[0][0].parametrizations.weight.original.dtype == torch.float32  # trained heads untouched
+    g = torch.Generator().manual_seed(1)
+    images, recon0 = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    z, logits = torch.randn(2, 16, 16, generator=g), torch.randn(2, 4, 4, 512, generator=g)
+    out = []
+    for loss_fn in (plain, cast):
+        recon = recon0.clone().requires_grad_(True)
+        torch.manual_seed(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, logs = loss_fn.generator_loss(images, recon, z, logits, step=0)
+            d_loss, d_logs = loss_fn.discriminator_loss(images, recon, step=0)
+        loss.backward()
+        out.append(({**logs, **d_logs}, recon.grad))
+    (logs_a, grad_a), (logs_b, grad_b) = out
+    assert set(logs_a) >= {"lpips", "repa", "g_adv", "d_hinge", "consistency"}
+    assert all(torch.equal(logs_a[k], logs_b[k]) for k in logs_a)
+    assert torch.equal(grad_a, grad_b)
+    norm = plain.disc.normalize
+    assert not [k for k in plain.state_dict() if "normalize" in k] and norm.mean.shape == (1, 3, 1, 1)
+    x = torch.rand(1, 3, 2, 2) * 2 - 1
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
+    torch.testing.assert_close(norm(x), ((x + 1) / 2 - mean) / std)
+
+
+def test_gpu_frozen_networks_compile_only_where_no_backward_runs_twice(monkeypatch):
+    """prepare_frozen(compile=True) puts torch.compile over the forward each loss term calls: LPIPS, the D backbone and
+    the teacher; with the adaptive weight (two retain_graph backwards through LPIPS and D) only the teacher. (Real
+    aot_eager compiles give bit-identical losses and gradients for both; 25 s on a CPU, so here a recording stub.)"""
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        def wrapped(*a, **k):
+            calls.append(fn.__self__)
+            return fn(*a, **k)
+        return wrapped
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    files = _obj_files()
+    g = torch.Generator().manual_seed(1)
+    images, recon = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    z, logits = torch.randn(2, 16, 16, generator=g), torch.randn(2, 4, 4, 512, generator=g)
+    for adaptive in (False, True):
+        loss_fn = TokenizerLoss(tokenizer_config("softvq-tiny"), LossConfig(
+            disc_start=0, repa_patch_size=4, adaptive_disc_weight=adaptive, **files)).prepare_frozen(compile=True)
+        calls.clear()
+        r = recon.clone().requires_grad_(True)
+        loss_fn.generator_loss(images, r, z, logits, step=0, last_layer=r)  # the adaptive weight needs a last layer
+        nets = loss_fn.frozen["lpips"], loss_fn.disc.frozen["backbone"], loss_fn.frozen["teacher"]
+        assert [sum(c is n for c in calls) for n in nets] == ([0, 0, 1] if adaptive else [1, 1, 1])
+    """LPIPS runs one VGG pass per image set: the real images' pass (no gradient needed) saves nothing for the backward,
+    and the distance and its gradient w.r.t. the reconstruction equal the written-out formula (float64)."""
+    files = _obj_files()
+    lp = LPIPS(files["vgg_path"], files["lpips_path"]).double()
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1)  # noqa: E731
+    lp.shift.copy_(f64([-.030, -.088, -.188]))  # the reference's float64 constants, not float32 ones made float64
+    lp.scale.copy_(f64([.458, .448, .450]))
+    vgg = {k: v.double() for k, v in torch.load(files["vgg_path"]).items()}
+    heads = {k: v.double() for k, v in torch.load(files["lpips_path"]).items()}
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=g) * 2 - 1
+    b0 = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=g) * 2 - 1
+    saved = []
+    b = b0.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        ours = lp(a, b)
+    ours.sum().backward()
+    assert saved and all(s[0] != 2 * 3 for s in saved if len(s) == 4)  # nothing of a batch holding a and b together
+    b_ref = b0.clone().requires_grad_(True)
+    ref = _obj_lpips_reference(vgg, heads, a, b_ref)
+    ref.sum().backward()
+    torch.testing.assert_close(ours, ref, atol=0, rtol=1e-12)
+    torch.testing.assert_close(b.grad, b_ref.grad, atol=1e-12 * b_ref.grad.abs().max().item(), rtol=0)
+
+
+_GPU_DDP_SCRIPT = """
+import os, shutil, sys, torch
+sys.path.insert(0, {repo!r})
+import data, tokenizer, train
+tokenizer.diff_augment = lambda x, *args, **kwargs: x  # see the test's docstring
+save = data.save_checkpoint
+def save_and_keep(ckpt, path):  # keep the step-2 checkpoint, to resume from in a fresh process group
+    save(ckpt, path)
+    if ckpt["step"] == 2:
+        shutil.copy(path, path + ".step2")
+data.save_checkpoint = save_and_keep
+train.latent_stats = lambda *args, **kwargs: (0.0, 1.0)  # end-of-run extras, not under test (and slow on a CPU)
+train.evaluate_tokenizer = lambda *args, **kwargs: {{}}
+stages, init = [], train.TokenizerStage.__init__
+train.TokenizerStage.__init__ = lambda self, *a, **k: stages.append(self) or init(self, *a, **k)
+train.train(train.parse_args(sys.argv[1:]))
+out = sys.argv[sys.argv.index("--out") + 1]
+torch.save({{"model": stages[0].model.state_dict(), "criterion": stages[0].criterion.state_dict()}},
+           os.path.join(out, f"rank{{os.environ.get('RANK', 0)}}.pt"))
+"""
+
+
+def test_gpu_ddp_discriminator_matches_one_process_and_resumes_exactly(tmp_path):
+    """Two gloo ranks train the tokenizer with the GAN term from step 0 (a DINO stand-in): the discriminator's batch
+    norm uses the global batch's statistics (one all_reduce per layer) and the LeCam EMAs the global means, so the
+    weights, D heads (with their running statistics), LeCam EMAs and logged losses equal one process with the same
+    global batch, and both ranks hold the same D state. What is not comparable with 1 process is switched off: the
+    entropy term's mean assignment is over each rank's own batch (so weight 0, as in the DDP test above), and
+    DiffAugment draws its decisions and per-sample parameters from each rank's own seeded RNG (identity here, so the
+    consistency term, which compares two augmentations, is off too); the usage log is per rank.
+    Then a new 2-rank job resumes from the step-2 checkpoint of that run (written by rank 0): the same losses as
+    uninterrupted, which needs every rank's LeCam EMAs in rank 0's checkpoint (kill -9 and atomic writes: see
+    test_resume_after_kill_gives_identical_losses).
+    Measured: logged losses within 2.2e-7 (relative), weights within 1e-5, except the biases of the convs just before
+    a batch norm (and the running means that follow them): their true gradient is 0, and Adam turns its round-off into
+    steps of up to lr (they moved 1e-4 to 3e-4 apart)."""
+    script = tmp_path / "run.py"
+    script.write_text(_GPU_DDP_SCRIPT.format(repo=str(REPO)))
+    args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "4", "--ckpt-every", "2", "--entropy-weight", "0",
+                         "--dino", _obj_files()["dino_path"], "--disc-start", "0", "--consistency-weight", "0",
+                         "--lecam-weight", "0.5", "--perceptual-weight", "0", "--repa-weight", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    full, part, one = (str(tmp_path / d) for d in ("full", "part", "one"))
+    subprocess.run(ddp + args + ["--out", full], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, str(script), *args, "--out", one], check=True, env=env, capture_output=True)
+    r0, r1, single = (torch.load(os.path.join(d, f), weights_only=True)
+                      for d, f in ((full, "rank0.pt"), (full, "rank1.pt"), (one, "rank0.pt")))
+    for part_name in ("model", "criterion"):
+        for k, v in r0[part_name].items():
+            if k == "quantize.codebook_used":
+                continue
+            assert torch.equal(v, r1[part_name][k]), k  # every rank holds the same state
+            before_bn = k.startswith("disc.") and k.endswith(("0.bias", "running_mean"))
+            torch.testing.assert_close(v.float(), single[part_name][k].float(), rtol=1e-4,
+                                       atol=4e-3 if before_bn else 1e-5, msg=k)  # 4 steps of lr 1e-3
+    assert r0["criterion"]["disc.heads.0.1.num_batches_tracked"] == 4 * 3  # 1 G + 2 D calls per step
+    keys = ("loss", "mse", "g_adv", "d_loss", "d_hinge", "lecam", "logits_real", "logits_fake", "grad_norm",
+            "d_grad_norm")
+    a, b = _log(full)[1], _log(one)[1]
+    for s in range(1, 5):
+        for k in keys:
+            assert a[s][k] == pytest.approx(b[s][k], rel=1e-5, abs=1e-7), (s, k)
+    os.makedirs(part)
+    shutil.copy(os.path.join(full, "ckpt.pt.step2"), os.path.join(part, "ckpt.pt"))
+    subprocess.run(ddp + args + ["--out", part, "--resume"], check=True, env=env, capture_output=True)
+    c = _log(part)[1]
+    for s in (3, 4):
+        for k in keys:
+            assert c[s][k] == a[s][k], (s, k)
+    assert all(torch.equal(v, torch.load(os.path.join(part, "rank1.pt"))["criterion"][k])
+               for k, v in r1["criterion"].items())
+
+
+def test_gpu_global_batch_norm_in_one_process_is_batch_norm():
+    torch.manual_seed(0)
+    ours, ref = TOK.GlobalBatchNorm1d(6, eps=1e-6), nn.BatchNorm1d(6, eps=1e-6)
+    ref.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())  # weight, bias, running_mean, running_var, count
+    x = torch.randn(4, 6, 9) * 3 + 1
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=0, atol=0)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+
+
+def _gpu_counting_backend():
+    graphs = []
+
+    def backend(gm, example_inputs):  # one call per compiled graph; records whether any size is symbolic
+        graphs.append(any(isinstance(a, torch.SymInt) for a in example_inputs))
+        return gm.forward
+    return backend, graphs
+
+
+def test_gpu_sampler_compiles_one_static_graph_per_batch_size(_gen_single_thread):
+    """A compiled SiT in integrate_flow with a guidance interval (batches B and 2B) and a smaller last batch: one
+    static graph per batch size, no dynamic-shape graph."""
+    torch.manual_seed(0)
+    model = G.SiT(G.sit_config("sit-tiny", 4, 3, num_classes=5)).eval()
+    backend, graphs = _gpu_counting_backend()
+    net = torch.compile(model, backend=backend)
+    sizes = set()
+    try:
+        for B in (3, 3, 2):
+            f, calls = _gen_recorder(net)
+            G.integrate_flow(f, torch.randn(B, 4, 3), torch.arange(B) % 5,
+                             G.Sampling("sde", 4, cfg_scale=2.0, guidance_high=0.5), null_label=5)
+            sizes |= {b for b, _ in calls}
+    finally:
+        torch._dynamo.reset()
+    assert sizes == {2, 3, 4, 6} and len(graphs) == len(sizes) and not any(graphs)
+
+
+def test_gpu_sde_noise_is_one_draw_per_sample_from_its_generator(_gen_single_thread, monkeypatch):
+    """With one generator per sample, each generator gives its sample's whole (steps - 1, L, d) noise in one draw at
+    the start (not one draw per sample per step); the trajectory equals Euler-Maruyama written out with that noise."""
+    mu, s, steps = 0.7, 1.3, 5
+    vel = _gen_gauss_velocity(mu, s)
+    x0, y = torch.randn(3, 2, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
+    seeds = [11, 12, 13]
+    draws, real_randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: draws.append(a) or real_randn(*a, **k))
+    out = G.integrate_flow(vel, x0, y, G.Sampling("sde", steps), rng=[torch.Generator().manual_seed(k) for k in seeds])
+    monkeypatch.setattr(torch, "randn", real_randn)
+    assert len(draws) == 3
+    noise = torch.stack([torch.randn((steps - 1, 2, 4), generator=torch.Generator().manual_seed(k)) for k in seeds], 1)
+    ts = [1.0 - i * 0.96 / (steps - 1) for i in range(steps)] + [0.0]
+    x = x0.clone()
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        v = vel(x, torch.full((3,), t, dtype=torch.float64), y)
+        x = x + (v + t * ((1 - t) * v + x) / t) * (t_next - t)  # drift v - w s / 2 with w = 2t, s = -((1-t)v + x)/t
+        if i < steps - 1:
+            x = x + math.sqrt(2 * t) * math.sqrt(t - t_next) * noise[i].double()
+    torch.testing.assert_close(out, x, atol=1e-12, rtol=1e-12)
+
+
+def test_gpu_grad_checkpointing_gives_the_same_gradients(_gen_single_thread):
+    """set_grad_checkpointing(True) on the tiny tokenizer and the tiny SiT: every block's forward runs again in the
+    backward, and the gradients equal those without it."""
+    torch.manual_seed(0)
+    tok = SoftVQVAE(tokenizer_config("softvq-tiny"))
+    sit = G.SiT(G.sit_config("sit-tiny", 16, 16, num_classes=8))
+    for p in sit.parameters():  # away from the zero init, so every gradient is non-trivial
+        p.data.add_(torch.randn_like(p) * 0.05)
+    images, lat = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 16, 16)
+    t, y = torch.rand(2), torch.tensor([1, 8])
+    losses = {"tok": lambda: sum(out.pow(2).mean() for out in tok(images)[:2]),
+              "sit": lambda: sit(lat, t, y).pow(2).mean()}
+    for name, model in (("tok", tok), ("sit", sit)):
+        calls = []
+        blocks = list(model.encoder.model.blocks) + list(model.decoder.model.blocks) if name == "tok" else model.blocks
+        for blk in blocks:
+            blk.register_forward_pre_hook(lambda *_: calls.append(1))  # a recomputation may stop early
+        grads = []
+        for on in (False, True):
+            model.zero_grad(set_to_none=True)
+            model.set_grad_checkpointing(on)
+            calls.clear()
+            losses[name]().backward()
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+            assert len(calls) == len(blocks) * (2 if on else 1)
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+        for k in grads[0]:
+            torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-6, atol=1e-8, msg=k)
+        with torch.no_grad():  # no recomputation where nothing is recorded
+            calls.clear()
+            losses[name]()
+            assert len(calls) == len(blocks)
+        model.set_grad_checkpointing(False)
+
+
+def test_gpu_checkpoint_files_are_memory_mapped(tmp_path, monkeypatch):
+    """Zip-format torch.save files load memory-mapped; the legacy format, which cannot be, loads as before."""
+    sd = {"w": torch.randn(3, 4), "b": torch.arange(5)}
+    torch.save(sd, tmp_path / "new.pt")
+    torch.save(sd, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    seen, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("mmap")) or real_load(*a, **k))
+    for name in ("new.pt", "old.pt"):
+        out = load_state_dict_file(str(tmp_path / name))
+        assert all(torch.equal(out[k], v) for k, v in sd.items()) and out.keys() == sd.keys()
+    assert seen == [True, False]

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from model import ViT, check_state_dict, load_state_dict_file
+from model import ViT, cast_autocast_weights, check_state_dict, load_state_dict_file, run_blocks
 
 
 @dataclass
@@ -145,25 +145,35 @@ class Encoder(nn.Module):
         self.latent_tokens = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.enc_width) * 0.02)
         self.latent_pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, cfg.num_tokens, cfg.enc_width),
                                                                    std=0.02))
+        self.grad_checkpointing = False  # SoftVQVAE.set_grad_checkpointing
 
     def forward(self, images):  # (B, 3, H, W) -> (B, L, D_enc)
         x = self.model.embed(self.model.patch_embed(images))  # (B, 1 + N, D)
         latents = (self.latent_tokens + self.latent_pos_embed).expand(x.shape[0], -1, -1)
-        x = torch.cat([x, latents], dim=1)
-        for blk in self.model.blocks:
-            x = blk(x)
+        x = run_blocks(self.model.blocks, torch.cat([x, latents], dim=1), checkpointing=self.grad_checkpointing)
         return self.model.norm(x)[:, -latents.shape[1]:]
 
 
 class PixelHead(nn.Module):
-    """Per-token Linear to a p x p x 3 patch, then unpatchify (released `to_pixel='linear'`, key to_pixel.model)."""
+    """Per-token Linear to a p x p x 3 patch, then unpatchify (released `to_pixel='linear'`, key to_pixel.model).
+
+    SoftVQVAE.set_eager_pixel_head runs it outside torch.compile (`eager_pixels`: `pixels` under
+    torch.compiler.disable, a graph break). The adaptive GAN weight takes two gradients of this Linear's weight per
+    step with retain_graph=True before the step's backward. Inside the compiled graph each would run the whole
+    tokenizer's compiled backward, which AOTAutograd refuses once that backward was compiled with donated buffers (by
+    a first plain backward, e.g. any step before --disc-start), and would cost two extra full backwards. Eager, those
+    gradients stop at this layer's input, and the compiled backward runs once, in the step's backward."""
 
     def __init__(self, width, patch_size):
         super().__init__()
         self.patch_size = patch_size
         self.model = nn.Linear(width, 3 * patch_size * patch_size)
+        self.eager_pixels = None
 
     def forward(self, x):  # (B, N, D) -> (B, 3, H, W)
+        return self.pixels(x) if self.eager_pixels is None else self.eager_pixels(self, x)
+
+    def pixels(self, x):
         B, N, _ = x.shape
         p, h = self.patch_size, int(N ** 0.5)
         x = self.model(x).view(B, h, h, p, p, 3)  # per-patch layout (row, col, channel)
@@ -182,13 +192,13 @@ class Decoder(nn.Module):
         self.latent_pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, cfg.num_tokens, cfg.dec_width),
                                                                    std=0.02))
         self.to_pixel = PixelHead(cfg.dec_width, cfg.patch_size)
+        self.grad_checkpointing = False  # SoftVQVAE.set_grad_checkpointing
 
     def forward(self, h):  # (B, L, D_dec) -> (B, 3, H, W)
         N = self.model.num_patches
         x = self.model.embed(self.mask_token.expand(h.shape[0], N, -1))  # (B, 1 + N, D)
-        x = torch.cat([x, h + self.latent_pos_embed], dim=1)
-        for blk in self.model.blocks:
-            x = blk(x)
+        x = run_blocks(self.model.blocks, torch.cat([x, h + self.latent_pos_embed], dim=1),
+                       checkpointing=self.grad_checkpointing)
         return self.to_pixel(self.model.norm(x)[:, 1:1 + N])
 
 
@@ -211,6 +221,18 @@ class SoftVQVAE(nn.Module):
     def forward(self, images):  # -> reconstruction (B, 3, H, W), z (B, L, d), posterior logits (B, G, L/G, K)
         z, logits = self.quantize(self.quant_conv(self.encoder(images)))
         return self.decode(z), z, logits
+
+    def set_grad_checkpointing(self, enabled=True):
+        """Activation checkpointing of every encoder and decoder ViT block (model.run_blocks): for the large presets,
+        whose block activations dominate training memory. Off by default."""
+        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = enabled
+        return self
+
+    def set_eager_pixel_head(self, enabled=True):
+        """Run the pixel head outside torch.compile: needed by the adaptive GAN weight (see PixelHead). Unbound, so
+        a deepcopy (the EMA) calls its own head; made here because torch.compiler.disable imports torch._dynamo."""
+        self.decoder.to_pixel.eager_pixels = torch.compiler.disable(PixelHead.pixels) if enabled else None
+        return self
 
 
 # The generator works on normalised latents x = (z - mean) / std, with scalar statistics measured over the training
@@ -292,9 +314,17 @@ def tokenizer_checkpoint(model, ema=None, **extra):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def imagenet_normalize(x):  # (B, 3, H, W) in [-1, 1] -> [0, 1] -> ImageNet mean/std, as DINO and DINOv2 expect
-    mean, std = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((x + 1) / 2 - mean) / std
+class ImageNetNormalize(nn.Module):
+    """(B, 3, H, W) in [-1, 1] -> [0, 1] -> ImageNet mean/std, as DINO and DINOv2 expect. The constants are
+    non-persistent buffers (not in state dicts): they move with the module, so no host-to-device copy per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return ((x + 1) / 2 - self.mean) / self.std
 
 
 def _freeze(net):
@@ -362,15 +392,21 @@ class LPIPS(nn.Module):
     def train(self, mode=True):  # frozen: stays in eval mode whatever the parent module is switched to
         return super().train(False)
 
-    def forward(self, a, b):  # (B, 3, H, W) x2 in [-1, 1] -> (B,) distances
-        x = (torch.cat([a, b]) - self.shift) / self.scale  # one VGG pass for both images
-        total, taps = 0, iter(self.lins)
+    def features_at_taps(self, x):  # (B, 3, H, W) in [-1, 1] -> 5 maps, unit-normalised over channels (eps 1e-10)
+        x, out = (x - self.shift) / self.scale, []
         for i, layer in enumerate(self.features):
             x = layer(x)
             if i in self.TAPS:
-                # unit-normalise over channels (LPIPS eps 1e-10), squared difference, 1x1 head
-                fa, fb = (x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)
-                total = total + next(taps)((fa - fb) ** 2).mean((1, 2, 3))  # spatial mean, summed over layers
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, a, b):  # reference a, compared b: (B, 3, H, W) x2 in [-1, 1] -> (B,) distances
+        # One VGG pass per image set: with frozen weights, a pass over a that needs no gradient (the real images)
+        # records no graph, so the backward and the saved activations cover b alone. VGG has no batch norm, so the
+        # distances are those of one pass over both, up to float rounding.
+        total = 0
+        for lin, fa, fb in zip(self.lins, self.features_at_taps(a), self.features_at_taps(b)):
+            total = total + lin((fa - fb) ** 2).mean((1, 2, 3))  # squared difference, 1x1 head, spatial mean
         return total
 
 
@@ -438,9 +474,54 @@ def dino_vit16(path):
     return _freeze(check_state_dict(vit, sd))
 
 
-def _bn(c):  # SyncBatchNorm under multi-process training (the released 'sbn'), plain BatchNorm otherwise
-    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return (nn.SyncBatchNorm if multi else nn.BatchNorm1d)(c, eps=1e-6)
+def _world():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradient: the gradient of the sum of the ranks' losses
+    (as torch.distributed.nn's deprecated all_reduce); the parameter gradients are then averaged over the ranks."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch of all ranks (the released 'sbn', SyncBatchNorm). Local batches are equal in
+    size, so a training call needs one all_reduce of the per-channel [sum, sum of squares] (2, C), on any backend
+    (gloo too), with no count exchange and no host sync; its backward reduces the gradient the same way. Running
+    statistics are updated as BatchNorm1d does (momentum, unbiased variance of the global batch), so every rank holds
+    the same ones. One process, or eval mode: plain BatchNorm1d. Same state_dict keys as BatchNorm1d/SyncBatchNorm.
+    The variance is E[x²] - E[x]² in float32: fine for these heads' O(1) features, not for |mean| >> std."""
+
+    def forward(self, x):  # (B, C, T) -> (B, C, T)
+        world = _world()
+        if not self.training or world == 1:
+            return super().forward(x)
+        n = x.shape[0] * x.shape[2] * world
+        xf = x.float()  # statistics in float32 under autocast, as cuDNN's batch norm keeps them
+        sums = _SumOverRanks.apply(torch.stack([xf.sum((0, 2)), xf.pow(2).sum((0, 2))]))  # (2, C)
+        mean = sums[0] / n
+        var = (sums[1] / n - mean * mean).clamp_min(0)  # biased, as used to normalise
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * (n / (n - 1))).to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked.add_(1)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return ((xf - mean[:, None]) * scale[:, None] + self.bias[:, None]).to(x.dtype)
+
+
+def _bn(c):
+    return GlobalBatchNorm1d(c, eps=1e-6)
 
 
 def _sn_conv(c_in, c_out, k):  # spectral norm, one power iteration per training forward (SpectralConv1d)
@@ -463,6 +544,7 @@ class DinoDiscriminator(UsesFrozen):
     def __init__(self, dino_path, kernel=9):
         super().__init__()
         self.frozen["backbone"] = dino_vit16(dino_path)
+        self.normalize = ImageNetNormalize()
         width = self.frozen["backbone"].cls_token.shape[-1]
         self.heads = nn.ModuleList(nn.Sequential(
             _sn_conv(width, width, 1), _bn(width), nn.LeakyReLU(0.2),
@@ -470,7 +552,7 @@ class DinoDiscriminator(UsesFrozen):
             _sn_conv(width, 1, 1)) for _ in self.TAPS)
 
     def forward(self, x):  # (B, 3, H, W) in [-1, 1] -> logits (B, 5 * 196)
-        x = imagenet_normalize(x.float())
+        x = self.normalize(x.float())
         H, W = x.shape[-2:]
         if H > 224 and W > 224 and torch.rand(()).item() < 0.5:  # one random 224 crop for the whole batch
             i, j = torch.randint(0, H - 223, ()).item(), torch.randint(0, W - 223, ()).item()
@@ -575,6 +657,7 @@ class TokenizerLoss(UsesFrozen):
         self.register_buffer("lecam_ema_real", torch.zeros(()))  # LeCam EMAs of the mean D logits (checkpointed)
         self.register_buffer("lecam_ema_fake", torch.zeros(()))
         self.projector = None
+        self.normalize = ImageNetNormalize()  # the teacher's input
         if self._wanted("repa_weight", "REPA alignment", "dinov2_path"):
             teacher = self.frozen["teacher"] = dinov2_teacher(cfg.dinov2_path, tcfg.image_size, cfg.repa_patch_size)
             if teacher.num_patches % tcfg.num_tokens:
@@ -583,6 +666,22 @@ class TokenizerLoss(UsesFrozen):
             h, d_t = cfg.repa_proj_dim, teacher.cls_token.shape[-1]
             self.projector = nn.Sequential(nn.Linear(tcfg.token_dim, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(),
                                            nn.Linear(h, d_t))
+
+    def prepare_frozen(self, dtype=None, compile=False):
+        """Optional speed-ups of the frozen networks (LPIPS/VGG, the DINO backbone, the DINOv2 teacher); train.py
+        casts them to bf16 on CUDA. dtype: their Linear/Conv weights cast once (model.cast_autocast_weights; the
+        losses under autocast are unchanged, and the networks then need autocast). compile: torch.compile their
+        forward passes. With the adaptive weight, the backward of LPIPS and of the backbone runs twice per step
+        (retain_graph), which a compiled backward with donated buffers refuses, so then only the teacher (no
+        backward) is compiled."""
+        nets = {**self.frozen, **({"backbone": self.disc.frozen["backbone"]} if self.disc is not None else {})}
+        for name, net in nets.items():
+            if dtype is not None:
+                cast_autocast_weights(net, dtype)
+            if compile and (name == "teacher" or not self.cfg.adaptive_disc_weight):
+                method = "forward" if name == "lpips" else "forward_features"
+                setattr(net, method, torch.compile(getattr(net, method)))  # an instance attribute over the method
+        return self
 
     def _wanted(self, weight, what, *paths):  # weight > 0 and every file present; else off, loudly if weight > 0
         if getattr(self.cfg, weight) <= 0:
@@ -607,7 +706,7 @@ class TokenizerLoss(UsesFrozen):
 
     def alignment_loss(self, images, z):  # released 'repeat' mode: -cos(proj(z_i), teacher patch n) for n in strip i
         with torch.no_grad():
-            target = self.frozen["teacher"].forward_features(imagenet_normalize(images.float()))[:, 1:]  # (B, N, D_t)
+            target = self.frozen["teacher"].forward_features(self.normalize(images.float()))[:, 1:]  # (B, N, D_t)
         B, L, _ = z.shape
         target = F.normalize(target, dim=-1).view(B, L, target.shape[1] // L, -1)  # (B, L, N/L, D_t)
         pred = F.normalize(self.projector(z), dim=-1).unsqueeze(2)  # (B, L, 1, D_t): each token repeated N/L times
@@ -615,7 +714,8 @@ class TokenizerLoss(UsesFrozen):
 
     def generator_loss(self, images, recon, z, logits, step, last_layer=None):
         """images, recon (B, 3, H, W) in [-1, 1]; z (B, L, d) the SoftVQ latents; logits (B, G, L/G, K) the posterior
-        cosine logits; last_layer: decoder.to_pixel.model.weight (only for adaptive_disc_weight).
+        cosine logits; last_layer: decoder.to_pixel.model.weight (only for adaptive_disc_weight; a compiled model
+        must run that head eagerly: SoftVQVAE.set_eager_pixel_head).
         -> (loss, logs: dict of detached scalar tensors; no host syncs)."""
         cfg, logs = self.cfg, {}
         logs["mse"] = mse = F.mse_loss(recon.float(), images.float())
@@ -663,8 +763,12 @@ class TokenizerLoss(UsesFrozen):
         fake = self.disc(diff_augment(recon, WEAK, 0.5))
         hinge = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
         with torch.no_grad():  # LeCam (Tseng et al. 2021): EMAs updated before use, as vq_loss.py does
-            self.lecam_ema_real.lerp_(real.mean().to(self.lecam_ema_real.dtype), 0.001)
-            self.lecam_ema_fake.lerp_(fake.mean().to(self.lecam_ema_fake.dtype), 0.001)
+            means = torch.stack([real.mean(), fake.mean()]).to(self.lecam_ema_real.dtype)
+            if _world() > 1:  # the global batch's means: every rank holds the same EMAs, so rank 0's checkpoint
+                dist.all_reduce(means)  # resumes all of them exactly (one small all_reduce, no host sync)
+                means /= _world()
+            self.lecam_ema_real.lerp_(means[0], 0.001)
+            self.lecam_ema_fake.lerp_(means[1], 0.001)
         lecam = F.relu(real - self.lecam_ema_fake).pow(2).mean() + F.relu(self.lecam_ema_real - fake).pow(2).mean()
         loss = cfg.adversarial_weight * (hinge + cfg.lecam_weight * lecam)
         logs = {"d_hinge": hinge, "lecam": lecam, "logits_real": real.mean(), "logits_fake": fake.mean()}

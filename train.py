@@ -48,6 +48,8 @@ def parse_args(argv=None):
                    help="0 = Adam without decay, what the released tokenizers ran; >0 = AdamW on >=2-D weights")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (> 0)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each transformer block's activations in the backward: less memory, ~30%% more compute")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per step: the global batch is split over ranks x this many (less memory)")
     # Tokenizer objective (defaults: the released L-64 recipe, configs/softvq-l-64.yaml). A term whose weights file is
@@ -252,6 +254,10 @@ class TokenizerStage:
             adaptive_disc_weight=args.adaptive_disc_weight, vgg_path=args.vgg, lpips_path=args.lpips,
             dino_path=args.dino, dinov2_path=args.dinov2)).to(device)
         self.warnings += self.criterion.disabled
+        if device.type == "cuda":  # frozen nets' Linear/Conv weights in bf16 once, not re-cast by autocast per call
+            self.criterion.prepare_frozen(torch.bfloat16)
+        model.set_eager_pixel_head(args.adaptive_disc_weight)  # its weight's gradients are taken before the backward
+        model.set_grad_checkpointing(args.grad_checkpointing)
         self.dataset = data.make_dataset(args.data, model.config.image_size, crop="random", flip=True, seed=args.seed)
         self.holdout = data.make_dataset(args.data, model.config.image_size, heldout=True, seed=args.seed)
         self.preview_images = torch.stack([self.holdout[i][0] for i in range(min(8, len(self.holdout)))])
@@ -347,6 +353,7 @@ class GeneratorStage:
             num_classes = max(1, len(getattr(self.dataset, "classes", [])))
         self.classes = list(getattr(self.dataset, "classes", []))
         model = SiT(sit_config(args.preset, num_tokens, token_dim, num_classes=num_classes))
+        model.set_grad_checkpointing(args.grad_checkpointing)
         self.model = model.to(device)
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.params = list(model.parameters())
