@@ -103,12 +103,18 @@ def random_crop(img, size, rng, min_frac=0.8):
     return img.crop((x, y, x + size, y + size))
 
 
-def to_tensor(img):  # PIL RGB -> (3, H, W) float in [-1, 1]
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
+def to_tensor(img):  # PIL RGB -> uint8 (3, H, W): images travel from the loader workers as bytes, 4x less than floats
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_model_range(x):
+    """uint8 images -> float in [-1, 1] (on their device); float batches (built-in images, latents) pass through."""
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Items are (image (3, S, S) in [-1, 1], label, number of unreadable files skipped to produce it).
+    """Items are (image uint8 (3, S, S), label, number of unreadable files skipped to produce it); to_model_range
+    maps a batch to [-1, 1].
     crop: 'random' (tokenizer training, as continuous_tokenizer's train/train_tokenizer.py) or 'center' (ADM centre
     crop: generator and evaluation).
     A corrupt or unreadable file is replaced by the next readable one and counted, never a crash mid-epoch."""
@@ -268,7 +274,7 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     done = 0
     for images, y, _ in loader:
-        images = images.to(device, non_blocking=True)
+        images = to_model_range(images.to(device, non_blocking=True))
         with autocast:
             z = torch.stack([tokenizer.encode(images), tokenizer.encode(images.flip(-1))], 1).float()  # (B, 2, L, d)
         z16 = z.half()  # statistics of what is stored, so that a cached generator sees exactly (z - mean) / std

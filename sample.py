@@ -211,62 +211,85 @@ def reconstruct(args, device, rank, world):
     OUT/recon/NNNNNN.png, OUT/recon.npz (ADM arr_0, arr_1 folder labels), OUT/per_image.csv (index, path, PSNR,
     SSIM and, with --vgg/--lpips, LPIPS of each image) and OUT/metrics.json with their means over the set (uint8
     images; LPIPS on them mapped to [-1, 1]) and rFID (fid.py, real crops vs reconstructions) when the Inception
-    weights are there. Sharded over ranks: rank r takes images r, r + world, ...; rank 0 gathers and scores."""
+    weights are there. Sharded over ranks: rank r takes images r, r + world, ...; everything is computed batch by
+    batch (memory does not grow with the number of images) and rank 0 merges the ranks' small parts."""
     tok = load_tokenizer(args.ckpt, args.config).to(device)
     ds = data.ImageFolderDataset(args.images, tok.config.image_size, crop="center")
     mine = list(range(rank, len(ds), world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine), batch_size=args.batch_size,
-                                         num_workers=args.workers, collate_fn=data.collate)
+                                         num_workers=args.workers, collate_fn=data.collate,
+                                         pin_memory=device.type == "cuda")
+    lpips = LPIPS(args.vgg, args.lpips).to(device) if args.vgg else None  # VGG16 + the LPIPS v0.1 heads
+    weights = args.inception or os.environ.get("SOFTVQ_INCEPTION") or os.path.expanduser(fid.DEFAULT_INCEPTION)
+    net = fid.load_inception(weights, device) if len(ds) >= 2 and os.path.isfile(weights) else None
+    stats = [fid.RunningStats(), fid.RunningStats()]  # Inception features of the real crops, of the reconstructions
     os.makedirs(os.path.join(args.out, "recon"), exist_ok=True)
-    real, recon, skipped, done, start = [], [], 0, 0, time.time()
+    table = {"psnr": [], "ssim": [], **({"lpips": []} if lpips else {})}  # per image, float64
+    skipped, done, start = 0, 0, time.time()
     for images, _, bad in tqdm(loader, desc="reconstruct", disable=rank != 0):
+        x = data.to_model_range(images.to(device, non_blocking=True))  # (B, 3, H, W) in [-1, 1]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.fp32):
-            out = tok(images.to(device))[0].float().clamp(-1, 1)
-        real.append(data.to_uint8(images))
-        recon.append(data.to_uint8(out))
+            out = tok(x)[0].float().clamp(-1, 1)
+        recon = data.to_uint8(out)  # (B, H, W, 3) numpy
+        a, b = images.to(device), torch.from_numpy(recon).to(device).permute(0, 3, 1, 2)  # uint8 (B, 3, H, W)
+        table["psnr"].append(fid.psnr(a, b).cpu())
+        table["ssim"].append(fid.ssim(a, b).cpu())
+        if lpips:
+            table["lpips"].append(lpips(a.float() / 127.5 - 1, b.float() / 127.5 - 1).double().cpu())
+        if net is not None:
+            for rs, u8 in zip(stats, (a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1))):
+                rs.update(fid.inception_features(u8, net, batch_size=args.batch_size))
         skipped += int(bad)
-        for k, img in zip(mine[done:done + len(out)], recon[-1]):
+        for k, img in zip(mine[done:done + len(out)], recon):
             Image.fromarray(img).save(os.path.join(args.out, "recon", f"{k:06d}.png"))
         done += len(out)
-    part = os.path.join(args.out, f"part{rank}.npz")
-    np.savez(part, index=np.array(mine, np.int64), real=np.concatenate(real), recon=np.concatenate(recon),
-             seconds=time.time() - start, skipped=skipped)
+    part = {"index": np.array(mine, np.int64), "seconds": time.time() - start, "skipped": skipped,
+            **{k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in table.items()}}
+    if net is not None and len(mine) >= 2:
+        for name, rs in zip(("real", "recon"), stats):
+            part[f"{name}_n"], (part[f"{name}_mu"], part[f"{name}_sigma"]) = rs.n, rs.compute()
+    np.savez(os.path.join(args.out, f"part{rank}.npz"), **part)
     if world > 1:
         dist.barrier()
-    if rank != 0:
-        return
-    parts = [np.load(os.path.join(args.out, f"part{r}.npz")) for r in range(world)]
+    if rank == 0:
+        score_reconstructions(args, ds, world, net is not None)
+
+
+def merge_moments(parts, name):
+    """(mu, sigma) of the union of the ranks' sets from each one's count, mean and covariance (N - 1), float64."""
+    n = [int(p[f"{name}_n"]) for p in parts]
+    mus = [p[f"{name}_mu"] for p in parts]
+    mu = sum(k * m for k, m in zip(n, mus)) / sum(n)
+    scatter = sum((k - 1) * p[f"{name}_sigma"] + k * np.outer(m - mu, m - mu) for k, m, p in zip(n, mus, parts))
+    return mu, scatter / (sum(n) - 1)
+
+
+def score_reconstructions(args, ds, world, with_rfid):
+    """Rank 0: merge the parts into per_image.csv, metrics.json and recon.npz (streamed from the PNGs)."""
+    parts = [dict(np.load(os.path.join(args.out, f"part{r}.npz"))) for r in range(world)]
     order = np.argsort(np.concatenate([p["index"] for p in parts]))
-    real, recon = (np.concatenate([p[k] for p in parts])[order] for k in ("real", "recon"))
-    save_npz(os.path.join(args.out, "recon.npz"), [recon], recon.shape, np.array(ds.labels))
-    lpips = LPIPS(args.vgg, args.lpips).to(device) if args.vgg else None  # VGG16 + the LPIPS v0.1 heads
-    table = {"psnr": [], "ssim": [], **({"lpips": []} if lpips else {})}  # per image, in batches
-    for i in range(0, len(real), args.batch_size):
-        a, b = (torch.from_numpy(x[i:i + args.batch_size]).to(device).permute(0, 3, 1, 2) for x in (real, recon))
-        table["psnr"].append(fid.psnr(a, b))
-        table["ssim"].append(fid.ssim(a, b))
-        if lpips:
-            table["lpips"].append(lpips(a.float() / 127.5 - 1, b.float() / 127.5 - 1).double())
-    table = {k: torch.cat(v).cpu().numpy() for k, v in table.items()}  # name -> float64 (N,)
-    metrics = {"images": len(real), "skipped_unreadable": int(sum(p["skipped"] for p in parts)),
+    table = {k: np.concatenate([p[k] for p in parts])[order] for k in ("psnr", "ssim", "lpips") if k in parts[0]}
+    n = len(order)
+    metrics = {"images": n, "skipped_unreadable": int(sum(p["skipped"] for p in parts)),
                **{k: float(v.mean()) for k, v in table.items()},
-               "images_per_s": round(len(real) / max(float(p["seconds"]) for p in parts), 2)}
-    for r in range(world):
-        os.remove(os.path.join(args.out, f"part{r}.npz"))
+               "images_per_s": round(n / max(float(p["seconds"]) for p in parts), 2)}
+    if with_rfid and all("real_n" in p for p in parts):
+        metrics["rfid"] = fid.frechet_distance(*merge_moments(parts, "real"), *merge_moments(parts, "recon"))
+    else:
+        print("rFID skipped: no Inception weights or fewer than 2 images per rank (see `python fid.py --help`)")
+    pngs = [os.path.join(args.out, "recon", f"{k:06d}.png") for k in range(n)]
+    first = np.asarray(Image.open(pngs[0]))
+    step = args.batch_size
+    chunks = (np.stack([np.asarray(Image.open(p)) for p in pngs[i:i + step]]) for i in range(0, n, step))
+    save_npz(os.path.join(args.out, "recon.npz"), chunks, (n,) + first.shape, np.array(ds.labels))
     quote = lambda p: '"' + os.path.relpath(p, args.images).replace('"', '""') + '"'  # CSV (RFC 4180) field
     rows = ["index,path," + ",".join(table)]
-    rows += [f"{i},{quote(ds.paths[i])}," + ",".join(f"{v[i]:.6f}" for v in table.values()) for i in range(len(real))]
+    rows += [f"{i},{quote(ds.paths[i])}," + ",".join(f"{v[i]:.6f}" for v in table.values()) for i in range(n)]
     data.atomic_write(os.path.join(args.out, "per_image.csv"), lambda f: f.write("\n".join(rows).encode() + b"\n"))
-    if lpips is None:
+    if "lpips" not in table:
         print("LPIPS skipped: pass --vgg vgg16-397923af.pth --lpips vgg.pth")
-    weights = args.inception or os.environ.get("SOFTVQ_INCEPTION") or os.path.expanduser(fid.DEFAULT_INCEPTION)
-    if len(real) < 2 or not os.path.isfile(weights):
-        print(f"rFID skipped: {'fewer than 2 images' if len(real) < 2 else 'no Inception weights at ' + weights}"
-              f" (see `python fid.py --help`)")
-    else:
-        net = fid.load_inception(weights, device)
-        stats = [fid.feature_statistics(iter([x]), net, batch_size=args.batch_size) for x in (real, recon)]
-        metrics["rfid"] = fid.frechet_distance(*stats[0], *stats[1])
+    for r in range(world):
+        os.remove(os.path.join(args.out, f"part{r}.npz"))
     data.atomic_write(os.path.join(args.out, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
     print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 

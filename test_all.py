@@ -321,7 +321,8 @@ def test_image_folder_labels_and_corrupt_images(tmp_path):
     ds = data.ImageFolderDataset(str(tmp_path), 32, crop="random", flip=True)
     assert ds.classes == ["cat", "dog"] and sorted(set(ds.labels)) == [0, 1]
     items = [ds[i] for i in range(len(ds))]
-    assert all(img.shape == (3, 32, 32) and img.min() >= -1 and img.max() <= 1 for img, _, _ in items)
+    assert all(img.shape == (3, 32, 32) and img.dtype == torch.uint8 for img, _, _ in items)  # bytes to the loader
+    assert data.to_model_range(items[0][0]).min() >= -1 and data.to_model_range(items[0][0]).max() <= 1
     assert sum(s for _, _, s in items) == 1  # the broken file was skipped once and counted
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -422,12 +423,17 @@ def _quickstart(out, tok_steps, gen_steps):
 
 
 def test_quickstart_pipeline_learns(tmp_path):
-    """A shortened quickstart (500 of 2400 tokenizer steps, 600 of 6000 generator steps): the tokenizer beats the
-    mean image by 3 dB and generated samples are nearer to held-out real images than decoded random latents. (Class
-    structure needs the full run: test_quickstart_readme_pipeline, 61% class accuracy against 1/8 chance.)"""
-    gain, near_samples, near_random, _, _ = _quickstart(tmp_path, 500, 600)
+    """A shortened quickstart (500 of 2400 tokenizer steps, 600 of 6000 generator steps) trains both stages: the
+    tokenizer beats the mean image by >= 3 dB of held-out PSNR, and the generator's flow-matching loss falls to
+    <= 0.5 of its first logged value (the mean of steps 1-100). Measured on a 2-core AMD EPYC, seeds 42, 1 and 2,
+    OMP_NUM_THREADS=1 and 2 (BENCHMARKS.md): gain 4.78-4.95 dB, loss ratio 0.30-0.32, so both bounds keep a margin
+    of over 1.5 dB and 1.5x. At this length samples are not yet nearer to real images than decoded random latents
+    (0.0475-0.0490 against 0.0456-0.0488, the order flips between CPUs): class structure needs the full run,
+    test_quickstart_readme_pipeline."""
+    gain, _, _, _, _ = _quickstart(tmp_path, 500, 600)
+    losses = [r["loss"] for r in _log(str(tmp_path / "sit"))[1].values()]
     assert gain >= 3.0
-    assert near_samples < near_random
+    assert losses[-1] <= 0.5 * losses[0]
 
 
 @pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"), reason="the full quickstart, 10 minutes: set SOFTVQ_SLOW=1")
@@ -1919,7 +1925,7 @@ def test_latent_cache_matches_on_the_fly_encoding(tmp_path):
     assert np.array_equal(one.latents, two.latents) and np.array_equal(one.labels, two.labels)  # sharding-invariant
     assert one.meta["latent_mean"] == 0.01 and one.meta["latent_std"] == 0.2 and one.meta["num_classes"] == 3
     ds = data.ImageFolderDataset(images, 32, crop="center")
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    x = data.to_model_range(torch.stack([ds[i][0] for i in range(len(ds))]))
     with torch.no_grad():
         z, z_flip = tok.encode(x), tok.encode(x.flip(-1))
     torch.testing.assert_close(torch.from_numpy(one.latents[:, 0].astype(np.float32)), z, atol=1e-3, rtol=1e-3)
@@ -1966,6 +1972,37 @@ def test_generator_stage_from_images(tmp_path):
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["args"]["time_dist"] == "uniform"
 
 
+def test_reconstruction_memory_does_not_grow_with_the_images(tmp_path, monkeypatch):
+    """sample.py --images keeps nothing per image but its metrics: the peak of traced (numpy and Python) memory grows
+    by far less from 12 to 60 images than the 48 extra images' real and reconstructed bytes would take. The ranks'
+    feature statistics merge exactly (Chan's formula) into those of the whole set."""
+    import tracemalloc
+    _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: "stand-in")
+    monkeypatch.setattr(fid, "inception_features", lambda images, net, batch_size: images.reshape(
+        len(images), -1)[:, :5].double().cpu().numpy())
+    peaks = []
+    for n in (12, 12, 60):  # the first run pays one-time allocations (imports, caches): the peaks compared follow it
+        images = _image_folder(tmp_path / f"imgs{n}", n=n)
+        tracemalloc.start()
+        S.main(["--ckpt", str(tmp_path / "tok.pt"), "--images", images, "--batch-size", "4", "--workers", "0",
+                "--device", "cpu", "--inception", __file__, "--out", str(tmp_path / f"out{n}_{len(peaks)}")])
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    kept_images = 48 * 2 * 32 * 32 * 3  # what holding real + recon of the extra images would add
+    assert peaks[2] - peaks[1] < kept_images / 4, (peaks, kept_images)  # measured: -5 KB (no growth) against 295 KB
+    feats = np.random.default_rng(0).normal(size=(50, 6)) * [1, 2, 3, 4, 5, 6] + 100  # far from 0: cancellation
+    parts = []
+    for chunk in np.array_split(feats, 3):
+        rs = fid.RunningStats()
+        rs.update(chunk)
+        mu, sigma = rs.compute()
+        parts.append({"x_n": len(chunk), "x_mu": mu, "x_sigma": sigma})
+    mu, sigma = S.merge_moments(parts, "x")
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-9, atol=1e-12)
+
+
 def test_reconstruct_folder_metrics_and_sharding(tmp_path, monkeypatch, capsys):
     """sample.py --images: PNGs, recon.npz and PSNR/SSIM of the ADM centre crops; two ranks write what one does;
     rFID is the Fréchet distance of the real and reconstructed statistics."""
@@ -1977,9 +2014,9 @@ def test_reconstruct_folder_metrics_and_sharding(tmp_path, monkeypatch, capsys):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sample.py",
                     *common, "--out", str(tmp_path / "two")], cwd=REPO, check=True, env=env, capture_output=True)
     # in-process, with a stand-in feature extractor (the real Inception's 2048-d sqrtm is slow on 2 cores)
-    monkeypatch.setattr(fid, "load_inception", lambda path, device: None)
-    monkeypatch.setattr(fid, "feature_statistics", lambda batches, net, batch_size: fid.statistics(
-        np.concatenate([b.reshape(len(b), -1)[:, :5] for b in batches]).astype(np.float64)))
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: "stand-in")
+    monkeypatch.setattr(fid, "inception_features", lambda images, net, batch_size: images.reshape(
+        len(images), -1)[:, :5].double().cpu().numpy())  # the first 5 bytes of each (H, W, 3) image
     S.main(common[:-1] + [__file__, "--out", str(tmp_path / "one")])  # an existing file stands for the weights
     one, two = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "two"))
     recon = np.load(tmp_path / "one" / "recon.npz")["arr_0"]
@@ -1987,8 +2024,7 @@ def test_reconstruct_folder_metrics_and_sharding(tmp_path, monkeypatch, capsys):
     assert sorted(os.listdir(tmp_path / "one" / "recon")) == [f"{i:06d}.png" for i in range(7)]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / "recon" / "000003.png")), recon[3])
     ds = data.ImageFolderDataset(images, 32, crop="center")
-    real = np.stack([((ds[i][0].permute(1, 2, 0) * 127.5 + 128).clamp(0, 255)).to(torch.uint8).numpy()
-                     for i in range(7)])
+    real = np.stack([ds[i][0].permute(1, 2, 0).numpy() for i in range(7)])
     mse = ((real.astype(np.float64) - recon) ** 2).reshape(7, -1).mean(1)
     assert one["psnr"] == pytest.approx(np.mean(10 * np.log10(255 ** 2 / mse)), rel=1e-9)
     assert one["ssim"] == pytest.approx(two["ssim"], rel=1e-9) and one["images"] == 7 and "rfid" not in two
@@ -2015,7 +2051,8 @@ def test_cache_from_a_released_tokenizer_layout(tmp_path):
                 str(tmp_path / "cache")])
     cache = data.LatentCache(str(tmp_path / "cache"))
     assert cache.latents.shape == (3, 2, 64, 32) and cache.meta["latent_std"] == pytest.approx(0.06745294)
-    x = torch.stack([data.ImageFolderDataset(images, 256, crop="center")[i][0] for i in range(3)])
+    ds = data.ImageFolderDataset(images, 256, crop="center")
+    x = data.to_model_range(torch.stack([ds[i][0] for i in range(3)]))
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(cache.latents[:, 0].astype(np.float32)), source.encode(x),
                                    atol=1e-3, rtol=1e-3)
@@ -2303,7 +2340,7 @@ def test_probe_image_modes_decode_to_their_colours(tmp_path):
     folder.mkdir()
     shutil.copy(tmp_path / "g16.png", folder / "g16.png")
     image = data.ImageFolderDataset(str(folder), 8)[0][0]
-    assert image.min() < -0.9 and image.max() > 0.9  # the ramp, not a white square
+    assert image.min() < 10 and image.max() > 245  # the ramp, not a white square
 
 
 def _train_cmd(*args):
@@ -2663,7 +2700,7 @@ def test_reconstruct_lpips_and_per_image_table(tmp_path, capsys):
     vgg = {k: v.double() for k, v in torch.load(files["vgg_path"]).items()}
     heads = {k: v.double() for k, v in torch.load(files["lpips_path"]).items()}
     for i, row in enumerate(rows):
-        real = data.to_uint8(ds[i][0][None])[0].astype(np.float64)  # (H, W, 3)
+        real = ds[i][0].permute(1, 2, 0).numpy().astype(np.float64)  # (H, W, 3)
         mse = np.mean((real - recon[i]) ** 2)
         assert int(row["index"]) == i and float(row["psnr"]) == pytest.approx(10 * np.log10(255 ** 2 / mse), abs=1e-5)
         ref_ssim = _obj_ssim_reference(real.transpose(2, 0, 1), recon[i].astype(np.float64).transpose(2, 0, 1), 255.0)

@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (> 0)")
     p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each transformer block's activations in the backward: less memory, ~30%% more compute")
+                   help="recompute each block's activations in the backward: less memory, ~30%% more compute")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per step: the global batch is split over ranks x this many (less memory)")
     # Tokenizer objective (defaults: the released L-64 recipe, configs/softvq-l-64.yaml). A term whose weights file is
@@ -260,7 +260,8 @@ class TokenizerStage:
         model.set_grad_checkpointing(args.grad_checkpointing)
         self.dataset = data.make_dataset(args.data, model.config.image_size, crop="random", flip=True, seed=args.seed)
         self.holdout = data.make_dataset(args.data, model.config.image_size, heldout=True, seed=args.seed)
-        self.preview_images = torch.stack([self.holdout[i][0] for i in range(min(8, len(self.holdout)))])
+        self.preview_images = data.to_model_range(torch.stack([self.holdout[i][0]
+                                                               for i in range(min(8, len(self.holdout)))]))
         self.model = model.to(device)
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.extra_params = self.criterion.generator_parameters()  # the REPA projector trains with the model
@@ -435,8 +436,9 @@ def load_resume(args, ckpt_path):
     if resume.get("kind") != args.stage or resume["args"].get("preset") != args.preset:
         raise ValueError(f"--resume: {ckpt_path} is a {resume.get('kind')} {resume['args'].get('preset')} "
                          f"checkpoint, not {args.stage} {args.preset}; use another --out")
-    changed = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {resume['args'][k]!r})" for k, v in sorted(vars(args).items())
-               if k not in RESUME_FREE and k in resume["args"] and resume["args"][k] != v]
+    stored = resume["args"]
+    changed = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {stored[k]!r})" for k, v in sorted(vars(args).items())
+               if k not in RESUME_FREE and k in stored and stored[k] != v]
     if changed and not args.allow_changes:
         raise ValueError(f"--resume with other settings than {ckpt_path} was made with: {', '.join(changed)}; the "
                          f"run would not continue as it started. Use the same flags, or add --allow-changes")
@@ -513,7 +515,8 @@ def train(args):
     try:
         while step < args.steps:
             batch, labels, skipped = next(stream)
-            batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            batch = data.to_model_range(batch.to(device, non_blocking=True))  # uint8 images: [-1, 1] on the device
+            labels = labels.to(device, non_blocking=True)
             torch.manual_seed(data.seed_for(args.seed, step, rank))  # per-step randomness: resumable
             for opt in stage.optimizers:
                 for group in opt.param_groups:
@@ -557,7 +560,7 @@ def latent_stats(model, dataset, device, autocast, rank=0, world=1, workers=0, n
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # read once at the end
     for images, _, _ in loader:
         with autocast:
-            z = model.encode(images.to(device))
+            z = model.encode(data.to_model_range(images.to(device)))
         sums += data.moment_sums(z)
     if dist.is_initialized():
         dist.all_reduce(sums)
@@ -590,7 +593,7 @@ def cache_latents(args, rank, world, device, autocast):
 def evaluate_tokenizer(model, dataset, device, autocast, n=512, batch=64):
     """PSNR of the reconstructions beside the PSNR of predicting the mean image, on the built-in data's held-out
     split (for a folder, which has no split, on its own centre crops)."""
-    images = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+    images = data.to_model_range(torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]))
     recon = []
     for i in range(0, len(images), batch):
         with autocast:
