@@ -1,9 +1,8 @@
-"""Shared transformer parts: attention, MLP, the DINOv2-style ViT block and backbone, the 1-D sin-cos table, a block
-runner with optional activation checkpointing, the one-time cast of frozen weights to the autocast dtype, and the
-checkpoint reading every loader uses (a hand-written `.safetensors` reader, strict state-dict checks).
-
-Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `blocks.i.attn.qkv`, `blocks.i.ls1.gamma`,
-`norm`, ...) so that the released SoftVQ, DINOv2 and DINO checkpoints load without a renaming table.
+"""Shared transformer parts (attention, MLP, the DINOv2-style ViT block and backbone, the 1-D sin-cos table, a block
+runner with optional activation checkpointing, a one-time cast of frozen weights) and the checkpoint reading every
+loader uses (a hand-written `.safetensors` reader, strict state-dict checks). Parameter names follow timm's
+VisionTransformer (`patch_embed.proj`, `blocks.i.attn.qkv`, `blocks.i.ls1.gamma`, `norm`, ...) so that the released
+SoftVQ, DINOv2 and DINO checkpoints load without a renaming table.
 """
 import json
 import math
@@ -19,8 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a packed qkv projection (timm layout), computed by SDPA (flash/mem-efficient
-    kernels on CUDA)."""
+    """Multi-head self-attention with a packed qkv projection (timm layout), by SDPA (flash kernels on CUDA)."""
 
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
@@ -61,8 +59,7 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block in the DINOv2 form: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
-    LayerNorm eps 1e-6, qkv bias. `layerscale=False` gives the DINO v1 block (no ls1/ls2)."""
+    """Pre-norm DINOv2 block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); layerscale=False: DINO v1's."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, layerscale=True):
         super().__init__()
@@ -92,8 +89,7 @@ class PatchEmbed(nn.Module):
 
 class ViT(nn.Module):
     """A timm/DINOv2-layout ViT backbone: [cls, patches] + learned absolute position embedding, blocks, final norm.
-    The tokenizer uses its pieces directly (it appends latent tokens after the position embedding); the DINOv2
-    teacher and the DINO discriminator call `forward_features`."""
+    The tokenizer uses its pieces (latent tokens after the position embedding); DINOv2, DINO call `forward_features`."""
 
     def __init__(self, image_size, patch_size, width, depth, num_heads, mlp_ratio=4.0, layerscale=True,
                  patch_embed=True):
@@ -101,8 +97,7 @@ class ViT(nn.Module):
         assert image_size % patch_size == 0, f"image size {image_size} is not divisible by patch size {patch_size}"
         self.patch_size = patch_size
         self.num_patches = (image_size // patch_size) ** 2
-        # The decoder never patchifies an image, so it has no patch embedding (README, Differences).
-        self.patch_embed = PatchEmbed(patch_size, width) if patch_embed else None
+        self.patch_embed = PatchEmbed(patch_size, width) if patch_embed else None  # the decoder never patchifies
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, width))
         self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, layerscale) for _ in range(depth))
@@ -136,9 +131,8 @@ class ViT(nn.Module):
 
 
 def run_blocks(blocks, x, *args, checkpointing=False):
-    """x = block(x, *args) for each block. checkpointing: keep only each block's input and recompute its activations
-    in the backward (torch.utils.checkpoint, non-reentrant as the PyTorch docs recommend): less memory, one more
-    forward per block; the gradients are the same. Only while gradients are being recorded."""
+    """x = block(x, *args) for each block. checkpointing (only while recording gradients): keep each block's input
+    and recompute its activations in the backward (torch.utils.checkpoint, non-reentrant): less memory, same grads."""
     use = checkpointing and torch.is_grad_enabled()
     for blk in blocks:
         x = checkpoint(blk, x, *args, use_reentrant=False) if use else blk(x, *args)
@@ -146,11 +140,9 @@ def run_blocks(blocks, x, *args, checkpointing=False):
 
 
 def cast_autocast_weights(module, dtype):
-    """Cast the weights and biases of every Linear / Conv in `module` to `dtype` (e.g. bfloat16), in place, once.
-    These are exactly the tensors autocast casts to its dtype on each call (the matmul/conv ops of its lower-precision
-    list); it caches such casts only for weights that require grad, so a frozen network's are re-cast on every call.
-    Under autocast the outputs are unchanged; norms, embeddings and buffers stay in their dtype. Frozen networks
-    only: after this the module needs autocast (a float32 input meets bfloat16 weights outside it)."""
+    """Cast the weights and biases of every Linear / Conv in `module` to `dtype` (e.g. bfloat16), in place, once:
+    the tensors autocast casts on every call (it caches casts only of weights that require grad), so under autocast
+    the outputs are unchanged. Frozen networks only, which then need autocast (float32 inputs meet bf16 weights)."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             m.to(dtype)
@@ -168,7 +160,6 @@ def sincos_1d(num_positions, dim):
     return table  # (P, D)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # .safetensors by hand: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
 # then the raw little-endian tensor bytes. Released SoftVQ and SiT weights use this format.
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -217,8 +208,7 @@ def load_safetensors(path):
 
 def load_state_dict_file(path):
     """A plain state dict from `.safetensors` or a `torch.save` file (weights_only: never unpickles code). Zip-format
-    files (every torch.save since PyTorch 1.6) are memory-mapped (torch.load mmap=True): tensors are read from the
-    page cache as they are copied into a model, so N ranks loading one large checkpoint do not each hold a copy."""
+    files (torch.save since 1.6) are memory-mapped, so N ranks loading one large checkpoint do not each hold a copy."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
