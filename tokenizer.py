@@ -1,14 +1,11 @@
-"""SoftVQ-VAE (arXiv 2412.10958): a ViT encoder that writes L learned latent tokens, a soft categorical posterior over
-G codebooks that turns each token into a convex mix of unit codewords, and a ViT decoder that paints mask tokens
-from those latents. Parameter names are those of the released checkpoints (Hhhhhhao/continuous_tokenizer,
-`modelling/tokenizer.py`), so they load unchanged.
-
-Part 1 is the model: config and presets, the soft quantizer, encoder, decoder, checkpoints and latent normalisation.
-Part 2 is the training objective: MSE + entropy + LPIPS (VGG16) + hinge GAN against a frozen-DINO discriminator
-(DiffAugment, LeCam, consistency regularisation) + REPA alignment of the latents to a frozen DINOv2, and DINOv2
-encoder initialisation with the FlexiViT patch-kernel resize. Pretrained networks are local files the user brings
-(README, "Pretrained networks"): a term whose file is missing is switched off with a loud WARNING and recorded in
-`TokenizerLoss.disabled`.
+"""SoftVQ-VAE (arXiv 2412.10958): a ViT encoder that writes L learned latent tokens, a soft categorical posterior over G
+codebooks that turns each token into a convex mix of unit codewords, and a ViT decoder that paints mask tokens from
+those latents. Parameter names are those of the released checkpoints (Hhhhhhao/continuous_tokenizer,
+`modelling/tokenizer.py`), so they load unchanged. Part 1 is the model: config and presets, the soft quantizer, encoder,
+decoder, checkpoints and latent normalisation. Part 2 is the training objective: MSE + entropy + LPIPS (VGG16) + hinge
+GAN against a frozen-DINO discriminator (DiffAugment, LeCam, consistency regularisation) + REPA alignment to a frozen
+DINOv2, and DINOv2 encoder initialisation. Pretrained networks are local files (README, "Pretrained networks"): a term
+whose file is missing is switched off with a loud WARNING and recorded in `TokenizerLoss.disabled`.
 """
 import json
 import math
@@ -61,19 +58,13 @@ def _preset(enc, dec, tokens, image_size):  # tokens x token_dim = 2048 floats p
                 dec_heads=dh, num_tokens=tokens, token_dim=2048 // tokens)
 
 
-PRESETS = {  # name: (encoder ViT, decoder ViT, tokens, image size); BL = ViT-B encoder + ViT-L decoder
-    "softvq-s-32": _preset("s", "s", 32, 256), "softvq-s-64": _preset("s", "s", 64, 256),
-    "softvq-b-32": _preset("b", "b", 32, 256), "softvq-b-64": _preset("b", "b", 64, 256),
-    "softvq-bl-32": _preset("b", "l", 32, 256), "softvq-bl-64": _preset("b", "l", 64, 256),
-    "softvq-l-32": _preset("l", "l", 32, 256), "softvq-l-64": _preset("l", "l", 64, 256),
-    "softvq-s-32-512": _preset("s", "s", 32, 512), "softvq-s-64-512": _preset("s", "s", 64, 512),
-    "softvq-b-32-512": _preset("b", "b", 32, 512), "softvq-b-64-512": _preset("b", "b", 64, 512),
-    "softvq-bl-32-512": _preset("b", "l", 32, 512), "softvq-bl-64-512": _preset("b", "l", 64, 512),
-    "softvq-l-32-512": _preset("l", "l", 32, 512), "softvq-l-64-512": _preset("l", "l", 64, 512),
-    # CPU-sized, for the quickstart and the tests: 32 px images, 64 patches of 4x4, 16 tokens of width 16
-    "softvq-tiny": dict(image_size=32, patch_size=4, enc_width=128, enc_depth=4, enc_heads=4, dec_width=128,
-                        dec_depth=4, dec_heads=4, num_tokens=16, token_dim=16, codebook_size=512),
-}
+# The released presets softvq-{vits}-{tokens}[-512]: vits names the encoder and decoder ViTs ("bl" = ViT-B encoder +
+# ViT-L decoder), tokens is L, and the -512 ones take 512 px images (else 256), e.g. softvq-bl-64-512.
+PRESETS = {f"softvq-{vits}-{tokens}{suffix}": _preset(vits[0], vits[-1], tokens, size)
+           for size, suffix in ((256, ""), (512, "-512")) for vits in ("s", "b", "bl", "l") for tokens in (32, 64)}
+# CPU-sized, for the quickstart and the tests: 32 px images, 64 patches of 4x4, 16 tokens of width 16
+PRESETS["softvq-tiny"] = dict(image_size=32, patch_size=4, enc_width=128, enc_depth=4, enc_heads=4, dec_width=128,
+                              dec_depth=4, dec_heads=4, num_tokens=16, token_dim=16, codebook_size=512)
 
 
 def tokenizer_config(preset, **overrides):
@@ -84,9 +75,8 @@ def tokenizer_config(preset, **overrides):
 
 class SoftVectorQuantizer(nn.Module):
     """The soft categorical posterior of arXiv 2412.10958 (continuous_tokenizer `modelling/quantizers/softvq.py`).
-    Tokens are split into G groups of L/G consecutive tokens; group g uses codebook g. With unit vectors,
-    p = softmax(<ẑ, sg(e_k)> / τ) and z = Σ_k p_k e_k. The codebook is detached inside the logits, so the encoder
-    learns through p and the codebook only through the weighted sum z. No codebook or commitment loss."""
+    G groups of L/G consecutive tokens, group g on codebook g. With unit vectors, p = softmax(<ẑ, sg(e_k)> / τ) and
+    z = Σ_k p_k e_k: the encoder learns through p, the codebook only through z. No codebook or commitment loss."""
 
     def __init__(self, codebook_size, token_dim, num_codebooks, tau):
         super().__init__()
@@ -94,8 +84,7 @@ class SoftVectorQuantizer(nn.Module):
         # Init as the released code: uniform(±1/K), then row-normalised.
         emb = torch.empty(num_codebooks, codebook_size, token_dim).uniform_(-1 / codebook_size, 1 / codebook_size)
         self.embedding = nn.Parameter(F.normalize(emb, dim=-1))
-        # The last 65,536 argmax indices per codebook, for the usage statistic (float32, as in the released layout).
-        # -1 marks an empty slot. Logging only: each codebook's own indices (README, Differences).
+        # The last 65,536 argmax indices of each codebook (-1: empty), for the logged usage (README, Differences).
         self.register_buffer("codebook_used", torch.full((num_codebooks, 65536), -1.0))
 
     def forward(self, h):  # (B, L, d) -> z (B, L, d), logits (B, G, L/G, K)
@@ -124,9 +113,8 @@ class SoftVectorQuantizer(nn.Module):
 
 
 def entropy_loss(logits, temperature):
-    """The "KL" regulariser to a uniform prior (arXiv 2412.10958: KL = H(q) - H(E q)), on the raw cosine logits at
-    its own temperature, pooled over all codebooks and tokens: mean per-row entropy (sharp assignments) minus the
-    entropy of the mean assignment (spread usage)."""
+    """The "KL" regulariser to a uniform prior (arXiv 2412.10958: KL = H(q) - H(E q)) on the cosine logits at its own
+    temperature, over all codebooks and tokens: mean row entropy (sharp) minus the mean row's entropy (spread usage)."""
     flat = logits.reshape(-1, logits.shape[-1]).float() / temperature  # (rows, K)
     probs = torch.softmax(flat, dim=-1)
     sample_entropy = -(probs * torch.log_softmax(flat, dim=-1)).sum(-1).mean()
@@ -136,8 +124,7 @@ def entropy_loss(logits, temperature):
 
 
 class Encoder(nn.Module):
-    """ViT over [cls, patches + 2-D learned position embedding, L latent tokens + their 1-D position embedding];
-    returns the last L outputs after the final norm."""
+    """ViT over [cls, patches + learned 2-D position embedding, L latent tokens + 1-D ones] -> the last L, normed."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -156,13 +143,10 @@ class Encoder(nn.Module):
 
 class PixelHead(nn.Module):
     """Per-token Linear to a p x p x 3 patch, then unpatchify (released `to_pixel='linear'`, key to_pixel.model).
-
-    SoftVQVAE.set_eager_pixel_head runs it outside torch.compile (`eager_pixels`: `pixels` under
-    torch.compiler.disable, a graph break). The adaptive GAN weight takes two gradients of this Linear's weight per
-    step with retain_graph=True before the step's backward. Inside the compiled graph each would run the whole
-    tokenizer's compiled backward, which AOTAutograd refuses once that backward was compiled with donated buffers (by
-    a first plain backward, e.g. any step before --disc-start), and would cost two extra full backwards. Eager, those
-    gradients stop at this layer's input, and the compiled backward runs once, in the step's backward."""
+    SoftVQVAE.set_eager_pixel_head runs it outside torch.compile (a graph break): the adaptive GAN weight takes two
+    retain_graph gradients of this Linear's weight per step; inside the graph each would run the whole compiled
+    backward, which AOTAutograd refuses once compiled with donated buffers (by any plain step before --disc-start).
+    Eager, they stop at this layer's input, and the compiled backward runs once, in the step's backward."""
 
     def __init__(self, width, patch_size):
         super().__init__()
@@ -181,8 +165,8 @@ class PixelHead(nn.Module):
 
 
 class Decoder(nn.Module):
-    """ViT over [cls, N mask tokens + 2-D learned position embedding, L projected latents + 1-D position embedding];
-    the N mask-token outputs after the final norm become pixels. Randomly initialised, never pretrained."""
+    """ViT over [cls, N mask tokens + 2-D position embedding, L projected latents + 1-D ones]; the N normed mask-token
+    outputs become pixels. Randomly initialised, never pretrained."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -223,20 +207,19 @@ class SoftVQVAE(nn.Module):
         return self.decode(z), z, logits
 
     def set_grad_checkpointing(self, enabled=True):
-        """Activation checkpointing of every encoder and decoder ViT block (model.run_blocks): for the large presets,
-        whose block activations dominate training memory. Off by default."""
+        """Activation checkpointing of every encoder and decoder block (model.run_blocks), for the large presets."""
         self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = enabled
         return self
 
     def set_eager_pixel_head(self, enabled=True):
-        """Run the pixel head outside torch.compile: needed by the adaptive GAN weight (see PixelHead). Unbound, so
-        a deepcopy (the EMA) calls its own head; made here because torch.compiler.disable imports torch._dynamo."""
+        """Run the pixel head outside torch.compile, for the adaptive GAN weight (see PixelHead). Unbound, so a
+        deepcopy (the EMA) calls its own head; made here as torch.compiler.disable imports torch._dynamo."""
         self.decoder.to_pixel.eager_pixels = torch.compiler.disable(PixelHead.pixels) if enabled else None
         return self
 
 
-# The generator works on normalised latents x = (z - mean) / std, with scalar statistics measured over the training
-# set once the tokenizer is trained and stored in its config (released configs: vq_mean, vq_std).
+# The generator works on x = (z - mean) / std, scalar statistics of the trained tokenizer's training-set latents
+# stored in its config (released configs: vq_mean, vq_std).
 def normalize(z, mean, std):  # tokenizer latents -> generator space
     return (z - mean) / std
 
@@ -245,7 +228,6 @@ def denormalize(x, mean, std):  # generator space -> tokenizer latents
     return x * std + mean
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: ours (a plain dict, kind "tokenizer"), or a released state dict (.safetensors or torch.save) plus its
 # config.json (the fields of the released `ModelArgs`). Released files carry an unused decoder patch embedding.
 OFFICIAL_UNUSED = ("decoder.model.patch_embed.",)
@@ -286,9 +268,7 @@ def load_tokenizer(path, config_json=None, use_ema=True):
             raise ValueError(f"{path} is a {sd['kind']} checkpoint, not a tokenizer checkpoint")
         known = {f.name for f in fields(TokenizerConfig)}
         cfg = TokenizerConfig(**{k: v for k, v in sd["config"].items() if k in known})
-        model = SoftVQVAE(cfg)
-        check_state_dict(model, sd["ema"] if use_ema and "ema" in sd else sd["model"])
-        return model.eval()
+        return check_state_dict(SoftVQVAE(cfg), sd["ema"] if use_ema and "ema" in sd else sd["model"]).eval()
     config_json = config_json or os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     if not os.path.isfile(config_json):
         raise FileNotFoundError(f"{path} looks like a released state dict but {config_json} is missing; put the "
@@ -296,17 +276,13 @@ def load_tokenizer(path, config_json=None, use_ema=True):
                                 f"train.py --tokenizer-config)")
     with open(config_json) as f:
         cfg = config_from_official(json.load(f))
-    model = SoftVQVAE(cfg)
-    check_state_dict(model, sd, ignore=OFFICIAL_UNUSED)
-    return model.eval()
+    return check_state_dict(SoftVQVAE(cfg), sd, ignore=OFFICIAL_UNUSED).eval()
 
 
 def tokenizer_checkpoint(model, ema=None, **extra):
     """Our plain-dict checkpoint layout (loads with torch.load(weights_only=True))."""
-    ckpt = {"kind": "tokenizer", "config": asdict(model.config), "model": model.state_dict()}
-    if ema is not None:
-        ckpt["ema"] = ema.state_dict()
-    return {**ckpt, **extra}
+    ema_sd = {"ema": ema.state_dict()} if ema is not None else {}
+    return {"kind": "tokenizer", "config": asdict(model.config), "model": model.state_dict(), **ema_sd, **extra}
 
 
 # =================================================================================================================
@@ -315,8 +291,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class ImageNetNormalize(nn.Module):
-    """(B, 3, H, W) in [-1, 1] -> [0, 1] -> ImageNet mean/std, as DINO and DINOv2 expect. The constants are
-    non-persistent buffers (not in state dicts): they move with the module, so no host-to-device copy per call."""
+    """(B, 3, H, W) in [-1, 1] -> [0, 1] -> ImageNet mean/std, as DINO and DINOv2 expect; non-persistent buffers."""
 
     def __init__(self):
         super().__init__()
@@ -328,13 +303,11 @@ class ImageNetNormalize(nn.Module):
 
 
 def _freeze(net):
-    net.requires_grad_(False)
-    return net.eval()
+    return net.requires_grad_(False).eval()
 
 
 class UsesFrozen(nn.Module):
-    """A module that runs frozen pretrained networks held in `self.frozen`, a plain dict: they are not submodules,
-    so they are never optimised, switched to train mode or saved; `.to(device)` still moves them."""
+    """Frozen networks live in `self.frozen`, a plain dict: never optimised, trained or saved; `.to()` moves them."""
 
     def __init__(self):
         super().__init__()
@@ -360,13 +333,10 @@ def _vit_checkpoint(path):  # timm-layout ViT state dict -> (state dict, width, 
     return sd, width, depth, sd["blocks.0.mlp.fc1.weight"].shape[0] / width
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# LPIPS v0.1 with VGG16 (Zhang et al. 2018; richzhang/PerceptualSimilarity, as the taming-transformers copy in
-# continuous_tokenizer uses it).
+# LPIPS v0.1 with VGG16 (Zhang et al. 2018; richzhang/PerceptualSimilarity, via taming-transformers' copy).
 class LPIPS(nn.Module):
     """Per-image LPIPS distance for images in [-1, 1]. Weights: torchvision `vgg16-397923af.pth` (features.* only) and
-    LPIPS `vgg.pth` (lin{0..4}.model.1.weight). Frozen and always in eval mode: the heads' dropout is not applied
-    (README, Differences)."""
+    LPIPS `vgg.pth` (lin{0..4}.model.1.weight). Frozen, always in eval mode: no head dropout (README, Differences)."""
     CHANNELS = (64, 128, 256, 512, 512)
     TAPS = (3, 8, 15, 22, 29)  # torchvision `features` indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 
@@ -378,7 +348,7 @@ class LPIPS(nn.Module):
             c = c if v == "M" else v
         self.features = nn.Sequential(*layers)  # indices 0..29 (the final pool, 30, is never needed)
         self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in self.CHANNELS)
-        # LPIPS's ScalingLayer, applied to [-1, 1] inputs; constants, not weights (persistent=False: not in state dict)
+        # LPIPS's ScalingLayer for [-1, 1] inputs: constants, not in the state dict
         self.register_buffer("shift", torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), persistent=False)
         vgg = {k: v for k, v in load_state_dict_file(vgg_path).items() if not k.startswith("classifier.")}
@@ -401,19 +371,16 @@ class LPIPS(nn.Module):
         return out
 
     def forward(self, a, b):  # reference a, compared b: (B, 3, H, W) x2 in [-1, 1] -> (B,) distances
-        # One VGG pass per image set: with frozen weights, a pass over a that needs no gradient (the real images)
-        # records no graph, so the backward and the saved activations cover b alone. VGG has no batch norm, so the
-        # distances are those of one pass over both, up to float rounding.
+        # One VGG pass per image set: the pass over a (real images, no gradient) records no graph, so the backward
+        # and saved activations cover b alone; VGG has no batch norm: as one pass over both, up to rounding.
         total = 0
         for lin, fa, fb in zip(self.lins, self.features_at_taps(a), self.features_at_taps(b)):
             total = total + lin((fa - fb) ** 2).mean((1, 2, 3))  # squared difference, 1x1 head, spatial mean
         return total
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # DiffAugment (Zhao et al. 2020; continuous_tokenizer utils/diff_aug.py): each policy fires with probability `prob`,
-# decided once per batch; the random parameters are per sample. Weak: G and D steps. Strong: consistency
-# regularisation.
+# once per batch, with per-sample parameters. Weak: G and D steps. Strong: consistency regularisation.
 WEAK, STRONG = ("color", "translation", "cutout_0.2"), ("color", "translation", "cutout_0.5")
 
 
@@ -459,12 +426,10 @@ def diff_augment(x, policy=WEAK, prob=0.5):
     return x
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Frozen-DINO discriminator (VAR-style; continuous_tokenizer modelling/discriminators/discriminator_dino.py).
 def dino_vit16(path):
-    """Frozen DINO v1 ViT/16 at 224 px (`dino_deitsmall16_pretrain.pth` layout: ViT-S, width 384, 12 blocks, 6 heads),
-    strict keys. Width and depth are read from the file (heads = width / 64) so tests can use a narrow stand-in.
-    The MLP runs with tanh-GELU, as the discriminator's frozen copy (`MLPNoDrop`) does (README, Differences)."""
+    """Frozen DINO v1 ViT/16 at 224 px (`dino_deitsmall16_pretrain.pth`: ViT-S), strict keys; width and depth read from
+    the file (heads = width / 64). tanh-GELU MLPs, as the discriminator's `MLPNoDrop` (README, Differences)."""
     sd, width, depth, _ = _vit_checkpoint(path)
     if depth < 12:
         raise ValueError(f"{path}: the DINO discriminator taps block 11, but the checkpoint has {depth} blocks")
@@ -479,8 +444,7 @@ def _world():
 
 
 class _SumOverRanks(torch.autograd.Function):
-    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradient: the gradient of the sum of the ranks' losses
-    (as torch.distributed.nn's deprecated all_reduce); the parameter gradients are then averaged over the ranks."""
+    """all_reduce(SUM) with an all_reduce(SUM) backward, as torch.distributed.nn's deprecated all_reduce."""
 
     @staticmethod
     def forward(ctx, x):
@@ -497,11 +461,9 @@ class _SumOverRanks(torch.autograd.Function):
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d over the global batch of all ranks (the released 'sbn', SyncBatchNorm). Local batches are equal in
-    size, so a training call needs one all_reduce of the per-channel [sum, sum of squares] (2, C), on any backend
-    (gloo too), with no count exchange and no host sync; its backward reduces the gradient the same way. Running
-    statistics are updated as BatchNorm1d does (momentum, unbiased variance of the global batch), so every rank holds
-    the same ones. One process, or eval mode: plain BatchNorm1d. Same state_dict keys as BatchNorm1d/SyncBatchNorm.
-    The variance is E[x²] - E[x]² in float32: fine for these heads' O(1) features, not for |mean| >> std."""
+    size, so training needs one all_reduce of the per-channel [sum, sum of squares] (2, C), any backend, no host sync
+    (its backward likewise); running statistics as BatchNorm1d's, equal on all ranks. One process or eval: plain
+    BatchNorm1d. Variance E[x²] - E[x]² in float32: fine for these heads' O(1) features, not for |mean| >> std."""
 
     def forward(self, x):  # (B, C, T) -> (B, C, T)
         world = _world()
@@ -565,14 +527,12 @@ class DinoDiscriminator(UsesFrozen):
                           for head, f in zip(self.heads, feats)], dim=1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # DINOv2 loading with patch 14 -> 16: what timm's checkpoint filter does when continuous_tokenizer builds
 # `vit_*_patch14_dinov2` with patch_size=16 and the training image size.
 def resample_patch_kernel(w, size):
-    """FlexiViT pseudo-inverse resize (Beyer et al. 2023; timm `resample_patch_embed`) of a patch kernel
-    (O, I, p, p) -> (O, I, size, size). M (size², p²) is bicubic+antialias resizing of p x p patches (built by
-    resizing each basis patch); the new kernel is w·pinv(M), so <M x, w_new> = <x, w> for every patch x when M has
-    full column rank (upsampling, e.g. 14 -> 16)."""
+    """FlexiViT pseudo-inverse resize (Beyer et al. 2023; timm `resample_patch_embed`) of a patch kernel (O, I, p, p)
+    -> (O, I, size, size). M (size², p²) is the bicubic+antialias resize of p x p patches; the new kernel w·pinv(M)
+    gives <M x, w_new> = <x, w> for every patch x when M has full column rank (upsampling, e.g. 14 -> 16)."""
     p = w.shape[-1]
     if p == size:
         return w
@@ -584,8 +544,7 @@ def resample_patch_kernel(w, size):
 
 
 def resample_pos_embed(pos, grid):
-    """(1, 1 + g², D) -> (1, 1 + grid², D): bicubic antialias resampling of the patch grid, cls entry kept
-    (timm `resample_abs_pos_embed`)."""
+    """(1, 1 + g², D) -> (1, 1 + grid², D): bicubic antialias patch grid, cls kept (timm `resample_abs_pos_embed`)."""
     g = math.isqrt(pos.shape[1] - 1)
     if g == grid:
         return pos
@@ -595,9 +554,8 @@ def resample_pos_embed(pos, grid):
 
 
 def init_encoder_from_dinov2(vit: ViT, path):
-    """Load a DINOv2 checkpoint (path or state dict; facebookresearch or timm layout) into `vit` (e.g. the
-    tokenizer's `encoder.model`): patch kernel resampled to vit's patch size, position grid (37 x 37 at 518 px) to
-    vit's grid, mask_token dropped (used only by DINOv2's masked-image training)."""
+    """Load a DINOv2 checkpoint (path or state dict; facebookresearch or timm layout) into `vit` (e.g. `encoder.model`):
+    patch kernel and position grid (37 x 37 at 518 px) resampled to vit's; mask_token (pretraining only) dropped."""
     sd, width, depth, _ = _vit_checkpoint(path)
     sd.pop("mask_token", None)
     if (width, depth) != (vit.cls_token.shape[-1], len(vit.blocks)):
@@ -617,7 +575,6 @@ def dinov2_teacher(path, image_size, patch_size=16):
     return _freeze(init_encoder_from_dinov2(vit, sd))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class LossConfig:  # defaults: continuous_tokenizer configs/softvq-l-64.yaml
     mse_weight: float = 1.0
@@ -640,10 +597,9 @@ class LossConfig:  # defaults: continuous_tokenizer configs/softvq-l-64.yaml
 
 
 class TokenizerLoss(UsesFrozen):
-    """Generator side: mse·MSE + entropy·H + warmup·perceptual·LPIPS + adv·(-D(aug x̂)) + repa·REPA.
-    Discriminator side, its own step after the generator's: adv·(hinge + lecam·LeCam) + consistency·CR, from
-    `disc_start` on. Trainable here: the REPA projector (`generator_parameters`) and the D heads
-    (`discriminator_parameters`)."""
+    """Generator side: mse·MSE + entropy·H + warmup·perceptual·LPIPS + adv·(-D(aug x̂)) + repa·REPA. Discriminator
+    side, its own step after the generator's, from `disc_start` on: adv·(hinge + lecam·LeCam) + consistency·CR.
+    Trainable: the REPA projector (`generator_parameters`) and the D heads (`discriminator_parameters`)."""
 
     def __init__(self, tcfg: TokenizerConfig, cfg: LossConfig):
         super().__init__()
@@ -668,12 +624,10 @@ class TokenizerLoss(UsesFrozen):
                                            nn.Linear(h, d_t))
 
     def prepare_frozen(self, dtype=None, compile=False):
-        """Optional speed-ups of the frozen networks (LPIPS/VGG, the DINO backbone, the DINOv2 teacher); train.py
-        casts them to bf16 on CUDA. dtype: their Linear/Conv weights cast once (model.cast_autocast_weights; the
-        losses under autocast are unchanged, and the networks then need autocast). compile: torch.compile their
-        forward passes. With the adaptive weight, the backward of LPIPS and of the backbone runs twice per step
-        (retain_graph), which a compiled backward with donated buffers refuses, so then only the teacher (no
-        backward) is compiled."""
+        """Optional speed-ups of the frozen networks (LPIPS/VGG, the DINO backbone, the DINOv2 teacher; train.py uses
+        bf16 on CUDA). dtype: their Linear/Conv weights cast once (model.cast_autocast_weights). compile: torch.compile
+        their forwards; but with the adaptive weight LPIPS's and the backbone's backward run twice per step
+        (retain_graph), which a compiled backward with donated buffers refuses: then only the teacher is compiled."""
         nets = {**self.frozen, **({"backbone": self.disc.frozen["backbone"]} if self.disc is not None else {})}
         for name, net in nets.items():
             if dtype is not None:
@@ -714,9 +668,8 @@ class TokenizerLoss(UsesFrozen):
 
     def generator_loss(self, images, recon, z, logits, step, last_layer=None):
         """images, recon (B, 3, H, W) in [-1, 1]; z (B, L, d) the SoftVQ latents; logits (B, G, L/G, K) the posterior
-        cosine logits; last_layer: decoder.to_pixel.model.weight (only for adaptive_disc_weight; a compiled model
-        must run that head eagerly: SoftVQVAE.set_eager_pixel_head).
-        -> (loss, logs: dict of detached scalar tensors; no host syncs)."""
+        cosine logits; last_layer: decoder.to_pixel.model.weight, for adaptive_disc_weight only (a compiled model runs
+        that head eagerly: SoftVQVAE.set_eager_pixel_head) -> (loss, logs: detached scalar tensors, no host sync)."""
         cfg, logs = self.cfg, {}
         logs["mse"] = mse = F.mse_loss(recon.float(), images.float())
         nll = cfg.mse_weight * mse  # the reconstruction part the adaptive weight balances against
