@@ -1,15 +1,12 @@
-"""SiT flow-matching generator on 1-D token sequences (the SoftVQ "SiT-XL/1" recipe), its training loss and samplers.
+"""SiT flow-matching generator on 1-D token sequences (the SoftVQ "SiT-XL/1" recipe): model, training loss, samplers,
+generation (noise -> latents -> images through the tokenizer's decoder), checkpoints and the tokenizer pairing.
 
-Model: DiT/SiT adaLN-Zero transformer (Peebles & Xie, DiT models.py; Ma et al., SiT) with patch size 1 on the
-tokenizer's L continuous tokens of width d: a per-token Linear embedding replaces the patchifier and a fixed 1-D
-sin-cos table replaces the 2-D one (Hhhhhhao/continuous_tokenizer `modelling/sit.py`, `vae_1d=True`). Parameter
-names are those of the released SiT weights, so they load with `model.check_state_dict`.
+Model: DiT/SiT adaLN-Zero transformer (Peebles & Xie, DiT models.py; Ma et al., SiT), patch size 1 on the tokenizer's L
+tokens of width d: a per-token Linear embedding replaces the patchifier, a fixed 1-D sin-cos table the 2-D one
+(Hhhhhhao/continuous_tokenizer `modelling/sit.py`, `vae_1d=True`); names as the released SiT weights, which load as is.
 
 Flow convention (README, Conventions): x_t = (1 - t) x + t eps, t = 0 data, t = 1 noise, the network predicts
 v = eps - x, and raw t in [0, 1] enters the timestep embedding. The flow is integrated from t = 1 to 0.
-
-Then: generation (noise -> latents -> images through the tokenizer's decoder) and the checkpoint format, loader
-and tokenizer pairing of the generator.
 """
 import json
 import math
@@ -121,8 +118,7 @@ class FinalLayer(nn.Module):
 class SiT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        cfg = config
+        self.config = cfg = config
         self.x_embedder = nn.Linear(cfg.token_dim, cfg.width)
         # A fixed table, but a Parameter (requires_grad=False): the released state dicts hold it.
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width), requires_grad=False)
@@ -161,7 +157,6 @@ class SiT(nn.Module):
         return self.final_layer(h, c)  # (B, L, d)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Training objective (continuous_tokenizer losses/sit_loss.py: path "linear", prediction "v")
 
 def draw_time(n, time_dist="lognormal", device=None, rng=None):
@@ -184,11 +179,9 @@ def flow_matching_loss(model, x, y, time_dist="lognormal", t=None, noise=None):
     return F.mse_loss(model(x_t, t.to(x.dtype), y).float(), (noise - x).float())
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Integrating the flow (continuous_tokenizer modelling/samplers.py, REPA style): state in float64, each model call in
-# the model's dtype. Model calls: "ode" (Euler) N, "heun" 2N - 1 (no corrector on the last step), "sde" N (N - 1
-# Euler-Maruyama steps on linspace(1, 0.04, N), then one noise-free step 0.04 -> 0). CFG doubles the batch of a call
-# only while guidance_low <= t <= guidance_high (Heun's corrector follows the decision of its step's start time).
+# Integrating the flow (continuous_tokenizer modelling/samplers.py, REPA style) in float64, the model in its dtype:
+# "ode" (Euler) N calls, "heun" 2N - 1 (no corrector on the last step), "sde" N (N - 1 Euler-Maruyama steps on
+# linspace(1, 0.04, N), then a noise-free 0.04 -> 0). CFG doubles the batch only at guidance_low <= t <= guidance_high.
 
 @dataclass
 class Sampling:
@@ -199,8 +192,7 @@ class Sampling:
     guidance_low: float = 0.0
     guidance_high: float = 1.0
 
-    def __post_init__(self):
-        # The messages name sample.py's flags: that is where these numbers come from.
+    def __post_init__(self):  # the messages name sample.py's flags: that is where these numbers come from
         if self.solver not in ("ode", "heun", "sde"):
             raise ValueError(f"--sampler {self.solver!r}: choose ode, heun or sde")
         if self.steps < 1:
@@ -216,10 +208,9 @@ PREVIEW = Sampling("ode", steps=50, cfg_scale=4.0)  # the in-training sample gri
 
 
 def _sde_noise(x, rng, n):
-    """The SDE's n noise draws like x (B, L, d): a function i -> standard normals (B, L, d), float64. rng: None or a
-    torch.Generator (one draw per step), or a list of one generator per sample: then each sample's n draws come from
-    its own generator, all at once at the start ((n, L, d) in float32), so a sample's noise depends only on its
-    generator, whatever batch it is drawn in, and a batch costs B draws instead of B per step."""
+    """The SDE's n noise draws like x (B, L, d): a function i -> standard normals (B, L, d). rng: None or a Generator
+    (one draw per step), or a list of one generator per sample: each sample's n draws then come from its own, all at
+    the start ((n, L, d) float32), so a sample's noise does not depend on its batch, and a batch costs B draws."""
     if isinstance(rng, (list, tuple)):
         table = torch.stack([torch.randn((n, *x.shape[1:]), generator=g, device=g.device).to(x.device)
                              for g in rng], dim=1) if n else None  # (n, B, L, d)
@@ -228,8 +219,7 @@ def _sde_noise(x, rng, n):
 
 
 def _static(*tensors):
-    """Mark dim 0 static: a compiled model specialises on each batch size instead of recompiling with a dynamic one.
-    Only once torch._dynamo is loaded (every torch.compile loads it): no second-long import for eager sampling."""
+    """Mark dim 0 static (one compiled graph per batch size), only if dynamo is loaded: eager runs never import it."""
     dynamo = sys.modules.get("torch._dynamo")
     for t in tensors if dynamo is not None else ():
         dynamo.mark_static(t, 0)
@@ -238,13 +228,10 @@ def _static(*tensors):
 
 def integrate_flow(model, noise, labels, sampling=Sampling(), rng=None, null_label=None):
     """Integrate from t = 1 (noise (B, L, d)) to t = 0 and return latents (B, L, d) in noise's dtype.
-
     model: any callable velocity(x (B', L, d), t (B',), y (B',)) -> (B', L, d), e.g. a SiT in eval mode.
     Guidance acts on all channels; the null label is num_classes. rng: the SDE noise source (see _sde_noise).
-    The model's inputs are marked static in the batch dimension: a compiled model gets one static graph per batch
-    size (B, and 2B inside the guidance interval), not a dynamic-shape recompilation."""
-    if null_label is None:
-        null_label = getattr(getattr(model, "config", None), "num_classes", 1000)
+    Inputs are marked static in the batch dimension: a compiled model gets one graph per batch size (B, 2B)."""
+    null_label = getattr(getattr(model, "config", None), "num_classes", 1000) if null_label is None else null_label
     params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     dtype = params.dtype if params is not None and params.is_floating_point() else noise.dtype
     y_null = torch.full_like(labels, null_label)
@@ -277,10 +264,9 @@ def integrate_flow(model, noise, labels, sampling=Sampling(), rng=None, null_lab
                 # linear path: s = -((1 - t) v + x) / t; drift d = v - w s / 2. The last step (from 0.04) is its mean.
                 w = 2.0 * t
                 score = -((1.0 - t) * v + x) / t
-                x_new = x + (v - 0.5 * w * score) * dt
+                x = x + (v - 0.5 * w * score) * dt
                 if not last:
-                    x_new = x_new + math.sqrt(w) * math.sqrt(abs(dt)) * draw(i)
-                x = x_new
+                    x = x + math.sqrt(w) * math.sqrt(abs(dt)) * draw(i)
             elif sampling.solver == "heun" and not last:
                 x_pred = x + dt * v
                 x = x + dt * 0.5 * (v + velocity(x_pred, t_next, guide))
@@ -307,15 +293,13 @@ def generate_latents(model, noise, labels, sampling=Sampling(), rng=None, amp=Tr
 
 
 def generate_images(model, tokenizer, noise, labels, sampling=Sampling(), rng=None, amp=True):
-    """Images (B, 3, H, W) in [-1, 1]: integrate the flow, un-normalise with the tokenizer's latent statistics,
-    decode."""
+    """Images (B, 3, H, W) in [-1, 1]: integrate the flow, un-normalise with the tokenizer's latent stats, decode."""
     c = tokenizer.config
     z = denormalize(generate_latents(model, noise, labels, sampling, rng, amp), c.latent_mean, c.latent_std)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and z.device.type == "cuda"):
         return tokenizer.decode(z).float().clamp(-1, 1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: ours (a plain dict, kind "generator"), or a released SiT state dict (.safetensors / torch.save) with
 # its config.json (fields hidden_size, depth, num_heads, input_size, in_channels, ...).
 _HEADS_BY_WIDTH = {p["width"]: p["num_heads"] for p in GENERATOR_PRESETS.values()}  # heads aren't in the shapes
@@ -329,8 +313,7 @@ def generator_checkpoint(model, ema, tokenizer_info, classes, **extra):
 
 
 def official_config(sd, config_json=None):
-    """SiTConfig of a released state dict: sizes from the tensor shapes; heads from its config.json or, without
-    one, from the presets."""
+    """SiTConfig of a released state dict: sizes from the tensor shapes, heads from its config.json or the presets."""
     if "x_embedder.weight" not in sd or "pos_embed" not in sd:
         raise ValueError("not a SiT-on-tokens state dict (no x_embedder.weight / pos_embed)")
     width, token_dim = sd["x_embedder.weight"].shape
@@ -371,9 +354,8 @@ def load_generator(path, config_json=None, weights="ema"):
 
 
 def load_tokenizer_for(model, info=None, path=None, config_json=None):
-    """The tokenizer that decodes `model`'s latents, its config carrying the latent statistics the generator was
-    trained with (they win over the tokenizer's own). `info` is the generator checkpoint's "tokenizer" entry;
-    `path` and `config_json` override it."""
+    """The tokenizer that decodes `model`'s latents, its config carrying the generator's latent statistics (they win
+    over the tokenizer's own). `info`: the generator checkpoint's "tokenizer" entry; `path`, `config_json` override."""
     info = info or {}
     if not path:  # the stored pair; an explicit --tokenizer comes with its own --tokenizer-config (or none)
         path, config_json = info.get("path"), config_json or info.get("config_json")
