@@ -1,7 +1,5 @@
-"""Data and the plumbing every entry point shares: ImageNet-layout folders, the built-in procedural dataset, the
-training augmentations of the SoftVQ code, a resumable sharded sampler, the memory-mapped latent cache the
-generator trains from, image grids; and the run helpers (distributed setup, seeds, atomic file writes, one-line
-user errors).
+"""Data and the plumbing every entry point shares: image folders, the built-in shapes, the SoftVQ training crops,
+a resumable sharded sampler, the latent cache, image grids; distributed setup, seeds, atomic writes, user errors.
 
 Every random choice of an item (crop, flip) comes from a generator seeded by (seed, epoch, index), and the sampler's
 order from (seed, epoch); so the stream of batches is a pure function of the step: a resumed run sees exactly the
@@ -361,10 +359,9 @@ def labelled_grid(images, labels, class_names=None):
 # ---------------------------------------------------------------------------------------------------------------
 # Run plumbing shared by train.py, sample.py and fid.py.
 def setup_distributed(device=None, timeout_s=1800):
-    """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process
-    and no process group is started (nanoGPT's pattern). device: "cuda" / "cpu" / "cuda:1" (default: CUDA when
-    there is one); under torchrun each rank takes GPU LOCAL_RANK. NCCL on CUDA, gloo on CPU; a collective that
-    waits longer than the timeout ends the run instead of hanging it."""
+    """-> (rank, world, device) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; without them, one process and no
+    process group (nanoGPT's pattern). Rank r takes GPU LOCAL_RANK; NCCL on CUDA, gloo on CPU, and a collective that
+    waits longer than timeout_s ends the run instead of hanging it. device: "cuda", "cpu", "cuda:1" (default: CUDA)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -379,9 +376,8 @@ def setup_distributed(device=None, timeout_s=1800):
 
 
 def seed_for(*ids):
-    """The one seed recipe: a 32-bit seed from non-negative integers (run seed, step, rank, epoch, sample index),
-    hashed by numpy's SeedSequence, which is also what seeds every item's crop and flip here (default_rng of a
-    tuple); nearby tuples give unrelated streams."""
+    """The one seed recipe: numpy's SeedSequence hash of non-negative integers (run seed, step, rank, epoch, sample
+    index) to 32 bits, as default_rng of a tuple seeds every item's crop and flip; nearby tuples are unrelated."""
     return int(np.random.SeedSequence(list(ids)).generate_state(1)[0])
 
 

@@ -4,10 +4,6 @@
   python sample.py --ckpt runs/sit/ckpt.pt --classes 207 360 387 --per-class 8 --out grid.png
   torchrun --nproc_per_node 8 sample.py --ckpt runs/sit/ckpt.pt --num-samples 50000 --out samples.npz \
       --sampler sde --steps 250 --cfg 1.75 --guidance-high 0.7          # the SoftVQ README setting
-  python sample.py --ckpt sit-xl_softvq-b-64/model.safetensors --config sit-xl_softvq-b-64/config.json \
-      --tokenizer softvq-b-64/model.safetensors --tokenizer-config softvq-b-64/config.json --classes 88
-
-  python sample.py --ckpt runs/tok/ckpt.pt --images /imagenet/val --out runs/tok/eval         # reconstructions
   torchrun --nproc_per_node 8 sample.py --ckpt softvq-l-64/model.safetensors --images /imagenet/val --out eval_l64
 
 The .npz run is resumable: fixed-size shards go to `<out>.parts/` (temp file + rename), and sample k's noise, label
@@ -32,8 +28,7 @@ import fid
 from generator import Sampling, generate_images, load_generator, load_tokenizer_for
 from tokenizer import LPIPS, load_tokenizer
 
-# Grid classes when none are given (ImageNet ids, as DiT's sample.py): golden retriever, otter, red panda, geyser,
-# macaw, valley, balloon, arctic fox.
+# Grid classes when none are given (ImageNet ids, as DiT's sample.py): retriever, otter, panda, geyser, macaw, ...
 DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 
 

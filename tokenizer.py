@@ -58,13 +58,19 @@ def _preset(enc, dec, tokens, image_size):  # tokens x token_dim = 2048 floats p
                 dec_heads=dh, num_tokens=tokens, token_dim=2048 // tokens)
 
 
-# The released presets softvq-{vits}-{tokens}[-512]: vits names the encoder and decoder ViTs ("bl" = ViT-B encoder +
-# ViT-L decoder), tokens is L, and the -512 ones take 512 px images (else 256), e.g. softvq-bl-64-512.
-PRESETS = {f"softvq-{vits}-{tokens}{suffix}": _preset(vits[0], vits[-1], tokens, size)
-           for size, suffix in ((256, ""), (512, "-512")) for vits in ("s", "b", "bl", "l") for tokens in (32, 64)}
-# CPU-sized, for the quickstart and the tests: 32 px images, 64 patches of 4x4, 16 tokens of width 16
-PRESETS["softvq-tiny"] = dict(image_size=32, patch_size=4, enc_width=128, enc_depth=4, enc_heads=4, dec_width=128,
-                              dec_depth=4, dec_heads=4, num_tokens=16, token_dim=16, codebook_size=512)
+PRESETS = {  # name: encoder ViT, decoder ViT, tokens, image size; BL = ViT-B encoder + ViT-L decoder
+    "softvq-s-32": _preset("s", "s", 32, 256), "softvq-s-64": _preset("s", "s", 64, 256),
+    "softvq-b-32": _preset("b", "b", 32, 256), "softvq-b-64": _preset("b", "b", 64, 256),
+    "softvq-bl-32": _preset("b", "l", 32, 256), "softvq-bl-64": _preset("b", "l", 64, 256),
+    "softvq-l-32": _preset("l", "l", 32, 256), "softvq-l-64": _preset("l", "l", 64, 256),
+    "softvq-s-32-512": _preset("s", "s", 32, 512), "softvq-s-64-512": _preset("s", "s", 64, 512),
+    "softvq-b-32-512": _preset("b", "b", 32, 512), "softvq-b-64-512": _preset("b", "b", 64, 512),
+    "softvq-bl-32-512": _preset("b", "l", 32, 512), "softvq-bl-64-512": _preset("b", "l", 64, 512),
+    "softvq-l-32-512": _preset("l", "l", 32, 512), "softvq-l-64-512": _preset("l", "l", 64, 512),
+    # CPU-sized, for the quickstart and the tests: 32 px images, 64 patches of 4x4, 16 tokens of width 16
+    "softvq-tiny": dict(image_size=32, patch_size=4, enc_width=128, enc_depth=4, enc_heads=4, dec_width=128,
+                        dec_depth=4, dec_heads=4, num_tokens=16, token_dim=16, codebook_size=512),
+}
 
 
 def tokenizer_config(preset, **overrides):

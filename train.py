@@ -2,9 +2,7 @@
 
     python train.py --stage tokenizer --preset softvq-tiny --data builtin --out runs/tok        # CPU, one process
     torchrun --nproc_per_node=8 train.py --stage tokenizer --preset softvq-b-32 --data /imagenet/train --out runs/b32
-    torchrun --nproc_per_node=8 train.py --stage cache --tokenizer runs/b32/ckpt.pt --data /imagenet/train \
-        --out runs/b32/latents
-    torchrun --nproc_per_node=8 train.py --stage generator --preset sit-xl --latents runs/b32/latents --out runs/sit
+    (then --stage cache --tokenizer runs/b32/ckpt.pt, and --stage generator --preset sit-xl --latents: README)
 
 A stage is a small class that builds its models and optimizers and knows how to take one training step, draw a
 preview and finish; the loop in `train()` is the same for both. DDP comes from torchrun's environment (NCCL on
@@ -97,27 +95,24 @@ def parse_args(argv=None):
         p.error(f"--stage {args.stage} needs {' and '.join(missing)}")
     if args.stage == "tokenizer" and args.preset not in PRESETS:
         p.error(f"unknown tokenizer preset {args.preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
-    for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.seed < 0:
-        p.error(f"--seed {args.seed}: use a non-negative integer")
-    if args.workers < 0 or args.warmup_steps < 0 or args.weight_decay < 0 or not 0 <= args.ema_decay < 1:
-        p.error("--workers, --warmup-steps, --weight-decay must be >= 0 and --ema-decay in [0, 1)")
-    if not args.grad_clip > 0 or args.grad_accum < 1 or not args.timeout > 0:
-        p.error("--grad-clip and --timeout must be > 0 and --grad-accum at least 1")
-    if args.resume and args.overwrite:
-        p.error("--resume continues OUT and --overwrite replaces it: choose one")
-    if args.lr is not None and not args.lr > 0:
-        p.error(f"--lr {args.lr}: the learning rate must be > 0")
+    counts = ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "grad_accum")
+    for bad, msg in [*[(getattr(args, n) < 1, f"--{n.replace('_', '-')} must be at least 1") for n in counts],
+                     (args.seed < 0, f"--seed {args.seed}: use a non-negative integer"),
+                     (min(args.workers, args.warmup_steps, args.weight_decay) < 0,
+                      "--workers, --warmup-steps and --weight-decay must be >= 0"),
+                     (not 0 <= args.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+                     (not (args.grad_clip > 0 and args.timeout > 0), "--grad-clip and --timeout must be > 0"),
+                     (args.resume and args.overwrite, "--resume continues OUT and --overwrite replaces it: choose one"),
+                     (args.lr is not None and not args.lr > 0, f"--lr {args.lr}: the learning rate must be > 0")]:
+        if bad:
+            p.error(msg)
     if args.lr is None:  # the released recipes: tokenizer 1e-4 per 256 images, SiT 1e-4
         args.lr = 1e-4 * args.batch_size / 256 if args.stage == "tokenizer" else 1e-4
     return args
 
 
 def learning_rate(step, args):
-    """timm-style per-iteration schedule of the released tokenizer recipe: linear warmup from 1e-5, cosine to
-    0.1 x peak; constant for SiT."""
+    """The released tokenizer schedule (timm, per step): linear warmup from 1e-5, cosine to 0.1 x peak; SiT: flat."""
     if args.stage == "generator":
         return args.lr
     if step < args.warmup_steps:
@@ -155,8 +150,7 @@ def average_gradients(params, world):
 
 def backward_micro(loss, k, micro_batches, ddp):
     """Backward of micro-batch k's share of the step's loss; DDP all-reduces the gradients on the last one only."""
-    sync = ddp.no_sync() if isinstance(ddp, DDP) and k < micro_batches - 1 else nullcontext()
-    with sync:
+    with ddp.no_sync() if isinstance(ddp, DDP) and k < micro_batches - 1 else nullcontext():
         (loss / micro_batches).backward()
 
 
@@ -222,10 +216,8 @@ class Logger:
         if self.t0 is not None:
             rec["img_per_s"] = round(images_per_step * self.count / (now - self.t0), 1)
         self.sums, self.count, self.t0 = {}, 0, now
-        if self.rank == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            self.bar.set_postfix(loss=f"{rec.get('loss', 0):.4f}", img_s=rec.get("img_per_s", "-"))
+        self.note(echo=False, **rec)
+        self.bar.set_postfix(loss=f"{rec.get('loss', 0):.4f}", img_s=rec.get("img_per_s", "-"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,9 +301,7 @@ class TokenizerStage:
         data.labelled_grid(data.to_uint8(torch.cat([self.preview_images, recon.float().cpu()])), [0] * n + [1] * n,
                            ["held-out", "recon"]).save(path)
 
-    def finish(self, rank):
-        """At the last step: the latent statistics x = (z - mean) / std of the generator, stored in the tokenizer's
-        config (the released configs' vq_mean / vq_std); every rank encodes its shard, one all-reduce."""
+    def finish(self, rank):  # the generator's latent statistics (released configs: vq_mean, vq_std), all ranks
         mean, std = latent_stats(self.ema, self.dataset, self.device, self.autocast, rank, self.world,
                                  self.args.workers)
         for m in (self.model, self.ema):
@@ -388,8 +378,6 @@ class GeneratorStage:
         grad_norm = clip_and_step(self.optimizer, self.params, self.args.grad_clip, self.world)
         return {"loss": sum(losses) / K, "grad_norm": grad_norm}
 
-    def log_extra(self):
-        return {}
 
     @torch.no_grad()
     def preview(self, path, per_class=8):
@@ -403,11 +391,7 @@ class GeneratorStage:
         images = generate_images(self.ema, self.decoder, noise.to(self.device), labels, PREVIEW)
         data.labelled_grid(data.to_uint8(images), labels.tolist(), self.classes or None).save(path)
 
-    def finish(self, rank):
-        pass
-
-    def report(self, log, step):
-        pass
+    log_extra = finish = report = lambda self, *unused: {}  # no codebook to log, nothing to do at the end
 
     def checkpoint(self, step):
         return generator_checkpoint(self.model, self.ema, self.info, self.classes, step=step,
