@@ -114,7 +114,7 @@ def test_entry_points_are_leaves_and_the_graph_is_layered():
     assert graph["generator"] == {"model", "tokenizer"} and graph["fid"] == {"data"}
 
 
-def test_no_function_over_100_lines_and_no_references_outside_the_repository():
+def test_size_budget_functions_under_100_lines_and_no_references_outside_the_repository():
     import ast
     long = []
     for m in MODULES:
@@ -122,6 +122,8 @@ def test_no_function_over_100_lines_and_no_references_outside_the_repository():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
                 long.append(f"{m}.py:{node.lineno} {node.name}")
     assert not long
+    sizes = {m: sum(1 for line in (REPO / f"{m}.py").read_text().splitlines() if line.strip()) for m in MODULES}
+    assert sum(sizes.values()) <= 3000 and max(sizes.values()) <= 700, sizes  # non-blank lines: the size budget
     # notes a clone does not have: the paper, the public code and the README are what comments cite
     pattern = re.compile(r"shared[/]spec|[.][.]/shared|spec[ ]README|spec[ ]\u00a7|\(\u00a7|\u00a7\d|decision[ ]\d|fact[ ]sheet")
     hits = [f"{f.name}:{i}" for f in [REPO / f"{m}.py" for m in MODULES] + [Path(__file__), REPO / "README.md"]
