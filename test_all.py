@@ -45,7 +45,7 @@ OFFICIAL_PARAMS = {"softvq-s-64": 44_839_200, "softvq-b-32": 174_587_712, "softv
 OFFICIAL_KEY_FILES = {"softvq-s-64": "SS_64", "softvq-b-32": "BB_32", "softvq-b-64": "BB_64", "softvq-bl-64": "BL_64",
                       "softvq-l-64": "LL_64"}
 TINY_TRAIN = ["--preset", "softvq-tiny", "--data", "builtin", "--batch-size", "8", "--workers", "0",
-              "--warmup-steps", "2", "--lr", "1e-3", "--sample-every", "1000", "--log-every", "1"]
+              "--warmup-steps", "2", "--lr", "1e-3", "--sample-every", "1000", "--log-every", "1", "--stats-images", "256"]
 
 
 def save_safetensors(tensors, path):
@@ -2471,6 +2471,21 @@ def test_probe_killed_cache_write_is_never_taken_for_complete(tmp_path):
     assert "no complete latent cache" in _one_error_line(_run(_train_cmd(*gen)))
     assert _run(_train_cmd(*cache[:-1])).returncode == 0
     assert data.LatentCache(str(tmp_path / "cache")).latents.shape[0] == 400
+
+
+def test_latent_statistics_of_the_first_stats_images(tmp_path):
+    """The tokenizer's stored latent mean and std are those of its EMA encodings of the first --stats-images training
+    images (unbiased std), computed independently here in float64."""
+    out = tmp_path / "run"
+    train.main(TINY_TRAIN + ["--stage", "tokenizer", "--steps", "2", "--stats-images", "40", "--out", str(out)])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    tok = load_tokenizer(str(out / "ckpt.pt"))
+    ds = data.make_dataset("builtin", 32, crop="random", flip=True, seed=42)
+    ds.epoch = 0  # a 2-step run never leaves epoch 0
+    with torch.no_grad():
+        z = tok.encode(torch.stack([ds[i][0] for i in range(40)])).double()
+    assert ckpt["config"]["latent_mean"] == pytest.approx(z.mean().item(), rel=1e-6, abs=1e-9)
+    assert ckpt["config"]["latent_std"] == pytest.approx(z.std().item(), rel=1e-6)
 
 
 def test_grad_accumulation_and_checkpointing_equal_one_batch(tmp_path):

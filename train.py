@@ -83,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: continue although settings that change the run differ from the checkpoint's")
     p.add_argument("--overwrite", action="store_true", help="replace what OUT holds (a finished run or latent cache)")
+    p.add_argument("--stats-images", type=int, default=50_000,
+                   help="tokenizer: training images whose latents give the generator's mean and std at the end")
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds a rank waits for the others in a collective before the run ends with an error")
     args = p.parse_args(argv)
@@ -95,7 +97,7 @@ def parse_args(argv=None):
         p.error(f"--stage {args.stage} needs {' and '.join(missing)}")
     if args.stage == "tokenizer" and args.preset not in PRESETS:
         p.error(f"unknown tokenizer preset {args.preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
-    counts = ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "grad_accum")
+    counts = ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "grad_accum", "stats_images")
     for bad, msg in [*[(getattr(args, n) < 1, f"--{n.replace('_', '-')} must be at least 1") for n in counts],
                      (args.seed < 0, f"--seed {args.seed}: use a non-negative integer"),
                      (min(args.workers, args.warmup_steps, args.weight_decay) < 0,
@@ -303,7 +305,7 @@ class TokenizerStage:
 
     def finish(self, rank):  # the generator's latent statistics (released configs: vq_mean, vq_std), all ranks
         mean, std = latent_stats(self.ema, self.dataset, self.device, self.autocast, rank, self.world,
-                                 self.args.workers)
+                                 self.args.workers, n=self.args.stats_images)
         for m in (self.model, self.ema):
             m.config.latent_mean, m.config.latent_std = mean, std
 
