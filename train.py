@@ -83,8 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: continue although settings that change the run differ from the checkpoint's")
     p.add_argument("--overwrite", action="store_true", help="replace what OUT holds (a finished run or latent cache)")
-    p.add_argument("--stats-images", type=int, default=50_000,
-                   help="tokenizer: training images whose latents give the generator's mean and std at the end")
+    p.add_argument("--stats-images", type=int, default=50_000, help="tokenizer: images for the latent mean and std")
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds a rank waits for the others in a collective before the run ends with an error")
     args = p.parse_args(argv)
