@@ -2113,9 +2113,7 @@ def _probe_files():
     _tiny_tokenizer_ckpt(d / "tok.pt")
     f["tok"] = str(d / "tok.pt")
     f["imgs"] = _image_folder(d / "imgs", n=6)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = lambda *a: subprocess.run([sys.executable, "train.py", *a], cwd=REPO, check=True, env=env,
-                                    capture_output=True)
+    run = lambda *a: train.main(list(a))  # in-process: the command lines, without a Python start each
     run("--stage", "cache", "--tokenizer", f["tok"], "--data", f["imgs"], "--batch-size", "2", "--workers", "0",
         "--out", str(d / "cache"))
     f["cache"] = str(d / "cache")
