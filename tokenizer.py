@@ -67,9 +67,9 @@ PRESETS = {  # name: encoder ViT, decoder ViT, tokens, image size; BL = ViT-B en
     "softvq-b-32-512": _preset("b", "b", 32, 512), "softvq-b-64-512": _preset("b", "b", 64, 512),
     "softvq-bl-32-512": _preset("b", "l", 32, 512), "softvq-bl-64-512": _preset("b", "l", 64, 512),
     "softvq-l-32-512": _preset("l", "l", 32, 512), "softvq-l-64-512": _preset("l", "l", 64, 512),
-    # CPU-sized, for the quickstart and the tests: 32 px images, 64 patches of 4x4, 16 tokens of width 16
-    "softvq-tiny": dict(image_size=32, patch_size=4, enc_width=128, enc_depth=4, enc_heads=4, dec_width=128,
-                        dec_depth=4, dec_heads=4, num_tokens=16, token_dim=16, codebook_size=512),
+    # CPU-sized for the quickstart and tests: 32 px, 16 patches of 8x8, 16 tokens of width 16 (BENCHMARKS.md: why)
+    "softvq-tiny": dict(image_size=32, patch_size=8, enc_width=64, enc_depth=4, enc_heads=2, dec_width=64,
+                        dec_depth=4, dec_heads=2, num_tokens=16, token_dim=16, codebook_size=512),
 }
 
 
@@ -176,8 +176,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.model = ViT(cfg.image_size, cfg.patch_size, cfg.dec_width, cfg.dec_depth, cfg.dec_heads,
-                         patch_embed=False)
+        self.model = ViT(cfg.image_size, cfg.patch_size, cfg.dec_width, cfg.dec_depth, cfg.dec_heads, patch_embed=False)
         self.mask_token = nn.Parameter(torch.randn(1, 1, cfg.dec_width) * 0.02)
         self.latent_pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, cfg.num_tokens, cfg.dec_width),
                                                                    std=0.02))

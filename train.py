@@ -187,8 +187,7 @@ class Logger:
 
     def __init__(self, args, rank, start_step):
         self.rank, self.path, self.sums, self.count, self.t0 = rank, os.path.join(args.out, "log.jsonl"), {}, 0, None
-        self.bar = tqdm(total=args.steps, initial=start_step, disable=rank != 0, dynamic_ncols=True,
-                        desc=args.stage)
+        self.bar = tqdm(total=args.steps, initial=start_step, disable=rank != 0, dynamic_ncols=True, desc=args.stage)
 
     def note(self, echo=True, **record):
         if self.rank == 0:
