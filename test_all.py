@@ -415,6 +415,12 @@ def _run_quickstart(cwd, tok_steps=None, gen_steps=None, seed=None, samples=512)
     return times
 
 
+def _shapes(n, heldout=False, seed=42):
+    """The first n built-in images (float, [-1, 1]) and their labels: (n, 3, 32, 32), (n,)."""
+    ds = data.BuiltinShapes(32, size=n, heldout=heldout, seed=seed)
+    return torch.stack([ds[i][0] for i in range(n)]), torch.tensor([ds[i][1] for i in range(n)])
+
+
 @functools.lru_cache(maxsize=1)
 def _shape_judge(n=8192, epochs=3):
     """A small CNN fitted on real built-in images (a seed of its own: neither the quickstart's training nor its
@@ -425,8 +431,7 @@ def _shape_judge(n=8192, epochs=3):
                         nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(64, 8))
-    fit = data.BuiltinShapes(32, size=n, seed=7)
-    xs, ys = torch.stack([fit[i][0] for i in range(n)]), torch.tensor([fit[i][1] for i in range(n)])
+    xs, ys = _shapes(n, seed=7)
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * math.ceil(n / 64))
     for _ in range(epochs):
@@ -436,8 +441,7 @@ def _shape_judge(n=8192, epochs=3):
             F.cross_entropy(net(x), ys[idx]).backward()
             opt.step()
             schedule.step()
-    held = data.BuiltinShapes(32, heldout=True, seed=7)
-    xs, ys = torch.stack([held[i][0] for i in range(1024)]), torch.tensor([held[i][1] for i in range(1024)])
+    xs, ys = _shapes(1024, heldout=True, seed=7)
     net.eval()
     with torch.no_grad():
         return net, (net(xs).argmax(1) == ys).float().mean().item()
@@ -450,8 +454,7 @@ def _recognition(run, seed=42):
     tokenizer run's --seed (train.py's default 42), which picks its held-out split."""
     net, real = _shape_judge()
     tok = TOK.load_tokenizer(os.path.join(run, "tok", "ckpt.pt")).eval()
-    held = data.BuiltinShapes(32, heldout=True, seed=seed)
-    xs, ys = torch.stack([held[i][0] for i in range(512)]), torch.tensor([held[i][1] for i in range(512)])
+    xs, ys = _shapes(512, heldout=True, seed=seed)
     with torch.no_grad():
         recon = tok(xs)[0].clamp(-1, 1)
         npz = np.load(os.path.join(run, "judge.npz"))
@@ -469,8 +472,7 @@ def test_quickstart_judge_and_runner():
     the same images with their pixels shuffled are near chance. The runner takes the README's stages as written."""
     net, real = _shape_judge()
     assert real >= 0.97
-    held = data.BuiltinShapes(32, heldout=True, seed=3)
-    xs, ys = torch.stack([held[i][0] for i in range(256)]), torch.tensor([held[i][1] for i in range(256)])
+    xs, ys = _shapes(256, heldout=True, seed=3)
     shuffled = xs.flatten(2)[:, :, torch.randperm(32 * 32)].view_as(xs)
     with torch.no_grad():
         assert (net(shuffled).argmax(1) == ys).float().mean() < 0.35
