@@ -149,7 +149,7 @@ class BuiltinShapes(torch.utils.data.Dataset):
 
     def __init__(self, image_size=32, size=4096, heldout=False, flip=False, seed=0):
         self.image_size, self.size, self.seed, self.epoch = image_size, size, seed + (10 ** 6 if heldout else 0), 0
-        self.flip = flip
+        self.flip, self.grid = flip, np.mgrid[:image_size, :image_size].astype(np.float32) / image_size
 
     def __len__(self):
         return self.size
@@ -157,20 +157,19 @@ class BuiltinShapes(torch.utils.data.Dataset):
     def __getitem__(self, i):
         rng = np.random.default_rng((self.seed, i))
         label = i % len(self.classes)
-        S = self.image_size
-        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S  # coordinates in [0, 1)
+        yy, xx = self.grid  # coordinates in [0, 1)
         cx, cy = rng.uniform(0.35, 0.65, size=2)
         r = rng.uniform(0.2, 0.35)
         dx, dy = xx - cx, yy - cy
         period = rng.uniform(0.15, 0.3)
-        mask = [np.hypot(dx, dy) < r,
-                np.maximum(abs(dx), abs(dy)) < r * 0.85,
-                (dy < r * 0.8) & (dy > -r * 0.8 + 2 * abs(dx)),
-                (np.hypot(dx, dy) < r) & (np.hypot(dx, dy) > r * 0.55),
-                ((abs(dx) < r * 0.3) | (abs(dy) < r * 0.3)) & (np.maximum(abs(dx), abs(dy)) < r),
-                (yy / period) % 1 < 0.5,
-                (xx / period) % 1 < 0.5,
-                ((xx / period).astype(int) + (yy / period).astype(int)) % 2 == 0][label]
+        mask = [lambda: np.hypot(dx, dy) < r,  # only the label's mask is drawn
+                lambda: np.maximum(abs(dx), abs(dy)) < r * 0.85,
+                lambda: (dy < r * 0.8) & (dy > -r * 0.8 + 2 * abs(dx)),
+                lambda: (np.hypot(dx, dy) < r) & (np.hypot(dx, dy) > r * 0.55),
+                lambda: ((abs(dx) < r * 0.3) | (abs(dy) < r * 0.3)) & (np.maximum(abs(dx), abs(dy)) < r),
+                lambda: (yy / period) % 1 < 0.5,
+                lambda: (xx / period) % 1 < 0.5,
+                lambda: ((xx / period).astype(int) + (yy / period).astype(int)) % 2 == 0][label]()
         fg, bg = rng.uniform(-1, 1, size=3), rng.uniform(-1, 1, size=3)
         while np.abs(fg - bg).sum() < 1.2:  # keep the shape visible
             fg = rng.uniform(-1, 1, size=3)
