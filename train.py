@@ -124,7 +124,7 @@ def learning_rate(step, args):
 
 def make_optimizer(params, args, device, betas):
     params = [p for p in params if p.requires_grad]
-    # CUDA: fused. CPU: foreach (bit-identical to the per-tensor loop, faster; CPU's fused trained worse: BENCHMARKS.md)
+    # CUDA: fused. CPU: foreach, bit-identical to the per-tensor loop, faster (fused rounds otherwise: BENCHMARKS.md)
     impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if args.weight_decay > 0:  # the intended AdamW: decay matrices, not biases, norms or gains (README, Differences)
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
