@@ -338,11 +338,11 @@ def labelled_grid(images, labels, class_names=None):
     """uint8 (N, H, W, 3) -> PIL grid: one row per distinct label (in order of appearance), its images left to
     right, the label (or class_names[label]) in a left margin. Images under 96 px are enlarged by a whole factor,
     nearest neighbour (the built-in 32 px images: 96 px cells)."""
-    rows = {}
-    for img, y in zip(np.asarray(images), [int(y) for y in labels]):
+    rows, images = {}, np.asarray(images)
+    for img, y in zip(images, [int(y) for y in labels]):
         rows.setdefault(y, []).append(img)
-    scale = max(1, 96 // max(np.asarray(images).shape[1:3]))
-    h, w = (n * scale for n in np.asarray(images).shape[1:3])
+    scale = max(1, 96 // max(images.shape[1:3]))
+    h, w = (n * scale for n in images.shape[1:3])
     font = ImageFont.load_default()
     names = {y: str(class_names[y]) if class_names else str(y) for y in rows}
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
