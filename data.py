@@ -141,9 +141,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 class BuiltinShapes(torch.utils.data.Dataset):
-    """A procedural dataset of 8 visually distinct classes (disk, square, triangle, ring, cross, horizontal stripes,
-    vertical stripes, checkerboard), each a random-coloured shape on a random-coloured background with a random
-    size and position. Item i is a pure function of (seed, i): train and held-out splits use different seeds."""
+    """8 procedural classes (disk, square, triangle, ring, cross, h- and v-stripes, checkerboard): a random-coloured
+    shape 16-29 px across (stripes 3-5 px, checker cells 6-10 px: large against the tokenizer's 8x8 patches, see
+    BENCHMARKS.md "The built-in shapes"), its size and position random, on a random-coloured background. Item i is a
+    pure function of (seed, i); the held-out split has a seed of its own."""
 
     classes = ["disk", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes", "checker"]
 
@@ -158,20 +159,19 @@ class BuiltinShapes(torch.utils.data.Dataset):
         rng = np.random.default_rng((self.seed, i))
         label = i % len(self.classes)
         yy, xx = self.grid  # coordinates in [0, 1)
-        cx, cy = rng.uniform(0.35, 0.65, size=2)
-        r = rng.uniform(0.2, 0.35)
+        cx, cy = rng.uniform(0.43, 0.57, size=2)
+        r = rng.uniform(0.32, 0.45)
         dx, dy = xx - cx, yy - cy
-        period = rng.uniform(0.15, 0.3)
+        period = rng.uniform(0.2, 0.32)
         mask = [lambda: np.hypot(dx, dy) < r,  # only the label's mask is drawn
                 lambda: np.maximum(abs(dx), abs(dy)) < r * 0.85,
                 lambda: (dy < r * 0.8) & (dy > -r * 0.8 + 2 * abs(dx)),
                 lambda: (np.hypot(dx, dy) < r) & (np.hypot(dx, dy) > r * 0.55),
-                lambda: ((abs(dx) < r * 0.3) | (abs(dy) < r * 0.3)) & (np.maximum(abs(dx), abs(dy)) < r),
-                lambda: (yy / period) % 1 < 0.5,
-                lambda: (xx / period) % 1 < 0.5,
+                lambda: ((abs(dx) < r * 0.35) | (abs(dy) < r * 0.35)) & (np.maximum(abs(dx), abs(dy)) < r),
+                lambda: (yy / period) % 1 < 0.5, lambda: (xx / period) % 1 < 0.5,  # horizontal, vertical stripes
                 lambda: ((xx / period).astype(int) + (yy / period).astype(int)) % 2 == 0][label]()
         fg, bg = rng.uniform(-1, 1, size=3), rng.uniform(-1, 1, size=3)
-        while np.abs(fg - bg).sum() < 1.2:  # keep the shape visible
+        while np.abs(fg - bg).sum() < 1.5:  # keep the shape visible
             fg = rng.uniform(-1, 1, size=3)
         img = np.where(mask[None], fg[:, None, None], bg[:, None, None]).astype(np.float32)
         if self.flip and np.random.default_rng((self.seed, self.epoch, i)).random() < 0.5:

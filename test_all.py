@@ -468,7 +468,7 @@ def _recognition(run, seed=42):
 
 
 def test_quickstart_judge_and_runner():
-    """The judge knows the classes (>= 97 % on real held-out images; measured 99.7 %) and reads shapes, not colours:
+    """The judge knows the classes (>= 97 % on real held-out images; measured 100 %) and reads shapes, not colours:
     the same images with their pixels shuffled are near chance. The runner takes the README's stages as written."""
     net, real = _shape_judge()
     assert real >= 0.97
@@ -483,16 +483,17 @@ def test_quickstart_judge_and_runner():
 
 # CI's shortened quickstart: QUICK_TOK_STEPS of the README's tokenizer steps and QUICK_GEN_STEPS of its generator
 # steps, all else as written. Bounds from 3 seeds x OMP_NUM_THREADS 1 and 2 (BENCHMARKS.md, "The shortened quickstart
-# in CI"): held-out PSNR 16.39-16.60 dB (the mean image: 11.18), last/first flow loss 0.378-0.427.
+# in CI"): held-out PSNR 15.43-15.79 dB (the mean image: 11.0), last/first flow loss 0.423-0.481; each bound is over
+# twice that spread away.
 QUICK_TOK_STEPS, QUICK_GEN_STEPS = 1200, 500
-PSNR_BOUND, LOSS_RATIO_BOUND = 15.0, 0.55
+PSNR_BOUND, LOSS_RATIO_BOUND = 14.5, 0.6
 
 
 def test_quickstart_shortened_trains_both_stages(tmp_path):
-    """The README quickstart, shortened: the tokenizer beats the mean image (11.2 dB) by over 3.8 dB on held-out
-    images and the generator's flow-matching loss falls to under 0.55 of its first logged value. The judge's rates are
-    printed, not asserted: at this length the tokenizer is still on its colour plateau (reconstructions 15-21 %,
-    samples 8-19 %, chance 12.5 %); test_quickstart_readme_pipeline asserts them on the full run."""
+    """The README quickstart, shortened: the tokenizer beats the mean image (11.0 dB) by over 3.5 dB on held-out
+    images and the generator's flow-matching loss falls to under 0.6 of its first logged value. The judge's rates are
+    printed, not asserted: at this length the tokenizer is barely off its colour plateau (reconstructions 12-28 %,
+    samples 5-14 %, chance 12.5 %); test_quickstart_readme_pipeline asserts them on the full run."""
     _run_quickstart(tmp_path, QUICK_TOK_STEPS, QUICK_GEN_STEPS, samples=64)
     rates = _recognition(tmp_path / "runs" / "quickstart")
     losses = [r["loss"] for r in _log(str(tmp_path / "runs" / "quickstart" / "sit"))[1].values()]
@@ -502,14 +503,14 @@ def test_quickstart_shortened_trains_both_stages(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"), reason="the full quickstart, 10 minutes: set SOFTVQ_SLOW=1")
 def test_quickstart_readme_pipeline(tmp_path):
-    """README command 1 as written (after its set-up), judged. Issue 13's targets (reconstructions >= 90 %, samples
-    >= 80 %, every class >= 50 %) are not met yet; this guards what the quickstart shows now with a margin: measured
-    69.5 % and 61.7 % in 546 s (BENCHMARKS.md, "The README quickstart"); bounds 55 % and 45 %, since another CPU's
-    rounding is another trajectory, and the seeds' spread at 4,000 steps is ~10 points (BENCHMARKS.md)."""
+    """README command 1 as written (after its set-up), judged against issue 13's targets: reconstructions >= 90 %,
+    samples >= 80 % with every class >= 50 %. Measured (BENCHMARKS.md, "The README quickstart"): 92.6 % and 87.1 %,
+    crosses the weakest class at 61 %, in 569 s; the tokenizer with --seed 1 recognised 95.9 % (of 1,024 images)."""
     times = _run_quickstart(tmp_path)
     rates = _recognition(tmp_path / "runs" / "quickstart")
     print("README quickstart:", times, f"total {sum(times.values()):.0f} s", rates)
-    assert rates["real"] >= 0.97 and rates["recon"] >= 0.55 and rates["samples"] >= 0.45
+    assert rates["real"] >= 0.97 and rates["recon"] >= 0.90 and rates["samples"] >= 0.80
+    assert min(rates["per_class"]) >= 0.50, rates["per_class"]
 
 
 def test_train_errors(tmp_path, capsys):
