@@ -34,9 +34,9 @@ class SiTConfig:
     class_dropout: float = 0.1  # label-drop probability in training (classifier-free guidance)
 
 
-# SiT sizes (patch 1 on 1-D tokens), plus a tiny one for CPU tests.
+# SiT sizes (patch 1 on 1-D tokens), plus a tiny one for the CPU quickstart (why width 96: BENCHMARKS.md) and tests.
 GENERATOR_PRESETS = {
-    "sit-tiny": dict(width=128, depth=4, num_heads=4),
+    "sit-tiny": dict(width=96, depth=4, num_heads=3),
     "sit-s": dict(width=384, depth=12, num_heads=6),
     "sit-b": dict(width=768, depth=12, num_heads=12),
     "sit-l": dict(width=1024, depth=24, num_heads=16),
