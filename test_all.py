@@ -501,7 +501,7 @@ def test_quickstart_shortened_trains_both_stages(tmp_path):
     assert rates["psnr"] >= PSNR_BOUND and losses[-1] <= LOSS_RATIO_BOUND * losses[0]
 
 
-@pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"), reason="the full quickstart, 10 minutes: set SOFTVQ_SLOW=1")
+@pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"), reason="the full quickstart, about 9 minutes: set SOFTVQ_SLOW=1")
 def test_quickstart_readme_pipeline(tmp_path):
     """README command 1 as written (after its set-up), judged against issue 13's targets: reconstructions >= 90 %,
     samples >= 80 % with every class >= 50 %. Measured (BENCHMARKS.md, "The README quickstart"): 92.6 % and 88.7 %,
