@@ -226,29 +226,29 @@ def _static(*tensors):
     return tensors
 
 
-def integrate_flow(model, noise, labels, sampling=Sampling(), rng=None, null_label=None):
-    """Integrate from t = 1 (noise (B, L, d)) to t = 0 and return latents (B, L, d) in noise's dtype.
-    model: any callable velocity(x (B', L, d), t (B',), y (B',)) -> (B', L, d), e.g. a SiT in eval mode.
-    Guidance acts on all channels; the null label is num_classes. rng: the SDE noise source (see _sde_noise).
-    Inputs are marked static in the batch dimension: a compiled model gets one graph per batch size (B, 2B)."""
-    null_label = getattr(getattr(model, "config", None), "num_classes", 1000) if null_label is None else null_label
-    params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-    dtype = params.dtype if params is not None and params.is_floating_point() else noise.dtype
-    y_null = torch.full_like(labels, null_label)
+def integrate_flow(velocity, noise, labels, sampling=Sampling(), rng=None, null_label=None):
+    """Integrate dx/dt = v(x, t) from t = 1 (noise (B, L, d)) to t = 0 -> latents (B, L, d) in noise's dtype.
+    velocity(x (B', L, d), t (B',), y (B',)) -> (B', L, d), called with float64 x and t (see sit_velocity for a
+    SiT). The state is float64 throughout. Classifier-free guidance (cfg_scale > 1) evaluates the conditional and
+    the unconditional velocity in one doubled batch; the unconditional label is null_label (the SiT's num_classes).
+    rng: the SDE noise source (see _sde_noise)."""
     s = sampling.cfg_scale
+    if s > 1.0 and null_label is None:
+        raise ValueError("classifier-free guidance needs null_label (the model's num_classes)")
 
-    def velocity(x, t, guide):  # x float64 (B, L, d), t python float -> float64 (B, L, d)
-        guide = guide and s > 1.0
-        x_in, y_in = (torch.cat([x, x]), torch.cat([labels, y_null])) if guide else (x, labels)
-        t_in = torch.full((x_in.shape[0],), t, dtype=dtype, device=x.device)
-        v = model(*_static(x_in.to(dtype), t_in, y_in)).to(torch.float64)
-        if guide:
-            v_cond, v_uncond = v.chunk(2)
-            v = v_uncond + s * (v_cond - v_uncond)
-        return v
+    def guided_velocity(x, t, guide):  # x float64 (B, L, d), t a python float -> float64 (B, L, d)
+        if not (guide and s > 1.0):
+            t_in = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+            return velocity(x, t_in, labels).to(torch.float64)
+        x_in = torch.cat([x, x])
+        y_in = torch.cat([labels, torch.full_like(labels, null_label)])
+        t_in = torch.full((x_in.shape[0],), t, dtype=torch.float64, device=x.device)
+        v_cond, v_uncond = velocity(x_in, t_in, y_in).to(torch.float64).chunk(2)
+        return v_uncond + s * (v_cond - v_uncond)
 
     x = noise.to(torch.float64)
     if sampling.solver == "sde":
+        # SiT's SDE grid stops at t = 0.04 (the score -((1 - t) v + x) / t blows up at 0); one last mean step to 0
         ts = torch.linspace(1.0, 0.04, sampling.steps, dtype=torch.float64).tolist() + [0.0]
         draw = _sde_noise(x, rng, sampling.steps - 1)  # no noise on the last step
     else:
@@ -256,38 +256,52 @@ def integrate_flow(model, noise, labels, sampling=Sampling(), rng=None, null_lab
     with torch.no_grad():
         for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
             last = i == len(ts) - 2
+            # The guidance interval (Kynkaanniemi et al. 2024): guide only while t is inside [low, high]. Heun's
+            # corrector, evaluated at t_next, follows the decision taken at t, so that one step uses one field.
             guide = sampling.guidance_low <= t <= sampling.guidance_high
             dt = t_next - t  # < 0
-            v = velocity(x, t, guide)
+            v = guided_velocity(x, t, guide)
             if sampling.solver == "sde":
-                # Reverse-time SDE sharing the flow's marginals, diffusion w(t) = 2t; score from the velocity on the
-                # linear path: s = -((1 - t) v + x) / t; drift d = v - w s / 2. The last step (from 0.04) is its mean.
+                # Euler-Maruyama on the reverse-time SDE that shares the flow's marginals, diffusion w(t) = 2t:
+                # score from the velocity on the linear path, s = -((1 - t) v + x) / t; drift v - w s / 2.
+                # The last step (from 0.04) takes only the drift: the mean of the final sample.
                 w = 2.0 * t
                 score = -((1.0 - t) * v + x) / t
                 x = x + (v - 0.5 * w * score) * dt
                 if not last:
                     x = x + math.sqrt(w) * math.sqrt(abs(dt)) * draw(i)
             elif sampling.solver == "heun" and not last:
+                # Heun: an Euler predictor, then the mean of the slopes at both ends (Euler on the last step)
                 x_pred = x + dt * v
-                x = x + dt * 0.5 * (v + velocity(x_pred, t_next, guide))
+                x = x + dt * 0.5 * (v + guided_velocity(x_pred, t_next, guide))
             else:
+                # Euler
                 x = x + dt * v
     return x.to(noise.dtype)
+
+
+def sit_velocity(model, amp=True):
+    """integrate_flow's velocity from a SiT (or a torch.compile'd one). Inputs go in the model's dtype (float32;
+    float64 for a float64 model) and are marked static in the batch dimension, so a compiled model gets one graph
+    per batch size (B, and 2B with guidance); on CUDA the model runs under bf16 autocast unless amp is False."""
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+    def velocity(x, t, y):  # (B, L, d), (B,), (B,) -> (B, L, d)
+        use_amp = amp and x.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            return model(*_static(x.to(dtype), t.to(dtype), y))
+
+    return velocity
 
 
 @torch.no_grad()
 def generate_latents(model, noise, labels, sampling=Sampling(), rng=None, amp=True):
     """Normalised latents (B, L, d) from noise (B, L, d); the model runs in eval mode, under bf16 autocast on CUDA."""
-    use_amp = amp and noise.device.type == "cuda"
-
-    def velocity(x, t, y):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            return model(x, t, y)
-
     was_training = model.training
     model.eval()
     try:
-        return integrate_flow(velocity, noise, labels, sampling, rng, null_label=model.config.num_classes)
+        return integrate_flow(sit_velocity(model, amp), noise, labels, sampling, rng,
+                              null_label=model.config.num_classes)
     finally:
         model.train(was_training)
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 import data
 import fid
 from generator import Sampling, generate_images, load_generator, load_tokenizer_for
+from model import cast_autocast_weights
 from tokenizer import LPIPS, load_tokenizer
 
 # Grid classes when none are given (ImageNet ids, as DiT's sample.py): retriever, otter, panda, geyser, macaw, ...
@@ -304,6 +305,11 @@ def main(argv=None):
             model, info = load_generator(args.ckpt, args.config, args.weights)
             tok = load_tokenizer_for(model, info, args.tokenizer, args.tokenizer_config)
             model, tok = model.to(device), tok.to(device).eval()
+            if device.type == "cuda" and not args.fp32:
+                # bf16 weights once, not a cast of every fp32 weight at every step: autocast caches its casts
+                # only of weights that require grad. Under autocast the outputs are the same.
+                cast_autocast_weights(model, torch.bfloat16)
+                cast_autocast_weights(tok, torch.bfloat16)
             net = torch.compile(model) if device.type == "cuda" else model  # attributes (.config) pass through
             if npz:
                 write_samples(args, net, tok, device, rank, world)

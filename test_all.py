@@ -1,6 +1,7 @@
 """The whole test suite: `pytest -q test_all.py` (under 5 minutes on 2 CPU cores; GPU checks skip without CUDA)."""
 import atexit
 import contextlib
+import copy
 import functools
 import importlib.util
 import json
@@ -33,7 +34,8 @@ import sample as S
 import tokenizer as TOK
 import train
 from fid import psnr, ssim
-from model import _ST_DTYPES, ViT, check_state_dict, load_safetensors, load_state_dict_file
+from model import (_ST_DTYPES, ViT, cast_autocast_weights, check_state_dict, load_safetensors,
+                   load_state_dict_file)
 from tokenizer import (LPIPS, PRESETS, DinoDiscriminator, LossConfig, SoftVQVAE, SoftVectorQuantizer, TokenizerLoss,
                        _cutout, _translate, diff_augment, entropy_loss, init_encoder_from_dinov2, load_tokenizer,
                        resample_patch_kernel, tokenizer_config)
@@ -1185,19 +1187,21 @@ def test_sampler_model_calls_and_guidance_interval(_gen_single_thread):
         for n in (1, 2, 8):
             for cfg in (1.0, 2.5):
                 f, calls = _gen_recorder(vel)
-                G.integrate_flow(f, x, y, G.Sampling(sampler, n, cfg_scale=cfg))
+                G.integrate_flow(f, x, y, G.Sampling(sampler, n, cfg_scale=cfg), null_label=10)
                 assert len(calls) == calls_of(n), (sampler, n)
                 assert {b for b, _ in calls} == {6 if cfg > 1 else 3}
     # interval [0.25, 0.75] on the exact grid 1, 0.875, ..., 0.125: doubled exactly at t in [0.25, 0.75]
     f, calls = _gen_recorder(vel)
-    G.integrate_flow(f, x, y, G.Sampling("ode", 8, cfg_scale=2.0, guidance_low=0.25, guidance_high=0.75))
+    G.integrate_flow(f, x, y, G.Sampling("ode", 8, cfg_scale=2.0, guidance_low=0.25, guidance_high=0.75),
+                     null_label=10)
     assert calls == [(3, 1.0), (3, 0.875), (6, 0.75), (6, 0.625), (6, 0.5), (6, 0.375), (6, 0.25), (3, 0.125)]
     # Heun's corrector (evaluated at t_next) follows its step's decision at t_cur; no corrector on the last step
     f, calls = _gen_recorder(vel)
-    G.integrate_flow(f, x, y, G.Sampling("heun", 4, cfg_scale=2.0, guidance_low=0.0, guidance_high=0.5))
+    G.integrate_flow(f, x, y, G.Sampling("heun", 4, cfg_scale=2.0, guidance_low=0.0, guidance_high=0.5),
+                     null_label=10)
     assert calls == [(3, 1.0), (3, 0.75), (3, 0.75), (3, 0.5), (6, 0.5), (6, 0.25), (6, 0.25)]
     f, calls = _gen_recorder(vel)
-    G.integrate_flow(f, x, y, G.Sampling("sde", 5, cfg_scale=2.0, guidance_high=0.5))
+    G.integrate_flow(f, x, y, G.Sampling("sde", 5, cfg_scale=2.0, guidance_high=0.5), null_label=10)
     assert [b for b, _ in calls] == [3, 3, 3, 6, 6] and calls[-1][1] == pytest.approx(0.04)
     assert [t for _, t in calls[:-1]] == pytest.approx([1.0, 0.76, 0.52, 0.28])
 
@@ -1223,11 +1227,11 @@ def test_sample_with_sit_and_per_sample_generators(_gen_single_thread):
     model = check_state_dict(G.SiT(cfg), {k: torch.randn_like(w) * 0.1 for k, w in G.SiT(cfg).state_dict().items()})
     model.eval()
     noise, labels, rngs = S.sample_inputs(7, range(4), 4, 3, 5, torch.device("cpu"))
-    full = G.integrate_flow(model, noise, labels, G.Sampling("sde", 6, cfg_scale=2.0), rng=rngs)
+    full = G.generate_latents(model, noise, labels, G.Sampling("sde", 6, cfg_scale=2.0), rng=rngs)
     _, _, rngs = S.sample_inputs(7, range(4), 4, 3, 5, torch.device("cpu"))
     for i in range(4):  # the same sample alone
-        one = G.integrate_flow(model, noise[i:i + 1], labels[i:i + 1], G.Sampling("sde", 6, cfg_scale=2.0),
-                               rng=[rngs[i]])
+        one = G.generate_latents(model, noise[i:i + 1], labels[i:i + 1], G.Sampling("sde", 6, cfg_scale=2.0),
+                                 rng=[rngs[i]])
         torch.testing.assert_close(one, full[i:i + 1], atol=1e-5, rtol=1e-5)
     n2, l2, _ = S.sample_inputs(7, [2], 4, 3, 5, torch.device("cpu"))
     assert torch.equal(n2[0], noise[2]) and l2[0] == labels[2]
@@ -3078,6 +3082,27 @@ def _gpu_counting_backend():
     return backend, graphs
 
 
+def test_sampling_weights_cast_once_give_the_same_samples_under_autocast(_gen_single_thread):
+    """sample.py casts the SiT's Linear weights to bf16 once (on CUDA): under autocast (here CPU bf16 autocast)
+    the samples are the same bit for bit, and differ from the float32 ones (the autocast path is taken)."""
+    torch.manual_seed(0)
+    cfg = G.sit_config("sit-tiny", 4, 3, num_classes=5)
+    model = check_state_dict(G.SiT(cfg), {k: torch.randn_like(w) * 0.1 for k, w in G.SiT(cfg).state_dict().items()})
+    cast = cast_autocast_weights(copy.deepcopy(model), torch.bfloat16).eval()
+    assert cast.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    noise, labels = torch.randn(3, 4, 3), torch.tensor([0, 1, 4])
+    sampling = G.Sampling("sde", 4, cfg_scale=2.0)
+
+    def draw(m):
+        rngs = [torch.Generator().manual_seed(k) for k in range(3)]
+        return G.integrate_flow(G.sit_velocity(m.eval()), noise, labels, sampling, rngs, null_label=5)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        once, every_step = draw(cast), draw(model)
+    assert torch.equal(once, every_step)
+    assert not torch.equal(once, draw(model))
+
+
 def test_gpu_sampler_compiles_one_static_graph_per_batch_size(_gen_single_thread):
     """A compiled SiT in integrate_flow with a guidance interval (batches B and 2B) and a smaller last batch: one
     static graph per batch size, no dynamic-shape graph."""
@@ -3088,7 +3113,7 @@ def test_gpu_sampler_compiles_one_static_graph_per_batch_size(_gen_single_thread
     sizes = set()
     try:
         for B in (3, 3, 2):
-            f, calls = _gen_recorder(net)
+            f, calls = _gen_recorder(G.sit_velocity(net))
             G.integrate_flow(f, torch.randn(B, 4, 3), torch.arange(B) % 5,
                              G.Sampling("sde", 4, cfg_scale=2.0, guidance_high=0.5), null_label=5)
             sizes |= {b for b, _ in calls}
