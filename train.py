@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import traceback
 from contextlib import nullcontext
 
 import torch
@@ -78,6 +79,12 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=8, help="data loader workers per rank")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the trained model: auto = on CUDA only; off to debug, on to test it on CPU")
+    p.add_argument("--compile-frozen", choices=["on", "off"], default="off",
+                   help="tokenizer: torch.compile the frozen networks too (LPIPS, D's backbone, the REPA teacher; "
+                        "with --adaptive-disc-weight the teacher only); BENCHMARKS.md measures it")
+    p.add_argument("--preflight", choices=["on", "off"], default="on",
+                   help="before the first step, one training step of each phase the run will enter (e.g. the GAN "
+                        "phase from --disc-start), then every state put back: a phase that fails ends the run now")
     p.add_argument("--seed", type=int, default=42, help="a non-negative integer")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--allow-changes", action="store_true",
@@ -149,10 +156,13 @@ def average_gradients(params, world):
         torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
-def backward_micro(loss, k, micro_batches, ddp):
-    """Backward of micro-batch k's share of the step's loss; DDP all-reduces the gradients on the last one only."""
-    with ddp.no_sync() if isinstance(ddp, DDP) and k < micro_batches - 1 else nullcontext():
-        (loss / micro_batches).backward()
+def micro_batch_sync(ddp, k, micro_batches):
+    """Around the forward and the backward of micro-batch k: DDP all-reduces the gradients on the last one only.
+    The forward belongs inside too: DDP decides in its forward whether the backward will all-reduce (PyTorch
+    docs, DistributedDataParallel.no_sync)."""
+    if isinstance(ddp, DDP) and k < micro_batches - 1:
+        return ddp.no_sync()
+    return nullcontext()
 
 
 def clip_and_step(optimizer, params, clip, world, outside_ddp=()):
@@ -246,8 +256,9 @@ class TokenizerStage:
             adaptive_disc_weight=args.adaptive_disc_weight, vgg_path=args.vgg, lpips_path=args.lpips,
             dino_path=args.dino, dinov2_path=args.dinov2)).to(device)
         self.warnings += self.criterion.disabled
-        if device.type == "cuda":  # frozen nets' Linear/Conv weights in bf16 once, not re-cast by autocast per call
-            self.criterion.prepare_frozen(torch.bfloat16)
+        # On CUDA the frozen nets' Linear/Conv weights go to bf16 once, not re-cast by autocast at every call
+        frozen_dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.criterion.prepare_frozen(frozen_dtype, compile=args.compile_frozen == "on")
         model.set_eager_pixel_head(args.adaptive_disc_weight)  # its weight's gradients are taken before the backward
         model.set_grad_checkpointing(args.grad_checkpointing)
         self.dataset = data.make_dataset(args.data, model.config.image_size, crop="random", flip=True, seed=args.seed)
@@ -263,19 +274,41 @@ class TokenizerStage:
         self.disc_optimizer = make_optimizer(self.disc_params, args, device, (0.9, 0.95)) if self.disc_params else None
         self.optimizers = [o for o in (self.optimizer, self.disc_optimizer) if o is not None]
         if resume is not None:
-            restore(resume, [(name, obj) for name, obj in [
-                ("model", model), ("ema", self.ema), ("optimizer", self.optimizer), ("criterion", self.criterion),
-                ("disc_optimizer", self.disc_optimizer)] if obj is not None], args)
+            restore(resume, self.state_parts(), args)
         self.ddp, self.forward = wrap(model, device, world, args.compile)
+
+    def state_parts(self):
+        """(checkpoint key, module or optimizer) of everything a training step changes: the weights, the EMA, the
+        optimizers and the criterion (REPA projector, D with its spectral-norm vectors, batch-norm statistics
+        and the LeCam EMAs)."""
+        parts = [("model", self.model), ("ema", self.ema), ("optimizer", self.optimizer),
+                 ("criterion", self.criterion)]
+        if self.disc_optimizer is not None:
+            parts.append(("disc_optimizer", self.disc_optimizer))
+        return parts
+
+    def phases(self, start):
+        """(name, first step) of each objective the steps from `start` on train with. The step's graph changes
+        once, when D and the GAN term (with the adaptive weight, if set) start at --disc-start; LPIPS and REPA
+        are in it from step 0 (the LPIPS ramp only scales its term)."""
+        steps = self.args.steps
+        gan_start = max(start, self.args.disc_start) if self.criterion.disc is not None else steps
+        phases = []
+        if start < min(gan_start, steps):
+            phases.append(("reconstruction", start))
+        if gan_start < steps:
+            phases.append(("gan", gan_start))
+        return phases
 
     def step(self, images, labels, step):  # images (B, 3, H, W) in [-1, 1] -> logs (tensors)
         K, per_micro, recons = self.args.grad_accum, [], []
         for k, x in enumerate(images.chunk(K)):
-            with self.autocast:
-                recon, z, logits = self.forward(x)
-                loss, logs = self.criterion.generator_loss(x, recon, z, logits, step,
-                                                           last_layer=self.model.decoder.to_pixel.model.weight)
-            backward_micro(loss, k, K, self.ddp)
+            with micro_batch_sync(self.ddp, k, K):
+                with self.autocast:
+                    recon, z, logits = self.forward(x)
+                    last_layer = self.model.decoder.to_pixel.model.weight
+                    loss, logs = self.criterion.generator_loss(x, recon, z, logits, step, last_layer=last_layer)
+                (loss / K).backward()
             per_micro.append({"loss": loss.detach(), **logs})
             recons.append(recon.detach())
         grad_norm = clip_and_step(self.optimizer, self.params, self.args.grad_clip, self.world, self.extra_params)
@@ -351,9 +384,17 @@ class GeneratorStage:
         self.optimizer = make_optimizer(self.params, args, device, (0.9, 0.999))
         self.optimizers = [self.optimizer]
         if resume is not None:
-            restore(resume, [("model", model), ("ema", self.ema), ("optimizer", self.optimizer)], args)
+            restore(resume, self.state_parts(), args)
         self.ddp, self.forward = wrap(model, device, world, args.compile)
-        self.decoder = self.tokenizer or self._preview_tokenizer()
+        # Only rank 0 draws the previews: the other ranks do not hold a second tokenizer in GPU memory
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.decoder = self.tokenizer or (self._preview_tokenizer() if rank == 0 else None)
+
+    def state_parts(self):  # (checkpoint key, module or optimizer) of everything a training step changes
+        return [("model", self.model), ("ema", self.ema), ("optimizer", self.optimizer)]
+
+    def phases(self, start):  # one objective throughout
+        return [("flow-matching", start)] if start < self.args.steps else []
 
     def _preview_tokenizer(self):
         """The tokenizer that decodes the preview samples of a cached run, loaded once (EMA weights) and checked to
@@ -367,13 +408,14 @@ class GeneratorStage:
     def step(self, batch, labels, step):  # batch: latents (B, L, d) or images (B, 3, H, W) -> logs (tensors)
         K, losses = self.args.grad_accum, []
         for k, (x, y) in enumerate(zip(batch.chunk(K), labels.chunk(K))):
-            with self.autocast:
-                if self.tokenizer is not None:  # images -> latents on the fly
-                    with torch.no_grad():
-                        x = self.tokenizer.encode(x).float()
-                x = normalize(x, self.info["latent_mean"], self.info["latent_std"])  # (B, L, d)
-                loss = flow_matching_loss(self.forward, x, y, self.args.time_dist)
-            backward_micro(loss, k, K, self.ddp)
+            with micro_batch_sync(self.ddp, k, K):
+                with self.autocast:
+                    if self.tokenizer is not None:  # images -> latents on the fly
+                        with torch.no_grad():
+                            x = self.tokenizer.encode(x).float()
+                    x = normalize(x, self.info["latent_mean"], self.info["latent_std"])  # (B, L, d)
+                    loss = flow_matching_loss(self.forward, x, y, self.args.time_dist)
+                (loss / K).backward()
             losses.append(loss.detach())
         grad_norm = clip_and_step(self.optimizer, self.params, self.args.grad_clip, self.world)
         return {"loss": sum(losses) / K, "grad_norm": grad_norm}
@@ -400,7 +442,7 @@ class GeneratorStage:
 
 # Settings that do not change the trajectory of a run; every other flag must match the checkpoint's on --resume.
 RESUME_FREE = {"out", "resume", "allow_changes", "overwrite", "log_every", "sample_every", "ckpt_every", "workers",
-               "compile", "timeout"}
+               "compile", "compile_frozen", "preflight", "timeout"}
 
 
 def load_resume(args, ckpt_path):
@@ -466,6 +508,85 @@ def prepare_out(args, rank):
         dist.barrier()
 
 
+def train_step(stage, args, batch, labels, step, rank, ema):
+    """One optimisation step at global step `step`: randomness seeded by (seed, step, rank), so that a resumed
+    run repeats it; the schedule's learning rate; the stage's step; the EMA update. ema: (EMA tensors, model
+    tensors), listed once. -> (logs, finite: a device bool of the loss and gradient norm, no host sync)."""
+    torch.manual_seed(data.seed_for(args.seed, step, rank))
+    for opt in stage.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, args)
+    logs = stage.step(batch, labels, step)
+    finite = torch.isfinite(torch.stack([logs["loss"].float(), logs["grad_norm"].float()])).all()
+    update_ema(*ema, args.ema_decay)
+    return logs, finite
+
+
+def preflight(stage, args, start, rank, world, device, local_batch, ema, log):
+    """Before the first step, one full training step of each phase the run will enter (stage.phases), through the
+    same compiled, DDP-wrapped step and batch size: an out-of-memory, a compile failure or a non-finite loss in a
+    later phase (the GAN from --disc-start) ends the run in its first minutes, not hours in. Then every state a
+    step changes is put back (stage.state_parts: weights, EMA, optimizers, criterion buffers; the RNG), so the
+    run's losses are those of --preflight off, bit for bit. Logs one `preflight` event."""
+    phases = stage.phases(start)
+    if not phases:
+        return
+    snapshot = {name: cpu_copy(obj.state_dict()) for name, obj in stage.state_parts()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    # A batch of the run's size read from the dataset itself: the run's data stream is not touched
+    n = len(stage.dataset)
+    batch, labels, _ = data.collate([stage.dataset[(rank * local_batch + i) % n] for i in range(local_batch)])
+    batch, labels = data.to_model_range(batch.to(device)), labels.to(device)
+    report = []
+    for name, phase_step in phases:
+        where = f"preflight: the {name} phase (the run enters it at step {phase_step})"
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.time()
+        try:
+            _, finite = train_step(stage, args, batch, labels, phase_step, rank, ema)
+            finite = finite.to(torch.int32)
+            if world > 1:  # every rank learns whether any rank's loss went non-finite
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            # A host sync; before the run it costs nothing
+            finite = bool(finite)
+        except torch.cuda.OutOfMemoryError:
+            raise ValueError(f"{where} runs out of GPU memory at {local_batch} images per rank; lower "
+                             f"--batch-size or add --grad-accum or --grad-checkpointing") from None
+        except Exception as e:
+            trace = os.path.join(args.out, f"preflight_error_rank{rank}.txt")
+            with open(trace, "w") as f:
+                traceback.print_exc(file=f)
+            message = " ".join(str(e).split())[:300]
+            raise ValueError(f"{where} fails: {type(e).__name__}: {message} (traceback: {trace})") from None
+        record = {"phase": name, "step": phase_step, "seconds": round(time.time() - t0, 3), "finite": finite}
+        if device.type == "cuda":
+            record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+        report.append(record)
+        if not finite:
+            log.note(event="preflight", phases=report)
+            raise FloatingPointError(f"{where}: the loss or gradient norm is not finite. Lower --lr, or check "
+                                     f"the data and the weights files")
+    for name, obj in stage.state_parts():
+        obj.load_state_dict(snapshot[name])
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    log.note(event="preflight", phases=report)
+
+
+def cpu_copy(state):
+    """A copy of a (nested) state dict with every tensor cloned to the CPU: host memory, not the GPU's."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(v) for v in state)
+    return copy.deepcopy(state)
+
+
 def train(args):
     rank, world, device = data.setup_distributed(timeout_s=args.timeout)
     if args.batch_size % (world * args.grad_accum):
@@ -482,10 +603,13 @@ def train(args):
     Stage = TokenizerStage if args.stage == "tokenizer" else GeneratorStage
     stage = Stage(args, device, world, autocast, resume)
     step = resume["step"] if resume else 0
+    resumed = resume is not None
+    # The stage holds what it needs; the (memory-mapped) checkpoint is not kept for the whole run
+    del resume
     sampler = data.ShardedSampler(len(stage.dataset), local_batch, rank, world, args.seed)
     stream = data.batches(stage.dataset, sampler, local_batch, args.workers, step, pin_memory=device.type == "cuda")
     log = Logger(args, rank, step)
-    if resume is None:
+    if not resumed:
         log.note(event="start", stage=args.stage, preset=args.preset, world=world, device=str(device),
                  params=sum(p.numel() for p in stage.model.parameters()), lr=args.lr, steps=args.steps,
                  batch=args.batch_size)
@@ -495,21 +619,18 @@ def train(args):
         log.note(event="resume", step=step)
 
     nonfinite = torch.zeros((), dtype=torch.long, device=device)  # 1 + first step with a non-finite loss; 0 = none
-    ema_tensors, tensors = ([list(m.parameters()), list(m.buffers())] for m in (stage.ema, stage.model))
+    # Listed once: listing a module's tensors costs about 1 ms a step
+    ema = [[list(m.parameters()), list(m.buffers())] for m in (stage.ema, stage.model)]
     stage.model.train()
     try:
+        if args.preflight == "on":
+            preflight(stage, args, step, rank, world, device, local_batch, ema, log)
         while step < args.steps:
             batch, labels, skipped = next(stream)
             batch = data.to_model_range(batch.to(device, non_blocking=True))  # uint8 images: [-1, 1] on the device
             labels = labels.to(device, non_blocking=True)
-            torch.manual_seed(data.seed_for(args.seed, step, rank))  # per-step randomness: resumable
-            for opt in stage.optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(step, args)
-            logs = stage.step(batch, labels, step)
-            finite = torch.isfinite(torch.stack([logs["loss"].float(), logs["grad_norm"].float()])).all()
+            logs, finite = train_step(stage, args, batch, labels, step, rank, ema)
             nonfinite = torch.where((nonfinite == 0) & ~finite, step + 1, nonfinite)  # on the device: no sync
-            update_ema(ema_tensors, tensors, args.ema_decay)
             step += 1
             log.add({**logs, "skipped_images": skipped.to(device, torch.float32, non_blocking=True)})
             log.bar.update(1)
