@@ -508,30 +508,31 @@ def prepare_out(args, rank):
         dist.barrier()
 
 
-def train_step(stage, args, batch, labels, step, rank, ema):
+def train_step(stage, args, batch, labels, step, rank):
     """One optimisation step at global step `step`: randomness seeded by (seed, step, rank), so that a resumed
-    run repeats it; the schedule's learning rate; the stage's step; the EMA update. ema: (EMA tensors, model
-    tensors), listed once. -> (logs, finite: a device bool of the loss and gradient norm, no host sync)."""
+    run repeats it; the schedule's learning rate; the stage's step (the EMA follows in the loop).
+    -> (logs, finite: a device bool of the loss and gradient norm, no host sync)."""
     torch.manual_seed(data.seed_for(args.seed, step, rank))
     for opt in stage.optimizers:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args)
     logs = stage.step(batch, labels, step)
     finite = torch.isfinite(torch.stack([logs["loss"].float(), logs["grad_norm"].float()])).all()
-    update_ema(*ema, args.ema_decay)
     return logs, finite
 
 
-def preflight(stage, args, start, rank, world, device, local_batch, ema, log):
+def preflight(stage, args, start, rank, world, device, local_batch, log):
     """Before the first step, one full training step of each phase the run will enter (stage.phases), through the
     same compiled, DDP-wrapped step and batch size: an out-of-memory, a compile failure or a non-finite loss in a
     later phase (the GAN from --disc-start) ends the run in its first minutes, not hours in. Then every state a
-    step changes is put back (stage.state_parts: weights, EMA, optimizers, criterion buffers; the RNG), so the
+    step changes is put back (stage.state_parts: weights, optimizers, criterion buffers; the RNG), so the
     run's losses are those of --preflight off, bit for bit. Logs one `preflight` event."""
     phases = stage.phases(start)
     if not phases:
         return
-    snapshot = {name: cpu_copy(obj.state_dict()) for name, obj in stage.state_parts()}
+    # The EMA is not updated here, so it needs no copy (host memory: the weights are copied on every rank)
+    parts = [(name, obj) for name, obj in stage.state_parts() if obj is not stage.ema]
+    snapshot = {name: cpu_copy(obj.state_dict()) for name, obj in parts}
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
     # A batch of the run's size read from the dataset itself: the run's data stream is not touched
@@ -545,7 +546,7 @@ def preflight(stage, args, start, rank, world, device, local_batch, ema, log):
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.time()
         try:
-            _, finite = train_step(stage, args, batch, labels, phase_step, rank, ema)
+            _, finite = train_step(stage, args, batch, labels, phase_step, rank)
             finite = finite.to(torch.int32)
             if world > 1:  # every rank learns whether any rank's loss went non-finite
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -568,7 +569,7 @@ def preflight(stage, args, start, rank, world, device, local_batch, ema, log):
             log.note(event="preflight", phases=report)
             raise FloatingPointError(f"{where}: the loss or gradient norm is not finite. Lower --lr, or check "
                                      f"the data and the weights files")
-    for name, obj in stage.state_parts():
+    for name, obj in parts:
         obj.load_state_dict(snapshot[name])
     torch.set_rng_state(cpu_rng)
     if cuda_rng is not None:
@@ -624,13 +625,14 @@ def train(args):
     stage.model.train()
     try:
         if args.preflight == "on":
-            preflight(stage, args, step, rank, world, device, local_batch, ema, log)
+            preflight(stage, args, step, rank, world, device, local_batch, log)
         while step < args.steps:
             batch, labels, skipped = next(stream)
             batch = data.to_model_range(batch.to(device, non_blocking=True))  # uint8 images: [-1, 1] on the device
             labels = labels.to(device, non_blocking=True)
-            logs, finite = train_step(stage, args, batch, labels, step, rank, ema)
+            logs, finite = train_step(stage, args, batch, labels, step, rank)
             nonfinite = torch.where((nonfinite == 0) & ~finite, step + 1, nonfinite)  # on the device: no sync
+            update_ema(*ema, args.ema_decay)
             step += 1
             log.add({**logs, "skipped_images": skipped.to(device, torch.float32, non_blocking=True)})
             log.bar.update(1)
