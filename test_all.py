@@ -135,8 +135,10 @@ def test_size_budget_functions_under_100_lines_and_no_references_outside_the_rep
 
 
 def _readme_commands():
-    """The README's two commands: the lines after the `# 1.` and `# 2.` comments of its first code block."""
-    block = open(REPO / "README.md").read().split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    """The README's two commands: the lines after the `# 1.` and `# 2.` comments of its first code block, each
+    command's `\\`-continued lines joined as the shell joins them."""
+    block = open(REPO / "README.md").read().split("```bash\n", 1)[1].split("```", 1)[0]
+    block = re.sub(r" *\\\n *", " ", block).splitlines()
     after = lambda mark: next(block[i + 1 + j] for i, line in enumerate(block) if line.startswith(mark)
                               for j, nxt in enumerate(block[i + 1:]) if not nxt.startswith("#"))
     return after("# 1."), after("# 2.")
