@@ -1,13 +1,15 @@
-"""SiT flow-matching generator on 1-D token sequences (the SoftVQ "SiT-XL/1" recipe): model, training loss, samplers,
-generation (noise -> latents -> images through the tokenizer's decoder), checkpoints and the tokenizer pairing.
+"""SiT flow-matching generator on 1-D token sequences (the SoftVQ "SiT-XL/1" recipe): model,
+training loss, samplers, generation (noise -> latents -> images through the tokenizer's decoder),
+checkpoints and the tokenizer pairing.
 
-Model: DiT/SiT adaLN-Zero transformer (Peebles & Xie, DiT models.py; Ma et al., SiT), patch size 1 on the tokenizer's L
-tokens of width d: a per-token Linear embedding replaces the patchifier, a fixed 1-D sin-cos table the 2-D one
-(Hhhhhhao/continuous_tokenizer `modelling/sit.py`, `vae_1d=True`); names as the released SiT weights, which load as is.
+Model: DiT/SiT adaLN-Zero transformer (Peebles & Xie, DiT models.py; Ma et al., SiT), patch size 1
+on the tokenizer's L tokens of width d: a per-token Linear embedding replaces the patchifier, a
+fixed 1-D sin-cos table the 2-D one (Hhhhhhao/continuous_tokenizer `modelling/sit.py`,
+`vae_1d=True`); names as the released SiT weights, which load as is.
 
-Flow convention (README, Conventions): x_t = (1 - t) x + t eps, t = 0 data, t = 1 noise, the network predicts
-v = eps - x, and raw t in [0, 1] enters the timestep embedding. The flow is integrated from t = 1 to 0.
-"""
+Flow convention (README, Conventions): x_t = (1 - t) x + t eps, t = 0 data, t = 1 noise, the network
+predicts v = eps - x, and raw t in [0, 1] enters the timestep embedding. The flow is integrated from
+t = 1 to 0."""
 import json
 import math
 import os
@@ -30,11 +32,13 @@ class SiTConfig:
     depth: int = 28
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    num_classes: int = 1000  # the label table has one extra row: the null class (= num_classes) for CFG
+    # the label table has one extra row: the null class (= num_classes) for CFG
+    num_classes: int = 1000
     class_dropout: float = 0.1  # label-drop probability in training (classifier-free guidance)
 
 
-# SiT sizes (patch 1 on 1-D tokens), plus a tiny one for the CPU quickstart (why width 96: BENCHMARKS.md) and tests.
+# SiT sizes (patch 1 on 1-D tokens), plus a tiny one for the CPU quickstart (why width 96:
+# BENCHMARKS.md) and tests.
 GENERATOR_PRESETS = {
     "sit-tiny": dict(width=96, depth=4, num_heads=3),
     "sit-s": dict(width=384, depth=12, num_heads=6),
@@ -45,10 +49,13 @@ GENERATOR_PRESETS = {
 
 
 def sit_config(name, num_tokens, token_dim, **overrides):
-    """SiTConfig of a preset on a tokenizer's (num_tokens, token_dim); `overrides` e.g. num_classes=10."""
+    """SiTConfig of a preset on a tokenizer's (num_tokens, token_dim); `overrides` e.g.
+    num_classes=10."""
     if name not in GENERATOR_PRESETS:
-        raise ValueError(f"unknown generator preset {name!r}; choose from {sorted(GENERATOR_PRESETS)}")
-    return SiTConfig(**{**GENERATOR_PRESETS[name], "num_tokens": num_tokens, "token_dim": token_dim, **overrides})
+        raise ValueError(f"unknown generator preset {name!r}; choose from "
+                         f"{sorted(GENERATOR_PRESETS)}")
+    sizes = {"num_tokens": num_tokens, "token_dim": token_dim}
+    return SiTConfig(**{**GENERATOR_PRESETS[name], **sizes, **overrides})
 
 
 def modulate(x, shift, scale):  # adaLN: (B, L, D) * (1 + (B, 1, D)) + (B, 1, D)
@@ -56,7 +63,8 @@ def modulate(x, shift, scale):  # adaLN: (B, L, D) * (1 + (B, 1, D)) + (B, 1, D)
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] (raw, not x1000) -> 256-d frequency features [cos | sin] (GLIDE/DiT order) -> MLP -> (B, D)."""
+    """t in [0, 1] (raw, not x1000) -> 256-d frequency features [cos | sin] (GLIDE/DiT order) -> MLP
+    -> (B, D)."""
 
     def __init__(self, width, freq_dim=256):
         super().__init__()
@@ -65,14 +73,17 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):  # (B,) -> (B, D)
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t.float()[:, None] * freqs[None]  # features in float32, then t's dtype (as the released sit.py)
+        k = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(10000.0) * k / half)
+        # features in float32, then t's dtype (as the released sit.py)
+        args = t.float()[:, None] * freqs[None]
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(feats.to(t.dtype) if t.is_floating_point() else feats)
 
 
 class LabelEmbedder(nn.Module):
-    """Class table with a null row (index num_classes); in training each label becomes null with prob p (CFG)."""
+    """Class table with a null row (index num_classes); in training each label becomes null with
+    prob p (CFG)."""
 
     def __init__(self, num_classes, width, dropout):
         super().__init__()
@@ -87,7 +98,8 @@ class LabelEmbedder(nn.Module):
 
 
 class SiTBlock(nn.Module):
-    """adaLN-Zero block (DiT): c regresses shift/scale/gate for both branches; gates start at 0 -> identity block."""
+    """adaLN-Zero block (DiT): c regresses shift/scale/gate for both branches; gates start at 0 ->
+    identity block."""
 
     def __init__(self, width, num_heads, mlp_ratio):
         super().__init__()
@@ -98,7 +110,9 @@ class SiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, c):  # x (B, L, D), c (B, D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        # adaLN-Zero (DiT): shift, scale and gate of the attention and of the MLP
+        modulation = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -121,10 +135,12 @@ class SiT(nn.Module):
         self.config = cfg = config
         self.x_embedder = nn.Linear(cfg.token_dim, cfg.width)
         # A fixed table, but a Parameter (requires_grad=False): the released state dicts hold it.
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width), requires_grad=False)
+        pos_embed = torch.zeros(1, cfg.num_tokens, cfg.width)
+        self.pos_embed = nn.Parameter(pos_embed, requires_grad=False)
         self.t_embedder = TimestepEmbedder(cfg.width)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.width, cfg.class_dropout)
-        self.blocks = nn.ModuleList(SiTBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(SiTBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio)
+                                    for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.width, cfg.token_dim)
         self.grad_checkpointing = False
         self.reset_parameters()
@@ -135,8 +151,9 @@ class SiT(nn.Module):
         return self
 
     def reset_parameters(self):
-        # DiT/SiT init: xavier-uniform Linears with zero bias; N(0, 0.02) label table and timestep-MLP weights;
-        # adaLN and output projections zeroed, so every block starts as the identity and the output is exactly 0.
+        # DiT/SiT init: xavier-uniform Linears with zero bias; N(0, 0.02) label table and
+        # timestep-MLP weights; adaLN and output projections zeroed, so every block starts as the
+        # identity and the output is exactly 0.
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -145,12 +162,14 @@ class SiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for lin in [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1],
-                                                                    self.final_layer.linear]:
+        zeroed = [b.adaLN_modulation[1] for b in self.blocks]
+        zeroed += [self.final_layer.adaLN_modulation[1], self.final_layer.linear]
+        for lin in zeroed:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x, t, y):  # x (B, L, d) noisy tokens, t (B,) in [0, 1], y (B,) labels -> v (B, L, d)
+    # x (B, L, d) noisy tokens, t (B,) in [0, 1], y (B,) labels -> v (B, L, d)
+    def forward(self, x, t, y):
         h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         h = run_blocks(self.blocks, h, c, checkpointing=self.grad_checkpointing)
@@ -160,8 +179,9 @@ class SiT(nn.Module):
 # Training objective (continuous_tokenizer losses/sit_loss.py: path "linear", prediction "v")
 
 def draw_time(n, time_dist="lognormal", device=None, rng=None):
-    """(n,) training times in (0, 1). "lognormal" is EDM's sigma = exp(N(0,1)), t = sigma / (1 + sigma), i.e.
-    logit-normal(0, 1) = sigmoid(N(0, 1)) (the SoftVQ default); "uniform" is U(0, 1)."""
+    """(n,) training times in (0, 1). "lognormal" is EDM's sigma = exp(N(0,1)), t = sigma / (1 +
+    sigma), i.e. logit-normal(0, 1) = sigmoid(N(0, 1)) (the SoftVQ default); "uniform" is U(0, 1).
+    """
     if time_dist == "lognormal":
         return torch.sigmoid(torch.randn(n, device=device, generator=rng))
     if time_dist == "uniform":
@@ -170,8 +190,9 @@ def draw_time(n, time_dist="lognormal", device=None, rng=None):
 
 
 def flow_matching_loss(model, x, y, time_dist="lognormal", t=None, noise=None):
-    """Plain MSE over all elements between v(x_t, t, y) and eps - x. x: (B, L, d) normalised latents, y: (B,).
-    t and noise are drawn here unless given (tests pass them to compare with an independent computation)."""
+    """Plain MSE over all elements between v(x_t, t, y) and eps - x. x: (B, L, d) normalised
+    latents, y: (B,). t and noise are drawn here unless given (tests pass them to compare with an
+    independent computation)."""
     t = draw_time(x.shape[0], time_dist, x.device) if t is None else t
     noise = torch.randn_like(x) if noise is None else noise
     t_ = t.to(x.dtype)[:, None, None]
@@ -179,47 +200,55 @@ def flow_matching_loss(model, x, y, time_dist="lognormal", t=None, noise=None):
     return F.mse_loss(model(x_t, t.to(x.dtype), y).float(), (noise - x).float())
 
 
-# Integrating the flow (continuous_tokenizer modelling/samplers.py, REPA style) in float64, the model in its dtype:
-# "ode" (Euler) N calls, "heun" 2N - 1 (no corrector on the last step), "sde" N (N - 1 Euler-Maruyama steps on
-# linspace(1, 0.04, N), then a noise-free 0.04 -> 0). CFG doubles the batch only at guidance_low <= t <= guidance_high.
+# Integrating the flow (continuous_tokenizer modelling/samplers.py, REPA style) in float64, the
+# model in its dtype: "ode" (Euler) N calls, "heun" 2N - 1 (no corrector on the last step), "sde" N
+# (N - 1 Euler-Maruyama steps on linspace(1, 0.04, N), then a noise-free 0.04 -> 0). CFG doubles the
+# batch only at guidance_low <= t <= guidance_high.
 
 @dataclass
 class Sampling:
-    """How to integrate: solver, number of steps, classifier-free guidance scale and the t-interval it acts in."""
+    """How to integrate: solver, number of steps, classifier-free guidance scale and the t-interval
+    it acts in."""
     solver: str = "sde"  # "ode" (Euler) | "heun" | "sde" (Euler-Maruyama)
     steps: int = 250
     cfg_scale: float = 1.0  # s >= 1: v = v_uncond + s (v_cond - v_uncond); 1 = no guidance
     guidance_low: float = 0.0
     guidance_high: float = 1.0
 
-    def __post_init__(self):  # the messages name sample.py's flags: that is where these numbers come from
+    # the messages name sample.py's flags: that is where these numbers come from
+    def __post_init__(self):
         if self.solver not in ("ode", "heun", "sde"):
             raise ValueError(f"--sampler {self.solver!r}: choose ode, heun or sde")
         if self.steps < 1:
             raise ValueError(f"--steps {self.steps}: need at least 1 step")
         if not self.cfg_scale >= 1.0:
-            raise ValueError(f"--cfg {self.cfg_scale}: the guidance scale must be >= 1 (1 = no guidance)")
+            raise ValueError(f"--cfg {self.cfg_scale}: the guidance scale must be >= 1 "
+                             f"(1 = no guidance)")
         if not self.guidance_low <= self.guidance_high:
-            raise ValueError(f"--guidance-low {self.guidance_low} > --guidance-high {self.guidance_high}: the "
-                             f"guidance interval is empty")
+            raise ValueError(f"--guidance-low {self.guidance_low} > --guidance-high "
+                             f"{self.guidance_high}: the guidance interval is empty")
 
 
 PREVIEW = Sampling("ode", steps=50, cfg_scale=4.0)  # the in-training sample grid of train_sit.py
 
 
 def _sde_noise(x, rng, n):
-    """The SDE's n noise draws like x (B, L, d): a function i -> standard normals (B, L, d). rng: None or a Generator
-    (one draw per step), or a list of one generator per sample: each sample's n draws then come from its own, all at
-    the start ((n, L, d) float32), so a sample's noise does not depend on its batch, and a batch costs B draws."""
+    """The SDE's n noise draws like x (B, L, d): a function i -> standard normals (B, L, d). rng:
+    None or a Generator (one draw per step), or a list of one generator per sample: each sample's n
+    draws then come from its own, all at the start ((n, L, d) float32), so a sample's noise does not
+    depend on its batch, and a batch costs B draws."""
     if isinstance(rng, (list, tuple)):
-        table = torch.stack([torch.randn((n, *x.shape[1:]), generator=g, device=g.device).to(x.device)
-                             for g in rng], dim=1) if n else None  # (n, B, L, d)
+        table = None
+        if n:
+            per_sample = [torch.randn((n, *x.shape[1:]), generator=g, device=g.device) for g in rng]
+            table = torch.stack([t.to(x.device) for t in per_sample], dim=1)  # (n, B, L, d)
         return lambda i: table[i].to(x.dtype)
     return lambda i: torch.randn(x.shape, generator=rng, dtype=x.dtype, device=x.device)
 
 
 def _static(*tensors):
-    """Mark dim 0 static (one compiled graph per batch size), only if dynamo is loaded: eager runs never import it."""
+    """Mark dim 0 static (one compiled graph per batch size), only if dynamo is loaded: eager runs
+    never import it."""
     dynamo = sys.modules.get("torch._dynamo")
     for t in tensors if dynamo is not None else ():
         dynamo.mark_static(t, 0)
@@ -227,11 +256,12 @@ def _static(*tensors):
 
 
 def integrate_flow(velocity, noise, labels, sampling=Sampling(), rng=None, null_label=None):
-    """Integrate dx/dt = v(x, t) from t = 1 (noise (B, L, d)) to t = 0 -> latents (B, L, d) in noise's dtype.
-    velocity(x (B', L, d), t (B',), y (B',)) -> (B', L, d), called with float64 x and t (see sit_velocity for a
-    SiT). The state is float64 throughout. Classifier-free guidance (cfg_scale > 1) evaluates the conditional and
-    the unconditional velocity in one doubled batch; the unconditional label is null_label (the SiT's num_classes).
-    rng: the SDE noise source (see _sde_noise)."""
+    """Integrate dx/dt = v(x, t) from t = 1 (noise (B, L, d)) to t = 0 -> latents (B, L, d) in
+    noise's dtype. velocity(x (B', L, d), t (B',), y (B',)) -> (B', L, d), called with float64 x and
+    t (see sit_velocity for a SiT). The state is float64 throughout. Classifier-free guidance
+    (cfg_scale > 1) evaluates the conditional and the unconditional velocity in one doubled batch;
+    the unconditional label is null_label (the SiT's num_classes). rng: the SDE noise source (see
+    _sde_noise)."""
     s = sampling.cfg_scale
     if s > 1.0 and null_label is None:
         raise ValueError("classifier-free guidance needs null_label (the model's num_classes)")
@@ -248,7 +278,8 @@ def integrate_flow(velocity, noise, labels, sampling=Sampling(), rng=None, null_
 
     x = noise.to(torch.float64)
     if sampling.solver == "sde":
-        # SiT's SDE grid stops at t = 0.04 (the score -((1 - t) v + x) / t blows up at 0); one last mean step to 0
+        # SiT's SDE grid stops at t = 0.04 (the score -((1 - t) v + x) / t blows up at 0); one last
+        # mean step to 0
         ts = torch.linspace(1.0, 0.04, sampling.steps, dtype=torch.float64).tolist() + [0.0]
         draw = _sde_noise(x, rng, sampling.steps - 1)  # no noise on the last step
     else:
@@ -256,22 +287,25 @@ def integrate_flow(velocity, noise, labels, sampling=Sampling(), rng=None, null_
     with torch.no_grad():
         for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
             last = i == len(ts) - 2
-            # The guidance interval (Kynkaanniemi et al. 2024): guide only while t is inside [low, high]. Heun's
-            # corrector, evaluated at t_next, follows the decision taken at t, so that one step uses one field.
+            # The guidance interval (Kynkaanniemi et al. 2024): guide only while t is inside [low,
+            # high]. Heun's corrector, evaluated at t_next, follows the decision taken at t, so that
+            # one step uses one field.
             guide = sampling.guidance_low <= t <= sampling.guidance_high
             dt = t_next - t  # < 0
             v = guided_velocity(x, t, guide)
             if sampling.solver == "sde":
-                # Euler-Maruyama on the reverse-time SDE that shares the flow's marginals, diffusion w(t) = 2t:
-                # score from the velocity on the linear path, s = -((1 - t) v + x) / t; drift v - w s / 2.
-                # The last step (from 0.04) takes only the drift: the mean of the final sample.
+                # Euler-Maruyama on the reverse-time SDE that shares the flow's marginals, diffusion
+                # w(t) = 2t: score from the velocity on the linear path, s = -((1 - t) v + x) / t;
+                # drift v - w s / 2. The last step (from 0.04) takes only the drift: the mean of the
+                # final sample.
                 w = 2.0 * t
                 score = -((1.0 - t) * v + x) / t
                 x = x + (v - 0.5 * w * score) * dt
                 if not last:
                     x = x + math.sqrt(w) * math.sqrt(abs(dt)) * draw(i)
             elif sampling.solver == "heun" and not last:
-                # Heun: an Euler predictor, then the mean of the slopes at both ends (Euler on the last step)
+                # Heun: an Euler predictor, then the mean of the slopes at both ends (Euler on the
+                # last step)
                 x_pred = x + dt * v
                 x = x + dt * 0.5 * (v + guided_velocity(x_pred, t_next, guide))
             else:
@@ -281,9 +315,10 @@ def integrate_flow(velocity, noise, labels, sampling=Sampling(), rng=None, null_
 
 
 def sit_velocity(model, amp=True):
-    """integrate_flow's velocity from a SiT (or a torch.compile'd one). Inputs go in the model's dtype (float32;
-    float64 for a float64 model) and are marked static in the batch dimension, so a compiled model gets one graph
-    per batch size (B, and 2B with guidance); on CUDA the model runs under bf16 autocast unless amp is False."""
+    """integrate_flow's velocity from a SiT (or a torch.compile'd one). Inputs go in the model's
+    dtype (float32; float64 for a float64 model) and are marked static in the batch dimension, so a
+    compiled model gets one graph per batch size (B, and 2B with guidance); on CUDA the model runs
+    under bf16 autocast unless amp is False."""
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
 
     def velocity(x, t, y):  # (B, L, d), (B,), (B,) -> (B, L, d)
@@ -296,7 +331,8 @@ def sit_velocity(model, amp=True):
 
 @torch.no_grad()
 def generate_latents(model, noise, labels, sampling=Sampling(), rng=None, amp=True):
-    """Normalised latents (B, L, d) from noise (B, L, d); the model runs in eval mode, under bf16 autocast on CUDA."""
+    """Normalised latents (B, L, d) from noise (B, L, d); the model runs in eval mode, under bf16
+    autocast on CUDA."""
     was_training = model.training
     model.eval()
     try:
@@ -307,27 +343,35 @@ def generate_latents(model, noise, labels, sampling=Sampling(), rng=None, amp=Tr
 
 
 def generate_images(model, tokenizer, noise, labels, sampling=Sampling(), rng=None, amp=True):
-    """Images (B, 3, H, W) in [-1, 1]: integrate the flow, un-normalise with the tokenizer's latent stats, decode."""
+    """Images (B, 3, H, W) in [-1, 1]: integrate the flow, un-normalise with the tokenizer's latent
+    stats, decode."""
     c = tokenizer.config
-    z = denormalize(generate_latents(model, noise, labels, sampling, rng, amp), c.latent_mean, c.latent_std)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and z.device.type == "cuda"):
+    x = generate_latents(model, noise, labels, sampling, rng, amp)
+    z = denormalize(x, c.latent_mean, c.latent_std)
+    use_amp = amp and z.device.type == "cuda"
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
         return tokenizer.decode(z).float().clamp(-1, 1)
 
 
-# Checkpoints: ours (a plain dict, kind "generator"), or a released SiT state dict (.safetensors / torch.save) with
-# its config.json (fields hidden_size, depth, num_heads, input_size, in_channels, ...).
-_HEADS_BY_WIDTH = {p["width"]: p["num_heads"] for p in GENERATOR_PRESETS.values()}  # heads aren't in the shapes
+# Checkpoints: ours (a plain dict, kind "generator"), or a released SiT state dict (.safetensors /
+# torch.save) with its config.json (fields hidden_size, depth, num_heads, input_size, in_channels,
+# ...).
+
+# The number of heads is not in the weights' shapes: it comes from the presets, by width
+_HEADS_BY_WIDTH = {p["width"]: p["num_heads"] for p in GENERATOR_PRESETS.values()}
 
 
 def generator_checkpoint(model, ema, tokenizer_info, classes, **extra):
-    """Our layout; loads with torch.load(weights_only=True). tokenizer_info: the tokenizer's path, config_json and
-    the latent statistics the generator trains with; classes: the class names of the training data."""
-    return {"kind": "generator", "config": asdict(model.config), "model": model.state_dict(), "ema": ema.state_dict(),
-            "tokenizer": tokenizer_info, "classes": classes, **extra}
+    """Our layout; loads with torch.load(weights_only=True). tokenizer_info: the tokenizer's path,
+    config_json and the latent statistics the generator trains with; classes: the class names of the
+    training data."""
+    return {"kind": "generator", "config": asdict(model.config), "model": model.state_dict(),
+            "ema": ema.state_dict(), "tokenizer": tokenizer_info, "classes": classes, **extra}
 
 
 def official_config(sd, config_json=None):
-    """SiTConfig of a released state dict: sizes from the tensor shapes, heads from its config.json or the presets."""
+    """SiTConfig of a released state dict: sizes from the tensor shapes, heads from its config.json
+    or the presets."""
     if "x_embedder.weight" not in sd or "pos_embed" not in sd:
         raise ValueError("not a SiT-on-tokens state dict (no x_embedder.weight / pos_embed)")
     width, token_dim = sd["x_embedder.weight"].shape
@@ -340,38 +384,48 @@ def official_config(sd, config_json=None):
             raise ValueError(f"{config_json}: {key}={hf[key]} but the weights have {val}")
     heads = hf.get("num_heads", _HEADS_BY_WIDTH.get(width))
     if heads is None:
-        raise ValueError(f"width {width} is no known preset: pass the model's config.json (num_heads) with --config")
-    return SiTConfig(num_tokens=have["input_size"], token_dim=token_dim, width=width, depth=have["depth"],
-                     num_heads=heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
-                     num_classes=have["num_classes"], class_dropout=hf.get("class_dropout_prob", 0.1))
+        raise ValueError(f"width {width} is no known preset: pass the model's config.json "
+                         f"(num_heads) with --config")
+    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / width
+    return SiTConfig(num_tokens=have["input_size"], token_dim=token_dim, width=width,
+                     depth=have["depth"], num_heads=heads, mlp_ratio=mlp_ratio,
+                     num_classes=have["num_classes"],
+                     class_dropout=hf.get("class_dropout_prob", 0.1))
 
 
 def load_generator(path, config_json=None, weights="ema"):
-    """-> (SiT in eval mode, tokenizer info dict or None). Accepts our checkpoint (a dict with "kind"), a
-    checkpoint of continuous_tokenizer's train_sit.py (its "ema"), or a released state dict + config.json."""
+    """-> (SiT in eval mode, tokenizer info dict or None). Accepts our checkpoint (a dict with
+    "kind"), a checkpoint of continuous_tokenizer's train_sit.py (its "ema"), or a released state
+    dict + config.json."""
     ckpt = load_state_dict_file(path)
     info = config = None
     if "kind" in ckpt:
         if ckpt["kind"] != "generator":
-            raise ValueError(f"{path} is a {ckpt['kind']!r} checkpoint, not a generator (tokenizers go to --tokenizer)")
+            raise ValueError(f"{path} is a {ckpt['kind']!r} checkpoint, not a generator "
+                             f"(tokenizers go to --tokenizer)")
         if weights not in ckpt:
             raise ValueError(f"{path} holds no {weights!r} weights")
         sd, config = ckpt[weights], SiTConfig(**ckpt["config"])
-        info = {**(ckpt.get("tokenizer") or {}), "classes": ckpt.get("classes") or None}  # class names for grids
+        # class names for grids
+        info = {**(ckpt.get("tokenizer") or {}), "classes": ckpt.get("classes") or None}
     else:
         sd = ckpt["ema"] if isinstance(ckpt.get("ema"), dict) else ckpt
-    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}  # compiled / DDP saves
+    # compiled / DDP saves
+    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
     if config is None:
-        beside = os.path.join(os.path.dirname(path), "config.json")  # HF layout: config.json beside the weights
+        # HF layout: config.json beside the weights
+        beside = os.path.join(os.path.dirname(path), "config.json")
         config = official_config(sd, config_json or (beside if os.path.isfile(beside) else None))
     return check_state_dict(SiT(config), sd).eval(), info
 
 
 def load_tokenizer_for(model, info=None, path=None, config_json=None):
-    """The tokenizer that decodes `model`'s latents, its config carrying the generator's latent statistics (they win
-    over the tokenizer's own). `info`: the generator checkpoint's "tokenizer" entry; `path`, `config_json` override."""
+    """The tokenizer that decodes `model`'s latents, its config carrying the generator's latent
+    statistics (they win over the tokenizer's own). `info`: the generator checkpoint's "tokenizer"
+    entry; `path`, `config_json` override."""
     info = info or {}
-    if not path:  # the stored pair; an explicit --tokenizer comes with its own --tokenizer-config (or none)
+    # the stored pair; an explicit --tokenizer comes with its own --tokenizer-config (or none)
+    if not path:
         path, config_json = info.get("path"), config_json or info.get("config_json")
     if not path:
         raise ValueError("no tokenizer: pass --tokenizer (released SiT weights don't name one)")
@@ -381,9 +435,12 @@ def load_tokenizer_for(model, info=None, path=None, config_json=None):
     tok = load_tokenizer(path, config_json)
     tc, gc = tok.config, model.config
     if (tc.num_tokens, tc.token_dim) != (gc.num_tokens, gc.token_dim):
-        raise ValueError(f"tokenizer makes {tc.num_tokens}x{tc.token_dim} tokens, the generator expects "
-                         f"{gc.num_tokens}x{gc.token_dim}")
-    mean, std = (info.get(k) if info.get(k) is not None else getattr(tc, k) for k in ("latent_mean", "latent_std"))
+        raise ValueError(f"tokenizer makes {tc.num_tokens}x{tc.token_dim} tokens, the generator "
+                         f"expects {gc.num_tokens}x{gc.token_dim}")
+    mean = info.get("latent_mean")
+    std = info.get("latent_std")
+    mean = tc.latent_mean if mean is None else mean
+    std = tc.latent_std if std is None else std
     if (mean, std) != (tc.latent_mean, tc.latent_std):
         print(f"note: using the generator's latent stats mean={mean:.6g} std={std:.6g} "
               f"(tokenizer config: {tc.latent_mean:.6g}, {tc.latent_std:.6g})")

@@ -3029,8 +3029,8 @@ def test_gpu_frozen_networks_cast_once_give_the_same_losses_under_autocast():
     assert set(logs_a) >= {"lpips", "repa", "g_adv", "d_hinge", "consistency"}
     assert all(torch.equal(logs_a[k], logs_b[k]) for k in logs_a)
     assert torch.equal(grad_a, grad_b)
-    norm = plain.disc.normalize
-    assert not [k for k in plain.state_dict() if "normalize" in k] and norm.mean.shape == (1, 3, 1, 1)
+    norm = plain.disc.backbone_input
+    assert not [k for k in plain.state_dict() if "_input." in k] and norm.mean.shape == (1, 3, 1, 1)
     x = torch.rand(1, 3, 2, 2) * 2 - 1
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
     torch.testing.assert_close(norm(x), ((x + 1) / 2 - mean) / std)

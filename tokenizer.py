@@ -1,12 +1,13 @@
-"""SoftVQ-VAE (arXiv 2412.10958): a ViT encoder that writes L learned latent tokens, a soft categorical posterior over G
-codebooks that turns each token into a convex mix of unit codewords, and a ViT decoder that paints mask tokens from
-those latents. Parameter names are those of the released checkpoints (Hhhhhhao/continuous_tokenizer,
-`modelling/tokenizer.py`), so they load unchanged. Part 1 is the model: config and presets, the soft quantizer, encoder,
-decoder, checkpoints and latent normalisation. Part 2 is the training objective: MSE + entropy + LPIPS (VGG16) + hinge
-GAN against a frozen-DINO discriminator (DiffAugment, LeCam, consistency regularisation) + REPA alignment to a frozen
-DINOv2, and DINOv2 encoder initialisation. Pretrained networks are local files (README, "Pretrained networks"): a term
-whose file is missing is switched off with a loud WARNING and recorded in `TokenizerLoss.disabled`.
-"""
+"""SoftVQ-VAE (arXiv 2412.10958): a ViT encoder that writes L learned latent tokens, a soft
+categorical posterior over G codebooks that turns each token into a convex mix of unit codewords,
+and a ViT decoder that paints mask tokens from those latents. Parameter names are those of the
+released checkpoints (Hhhhhhao/continuous_tokenizer, `modelling/tokenizer.py`), so they load
+unchanged. Part 1 is the model: config and presets, the soft quantizer, encoder, decoder,
+checkpoints and latent normalisation. Part 2 is the training objective: MSE + entropy + LPIPS
+(VGG16) + hinge GAN against a frozen-DINO discriminator (DiffAugment, LeCam, consistency
+regularisation) + REPA alignment to a frozen DINOv2, and DINOv2 encoder initialisation. Pretrained
+networks are local files (README, "Pretrained networks"): a term whose file is missing is switched
+off with a loud WARNING and recorded in `TokenizerLoss.disabled`."""
 import json
 import math
 import os
@@ -33,32 +34,38 @@ class TokenizerConfig:
     dec_depth: int = 12
     dec_heads: int = 12
     num_tokens: int = 32  # L: 1-D latent tokens per image
-    token_dim: int = 64  # d: width of each token (64 for 32 tokens, 32 for 64 tokens: 2048 floats per image)
+    # d: width of each token (64 for 32 tokens, 32 for 64 tokens: 2048 floats per image)
+    token_dim: int = 64
     codebook_size: int = 8192  # K
     num_codebooks: int = 4  # G: token groups of L/G consecutive tokens, one codebook each
     tau: float = 0.07  # posterior temperature (0.07 in the paper)
-    latent_mean: float = 0.0  # scalar latent statistics for the generator: x = (z - mean) / std (see `normalize`)
+    # scalar latent statistics for the generator: x = (z - mean) / std (see `normalize`)
+    latent_mean: float = 0.0
     latent_std: float = 1.0
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(f"image size {self.image_size} is not divisible by the patch size {self.patch_size}; "
-                             f"use a multiple of {self.patch_size}")
+            raise ValueError(f"image size {self.image_size} is not divisible by the patch size "
+                             f"{self.patch_size}; use a multiple of {self.patch_size}")
         if self.num_tokens % self.num_codebooks:
-            raise ValueError(f"{self.num_tokens} tokens cannot be split into {self.num_codebooks} codebook groups")
+            raise ValueError(f"{self.num_tokens} tokens cannot be split into "
+                             f"{self.num_codebooks} codebook groups")
 
 
 # (width, depth, heads) of the DINOv2 ViTs the released presets are built from.
 VIT_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 
 
-def _preset(enc, dec, tokens, image_size):  # tokens x token_dim = 2048 floats per image in every preset
+# tokens x token_dim = 2048 floats per image in every preset
+def _preset(enc, dec, tokens, image_size):
     (ew, ed, eh), (dw, dd, dh) = VIT_SIZES[enc], VIT_SIZES[dec]
-    return dict(image_size=image_size, enc_width=ew, enc_depth=ed, enc_heads=eh, dec_width=dw, dec_depth=dd,
-                dec_heads=dh, num_tokens=tokens, token_dim=2048 // tokens)
+    return dict(image_size=image_size, enc_width=ew, enc_depth=ed, enc_heads=eh,
+                dec_width=dw, dec_depth=dd, dec_heads=dh,
+                num_tokens=tokens, token_dim=2048 // tokens)
 
 
-PRESETS = {  # name: encoder ViT, decoder ViT, tokens, image size; BL = ViT-B encoder + ViT-L decoder
+# name: encoder ViT, decoder ViT, tokens, image size; BL = ViT-B encoder + ViT-L decoder
+PRESETS = {
     "softvq-s-32": _preset("s", "s", 32, 256), "softvq-s-64": _preset("s", "s", 64, 256),
     "softvq-b-32": _preset("b", "b", 32, 256), "softvq-b-64": _preset("b", "b", 64, 256),
     "softvq-bl-32": _preset("b", "l", 32, 256), "softvq-bl-64": _preset("b", "l", 64, 256),
@@ -67,30 +74,36 @@ PRESETS = {  # name: encoder ViT, decoder ViT, tokens, image size; BL = ViT-B en
     "softvq-b-32-512": _preset("b", "b", 32, 512), "softvq-b-64-512": _preset("b", "b", 64, 512),
     "softvq-bl-32-512": _preset("b", "l", 32, 512), "softvq-bl-64-512": _preset("b", "l", 64, 512),
     "softvq-l-32-512": _preset("l", "l", 32, 512), "softvq-l-64-512": _preset("l", "l", 64, 512),
-    # CPU-sized for the quickstart and tests: 32 px, 16 patches of 8x8, 16 tokens of width 16 (BENCHMARKS.md: why)
-    "softvq-tiny": dict(image_size=32, patch_size=8, enc_width=64, enc_depth=4, enc_heads=2, dec_width=64,
-                        dec_depth=4, dec_heads=2, num_tokens=16, token_dim=16, codebook_size=512),
+    # CPU-sized for the quickstart and tests: 32 px, 16 patches of 8x8, 16 tokens of width 16
+    # (BENCHMARKS.md: why)
+    "softvq-tiny": dict(image_size=32, patch_size=8, enc_width=64, enc_depth=4, enc_heads=2,
+                        dec_width=64, dec_depth=4, dec_heads=2, num_tokens=16, token_dim=16,
+                        codebook_size=512),
 }
 
 
 def tokenizer_config(preset, **overrides):
     if preset not in PRESETS:
-        raise ValueError(f"unknown tokenizer preset {preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        raise ValueError(f"unknown tokenizer preset {preset!r}; choose one of: "
+                         f"{', '.join(sorted(PRESETS))}")
     return TokenizerConfig(**{**PRESETS[preset], **overrides})
 
 
 class SoftVectorQuantizer(nn.Module):
-    """The soft categorical posterior of arXiv 2412.10958 (continuous_tokenizer `modelling/quantizers/softvq.py`).
-    G groups of L/G consecutive tokens, group g on codebook g. With unit vectors, p = softmax(<ẑ, sg(e_k)> / τ) and
-    z = Σ_k p_k e_k: the encoder learns through p, the codebook only through z. No codebook or commitment loss."""
+    """The soft categorical posterior of arXiv 2412.10958 (continuous_tokenizer
+    `modelling/quantizers/softvq.py`). G groups of L/G consecutive tokens, group g on codebook g.
+    With unit vectors, p = softmax(<ẑ, sg(e_k)> / τ) and z = Σ_k p_k e_k: the encoder learns through
+    p, the codebook only through z. No codebook or commitment loss."""
 
     def __init__(self, codebook_size, token_dim, num_codebooks, tau):
         super().__init__()
         self.tau = tau
         # Init as the released code: uniform(±1/K), then row-normalised.
-        emb = torch.empty(num_codebooks, codebook_size, token_dim).uniform_(-1 / codebook_size, 1 / codebook_size)
+        emb = torch.empty(num_codebooks, codebook_size, token_dim)
+        emb.uniform_(-1 / codebook_size, 1 / codebook_size)
         self.embedding = nn.Parameter(F.normalize(emb, dim=-1))
-        # The last 65,536 argmax indices of each codebook (-1: empty), for the logged usage (README, Differences).
+        # The last 65,536 argmax indices of each codebook (-1: empty), for the logged usage (README,
+        # Differences).
         self.register_buffer("codebook_used", torch.full((num_codebooks, 65536), -1.0))
 
     def forward(self, h):  # (B, L, d) -> z (B, L, d), logits (B, G, L/G, K)
@@ -98,7 +111,8 @@ class SoftVectorQuantizer(nn.Module):
         G = self.embedding.shape[0]
         h = F.normalize(h.view(B, G, L // G, d), dim=-1)
         codebook = F.normalize(self.embedding, dim=-1)  # (G, K, d)
-        logits = torch.einsum("bgld,gkd->bglk", h, codebook.detach())  # cosine similarities in [-1, 1]
+        # cosine similarities in [-1, 1]
+        logits = torch.einsum("bgld,gkd->bglk", h, codebook.detach())
         probs = torch.softmax(logits / self.tau, dim=-1)
         z = torch.einsum("bglk,gkd->bgld", probs.to(codebook.dtype), codebook)
         if self.training:
@@ -107,20 +121,24 @@ class SoftVectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _record_usage(self, logits):
-        idx = logits.argmax(-1).transpose(0, 1).reshape(logits.shape[1], -1).float()  # (G, B*L/G), per codebook
+        # (G, B*L/G), per codebook
+        idx = logits.argmax(-1).transpose(0, 1).reshape(logits.shape[1], -1).float()
         n = min(idx.shape[1], self.codebook_used.shape[1])
         self.codebook_used.copy_(torch.cat([self.codebook_used[:, n:], idx[:, -n:]], dim=1))
 
     @torch.no_grad()
     def usage(self):
-        """Mean over codebooks of (distinct indices among the recorded ones) / K. Syncs: call at log time only."""
+        """Mean over codebooks of (distinct indices among the recorded ones) / K.
+        A host sync: call it at log time only."""
         K = self.embedding.shape[1]
-        return sum(len(torch.unique(row[row >= 0])) for row in self.codebook_used) / (K * len(self.codebook_used))
+        distinct = sum(len(torch.unique(row[row >= 0])) for row in self.codebook_used)
+        return distinct / (K * len(self.codebook_used))
 
 
 def entropy_loss(logits, temperature):
-    """The "KL" regulariser to a uniform prior (arXiv 2412.10958: KL = H(q) - H(E q)) on the cosine logits at its own
-    temperature, over all codebooks and tokens: mean row entropy (sharp) minus the mean row's entropy (spread usage)."""
+    """The "KL" regulariser to a uniform prior (arXiv 2412.10958: KL = H(q) - H(E q)) on the cosine
+    logits at its own temperature, over all codebooks and tokens: mean row entropy (sharp) minus the
+    mean row's entropy (spread usage)."""
     flat = logits.reshape(-1, logits.shape[-1]).float() / temperature  # (rows, K)
     probs = torch.softmax(flat, dim=-1)
     sample_entropy = -(probs * torch.log_softmax(flat, dim=-1)).sum(-1).mean()
@@ -130,29 +148,33 @@ def entropy_loss(logits, temperature):
 
 
 class Encoder(nn.Module):
-    """ViT over [cls, patches + learned 2-D position embedding, L latent tokens + 1-D ones] -> the last L, normed."""
+    """ViT over [cls, patches + learned 2-D position embedding, L latent tokens + 1-D ones] -> the
+    last L, normed."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.model = ViT(cfg.image_size, cfg.patch_size, cfg.enc_width, cfg.enc_depth, cfg.enc_heads)
+        self.model = ViT(cfg.image_size, cfg.patch_size, cfg.enc_width, cfg.enc_depth,
+                         cfg.enc_heads)
         self.latent_tokens = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.enc_width) * 0.02)
-        self.latent_pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, cfg.num_tokens, cfg.enc_width),
-                                                                   std=0.02))
+        pos = torch.empty(1, cfg.num_tokens, cfg.enc_width)
+        self.latent_pos_embed = nn.Parameter(nn.init.trunc_normal_(pos, std=0.02))
         self.grad_checkpointing = False  # SoftVQVAE.set_grad_checkpointing
 
     def forward(self, images):  # (B, 3, H, W) -> (B, L, D_enc)
         x = self.model.embed(self.model.patch_embed(images))  # (B, 1 + N, D)
         latents = (self.latent_tokens + self.latent_pos_embed).expand(x.shape[0], -1, -1)
-        x = run_blocks(self.model.blocks, torch.cat([x, latents], dim=1), checkpointing=self.grad_checkpointing)
+        x = torch.cat([x, latents], dim=1)
+        x = run_blocks(self.model.blocks, x, checkpointing=self.grad_checkpointing)
         return self.model.norm(x)[:, -latents.shape[1]:]
 
 
 class PixelHead(nn.Module):
-    """Per-token Linear to a p x p x 3 patch, then unpatchify (released `to_pixel='linear'`, key to_pixel.model).
-    SoftVQVAE.set_eager_pixel_head runs it outside torch.compile (a graph break): the adaptive GAN weight takes two
-    retain_graph gradients of this Linear's weight per step; inside the graph each would run the whole compiled
-    backward, which AOTAutograd refuses once compiled with donated buffers (by any plain step before --disc-start).
-    Eager, they stop at this layer's input, and the compiled backward runs once, in the step's backward."""
+    """Per-token Linear to a p x p x 3 patch, then unpatchify (released `to_pixel='linear'`, key
+    to_pixel.model). SoftVQVAE.set_eager_pixel_head runs it outside torch.compile (a graph break):
+    the adaptive GAN weight takes two retain_graph gradients of this Linear's weight per step;
+    inside the graph each would run the whole compiled backward, which AOTAutograd refuses once
+    compiled with donated buffers (by any plain step before --disc-start). Eager, they stop at this
+    layer's input, and the compiled backward runs once, in the step's backward."""
 
     def __init__(self, width, patch_size):
         super().__init__()
@@ -171,15 +193,16 @@ class PixelHead(nn.Module):
 
 
 class Decoder(nn.Module):
-    """ViT over [cls, N mask tokens + 2-D position embedding, L projected latents + 1-D ones]; the N normed mask-token
-    outputs become pixels. Randomly initialised, never pretrained."""
+    """ViT over [cls, N mask tokens + 2-D position embedding, L projected latents + 1-D ones]; the N
+    normed mask-token outputs become pixels. Randomly initialised, never pretrained."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.model = ViT(cfg.image_size, cfg.patch_size, cfg.dec_width, cfg.dec_depth, cfg.dec_heads, patch_embed=False)
+        self.model = ViT(cfg.image_size, cfg.patch_size, cfg.dec_width, cfg.dec_depth,
+                         cfg.dec_heads, patch_embed=False)
         self.mask_token = nn.Parameter(torch.randn(1, 1, cfg.dec_width) * 0.02)
-        self.latent_pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, cfg.num_tokens, cfg.dec_width),
-                                                                   std=0.02))
+        pos = torch.empty(1, cfg.num_tokens, cfg.dec_width)
+        self.latent_pos_embed = nn.Parameter(nn.init.trunc_normal_(pos, std=0.02))
         self.to_pixel = PixelHead(cfg.dec_width, cfg.patch_size)
         self.grad_checkpointing = False  # SoftVQVAE.set_grad_checkpointing
 
@@ -197,7 +220,8 @@ class SoftVQVAE(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.quant_conv = nn.Linear(cfg.enc_width, cfg.token_dim)
-        self.quantize = SoftVectorQuantizer(cfg.codebook_size, cfg.token_dim, cfg.num_codebooks, cfg.tau)
+        self.quantize = SoftVectorQuantizer(cfg.codebook_size, cfg.token_dim, cfg.num_codebooks,
+                                            cfg.tau)
         self.post_quant_conv = nn.Linear(cfg.token_dim, cfg.dec_width)
         self.decoder = Decoder(cfg)
 
@@ -207,24 +231,27 @@ class SoftVQVAE(nn.Module):
     def decode(self, z):  # (B, L, d) -> images (B, 3, H, W), roughly [-1, 1] (not clamped)
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, images):  # -> reconstruction (B, 3, H, W), z (B, L, d), posterior logits (B, G, L/G, K)
+    def forward(self, images):
         z, logits = self.quantize(self.quant_conv(self.encoder(images)))
         return self.decode(z), z, logits
 
     def set_grad_checkpointing(self, enabled=True):
-        """Activation checkpointing of every encoder and decoder block (model.run_blocks), for the large presets."""
+        """Activation checkpointing of every encoder and decoder block (model.run_blocks), for the
+        large presets."""
         self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = enabled
         return self
 
     def set_eager_pixel_head(self, enabled=True):
-        """Run the pixel head outside torch.compile, for the adaptive GAN weight (see PixelHead). Unbound, so a
-        deepcopy (the EMA) calls its own head; made here as torch.compiler.disable imports torch._dynamo."""
-        self.decoder.to_pixel.eager_pixels = torch.compiler.disable(PixelHead.pixels) if enabled else None
+        """Run the pixel head outside torch.compile, for the adaptive GAN weight (see PixelHead).
+        Unbound, so a deepcopy (the EMA) calls its own head; made here as torch.compiler.disable
+        imports torch._dynamo."""
+        eager = torch.compiler.disable(PixelHead.pixels) if enabled else None
+        self.decoder.to_pixel.eager_pixels = eager
         return self
 
 
-# The generator works on x = (z - mean) / std, scalar statistics of the trained tokenizer's training-set latents
-# stored in its config (released configs: vq_mean, vq_std).
+# The generator works on x = (z - mean) / std, scalar statistics of the trained tokenizer's
+# training-set latents stored in its config (released configs: vq_mean, vq_std).
 def normalize(z, mean, std):  # tokenizer latents -> generator space
     return (z - mean) / std
 
@@ -233,38 +260,47 @@ def denormalize(x, mean, std):  # generator space -> tokenizer latents
     return x * std + mean
 
 
-# Checkpoints: ours (a plain dict, kind "tokenizer"), or a released state dict (.safetensors or torch.save) plus its
-# config.json (the fields of the released `ModelArgs`). Released files carry an unused decoder patch embedding.
+# Checkpoints: ours (a plain dict, kind "tokenizer"), or a released state dict (.safetensors or
+# torch.save) plus its config.json (the fields of the released `ModelArgs`). Released files carry an
+# unused decoder patch embedding.
 OFFICIAL_UNUSED = ("decoder.model.patch_embed.",)
 _DINOV2_SIZES = {"vit_small": "s", "vit_base": "b", "vit_large": "l"}
 
 
 def config_from_official(cfg_json):
-    """Map a released config.json (flat ModelArgs fields, or nested under "config") to a TokenizerConfig."""
+    """Map a released config.json (flat ModelArgs fields, or nested under "config") to a
+    TokenizerConfig."""
     c = cfg_json.get("config", cfg_json)
 
     def vit(name):
         for prefix, size in _DINOV2_SIZES.items():
             if str(name).startswith(prefix):
                 return VIT_SIZES[size]
-        raise ValueError(f"config.json names backbone {name!r}; only DINOv2 ViT-S/B/L backbones are supported")
+        raise ValueError(f"config.json names backbone {name!r}; only DINOv2 ViT-S/B/L backbones "
+                         f"are supported")
 
     (ew, ed, eh), (dw, dd, dh) = vit(c["encoder_model"]), vit(c["decoder_model"])
-    if c.get("enc_patch_size", 16) != c.get("dec_patch_size", 16) or c.get("to_pixel", "linear") != "linear" \
-            or c.get("use_rope", False) or c.get("enc_type", "vit") != "vit":
-        raise ValueError("config.json uses options SoftVQ does not (RoPE, non-linear pixel head, CNN, "
-                         "different patch sizes); this loader supports the released SoftVQ models")
-    return TokenizerConfig(image_size=c["image_size"], patch_size=c.get("enc_patch_size", 16), enc_width=ew,
-                           enc_depth=ed, enc_heads=eh, dec_width=dw, dec_depth=dd, dec_heads=dh,
+    unsupported = [c.get("enc_patch_size", 16) != c.get("dec_patch_size", 16),
+                   c.get("to_pixel", "linear") != "linear", c.get("use_rope", False),
+                   c.get("enc_type", "vit") != "vit"]
+    if any(unsupported):
+        raise ValueError("config.json uses options SoftVQ does not (RoPE, non-linear pixel head, "
+                         "CNN, different patch sizes); this loader supports the released SoftVQ "
+                         "models")
+    return TokenizerConfig(image_size=c["image_size"], patch_size=c.get("enc_patch_size", 16),
+                           enc_width=ew, enc_depth=ed, enc_heads=eh,
+                           dec_width=dw, dec_depth=dd, dec_heads=dh,
                            num_tokens=c["num_latent_tokens"], token_dim=c["codebook_embed_dim"],
-                           codebook_size=c["codebook_size"], num_codebooks=c.get("num_codebooks", 1),
-                           tau=c.get("tau", 0.07), latent_mean=float(c.get("vq_mean", 0.0)),
+                           codebook_size=c["codebook_size"],
+                           num_codebooks=c.get("num_codebooks", 1), tau=c.get("tau", 0.07),
+                           latent_mean=float(c.get("vq_mean", 0.0)),
                            latent_std=float(c.get("vq_std", 1.0)))
 
 
 def load_tokenizer(path, config_json=None, use_ema=True):
-    """A SoftVQVAE in eval mode from our checkpoint (kind 'tokenizer'; EMA weights by default) or from a released
-    state dict plus its config.json (by default the config.json next to the weights file)."""
+    """A SoftVQVAE in eval mode from our checkpoint (kind 'tokenizer'; EMA weights by default) or
+    from a released state dict plus its config.json (by default the config.json next to the weights
+    file)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such tokenizer checkpoint")
     sd = load_state_dict_file(path)
@@ -273,12 +309,14 @@ def load_tokenizer(path, config_json=None, use_ema=True):
             raise ValueError(f"{path} is a {sd['kind']} checkpoint, not a tokenizer checkpoint")
         known = {f.name for f in fields(TokenizerConfig)}
         cfg = TokenizerConfig(**{k: v for k, v in sd["config"].items() if k in known})
-        return check_state_dict(SoftVQVAE(cfg), sd["ema"] if use_ema and "ema" in sd else sd["model"]).eval()
-    config_json = config_json or os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+        weights = sd["ema"] if use_ema and "ema" in sd else sd["model"]
+        return check_state_dict(SoftVQVAE(cfg), weights).eval()
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    config_json = config_json or beside
     if not os.path.isfile(config_json):
-        raise FileNotFoundError(f"{path} looks like a released state dict but {config_json} is missing; put the "
-                                f"released config.json next to the weights or name it (sample.py --config, "
-                                f"train.py --tokenizer-config)")
+        raise FileNotFoundError(f"{path} looks like a released state dict but {config_json} is "
+                                f"missing; put the released config.json next to the weights or "
+                                f"name it (sample.py --config, train.py --tokenizer-config)")
     with open(config_json) as f:
         cfg = config_from_official(json.load(f))
     return check_state_dict(SoftVQVAE(cfg), sd, ignore=OFFICIAL_UNUSED).eval()
@@ -287,16 +325,19 @@ def load_tokenizer(path, config_json=None, use_ema=True):
 def tokenizer_checkpoint(model, ema=None, **extra):
     """Our plain-dict checkpoint layout (loads with torch.load(weights_only=True))."""
     ema_sd = {"ema": ema.state_dict()} if ema is not None else {}
-    return {"kind": "tokenizer", "config": asdict(model.config), "model": model.state_dict(), **ema_sd, **extra}
+    return {"kind": "tokenizer", "config": asdict(model.config), "model": model.state_dict(),
+            **ema_sd, **extra}
 
 
-# =================================================================================================================
-# Part 2: the training objective (continuous_tokenizer `losses/vq_loss.py`, `configs/softvq-l-64.yaml`)
+# ==================================================================================================
+# Part 2: the training objective (continuous_tokenizer `losses/vq_loss.py`,
+# `configs/softvq-l-64.yaml`)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class ImageNetNormalize(nn.Module):
-    """(B, 3, H, W) in [-1, 1] -> [0, 1] -> ImageNet mean/std, as DINO and DINOv2 expect; non-persistent buffers."""
+    """(B, 3, H, W) in [-1, 1] -> [0, 1] -> ImageNet mean/std, as DINO and DINOv2 expect;
+    non-persistent buffers."""
 
     def __init__(self):
         super().__init__()
@@ -312,7 +353,8 @@ def _freeze(net):
 
 
 class UsesFrozen(nn.Module):
-    """Frozen networks live in `self.frozen`, a plain dict: never optimised, trained or saved; `.to()` moves them."""
+    """Frozen networks live in `self.frozen`, a plain dict: never optimised, trained or saved;
+    `.to()` moves them."""
 
     def __init__(self):
         super().__init__()
@@ -324,7 +366,8 @@ class UsesFrozen(nn.Module):
         return super()._apply(fn, recurse)
 
 
-def _unset_vit(*args, **kwargs):  # a ViT whose every weight is about to be loaded strictly: skip the random init
+# a ViT whose every weight is about to be loaded strictly: skip the random init
+def _unset_vit(*args, **kwargs):
     with torch.device("meta"):  # (trunc-normal init of a ViT-L takes tens of seconds on a CPU)
         return ViT(*args, **kwargs).to_empty(device="cpu")
 
@@ -332,42 +375,61 @@ def _unset_vit(*args, **kwargs):  # a ViT whose every weight is about to be load
 def _vit_checkpoint(path):  # timm-layout ViT state dict -> (state dict, width, depth, mlp_ratio)
     sd = load_state_dict_file(path) if isinstance(path, str) else dict(path)
     if "cls_token" not in sd or "pos_embed" not in sd or "blocks.0.mlp.fc1.weight" not in sd:
-        raise ValueError(f"{path if isinstance(path, str) else 'state dict'}: not a ViT checkpoint in the "
-                         f"DINO/DINOv2 (facebookresearch or timm) layout")
-    width, depth = sd["cls_token"].shape[-1], 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        name = path if isinstance(path, str) else "state dict"
+        raise ValueError(f"{name}: not a ViT checkpoint in the DINO/DINOv2 (facebookresearch or "
+                         f"timm) layout")
+    width = sd["cls_token"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     return sd, width, depth, sd["blocks.0.mlp.fc1.weight"].shape[0] / width
 
 
-# LPIPS v0.1 with VGG16 (Zhang et al. 2018; richzhang/PerceptualSimilarity, via taming-transformers' copy).
+# LPIPS v0.1 with VGG16 (Zhang et al. 2018; richzhang/PerceptualSimilarity, via taming-transformers'
+# copy).
 class LPIPS(nn.Module):
-    """Per-image LPIPS distance for images in [-1, 1]. Weights: torchvision `vgg16-397923af.pth` (features.* only) and
-    LPIPS `vgg.pth` (lin{0..4}.model.1.weight). Frozen, always in eval mode: no head dropout (README, Differences)."""
+    """Per-image LPIPS distance for images in [-1, 1]. Weights: torchvision `vgg16-397923af.pth`
+    (features.* only) and LPIPS `vgg.pth` (lin{0..4}.model.1.weight). Frozen, always in eval mode:
+    no head dropout (README, Differences)."""
     CHANNELS = (64, 128, 256, 512, 512)
-    TAPS = (3, 8, 15, 22, 29)  # torchvision `features` indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+    # torchvision `features` indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+    TAPS = (3, 8, 15, 22, 29)
 
     def __init__(self, vgg_path, lpips_path):
         super().__init__()
-        layers, c = [], 3  # torchvision's VGG16 `features` layout: conv at 0, 2, 5, 7, ...; max-pool at 4, 9, 16, 23
-        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
-            layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
-            c = c if v == "M" else v
-        self.features = nn.Sequential(*layers)  # indices 0..29 (the final pool, 30, is never needed)
+        # torchvision's VGG16 `features` layout: conv at 0, 2, 5, 7, ...; max-pool at 4, 9, 16, 23
+        layers, c = [], 3
+        widths = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+        for v in widths:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+                c = v
+        # indices 0..29 (the final pool, 30, is never needed)
+        self.features = nn.Sequential(*layers)
         self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in self.CHANNELS)
         # LPIPS's ScalingLayer for [-1, 1] inputs: constants, not in the state dict
-        self.register_buffer("shift", torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), persistent=False)
-        vgg = {k: v for k, v in load_state_dict_file(vgg_path).items() if not k.startswith("classifier.")}
+        shift = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
+        scale = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
+        self.register_buffer("shift", shift, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        vgg = load_state_dict_file(vgg_path)
+        vgg = {k: v for k, v in vgg.items() if not k.startswith("classifier.")}
         heads = load_state_dict_file(lpips_path)
-        names = [f"lin{i}.model.1.weight" for i in range(5)]  # slot 0 of each head is LPIPS's dropout
+        # slot 0 of each head is LPIPS's dropout
+        names = [f"lin{i}.model.1.weight" for i in range(5)]
         if sorted(heads) != names:
-            raise ValueError(f"{lpips_path}: expected the LPIPS v0.1 vgg.pth heads {names}, found {sorted(heads)[:6]}")
-        check_state_dict(self, {**vgg, **{f"lins.{i}.weight": heads[n] for i, n in enumerate(names)}})
+            raise ValueError(f"{lpips_path}: expected the LPIPS v0.1 vgg.pth heads {names}, found "
+                             f"{sorted(heads)[:6]}")
+        lins = {f"lins.{i}.weight": heads[n] for i, n in enumerate(names)}
+        check_state_dict(self, {**vgg, **lins})
         _freeze(self)
 
-    def train(self, mode=True):  # frozen: stays in eval mode whatever the parent module is switched to
+    # frozen: stays in eval mode whatever the parent module is switched to
+    def train(self, mode=True):
         return super().train(False)
 
-    def features_at_taps(self, x):  # (B, 3, H, W) in [-1, 1] -> 5 maps, unit-normalised over channels (eps 1e-10)
+    # (B, 3, H, W) in [-1, 1] -> 5 maps, unit-normalised over channels (eps 1e-10)
+    def features_at_taps(self, x):
         x, out = (x - self.shift) / self.scale, []
         for i, layer in enumerate(self.features):
             x = layer(x)
@@ -375,17 +437,21 @@ class LPIPS(nn.Module):
                 out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
         return out
 
-    def forward(self, a, b):  # reference a, compared b: (B, 3, H, W) x2 in [-1, 1] -> (B,) distances
-        # One VGG pass per image set: the pass over a (real images, no gradient) records no graph, so the backward
-        # and saved activations cover b alone; VGG has no batch norm: as one pass over both, up to rounding.
+    # reference a, compared b: (B, 3, H, W) x2 in [-1, 1] -> (B,) distances
+    def forward(self, a, b):
+        # One VGG pass per image set: the pass over a (real images, no gradient) records no graph,
+        # so the backward and saved activations cover b alone; VGG has no batch norm: as one pass
+        # over both, up to rounding.
         total = 0
         for lin, fa, fb in zip(self.lins, self.features_at_taps(a), self.features_at_taps(b)):
-            total = total + lin((fa - fb) ** 2).mean((1, 2, 3))  # squared difference, 1x1 head, spatial mean
+            # squared difference, 1x1 head, spatial mean
+            total = total + lin((fa - fb) ** 2).mean((1, 2, 3))
         return total
 
 
-# DiffAugment (Zhao et al. 2020; continuous_tokenizer utils/diff_aug.py): each policy fires with probability `prob`,
-# once per batch, with per-sample parameters. Weak: G and D steps. Strong: consistency regularisation.
+# DiffAugment (Zhao et al. 2020; continuous_tokenizer utils/diff_aug.py): each policy fires with
+# probability `prob`, once per batch, with per-sample parameters. Weak: G and D steps. Strong:
+# consistency regularisation.
 WEAK, STRONG = ("color", "translation", "cutout_0.2"), ("color", "translation", "cutout_0.5")
 
 
@@ -401,23 +467,29 @@ def _color(x):  # brightness +U(-.5, .5), saturation x U(0, 2), contrast x U(.5,
     return (x - mean) * (_per_sample(x) + 0.5) + mean
 
 
-def _translate(x, ratio=0.125):  # integer shift in [-ratio*size, ratio*size] per sample and axis, zero fill
+# integer shift in [-ratio*size, ratio*size] per sample and axis, zero fill
+def _translate(x, ratio=0.125):
     B, _, H, W = x.shape
     sh, sw = int(H * ratio + 0.5), int(W * ratio + 0.5)
-    rows = torch.arange(H, device=x.device).view(1, H, 1) + torch.randint(-sh, sh + 1, (B, 1, 1), device=x.device)
-    cols = torch.arange(W, device=x.device).view(1, 1, W) + torch.randint(-sw, sw + 1, (B, 1, 1), device=x.device)
+    shift_rows = torch.randint(-sh, sh + 1, (B, 1, 1), device=x.device)
+    rows = torch.arange(H, device=x.device).view(1, H, 1) + shift_rows
+    shift_cols = torch.randint(-sw, sw + 1, (B, 1, 1), device=x.device)
+    cols = torch.arange(W, device=x.device).view(1, 1, W) + shift_cols
     inside = ((rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)).unsqueeze(1)  # (B, 1, H, W)
     batch = torch.arange(B, device=x.device).view(B, 1, 1)
-    out = x.permute(0, 2, 3, 1)[batch, rows.clamp(0, H - 1), cols.clamp(0, W - 1)].permute(0, 3, 1, 2)
+    channels_last = x.permute(0, 2, 3, 1)
+    out = channels_last[batch, rows.clamp(0, H - 1), cols.clamp(0, W - 1)].permute(0, 3, 1, 2)
     return out * inside
 
 
-def _cutout(x, ratio):  # zero a (ratio*H, ratio*W) rectangle per sample, centred anywhere, clipped at the border
+# zero a (ratio*H, ratio*W) rectangle per sample, centred anywhere, clipped at the border
+def _cutout(x, ratio):
     B, _, H, W = x.shape
     ch, cw = int(H * ratio + 0.5), int(W * ratio + 0.5)
     top = torch.randint(0, H + (1 - ch % 2), (B, 1, 1), device=x.device) - ch // 2
     left = torch.randint(0, W + (1 - cw % 2), (B, 1, 1), device=x.device) - cw // 2
-    rows, cols = torch.arange(H, device=x.device).view(1, H, 1), torch.arange(W, device=x.device).view(1, 1, W)
+    rows = torch.arange(H, device=x.device).view(1, H, 1)
+    cols = torch.arange(W, device=x.device).view(1, 1, W)
     hole = (rows >= top) & (rows < top + ch) & (cols >= left) & (cols < left + cw)  # (B, H, W)
     return x * (~hole).unsqueeze(1).to(x.dtype)
 
@@ -431,13 +503,16 @@ def diff_augment(x, policy=WEAK, prob=0.5):
     return x
 
 
-# Frozen-DINO discriminator (VAR-style; continuous_tokenizer modelling/discriminators/discriminator_dino.py).
+# Frozen-DINO discriminator (VAR-style; continuous_tokenizer
+# modelling/discriminators/discriminator_dino.py).
 def dino_vit16(path):
-    """Frozen DINO v1 ViT/16 at 224 px (`dino_deitsmall16_pretrain.pth`: ViT-S), strict keys; width and depth read from
-    the file (heads = width / 64). tanh-GELU MLPs, as the discriminator's `MLPNoDrop` (README, Differences)."""
+    """Frozen DINO v1 ViT/16 at 224 px (`dino_deitsmall16_pretrain.pth`: ViT-S), strict keys; width
+    and depth read from the file (heads = width / 64). tanh-GELU MLPs, as the discriminator's
+    `MLPNoDrop` (README, Differences)."""
     sd, width, depth, _ = _vit_checkpoint(path)
     if depth < 12:
-        raise ValueError(f"{path}: the DINO discriminator taps block 11, but the checkpoint has {depth} blocks")
+        raise ValueError(f"{path}: the DINO discriminator taps block 11, but the checkpoint has "
+                         f"{depth} blocks")
     vit = _unset_vit(224, 16, width, depth, width // 64, layerscale=False)
     for blk in vit.blocks:
         blk.mlp.act = nn.GELU(approximate="tanh")
@@ -449,7 +524,8 @@ def _world():
 
 
 class _SumOverRanks(torch.autograd.Function):
-    """all_reduce(SUM) with an all_reduce(SUM) backward, as torch.distributed.nn's deprecated all_reduce."""
+    """all_reduce(SUM) with an all_reduce(SUM) backward, as torch.distributed.nn's deprecated
+    all_reduce."""
 
     @staticmethod
     def forward(ctx, x):
@@ -465,10 +541,11 @@ class _SumOverRanks(torch.autograd.Function):
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d over the global batch of all ranks (the released 'sbn', SyncBatchNorm). Local batches are equal in
-    size, so training needs one all_reduce of the per-channel [sum, sum of squares] (2, C), any backend, no host sync
-    (its backward likewise); running statistics as BatchNorm1d's, equal on all ranks. One process or eval: plain
-    BatchNorm1d. Variance E[x²] - E[x]² in float32: fine for these heads' O(1) features, not for |mean| >> std."""
+    """BatchNorm1d over the global batch of all ranks (the released 'sbn', SyncBatchNorm). Local
+    batches are equal in size, so training needs one all_reduce of the per-channel [sum, sum of
+    squares] (2, C), any backend, no host sync (its backward likewise); running statistics as
+    BatchNorm1d's, equal on all ranks. One process or eval: plain BatchNorm1d. Variance E[x²] -
+    E[x]² in float32: fine for these heads' O(1) features, not for |mean| >> std."""
 
     def forward(self, x):  # (B, C, T) -> (B, C, T)
         world = _world()
@@ -491,7 +568,8 @@ def _bn(c):
     return GlobalBatchNorm1d(c, eps=1e-6)
 
 
-def _sn_conv(c_in, c_out, k):  # spectral norm, one power iteration per training forward (SpectralConv1d)
+# spectral norm, one power iteration per training forward (SpectralConv1d)
+def _sn_conv(c_in, c_out, k):
     return spectral_norm(nn.Conv1d(c_in, c_out, k, padding=k // 2, padding_mode="circular"))
 
 
@@ -505,13 +583,14 @@ class _Residual(nn.Module):
 
 
 class DinoDiscriminator(UsesFrozen):
-    """Five trainable heads on frozen DINO ViT-S/16 features (embedding output, blocks 2, 5, 8, 11). ~7.39M params."""
+    """Five trainable heads on frozen DINO ViT-S/16 features (embedding output, blocks 2, 5, 8, 11).
+    ~7.39M params."""
     TAPS = (-1, 2, 5, 8, 11)  # -1: the embedding output before any block
 
     def __init__(self, dino_path, kernel=9):
         super().__init__()
         self.frozen["backbone"] = dino_vit16(dino_path)
-        self.normalize = ImageNetNormalize()
+        self.backbone_input = ImageNetNormalize()
         width = self.frozen["backbone"].cls_token.shape[-1]
         self.heads = nn.ModuleList(nn.Sequential(
             _sn_conv(width, width, 1), _bn(width), nn.LeakyReLU(0.2),
@@ -519,25 +598,30 @@ class DinoDiscriminator(UsesFrozen):
             _sn_conv(width, 1, 1)) for _ in self.TAPS)
 
     def forward(self, x):  # (B, 3, H, W) in [-1, 1] -> logits (B, 5 * 196)
-        x = self.normalize(x.float())
+        x = self.backbone_input(x.float())
         H, W = x.shape[-2:]
-        if H > 224 and W > 224 and torch.rand(()).item() < 0.5:  # one random 224 crop for the whole batch
+        # one random 224 crop for the whole batch
+        if H > 224 and W > 224 and torch.rand(()).item() < 0.5:
             i, j = torch.randint(0, H - 223, ()).item(), torch.randint(0, W - 223, ()).item()
             x = x[..., i:i + 224, j:j + 224]
-        elif (H, W) != (224, 224):  # area when shrinking, bicubic when enlarging (as discriminator_dino.py)
+        # area when shrinking, bicubic when enlarging (as discriminator_dino.py)
+        elif (H, W) != (224, 224):
             x = F.interpolate(x, size=(224, 224), mode="area" if H > 224 else "bicubic")
-        _, feats = self.frozen["backbone"].forward_features(x, taps=self.TAPS)  # 5 x (B, 1 + 196, 384)
-        # Each tapped map: patch tokens + cls token, channels first (B, 384, 196) for the Conv1d heads.
+        # 5 x (B, 1 + 196, 384)
+        _, feats = self.frozen["backbone"].forward_features(x, taps=self.TAPS)
+        # Each tapped map: patch tokens + cls token, channels first (B, 384, 196) for the Conv1d
+        # heads.
         return torch.cat([head((f[:, 1:] + f[:, :1]).transpose(1, 2)).flatten(1)
                           for head, f in zip(self.heads, feats)], dim=1)
 
 
-# DINOv2 loading with patch 14 -> 16: what timm's checkpoint filter does when continuous_tokenizer builds
-# `vit_*_patch14_dinov2` with patch_size=16 and the training image size.
+# DINOv2 loading with patch 14 -> 16: what timm's checkpoint filter does when continuous_tokenizer
+# builds `vit_*_patch14_dinov2` with patch_size=16 and the training image size.
 def resample_patch_kernel(w, size):
-    """FlexiViT pseudo-inverse resize (Beyer et al. 2023; timm `resample_patch_embed`) of a patch kernel (O, I, p, p)
-    -> (O, I, size, size). M (size², p²) is the bicubic+antialias resize of p x p patches; the new kernel w·pinv(M)
-    gives <M x, w_new> = <x, w> for every patch x when M has full column rank (upsampling, e.g. 14 -> 16)."""
+    """FlexiViT pseudo-inverse resize (Beyer et al. 2023; timm `resample_patch_embed`) of a patch
+    kernel (O, I, p, p) -> (O, I, size, size). M (size², p²) is the bicubic+antialias resize of p x
+    p patches; the new kernel w·pinv(M) gives <M x, w_new> = <x, w> for every patch x when M has
+    full column rank (upsampling, e.g. 14 -> 16)."""
     p = w.shape[-1]
     if p == size:
         return w
@@ -549,32 +633,38 @@ def resample_patch_kernel(w, size):
 
 
 def resample_pos_embed(pos, grid):
-    """(1, 1 + g², D) -> (1, 1 + grid², D): bicubic antialias patch grid, cls kept (timm `resample_abs_pos_embed`)."""
+    """(1, 1 + g², D) -> (1, 1 + grid², D): bicubic antialias patch grid, cls kept (timm
+    `resample_abs_pos_embed`)."""
     g = math.isqrt(pos.shape[1] - 1)
     if g == grid:
         return pos
     table = pos[:, 1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-    table = F.interpolate(table, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
-    return torch.cat([pos[:, :1], table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)], dim=1)
+    table = F.interpolate(table, size=(grid, grid), mode="bicubic", antialias=True,
+                          align_corners=False)
+    table = table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)
+    return torch.cat([pos[:, :1], table], dim=1)
 
 
 def init_encoder_from_dinov2(vit: ViT, path):
-    """Load a DINOv2 checkpoint (path or state dict; facebookresearch or timm layout) into `vit` (e.g. `encoder.model`):
-    patch kernel and position grid (37 x 37 at 518 px) resampled to vit's; mask_token (pretraining only) dropped."""
+    """Load a DINOv2 checkpoint (path or state dict; facebookresearch or timm layout) into `vit`
+    (e.g. `encoder.model`): patch kernel and position grid (37 x 37 at 518 px) resampled to vit's;
+    mask_token (pretraining only) dropped."""
     sd, width, depth, _ = _vit_checkpoint(path)
     sd.pop("mask_token", None)
     if (width, depth) != (vit.cls_token.shape[-1], len(vit.blocks)):
-        raise ValueError(f"DINOv2 checkpoint is width {width} / depth {depth} but the ViT is width "
-                         f"{vit.cls_token.shape[-1]} / depth {len(vit.blocks)}: use the DINOv2 of the encoder's "
-                         f"size (S 384/12, B 768/12, L 1024/24)")
-    sd["patch_embed.proj.weight"] = resample_patch_kernel(sd["patch_embed.proj.weight"], vit.patch_size)
+        raise ValueError(f"DINOv2 checkpoint is width {width} / depth {depth} but the ViT is "
+                         f"width {vit.cls_token.shape[-1]} / depth {len(vit.blocks)}: use the "
+                         f"DINOv2 of the encoder's size (S 384/12, B 768/12, L 1024/24)")
+    kernel = sd["patch_embed.proj.weight"]
+    sd["patch_embed.proj.weight"] = resample_patch_kernel(kernel, vit.patch_size)
     sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], math.isqrt(vit.num_patches))
     return check_state_dict(vit, sd)
 
 
 def dinov2_teacher(path, image_size, patch_size=16):
-    """The frozen alignment teacher (REPA, Yu et al. 2024, as arXiv 2412.10958 applies it to the tokenizer's
-    latents): DINOv2 at `patch_size` and the training image size (heads = width / 64)."""
+    """The frozen alignment teacher (REPA, Yu et al. 2024, as arXiv 2412.10958 applies it to the
+    tokenizer's latents): DINOv2 at `patch_size` and the training image size (heads = width / 64).
+    """
     sd, width, depth, mlp_ratio = _vit_checkpoint(path)
     vit = _unset_vit(image_size, patch_size, width, depth, width // 64, mlp_ratio=mlp_ratio)
     return _freeze(init_encoder_from_dinov2(vit, sd))
@@ -584,7 +674,8 @@ def dinov2_teacher(path, image_size, patch_size=16):
 class LossConfig:  # defaults: continuous_tokenizer configs/softvq-l-64.yaml
     mse_weight: float = 1.0
     entropy_weight: float = 0.01
-    entropy_temperature: float = 0.01  # the regulariser's own temperature (released `compute_entropy_loss`)
+    # the regulariser's own temperature (released `compute_entropy_loss`)
+    entropy_temperature: float = 0.01
     perceptual_weight: float = 1.0
     perceptual_warmup: int = 10000  # the LPIPS weight ramps linearly from 0 over these steps
     adversarial_weight: float = 0.2
@@ -594,7 +685,8 @@ class LossConfig:  # defaults: continuous_tokenizer configs/softvq-l-64.yaml
     repa_weight: float = 0.1
     repa_patch_size: int = 16  # teacher patch size: N = (image_size / 16)² teacher tokens
     repa_proj_dim: int = 1024
-    adaptive_disc_weight: bool = False  # VQGAN gradient-norm balance; off in the released run (author: try it, #13)
+    # VQGAN gradient-norm balance; off in the released run (author: try it, #13)
+    adaptive_disc_weight: bool = False
     vgg_path: Optional[str] = None  # torchvision vgg16-397923af.pth
     lpips_path: Optional[str] = None  # LPIPS v0.1 vgg.pth
     dino_path: Optional[str] = None  # dino_deitsmall16_pretrain.pth
@@ -602,54 +694,66 @@ class LossConfig:  # defaults: continuous_tokenizer configs/softvq-l-64.yaml
 
 
 class TokenizerLoss(UsesFrozen):
-    """Generator side: mse·MSE + entropy·H + warmup·perceptual·LPIPS + adv·(-D(aug x̂)) + repa·REPA. Discriminator
-    side, its own step after the generator's, from `disc_start` on: adv·(hinge + lecam·LeCam) + consistency·CR.
-    Trainable: the REPA projector (`generator_parameters`) and the D heads (`discriminator_parameters`)."""
+    """Generator side: mse·MSE + entropy·H + warmup·perceptual·LPIPS + adv·(-D(aug x̂)) + repa·REPA.
+    Discriminator side, its own step after the generator's, from `disc_start` on: adv·(hinge +
+    lecam·LeCam) + consistency·CR. Trainable: the REPA projector (`generator_parameters`) and the D
+    heads (`discriminator_parameters`)."""
 
     def __init__(self, tcfg: TokenizerConfig, cfg: LossConfig):
         super().__init__()
         self.cfg = cfg
-        self.disabled = []  # why a term is off although its weight is > 0; train.py writes it to the JSON log
+        # why a term is off although its weight is > 0; train.py writes it to the JSON log
+        self.disabled = []
         if self._wanted("perceptual_weight", "LPIPS perceptual", "vgg_path", "lpips_path"):
             self.frozen["lpips"] = LPIPS(cfg.vgg_path, cfg.lpips_path)
         self.disc = None
-        if self._wanted("adversarial_weight", "adversarial (DINO discriminator, LeCam, consistency)", "dino_path"):
+        adversarial = "adversarial (DINO discriminator, LeCam, consistency)"
+        if self._wanted("adversarial_weight", adversarial, "dino_path"):
             self.disc = DinoDiscriminator(cfg.dino_path)
-        self.register_buffer("lecam_ema_real", torch.zeros(()))  # LeCam EMAs of the mean D logits (checkpointed)
+        # LeCam EMAs of the mean D logits (checkpointed)
+        self.register_buffer("lecam_ema_real", torch.zeros(()))
         self.register_buffer("lecam_ema_fake", torch.zeros(()))
         self.projector = None
-        self.normalize = ImageNetNormalize()  # the teacher's input
+        self.teacher_input = ImageNetNormalize()
         if self._wanted("repa_weight", "REPA alignment", "dinov2_path"):
-            teacher = self.frozen["teacher"] = dinov2_teacher(cfg.dinov2_path, tcfg.image_size, cfg.repa_patch_size)
+            teacher = dinov2_teacher(cfg.dinov2_path, tcfg.image_size, cfg.repa_patch_size)
+            self.frozen["teacher"] = teacher
             if teacher.num_patches % tcfg.num_tokens:
-                raise ValueError(f"REPA 'repeat' needs the {teacher.num_patches} teacher tokens to be a multiple of "
-                                 f"the {tcfg.num_tokens} latent tokens; change repa_patch_size")
+                raise ValueError(f"REPA 'repeat' needs the {teacher.num_patches} teacher tokens to "
+                                 f"be a multiple of the {tcfg.num_tokens} latent tokens; change "
+                                 f"repa_patch_size")
             h, d_t = cfg.repa_proj_dim, teacher.cls_token.shape[-1]
-            self.projector = nn.Sequential(nn.Linear(tcfg.token_dim, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(),
-                                           nn.Linear(h, d_t))
+            self.projector = nn.Sequential(nn.Linear(tcfg.token_dim, h), nn.SiLU(),
+                                           nn.Linear(h, h), nn.SiLU(), nn.Linear(h, d_t))
 
     def prepare_frozen(self, dtype=None, compile=False):
-        """Optional speed-ups of the frozen networks (LPIPS/VGG, the DINO backbone, the DINOv2 teacher; train.py uses
-        bf16 on CUDA). dtype: their Linear/Conv weights cast once (model.cast_autocast_weights). compile: torch.compile
-        their forwards; but with the adaptive weight LPIPS's and the backbone's backward run twice per step
-        (retain_graph), which a compiled backward with donated buffers refuses: then only the teacher is compiled."""
-        nets = {**self.frozen, **({"backbone": self.disc.frozen["backbone"]} if self.disc is not None else {})}
+        """Optional speed-ups of the frozen networks (LPIPS/VGG, the DINO backbone, the DINOv2
+        teacher; train.py uses bf16 on CUDA). dtype: their Linear/Conv weights cast once
+        (model.cast_autocast_weights). compile: torch.compile their forwards; but with the adaptive
+        weight LPIPS's and the backbone's backward run twice per step (retain_graph), which a
+        compiled backward with donated buffers refuses: then only the teacher is compiled."""
+        nets = dict(self.frozen)
+        if self.disc is not None:
+            nets["backbone"] = self.disc.frozen["backbone"]
         for name, net in nets.items():
             if dtype is not None:
                 cast_autocast_weights(net, dtype)
             if compile and (name == "teacher" or not self.cfg.adaptive_disc_weight):
                 method = "forward" if name == "lpips" else "forward_features"
-                setattr(net, method, torch.compile(getattr(net, method)))  # an instance attribute over the method
+                # an instance attribute over the method
+                setattr(net, method, torch.compile(getattr(net, method)))
         return self
 
-    def _wanted(self, weight, what, *paths):  # weight > 0 and every file present; else off, loudly if weight > 0
+    # weight > 0 and every file present; else off, loudly if weight > 0
+    def _wanted(self, weight, what, *paths):
         if getattr(self.cfg, weight) <= 0:
             return False
         missing = [f"{p}={getattr(self.cfg, p)!r}" for p in paths
                    if not (getattr(self.cfg, p) and os.path.isfile(getattr(self.cfg, p)))]
         if missing:
-            msg = (f"{what} loss is OFF although {weight}={getattr(self.cfg, weight)}: weights file missing "
-                   f"({', '.join(missing)}); this run trains a different objective than SoftVQ-VAE")
+            msg = (f"{what} loss is OFF although {weight}={getattr(self.cfg, weight)}: weights "
+                   f"file missing ({', '.join(missing)}); this run trains a different objective "
+                   f"than SoftVQ-VAE")
             print("!" * 100 + "\nWARNING: " + msg + "\n" + "!" * 100, flush=True)
             self.disabled.append(msg)
         return not missing
@@ -663,18 +767,23 @@ class TokenizerLoss(UsesFrozen):
     def discriminator_active(self, step):
         return self.disc is not None and step >= self.cfg.disc_start
 
-    def alignment_loss(self, images, z):  # released 'repeat' mode: -cos(proj(z_i), teacher patch n) for n in strip i
+    # released 'repeat' mode: -cos(proj(z_i), teacher patch n) for n in strip i
+    def alignment_loss(self, images, z):
         with torch.no_grad():
-            target = self.frozen["teacher"].forward_features(self.normalize(images.float()))[:, 1:]  # (B, N, D_t)
+            teacher_input = self.teacher_input(images.float())
+            target = self.frozen["teacher"].forward_features(teacher_input)[:, 1:]  # (B, N, D_t)
         B, L, _ = z.shape
-        target = F.normalize(target, dim=-1).view(B, L, target.shape[1] // L, -1)  # (B, L, N/L, D_t)
-        pred = F.normalize(self.projector(z), dim=-1).unsqueeze(2)  # (B, L, 1, D_t): each token repeated N/L times
+        # (B, L, N/L, D_t)
+        target = F.normalize(target, dim=-1).view(B, L, target.shape[1] // L, -1)
+        # (B, L, 1, D_t): each token repeated N/L times
+        pred = F.normalize(self.projector(z), dim=-1).unsqueeze(2)
         return -(pred * target).sum(-1).mean()  # mean over batch and the N positions
 
     def generator_loss(self, images, recon, z, logits, step, last_layer=None):
-        """images, recon (B, 3, H, W) in [-1, 1]; z (B, L, d) the SoftVQ latents; logits (B, G, L/G, K) the posterior
-        cosine logits; last_layer: decoder.to_pixel.model.weight, for adaptive_disc_weight only (a compiled model runs
-        that head eagerly: SoftVQVAE.set_eager_pixel_head) -> (loss, logs: detached scalar tensors, no host sync)."""
+        """images, recon (B, 3, H, W) in [-1, 1]; z (B, L, d) the SoftVQ latents; logits (B, G, L/G,
+        K) the posterior cosine logits; last_layer: decoder.to_pixel.model.weight, for
+        adaptive_disc_weight only (a compiled model runs that head eagerly:
+        SoftVQVAE.set_eager_pixel_head) -> (loss, logs: detached scalar tensors, no host sync)."""
         cfg, logs = self.cfg, {}
         logs["mse"] = mse = F.mse_loss(recon.float(), images.float())
         nll = cfg.mse_weight * mse  # the reconstruction part the adaptive weight balances against
@@ -692,7 +801,8 @@ class TokenizerLoss(UsesFrozen):
         if self.discriminator_active(step):
             self.disc.requires_grad_(False)  # gradients go to x̂ only, never into D's .grad
             try:
-                logs["g_adv"] = g_adv = -self.disc(diff_augment(recon, WEAK, 0.5)).mean()  # hinge generator loss
+                # hinge generator loss
+                logs["g_adv"] = g_adv = -self.disc(diff_augment(recon, WEAK, 0.5)).mean()
             finally:
                 self.disc.requires_grad_(True)
             weight = cfg.adversarial_weight
@@ -704,15 +814,18 @@ class TokenizerLoss(UsesFrozen):
         return loss, {k: v.detach() for k, v in logs.items()}
 
     @staticmethod
-    def adaptive_weight(nll, g_adv, last_layer):  # VQGAN (Esser et al. 2021): ‖∇nll‖ / (‖∇g‖ + 1e-4)
+    # VQGAN (Esser et al. 2021): ‖∇nll‖ / (‖∇g‖ + 1e-4)
+    def adaptive_weight(nll, g_adv, last_layer):
         if last_layer is None:
-            raise ValueError("adaptive_disc_weight needs last_layer=model.decoder.to_pixel.model.weight")
+            raise ValueError("adaptive_disc_weight needs "
+                             "last_layer=model.decoder.to_pixel.model.weight")
         g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
         g_gan = torch.autograd.grad(g_adv, last_layer, retain_graph=True)[0]
         return (g_nll.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
     def discriminator_loss(self, images, recon, step):
-        """images, recon (B, 3, H, W) in [-1, 1] (detached here) -> (loss, logs); zero before disc_start."""
+        """images, recon (B, 3, H, W) in [-1, 1] (detached here) -> (loss, logs); zero before
+        disc_start."""
         if not self.discriminator_active(step):
             zero = images.new_zeros(())
             return zero, {"d_loss": zero}
@@ -720,17 +833,24 @@ class TokenizerLoss(UsesFrozen):
         real = self.disc(diff_augment(images, WEAK, 0.5))  # real and fake augmented independently
         fake = self.disc(diff_augment(recon, WEAK, 0.5))
         hinge = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
-        with torch.no_grad():  # LeCam (Tseng et al. 2021): EMAs updated before use, as vq_loss.py does
+        # LeCam (Tseng et al. 2021): EMAs updated before use, as vq_loss.py does
+        with torch.no_grad():
             means = torch.stack([real.mean(), fake.mean()]).to(self.lecam_ema_real.dtype)
-            if _world() > 1:  # the global batch's means: every rank holds the same EMAs, so rank 0's checkpoint
-                dist.all_reduce(means)  # resumes all of them exactly (one small all_reduce, no host sync)
+            # the global batch's means: every rank holds the same EMAs, so rank 0's checkpoint
+            if _world() > 1:
+                # resumes all of them exactly (one small all_reduce, no host sync)
+                dist.all_reduce(means)
                 means /= _world()
             self.lecam_ema_real.lerp_(means[0], 0.001)
             self.lecam_ema_fake.lerp_(means[1], 0.001)
-        lecam = F.relu(real - self.lecam_ema_fake).pow(2).mean() + F.relu(self.lecam_ema_real - fake).pow(2).mean()
+        lecam_real = F.relu(real - self.lecam_ema_fake).pow(2).mean()
+        lecam_fake = F.relu(self.lecam_ema_real - fake).pow(2).mean()
+        lecam = lecam_real + lecam_fake
         loss = cfg.adversarial_weight * (hinge + cfg.lecam_weight * lecam)
-        logs = {"d_hinge": hinge, "lecam": lecam, "logits_real": real.mean(), "logits_fake": fake.mean()}
-        if cfg.consistency_weight > 0:  # bCR: strong vs weak augmentation, gradients through both; not scaled by adv
+        logs = {"d_hinge": hinge, "lecam": lecam, "logits_real": real.mean(),
+                "logits_fake": fake.mean()}
+        # bCR: strong vs weak augmentation, gradients through both; not scaled by adv
+        if cfg.consistency_weight > 0:
             strong = torch.cat([self.disc(diff_augment(t, STRONG, 1.0)) for t in (images, recon)])
             logs["consistency"] = cr = F.mse_loss(torch.cat([real, fake]), strong)
             loss = loss + cfg.consistency_weight * cr
