@@ -1,9 +1,11 @@
 """The whole test suite: `pytest -q test_all.py` (under 5 minutes on 2 CPU cores; GPU checks skip without CUDA)."""
+import argparse
 import atexit
 import contextlib
 import copy
 import functools
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -11,6 +13,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +21,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -2724,140 +2728,449 @@ def test_cuda_fid_features_equal_cpu(fid_model, fid_ts_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The GPU benchmark (BENCHMARKS.md): SOFTVQ_BENCH=1 python -m pytest -q -s test_all.py -k gpu_benchmark
-# It times the training steps on fixed device batches (data loading excluded), with stand-in pretrained networks of
-# the published sizes and layouts (random weights), compiled, bf16. A CPU smoke run with tiny models keeps it working.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, NVIDIA data sheets (SXM)
+# The device check (BENCHMARKS.md): `python test_all.py bench PART [PART ...]` (or `all`) prints one
+# JSON line per part as soon as it is measured: the first calls (which compile) apart from the
+# steady state, on fixed device batches (no data loading), with stand-in pretrained networks of the
+# published sizes (random weights). It is a section of this file, not an entry point's flag,
+# because it needs the stand-in writers above (the pretrained LPIPS, DINO and DINOv2 files cannot be
+# downloaded here), and pytest collects only test_* functions, so it never runs as a test;
+# test_benchmark_harness_runs_on_cpu runs it on tiny models.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, NVIDIA data sheets
+# CUDA sizes. SiT-XL/1 trains and samples on 64 tokens of width 32 (B-64, L-64: the README's run)
+# with the README's sampler (SDE-250, CFG 1.75 on t in [0, 0.7]); `warmup` calls, or a sampler run
+# of `warmup_steps`, compile. Throughput decodes with SoftVQ's largest decoder (L), the ratio's low
+# side.
+BENCH_GPU = dict(
+    tokenizers={"tokenizer-b32": "softvq-b-32", "tokenizer-l64": "softvq-l-64"}, tokenizer_batch=32,
+    tokenizer_extra=[], full_size_standins=True, frozen_compile=(False, True), steps=10, warmup=2,
+    sit="sit-xl", sit_tokens=(64, 32), sit_batches=(32, 256), sampling_tokenizer="softvq-b-64",
+    sampling_batches={"sampling-b64": 64, "sampling-b256": 256}, sampling_steps=250, warmup_steps=4,
+    fid_images=2000, fid_size=256, throughput_tokenizers=("softvq-l-32", "softvq-l-64"),
+    throughput_batch=64, sd_vae_channels=(512, 512, 256, 128), latent_side=32, ddp_batch=32)
+# On a CPU: the same models, eager and fp32, at a small batch with few steps (the CPU ratio).
+BENCH_CPU = {**BENCH_GPU, "tokenizer_batch": 2, "frozen_compile": (False,), "steps": 1, "warmup": 1,
+             "sit_batches": (2,), "sampling_batches": {"sampling-b64": 2, "sampling-b256": 2},
+             "sampling_steps": 6, "warmup_steps": 0, "fid_images": 8, "throughput_batch": 2}
+# Tiny models for the smoke test; a 2-step sampler run stands in for the compiling warm-up.
+BENCH_SMOKE = {
+    **BENCH_CPU, "tokenizers": {"tokenizer-b32": "softvq-tiny", "tokenizer-l64": "softvq-tiny"},
+    "tokenizer_extra": ["--repa-patch-size", "4"], "full_size_standins": False, "sit": "sit-tiny",
+    "sit_tokens": (16, 16), "sampling_tokenizer": "softvq-tiny", "sampling_steps": 3,
+    "warmup_steps": 2, "fid_images": 2, "fid_size": 32, "throughput_tokenizers": ("softvq-tiny",),
+    "sd_vae_channels": (32, 32), "latent_side": 8}
 
 
+def sit_param_split(sit):
+    """(per-token, per-sample) parameter counts of a SiT, by name. Once per sample, on the condition
+    c (B, D): each block's and the final layer's adaLN modulation, the timestep MLP, the label table
+    (229 M of SiT-XL's 675 M). Per token: the token embedding, attention, MLP, output projection and
+    the position table. The two tables are lookups and adds (1.2 M), counted as weights all the
+    same."""
+    named = list(sit.named_parameters())
+    per_sample = sum(p.numel() for n, p in named
+                     if n.startswith(("t_embedder.", "y_embedder.")) or ".adaLN_modulation." in n)
+    per_token = sum(p.numel() for n, p in named
+                    if n.startswith(("x_embedder.", "pos_embed", "final_layer.linear."))
+                    or re.match(r"blocks\.\d+\.(attn|mlp)\.", n))
+    return per_token, per_sample
+
+
+def sit_forward_flops(sit):
+    """Forward FLOPs of one sample (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, app. B): a
+    weight is one multiply-add (2 FLOPs) per row it acts on, per token or once per sample; attention
+    adds q k^T and attn v, L² D multiply-adds each per block: 4 depth L² D FLOPs."""
+    c = sit.config
+    per_token, per_sample = sit_param_split(sit)
+    return 2 * per_token * c.num_tokens + 2 * per_sample + 4 * c.depth * c.num_tokens ** 2 * c.width
+
+
+def sit_train_flops(sit, batch):
+    """A training step's FLOPs: the backward costs twice the forward (gradients of activations and
+    of weights), so 3 x: per sample 6 x per-token params x L + 12 depth L² D + 6 x per-sample
+    params."""
+    return 3 * sit_forward_flops(sit) * batch
+
+
+class _VAEResBlock(nn.Module):  # (GroupNorm, SiLU, 3x3 conv) twice; 1x1 shortcut if widths differ
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(32, c_in, eps=1e-6), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
+            nn.GroupNorm(32, c_out, eps=1e-6), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        return self.shortcut(x) + self.body(x)
+
+
+class _VAEAttention(nn.Module):  # one head over the H x W positions; 1x1 convs for q, k, v, output
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, c, eps=1e-6)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=-1)  # (B, HW, C)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj(attended)
+
+
+class SDVAEDecoder(nn.Module):
+    """A decoder of SD-VAE's architecture and size, random weights, for speed only: the f8 KL
+    autoencoder's (Rombach et al. 2022; CompVis/latent-diffusion `Decoder`, ch 128, ch_mult
+    1,2,4,4): post-quant 1x1 conv, conv_in 4 -> 512, mid res-attention-res, 3 res blocks per
+    level of `channels`, a nearest x2 upsample and conv between levels, GroupNorm, SiLU,
+    conv_out -> 3 (49.49 M parameters). decode() takes SiT-XL/2's 2x2x4 patch tokens
+    (B, (side/2)², 16) from generate_images (SD's scale factor 0.18215 as latent_std)."""
+
+    def __init__(self, latent_side=32, channels=(512, 512, 256, 128)):
+        super().__init__()
+        self.side = latent_side
+        self.config = SimpleNamespace(num_tokens=(latent_side // 2) ** 2, token_dim=16,
+                                      latent_mean=0.0, latent_std=1 / 0.18215)
+        top = channels[0]
+        layers = [nn.Conv2d(4, 4, 1), nn.Conv2d(4, top, 3, padding=1), _VAEResBlock(top, top),
+                  _VAEAttention(top), _VAEResBlock(top, top)]
+        for i, (c_in, c) in enumerate(zip(channels[:1] + channels[:-1], channels)):
+            layers += [_VAEResBlock(c_in, c), _VAEResBlock(c, c), _VAEResBlock(c, c)]
+            if i < len(channels) - 1:
+                layers += [nn.Upsample(scale_factor=2.0), nn.Conv2d(c, c, 3, padding=1)]  # nearest
+        layers += [nn.GroupNorm(32, channels[-1], eps=1e-6), nn.SiLU(),
+                   nn.Conv2d(channels[-1], 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def decode(self, tokens):  # (B, (side/2)², 2*2*4) -> latent (B, 4, side, side) -> (B, 3, H, W)
+        half = self.side // 2
+        latent = tokens.reshape(-1, half, half, 2, 2, 4).permute(0, 5, 1, 3, 2, 4)
+        return self.net(latent.reshape(-1, 4, self.side, self.side))
+
+
+@functools.cache
 def _bench_standins(d, full_size):
-    """Stand-in weights for VGG16 + LPIPS heads, DINO ViT-S/16 and the DINOv2 teacher (ViT-L/14 when full_size)."""
+    """Stand-ins for VGG16 + LPIPS heads, DINO ViT-S/16, the DINOv2 teacher (ViT-L/14 if full)."""
     files = dict(_obj_files())
     if full_size:
         g = torch.Generator().manual_seed(0)
         with torch.device("meta"):
-            shapes = {k: v.shape for k, v in ViT(224, 16, 384, 12, 6, layerscale=False).state_dict().items()}
-        torch.save({k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}, d / "dino_s16.pth")
+            dino = ViT(224, 16, 384, 12, 6, layerscale=False).state_dict()
+        torch.save({k: torch.randn(v.shape, generator=g) * 0.02 for k, v in dino.items()},
+                   d / "dino_s16.pth")
         torch.save(_obj_dinov2_state(g, width=1024, depth=24), d / "dinov2_l14.pth")
         files.update(dino_path=str(d / "dino_s16.pth"), dinov2_path=str(d / "dinov2_l14.pth"))
     return files
 
 
-def _timed(fn, steps, device):
-    """Seconds per call of fn() after one warm-up call (which compiles), and the peak memory in GiB."""
-    fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _autocast(device):  # as the entry points: bf16 autocast on CUDA
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _fresh_compile(device):
+    """Forget compiled graphs (on-disk caches stay): each configuration compiles as its own run
+    would, and the sampler's many graphs never reach dynamo's recompile limit."""
+    if device.type == "cuda":
+        torch._dynamo.reset()
+
+
+def _quiet(build):  # start-up warnings go to stderr: stdout holds only the JSON lines
+    with contextlib.redirect_stdout(sys.stderr):
+        return build()
+
+
+def _timed(call, steps, device, warmup, first=None):
+    """compile_s: seconds of `warmup` first calls (of `first`, else `call`), which compile;
+    s_per_step: mean seconds of the `steps` calls after them; peak_gib: their CUDA memory peak."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        (first or call)()
+    _sync(device)
+    compile_s = time.perf_counter() - start if warmup else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sync()
     start = time.perf_counter()
     for _ in range(steps):
-        fn()
-    sync()
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    return (time.perf_counter() - start) / steps, peak
+        call()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    return {"compile_s": compile_s, "s_per_step": seconds, "peak_gib": peak}
 
 
-def _host_syncs(fn, device):
-    """Synchronising CUDA calls in one call of fn() (torch.cuda.set_sync_debug_mode warns on each)."""
+def _host_syncs(call, device):
+    """Synchronising CUDA calls in one call (set_sync_debug_mode warns on each); None on a CPU."""
     if device.type != "cuda":
-        return 0
+        return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            fn()
+            call()
             torch.cuda.synchronize()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def _bench_tokenizer(preset, files, batch, steps, device, extra):
-    args = train.parse_args(["--stage", "tokenizer", "--preset", preset, "--data", "builtin", "--out", "/tmp/unused",
-                             "--batch-size", str(batch), "--disc-start", "0", "--adaptive-disc-weight", "--vgg",
-                             files["vgg_path"], "--lpips", files["lpips_path"], "--dino", files["dino_path"],
-                             "--dinov2", files["dinov2_path"], *extra])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    stage = train.TokenizerStage(args, device, 1, autocast)
+def _bench_tokenizer(part, sizes, device, tmp):
+    """The README recipe (default loss weights, every pretrained network) at steps from --disc-start
+    on, where every term trains; frozen networks eager, then compiled (compile_s: theirs alone)."""
+    batch = sizes["tokenizer_batch"]
+    files = _bench_standins(tmp, sizes["full_size_standins"])
+    args = train.parse_args([
+        "--stage", "tokenizer", "--preset", sizes["tokenizers"][part], "--data", "builtin", "--out",
+        str(tmp / "unused"), "--batch-size", str(batch), "--vgg", files["vgg_path"], "--lpips",
+        files["lpips_path"], "--dino", files["dino_path"], "--dinov2", files["dinov2_path"],
+        *sizes["tokenizer_extra"]])
+    stage = _quiet(lambda: train.TokenizerStage(args, device, 1, _autocast(device)))
     size = stage.model.config.image_size
     images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     labels = torch.zeros(batch, dtype=torch.long, device=device)
-    counter = iter(range(10 ** 9))
-    step = lambda: stage.step(images, labels, next(counter))
-    seconds, peak = _timed(step, steps, device)
-    return {"img_per_s": batch / seconds, "peak_gib": peak, "host_syncs_per_step": _host_syncs(step, device)}
-
-
-def _bench_generator(preset, tokens, dim, batch, steps, device, tmp, extra):
-    cache = tmp / f"cache_{tokens}x{dim}"
-    cache.mkdir(exist_ok=True)
-    np.save(cache / "latents.npy", np.random.default_rng(0).standard_normal((64, 2, tokens, dim)).astype(np.float16))
-    np.save(cache / "labels.npy", np.arange(64) % 10)
-    (cache / "meta.json").write_text(json.dumps({"count": 64, "num_tokens": tokens, "token_dim": dim,
-                                                 "num_classes": 1000, "classes": [], "path": None,
-                                                 "latent_mean": 0.0, "latent_std": 1.0}))
-    args = train.parse_args(["--stage", "generator", "--preset", preset, "--latents", str(cache), "--out",
-                             "/tmp/unused", "--batch-size", str(batch), *extra])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    stage = train.GeneratorStage(args, device, 1, autocast)
-    x = torch.randn(batch, tokens, dim, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    step = lambda: stage.step(x, y, 0)
-    seconds, peak = _timed(step, steps, device)
-    n = sum(p.numel() for p in stage.model.parameters() if p.requires_grad)
-    c = stage.model.config
-    flops = batch * (6 * n * tokens + 12 * c.depth * tokens ** 2 * c.width)  # fwd + bwd: 3 x (2 FLOPs per MAC)
-    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None) \
-        if device.type == "cuda" else None
-    return {"img_per_s": batch / seconds, "peak_gib": peak, "host_syncs_per_step": _host_syncs(step, device),
-            "mfu": flops / seconds / 1e12 / peak_tflops if peak_tflops else None}, stage.ema
-
-
-def _bench_sampling(sit, tokenizer_preset, batch, steps, device):
-    tok = SoftVQVAE(tokenizer_config(tokenizer_preset)).to(device).eval()
-    c = sit.config
-    net = torch.compile(sit) if device.type == "cuda" else sit
-    noise, labels, rngs = S.sample_inputs(0, range(batch), c.num_tokens, c.token_dim, c.num_classes, device)
-    sampling = G.Sampling("sde", steps, cfg_scale=1.75, guidance_high=0.7)
-    seconds, _ = _timed(lambda: G.generate_images(net, tok, noise, labels, sampling, rngs), 1, device)
-    return {"img_per_s": batch / seconds}
-
-
-def _bench_fid(batch, size, steps, device):
-    net = fid.InceptionV3FID().eval().to(device)
-    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
-    seconds, _ = _timed(lambda: fid._encode(images, net), steps, device)
-    return {"img_per_s": batch / seconds}
-
-
-def _benchmark(tmp, device, full_size):
-    files = _bench_standins(tmp, full_size)
-    if full_size:  # the GPU figures (BENCHMARKS.md)
-        out = {p: _bench_tokenizer(p, files, 32, 10, device, []) for p in ("softvq-b-32", "softvq-l-64")}
-        out["sit-xl"], sit = _bench_generator("sit-xl", 32, 64, 256, 10, device, tmp, [])
-        out["sde250_cfg1.75_b-32"] = _bench_sampling(sit, "softvq-b-32", 256, 250, device)
-        out["fid_features_256px"] = _bench_fid(250, 256, 5, device)
-    else:  # CPU smoke: the same code on tiny models
-        out = {"softvq-tiny": _bench_tokenizer("softvq-tiny", files, 4, 1, device, ["--repa-patch-size", "4"])}
-        out["sit-tiny"], sit = _bench_generator("sit-tiny", 16, 16, 4, 1, device, tmp, [])
-        out["sde"] = _bench_sampling(sit, "softvq-tiny", 2, 3, device)
-        out["fid"] = _bench_fid(2, 32, 1, device)
+    step_index = itertools.count(args.disc_start)
+    step = lambda: stage.step(images, labels, next(step_index))
+    # bf16 frozen weights as train.py casts them on CUDA; a CPU run has no autocast, so fp32 there
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else None
+    out = {"preset": args.preset, "batch": batch}
+    for compiled in sizes["frozen_compile"]:
+        stage.criterion.prepare_frozen(frozen_dtype, compile=compiled)
+        timing = _timed(step, sizes["steps"], device, sizes["warmup"])
+        seconds = timing["s_per_step"]
+        out["frozen_compiled" if compiled else "frozen_eager"] = {
+            **timing, "steps_per_s": 1 / seconds, "img_per_s": batch / seconds,
+            "host_syncs_per_step": _host_syncs(step, device)}
     return out
 
 
-def test_benchmark_harness_runs_on_cpu(tmp_path):
-    """The GPU benchmark's code, on tiny models on the CPU: every figure comes out positive and finite."""
-    out = _benchmark(tmp_path, torch.device("cpu"), full_size=False)
-    assert all(v["img_per_s"] > 0 and math.isfinite(v["img_per_s"]) for v in out.values())
+def _latent_cache(tmp, tokens, dim):  # a small cache of normal latents over 1000 classes, made once
+    cache = tmp / f"latents_{tokens}x{dim}"
+    if not cache.exists():
+        cache.mkdir()
+        latents = np.random.default_rng(0).standard_normal((64, 2, tokens, dim))
+        np.save(cache / "latents.npy", latents.astype(np.float16))
+        np.save(cache / "labels.npy", np.arange(64))
+        (cache / "meta.json").write_text(json.dumps({
+            "count": 64, "num_tokens": tokens, "token_dim": dim, "num_classes": 1000, "classes": [],
+            "path": None, "latent_mean": 0.0, "latent_std": 1.0}))
+    return cache
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and os.environ.get("SOFTVQ_BENCH")),
-                    reason="the GPU benchmark: SOFTVQ_BENCH=1 on a CUDA machine")
-def test_gpu_benchmark(tmp_path):
-    out = _benchmark(tmp_path, torch.device("cuda"), full_size=True)
-    print("\n" + json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, **out}, indent=1))
-    assert all(v["img_per_s"] > 0 for v in out.values())
+def _sit_step(sizes, batch, device, cache, world=1, extra=()):
+    """(train.py's GeneratorStage on `batch` latents per rank, a call: one step on fixed inputs)"""
+    args = train.parse_args([
+        "--stage", "generator", "--preset", sizes["sit"], "--latents", str(cache), "--out",
+        str(cache / "unused"), "--batch-size", str(batch * world), *extra])
+    stage = _quiet(lambda: train.GeneratorStage(args, device, world, _autocast(device)))
+    c = stage.model.config
+    x = torch.randn(batch, c.num_tokens, c.token_dim, device=device)
+    y = torch.randint(0, c.num_classes, (batch,), device=device)
+    return stage, lambda: stage.step(x, y, 0)
+
+
+def _bench_sit_train(part, sizes, device, tmp):
+    """SiT training steps at each batch; MFU: sit_train_flops / seconds / the dense bf16 peak."""
+    cache = _latent_cache(tmp, *sizes["sit_tokens"])
+    name = torch.cuda.get_device_name() if device.type == "cuda" else ""
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    out = {"preset": sizes["sit"], "tokens": sizes["sit_tokens"][0]}
+    for batch in sizes["sit_batches"]:
+        _fresh_compile(device)
+        stage, step = _sit_step(sizes, batch, device, cache)
+        timing = _timed(step, sizes["steps"], device, sizes["warmup"])
+        tflops = sit_train_flops(stage.model, batch) / timing["s_per_step"] / 1e12
+        out[f"batch_{batch}"] = {
+            **timing, "img_per_s": batch / timing["s_per_step"], "model_tflops": tflops,
+            "mfu": tflops / peak_tflops if peak_tflops else None,
+            "host_syncs_per_step": _host_syncs(step, device)}
+        per_token, per_sample = sit_param_split(stage.model)
+        out.update(params_per_token=per_token, params_per_sample=per_sample)
+        del stage, step
+    return out
+
+
+def _time_generation(sit, decoder, batch, sizes, device):
+    """Images/s of generate_images with decoding as sample.py calls it (compiled on CUDA, its
+    inputs, per-sample SDE noise; the README's sampler); a short run first compiles the B and 2B
+    graphs."""
+    c = decoder.config
+    net = torch.compile(sit) if device.type == "cuda" else sit
+    noise, labels, rngs = S.sample_inputs(0, range(batch), c.num_tokens, c.token_dim,
+                                          sit.config.num_classes, device)
+    run = lambda steps: G.generate_images(
+        net, decoder, noise, labels, G.Sampling("sde", steps, 1.75, guidance_high=0.7), rngs)
+    timing = _timed(lambda: run(sizes["sampling_steps"]), 1, device, int(sizes["warmup_steps"] > 0),
+                    lambda: run(sizes["warmup_steps"]))
+    return {"compile_s": timing["compile_s"], "s_per_batch": timing["s_per_step"],
+            "img_per_s": batch / timing["s_per_step"], "peak_gib": timing["peak_gib"]}
+
+
+def _bench_sampling(part, sizes, device, tmp):
+    """Sampling with decoding: fp32 SiT weights, then (CUDA) the weights cast once to bf16."""
+    batch = sizes["sampling_batches"][part]
+    with torch.device(device):  # initialised there: seconds less than 675 M weights on the host
+        tok = SoftVQVAE(tokenizer_config(sizes["sampling_tokenizer"])).eval()
+        sit = G.SiT(G.sit_config(sizes["sit"], tok.config.num_tokens, tok.config.token_dim)).eval()
+    out = {"batch": batch, "steps": sizes["sampling_steps"], "tokens": tok.config.num_tokens,
+           "fp32_weights": _time_generation(sit, tok, batch, sizes, device)}
+    if device.type == "cuda":
+        _fresh_compile(device)
+        cast_autocast_weights(sit, torch.bfloat16)
+        out["bf16_weights"] = _time_generation(sit, tok, batch, sizes, device)
+    return out
+
+
+def _bench_throughput(part, sizes, device, tmp):
+    """The paper's claim (18x at 256 px) as a ratio of images/s with decoding: SiT-XL/1 on SoftVQ
+    tokens + its decoder against SiT-XL/2 on SD-VAE's 32x32x4 latent + a decoder of SD-VAE's size,
+    through the same generate_images, sampler, steps and batch. Our SiT is 1-D, so the baseline is
+    the same class on 256 tokens of 2x2x4 = 16 values: SiT-XL/2's patch embedding is that Linear, a
+    2-D position table costs what a 1-D one does, and its final layer predicts 32 values per token
+    (learned sigma) where ours predicts 16 (18 k of 446 M multiply-adds per token)."""
+    batch = sizes["throughput_batch"]
+    makers = [(p, functools.partial(SoftVQVAE, tokenizer_config(p)))
+              for p in sizes["throughput_tokenizers"]]
+    sd_vae = functools.partial(SDVAEDecoder, sizes["latent_side"], sizes["sd_vae_channels"])
+    makers.append(("sit-xl/2+sd-vae", sd_vae))
+    out = {"batch": batch, "steps": sizes["sampling_steps"]}
+    for name, make in makers:
+        _fresh_compile(device)
+        with torch.device(device):
+            decoder = make().eval()
+            c = decoder.config
+            sit = G.SiT(G.sit_config(sizes["sit"], c.num_tokens, c.token_dim)).eval()
+        if device.type == "cuda":  # bf16 sampling weights, cast once
+            cast_autocast_weights(sit, torch.bfloat16)
+        timing = _time_generation(sit, decoder, batch, sizes, device)
+        tokens = torch.randn(batch, c.num_tokens, c.token_dim, device=device)
+        with torch.no_grad(), _autocast(device):  # one decode, as generate_images runs it
+            decode = _timed(functools.partial(decoder.decode, tokens), 1, device, 0)
+        decoder_params = sum(p.numel() for p in getattr(decoder, "decoder", decoder).parameters())
+        out[name] = {**timing, "tokens": c.num_tokens, "decoder_params": decoder_params,
+                     "decode_share": decode["s_per_step"] / timing["s_per_batch"],
+                     "sit_gflop_per_image_call": sit_forward_flops(sit) / 1e9}
+        del decoder, sit
+    base = out["sit-xl/2+sd-vae"]
+    softvq = sizes["throughput_tokenizers"]
+    out["speedup"] = {p: out[p]["img_per_s"] / base["img_per_s"] for p in softvq}
+    base_flops = base["sit_gflop_per_image_call"]
+    out["sit_flop_ratio"] = {p: base_flops / out[p]["sit_gflop_per_image_call"] for p in softvq}
+    return out
+
+
+def _bench_fid(part, sizes, device, tmp):
+    """fid.py's path for SAMPLES images (source_features, exact fp32 on CUDA under
+    _cuda_precision(False), batch 250), stand-in weights through load_inception; the first batch
+    (cuDNN autotuning) is timed apart."""
+    path = tmp / "inception.pt"
+    torch.save(fid.InceptionV3FID().state_dict(), path)
+    net = fid.load_inception(str(path), device)
+    shape = (sizes["fid_images"], sizes["fid_size"], sizes["fid_size"], 3)
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    features = lambda n: fid.source_features(images[:n], lambda: net, keep=True, progress=False)
+    timing = _timed(lambda: features(len(images)), 1, device, 1, lambda: features(250))
+    return {"images": len(images), "size": sizes["fid_size"], "first_batch_s": timing["compile_s"],
+            "img_per_s": len(images) / timing["s_per_step"]}
+
+
+def _ddp_rank(rank, port, sizes, cache):
+    """One of 2 ranks, with torchrun's environment; rank 0 writes the timings beside the cache."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _, world, device = data.setup_distributed()
+    batch = sizes["ddp_batch"]
+    out = {"preset": sizes["sit"], "bucket_mb": train.DDP_BUCKET_MB, "local_batch": batch}
+    for accum in (1, 4):
+        _fresh_compile(device)
+        _, step = _sit_step(sizes, batch, device, Path(cache), world, ["--grad-accum", str(accum)])
+        timing = _timed(step, sizes["steps"], device, sizes["warmup"])
+        out[f"grad_accum_{accum}"] = {**timing, "img_per_s": world * batch / timing["s_per_step"]}
+    if rank == 0:
+        (Path(cache) / "ddp.json").write_text(json.dumps(out))
+    torch.distributed.destroy_process_group()
+
+
+def _bench_ddp(part, sizes, device, tmp):
+    """2 NCCL ranks (spawned): SiT steps through train.py's DDP wrap (bucket DDP_BUCKET_MB), one
+    batch per step and 4 accumulated micro-batches. Needs 2 GPUs."""
+    if torch.cuda.device_count() < 2:
+        return {"skipped": f"needs 2 CUDA devices, found {torch.cuda.device_count()}"}
+    cache = _latent_cache(tmp, *sizes["sit_tokens"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_rank, (port, sizes, str(cache)), nprocs=2)
+    return json.loads((cache / "ddp.json").read_text())
+
+
+BENCH_RUNNERS = {
+    "tokenizer-b32": _bench_tokenizer, "tokenizer-l64": _bench_tokenizer, "fid": _bench_fid,
+    "sit-train": _bench_sit_train, "sampling-b64": _bench_sampling,
+    "sampling-b256": _bench_sampling, "throughput": _bench_throughput, "ddp": _bench_ddp}
+BENCH_PARTS = tuple(BENCH_RUNNERS)
+
+
+def bench(parts, sizes=None):
+    """Run the parts in order ("all": every one), each printing its JSON line when measured."""
+    _, _, device = data.setup_distributed()  # one process; the entry points' TF32 and cuDNN flags
+    sizes = sizes or (BENCH_GPU if device.type == "cuda" else BENCH_CPU)
+    cpu_name = f"cpu, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in BENCH_PARTS if "all" in parts else parts:
+            _fresh_compile(device)
+            start = time.perf_counter()
+            record = BENCH_RUNNERS[part](part, sizes, device, Path(tmp))
+            record = {"part": part, "device": where, "torch": torch.__version__, **record,
+                      "part_s": time.perf_counter() - start}
+            print(json.dumps(record), flush=True)
+
+
+def test_benchmark_harness_runs_on_cpu(capsys):
+    """The device check on tiny models on the CPU: one JSON line per part, every images/s positive
+    (ddp: skipped without 2 GPUs); the SiT FLOP count equals a hand count from a tiny SiT's
+    sizes."""
+    bench(["all"], BENCH_SMOKE)
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["part"] for r in records] == list(BENCH_PARTS)
+    for line in lines[:-1]:
+        rates = [float(v) for v in re.findall(r'"img_per_s": ([^,}]+)', line)]
+        assert rates and all(math.isfinite(v) and v > 0 for v in rates), line
+    assert records[-1]["skipped"].startswith("needs 2 CUDA devices")
+    assert all(v > 0 for v in records[BENCH_PARTS.index("throughput")]["speedup"].values())
+    config = G.SiTConfig(num_tokens=4, token_dim=3, width=8, depth=2, num_heads=2, num_classes=5)
+    L = config.num_tokens
+    d = config.token_dim
+    D = config.width
+    depth = config.depth
+    # Multiply-adds per token (a bias is a weight on a constant 1, a table counts as weights): token
+    # embedding, position table, per block qkv, proj, fc1, fc2, then the output projection ...
+    per_token = D * (d + 1) + L * D + d * (D + 1) \
+        + depth * (3 * D * (D + 1) + D * (D + 1) + 4 * D * (D + 1) + D * (4 * D + 1))
+    # ... and per sample: adaLN of the blocks (6D) and final layer (2D), timestep MLP, label table.
+    per_sample = depth * 6 * D * (D + 1) + 2 * D * (D + 1) + D * 257 + D * (D + 1) \
+        + (config.num_classes + 1) * D
+    attention = 2 * depth * L * L * D  # q k^T and attn v, forward multiply-adds
+    hand = 3 * 2 * (per_token * L + per_sample + attention)  # fwd + bwd, 2 FLOPs each
+    assert sit_train_flops(G.SiT(config), batch=3) == 3 * hand
+
+
+def test_sit_param_split_per_token_and_per_sample():
+    """SiT-XL/1's (32 tokens of width 64) two parts sum to its 675 M parameters; the per-sample
+    part by hand: adaLN 28 x 6D and 2D outputs, timestep MLP 256 -> D -> D, 1001-row label table."""
+    with torch.device("meta"):
+        sit = G.SiT(G.sit_config("sit-xl", 32, 64))
+    per_token, per_sample = sit_param_split(sit)
+    D = 1152
+    assert per_token + per_sample == sum(p.numel() for p in sit.parameters()) == 674_963_776
+    by_hand = 28 * 6 * D * (D + 1) + 2 * D * (D + 1) + D * 257 + D * (D + 1) + 1001 * D
+    assert per_sample == by_hand == 228_580_992
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -3295,3 +3608,11 @@ def test_gpu_checkpoint_files_are_memory_mapped(tmp_path, monkeypatch):
         out = load_state_dict_file(str(tmp_path / name))
         assert all(torch.equal(out[k], v) for k, v in sd.items()) and out.keys() == sd.keys()
     assert seen == [True, False]
+
+
+if __name__ == "__main__":
+    # `python test_all.py bench PART [PART ...]`: the device check (its section says why it is here)
+    cli = argparse.ArgumentParser(description="the device check of BENCHMARKS.md")
+    cli.add_argument("command", choices=["bench"])
+    cli.add_argument("parts", nargs="+", choices=[*BENCH_PARTS, "all"])
+    bench(cli.parse_args().parts)
