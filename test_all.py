@@ -3011,7 +3011,7 @@ def _time_generation(sit, decoder, batch, sizes, device):
 
 
 def _bench_sampling(part, sizes, device, tmp):
-    """Sampling with decoding: fp32 SiT weights, then (CUDA) the weights cast once to bf16."""
+    """Sampling with decoding: fp32 weights, then (CUDA) the SiT's and decoder's cast once to bf16."""
     batch = sizes["sampling_batches"][part]
     with torch.device(device):  # initialised there: seconds less than 675 M weights on the host
         tok = SoftVQVAE(tokenizer_config(sizes["sampling_tokenizer"])).eval()
@@ -3020,7 +3020,9 @@ def _bench_sampling(part, sizes, device, tmp):
            "fp32_weights": _time_generation(sit, tok, batch, sizes, device)}
     if device.type == "cuda":
         _fresh_compile(device)
+        # as sample.py does on CUDA: the SiT's and the decoder's weights, once
         cast_autocast_weights(sit, torch.bfloat16)
+        cast_autocast_weights(tok, torch.bfloat16)
         out["bf16_weights"] = _time_generation(sit, tok, batch, sizes, device)
     return out
 
