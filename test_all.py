@@ -417,8 +417,9 @@ def _run_quickstart(cwd, tok_steps=None, gen_steps=None, seed=None, samples=512)
             times[f"{i}:{script}"] = time.time() - t0
         sampler = argv[argv.index("--sampler"):]  # the README's last stage: sample.py ... --sampler ...
         sampler = sampler[:sampler.index("--out")] if "--out" in sampler else sampler
-        S.main(["--ckpt", argv[argv.index("--ckpt") + 1], "--num-samples", str(samples), "--out",
-                "runs/quickstart/judge.npz", *sampler, "--device", "cpu"])
+        if samples:
+            S.main(["--ckpt", argv[argv.index("--ckpt") + 1], "--num-samples", str(samples), "--out",
+                    "runs/quickstart/judge.npz", *sampler, "--device", "cpu"])
     finally:
         os.chdir(old)
     return times
@@ -476,15 +477,19 @@ def _recognition(run, seed=42):
                 "psnr": psnr((recon + 1) / 2, (xs + 1) / 2).mean().item()}
 
 
-def test_quickstart_judge_and_runner():
+def _check_the_judge():
     """The judge knows the classes (>= 97 % on real held-out images; measured 100 %) and reads shapes, not colours:
-    the same images with their pixels shuffled are near chance. The runner takes the README's stages as written."""
+    the same images with their pixels shuffled are near chance. Checked where it judges: the full quickstart."""
     net, real = _shape_judge()
     assert real >= 0.97
     xs, ys = _shapes(256, heldout=True, seed=3)
     shuffled = xs.flatten(2)[:, :, torch.randperm(32 * 32)].view_as(xs)
     with torch.no_grad():
         assert (net(shuffled).argmax(1) == ys).float().mean() < 0.35
+
+
+def test_quickstart_runner_takes_the_readme_stages():
+    """The runner takes the README's stages as written: three train.py stages, then sample.py."""
     stages = _quickstart_stages()
     assert [s for s, _ in stages] == ["train.py"] * 3 + ["sample.py"]
     assert [a[a.index("--stage") + 1] for _, a in stages[:3]] == ["tokenizer", "cache", "generator"]
@@ -500,14 +505,16 @@ PSNR_BOUND, LOSS_RATIO_BOUND = 14.5, 0.6
 
 def test_quickstart_shortened_trains_both_stages(tmp_path):
     """The README quickstart, shortened: the tokenizer beats the mean image (11.0 dB) by over 3.5 dB on held-out
-    images and the generator's flow-matching loss falls to under 0.6 of its first logged value. The judge's rates are
-    printed, not asserted: at this length the tokenizer is barely off its colour plateau (reconstructions 12-28 %,
-    samples 5-14 %, chance 12.5 %); test_quickstart_readme_pipeline asserts them on the full run."""
-    _run_quickstart(tmp_path, QUICK_TOK_STEPS, QUICK_GEN_STEPS, samples=64)
-    rates = _recognition(tmp_path / "runs" / "quickstart")
-    losses = [r["loss"] for r in _log(str(tmp_path / "runs" / "quickstart" / "sit"))[1].values()]
-    print("shortened quickstart:", rates, "flow loss last/first", losses[-1] / losses[0])
-    assert rates["psnr"] >= PSNR_BOUND and losses[-1] <= LOSS_RATIO_BOUND * losses[0]
+    images (the run's own `done` record) and the generator's flow-matching loss falls to under 0.6 of its first
+    logged value; the README's grid is drawn. The judge's rates are measured on the full run only
+    (test_quickstart_readme_pipeline): at this length the tokenizer is barely off its colour plateau."""
+    _run_quickstart(tmp_path, QUICK_TOK_STEPS, QUICK_GEN_STEPS, samples=0)
+    run = tmp_path / "runs" / "quickstart"
+    [done] = [r for r in _log(str(run / "tok"))[0] if r.get("event") == "done"]
+    losses = [r["loss"] for r in _log(str(run / "sit"))[1].values()]
+    assert done["heldout_psnr"] >= PSNR_BOUND and done["mean_image_psnr"] < 12
+    assert losses[-1] <= LOSS_RATIO_BOUND * losses[0]
+    assert Image.open(run / "grid.png").size[1] == 8 * 96  # one row per class, 32 px shown at 96
 
 
 @pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"), reason="the full quickstart, about 9 minutes: set SOFTVQ_SLOW=1")
@@ -515,6 +522,7 @@ def test_quickstart_readme_pipeline(tmp_path):
     """README command 1 as written (after its set-up), judged against issue 13's targets: reconstructions >= 90 %,
     samples >= 80 % with every class >= 50 %. Measured (BENCHMARKS.md, "The README quickstart"): 92.6 % and 88.7 %,
     crosses the weakest class at 65 %, in 476 s; with --seed 1 93.9 % and 88.9 % (crosses 58 %) in 498 s."""
+    _check_the_judge()
     times = _run_quickstart(tmp_path)
     rates = _recognition(tmp_path / "runs" / "quickstart")
     print("README quickstart:", times, f"total {sum(times.values()):.0f} s", rates)
