@@ -562,9 +562,17 @@ def test_corrupt_images_are_skipped_and_counted_in_the_log(tmp_path):
 def test_schedule_optimizer_clipping_and_image_size(tmp_path, monkeypatch):
     args = train.parse_args(["--stage", "tokenizer", "--preset", "softvq-tiny", "--data", "builtin", "--out", "x",
                              "--lr", "1e-3", "--warmup-steps", "10", "--steps", "110"])
-    assert train.learning_rate(0, args) == 1e-5 and train.learning_rate(10, args) == pytest.approx(1e-3)
-    assert train.learning_rate(60, args) == pytest.approx(1e-4 + 9e-4 * 0.5)  # half way down the cosine
-    assert train.learning_rate(110, args) == pytest.approx(1e-4)  # ends at 0.1 x peak
+    lr = train.warmup_then_cosine
+    assert lr(0, args) == 1e-5 and lr(10, args) == pytest.approx(1e-3)
+    assert lr(60, args) == pytest.approx(1e-4 + 9e-4 * 0.5)  # half way down the cosine
+    assert lr(110, args) == pytest.approx(1e-4)  # ends at 0.1 x peak
+    # the generator: flat (SiT's recipe, --warmup-steps 0 by default), or the same warmup first
+    gen = ["--stage", "generator", "--preset", "sit-tiny", "--latents", "x", "--out", "x", "--lr", "1e-3"]
+    flat = train.parse_args(gen)
+    assert flat.warmup_steps == 0 and train.warmup_then_flat(0, flat) == 1e-3
+    warm = train.parse_args(gen + ["--warmup-steps", "10"])
+    assert [train.warmup_then_flat(s, warm) for s in (0, 5, 10, 1000)] == pytest.approx(
+        [1e-5, 1e-5 + 0.5 * (1e-3 - 1e-5), 1e-3, 1e-3])
     args.weight_decay = 0.05
     model = SoftVQVAE(tokenizer_config("softvq-tiny"))
     opt = train.make_optimizer(model.parameters(), args, torch.device("cpu"), (0.9, 0.95))

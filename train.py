@@ -42,7 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=250_000)
     p.add_argument("--batch-size", type=int, default=256, help="global batch, split over the ranks")
     p.add_argument("--lr", type=float, help="peak learning rate (tokenizer default 1e-4 x batch/256; generator 1e-4)")
-    p.add_argument("--warmup-steps", type=int, default=5004, help="tokenizer: linear warmup from 1e-5, then cosine")
+    p.add_argument("--warmup-steps", type=int,
+                   help="linear warmup from 1e-5 to --lr; then the tokenizer's cosine, the generator's "
+                        "flat --lr (default: tokenizer 5004, one epoch of the released recipe; "
+                        "generator 0, as SiT)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="0 = Adam without decay, what the released tokenizers ran; >0 = AdamW on >=2-D weights")
     p.add_argument("--ema-decay", type=float, default=0.9999)
@@ -103,6 +106,8 @@ def parse_args(argv=None):
         p.error(f"--stage {args.stage} needs {' and '.join(missing)}")
     if args.stage == "tokenizer" and args.preset not in PRESETS:
         p.error(f"unknown tokenizer preset {args.preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    if args.warmup_steps is None:
+        args.warmup_steps = 5004 if args.stage == "tokenizer" else 0
     counts = ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "grad_accum", "stats_images")
     for bad, msg in [*[(getattr(args, n) < 1, f"--{n.replace('_', '-')} must be at least 1") for n in counts],
                      (args.seed < 0, f"--seed {args.seed}: use a non-negative integer"),
@@ -119,14 +124,22 @@ def parse_args(argv=None):
     return args
 
 
-def learning_rate(step, args):
-    """The released tokenizer schedule (timm, per step): linear warmup from 1e-5, cosine to 0.1 x peak; SiT: flat."""
-    if args.stage == "generator":
-        return args.lr
+def warmup_then_cosine(step, args):
+    """The released tokenizer schedule (timm's, per step): linear warmup from 1e-5 to --lr over
+    --warmup-steps, then a cosine down to 0.1 x --lr at --steps."""
     if step < args.warmup_steps:
         return 1e-5 + (args.lr - 1e-5) * step / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    return 0.1 * args.lr + 0.9 * args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 0.1 * args.lr + 0.9 * args.lr * cosine
+
+
+def warmup_then_flat(step, args):
+    """SiT's schedule: a flat --lr (the released recipe has no warmup, the default --warmup-steps 0);
+    with --warmup-steps, the tokenizer's linear warmup from 1e-5 first."""
+    if step < args.warmup_steps:
+        return warmup_then_cosine(step, args)
+    return args.lr
 
 
 def make_optimizer(params, args, device, betas):
@@ -231,8 +244,23 @@ class Logger:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The stages. Each builds (in this order, so that a seed gives the same initial weights): its model, its objective,
-# its data; then the EMA copy and the optimizers; then loads `resume` and wraps the model for DDP / compile.
+# The stages. Each builds (in this order, so that a seed gives the same initial weights): its model,
+# its objective, its data; then the EMA copy and the optimizers; then loads `resume` and wraps the
+# model for DDP / compile. What train() uses of a stage, all of it:
+#   dataset          the training set (indexable; the loop's sampler shards it over the ranks)
+#   model, ema       the trained module and its EMA copy
+#   optimizers       every optimizer, for the learning rate of each step
+#   warnings         why a term of the objective is off, for the log
+#   preview_name     the prefix of the PNG grids
+#   learning_rate(step)            the schedule
+#   phases(start)                  [(name, first step)] of each objective, for the preflight
+#   state_parts()                  [(checkpoint key, module or optimizer)] a step changes
+#   step(batch, labels, step)      one optimisation step -> logs (device tensors)
+#   log_extra()                    more fields of a log line (host values)
+#   preview(path)                  write a PNG grid (rank 0)
+#   finish(rank)                   after the last step, before the last checkpoint (every rank)
+#   checkpoint(step)               the checkpoint dict
+#   report(log, step)              the `done` record (rank 0)
 class TokenizerStage:
     """SoftVQ-VAE with the full objective; the discriminator takes its own step after the generator's."""
     preview_name = "recon"
@@ -322,6 +350,9 @@ class TokenizerStage:
                                         self.disc_params)
             return {**mean_logs(per_micro), "d_grad_norm": d_grad_norm, "grad_norm": grad_norm}
         return {**mean_logs(per_micro), "grad_norm": grad_norm}
+
+    def learning_rate(self, step):
+        return warmup_then_cosine(step, self.args)
 
     def log_extra(self):
         return {"codebook_usage": round(self.model.quantize.usage(), 4)}
@@ -433,7 +464,17 @@ class GeneratorStage:
         images = generate_images(self.ema, self.decoder, noise.to(self.device), labels, PREVIEW)
         data.labelled_grid(data.to_uint8(images), labels.tolist(), self.classes or None).save(path)
 
-    log_extra = finish = report = lambda self, *unused: {}  # no codebook to log, nothing to do at the end
+    def learning_rate(self, step):
+        return warmup_then_flat(step, self.args)
+
+    def log_extra(self):  # no codebook to log
+        return {}
+
+    def finish(self, rank):  # nothing to measure at the end: the latents are the tokenizer's
+        pass
+
+    def report(self, log, step):  # no held-out metric of its own (sample.py and fid.py score it)
+        pass
 
     def checkpoint(self, step):
         return generator_checkpoint(self.model, self.ema, self.info, self.classes, step=step,
@@ -515,7 +556,7 @@ def train_step(stage, args, batch, labels, step, rank):
     torch.manual_seed(data.seed_for(args.seed, step, rank))
     for opt in stage.optimizers:
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, args)
+            group["lr"] = stage.learning_rate(step)
     logs = stage.step(batch, labels, step)
     finite = torch.isfinite(torch.stack([logs["loss"].float(), logs["grad_norm"].float()])).all()
     return logs, finite
@@ -638,7 +679,8 @@ def train(args):
             log.bar.update(1)
             last = step == args.steps
             if step % args.log_every == 0 or last:
-                log.flush(step, args.batch_size, lr=learning_rate(step - 1, args), **stage.log_extra())
+                lr = stage.learning_rate(step - 1)
+                log.flush(step, args.batch_size, lr=lr, **stage.log_extra())
                 check_finite(nonfinite, step, ckpt_path)
             if rank == 0 and (step % args.sample_every == 0 or last):
                 stage.preview(os.path.join(args.out, f"{stage.preview_name}_{step:07d}.png"))
