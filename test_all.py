@@ -2072,15 +2072,23 @@ def test_generator_stage_from_cache_resumes_exactly_and_previews(tmp_path):
     assert info["path"] == str(tmp_path / "tok.pt")
 
 
-def test_generator_stage_from_images(tmp_path):
+def test_generator_stage_from_images(tmp_path, monkeypatch):
+    """Encoding on the fly: the run trains, and its checkpoint names the tokenizer's files by absolute
+    paths, though they were given relative to the working directory."""
     _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
+    (tmp_path / "tok_config.json").write_text("{}")  # our checkpoints carry their config: not read
+    monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "run")
-    train.main(["--stage", "generator", "--preset", "sit-tiny", "--tokenizer", str(tmp_path / "tok.pt"), "--data",
-                _image_folder(tmp_path / "imgs"), "--batch-size", "4", "--workers", "0", "--steps", "3",
-                "--log-every", "1", "--sample-every", "100", "--time-dist", "uniform", "--out", out])
+    train.main(["--stage", "generator", "--preset", "sit-tiny", "--tokenizer", "tok.pt", "--tokenizer-config",
+                "tok_config.json", "--data", _image_folder(tmp_path / "imgs"), "--batch-size", "4", "--workers",
+                "0", "--steps", "3", "--log-every", "1", "--sample-every", "100", "--time-dist", "uniform",
+                "--out", out])
     recs, by_step = _log(out)
     assert sorted(by_step) == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in by_step.values())
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["args"]["time_dist"] == "uniform"
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["args"]["time_dist"] == "uniform"
+    assert ckpt["tokenizer"]["path"] == str(tmp_path / "tok.pt")
+    assert ckpt["tokenizer"]["config_json"] == str(tmp_path / "tok_config.json")
 
 
 def test_reconstruction_memory_does_not_grow_with_the_images(tmp_path, monkeypatch):

@@ -394,16 +394,20 @@ class GeneratorStage:
         if args.latents:
             self.dataset = data.LatentCache(args.latents, seed=args.seed)
             meta = self.dataset.meta
-            self.info = {k: meta.get(k) for k in ("path", "config_json", "latent_mean", "latent_std")}
-            num_tokens, token_dim, num_classes = meta["num_tokens"], meta["token_dim"], meta["num_classes"]
+            # the cache's tokenizer, unless --tokenizer names where it is now (for the previews)
+            path, config_json = meta.get("path"), meta.get("config_json")
             if args.tokenizer:
-                self.info.update(path=os.path.abspath(args.tokenizer), config_json=args.tokenizer_config)
+                path, config_json = args.tokenizer, args.tokenizer_config
+            self.info = tokenizer_info(path, config_json, meta["latent_mean"], meta["latent_std"])
+            num_tokens = meta["num_tokens"]
+            token_dim = meta["token_dim"]
+            num_classes = meta["num_classes"]
         else:
             self.tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_config).to(device).requires_grad_(False)
             tc = self.tokenizer.config
             self.dataset = data.make_dataset(args.data, tc.image_size, crop="center", flip=True, seed=args.seed)
-            self.info = {"path": os.path.abspath(args.tokenizer), "config_json": args.tokenizer_config,
-                         "latent_mean": tc.latent_mean, "latent_std": tc.latent_std}
+            self.info = tokenizer_info(args.tokenizer, args.tokenizer_config, tc.latent_mean,
+                                       tc.latent_std)
             num_tokens, token_dim = tc.num_tokens, tc.token_dim
             num_classes = max(1, len(getattr(self.dataset, "classes", [])))
         self.classes = list(getattr(self.dataset, "classes", []))
@@ -479,6 +483,15 @@ class GeneratorStage:
     def checkpoint(self, step):
         return generator_checkpoint(self.model, self.ema, self.info, self.classes, step=step,
                                     optimizer=self.optimizer.state_dict(), args=vars(self.args))
+
+
+def tokenizer_info(path, config_json, latent_mean, latent_std):
+    """What the latent cache and a generator checkpoint record of their tokenizer: its files as
+    absolute paths (sample.py, run from anywhere, finds them) and the latent statistics the
+    generator's inputs are normalised with."""
+    return {"path": path and os.path.abspath(path),
+            "config_json": config_json and os.path.abspath(config_json),
+            "latent_mean": latent_mean, "latent_std": latent_std}
 
 
 # Settings that do not change the trajectory of a run; every other flag must match the checkpoint's on --resume.
@@ -727,11 +740,10 @@ def cache_latents(args, rank, world, device, autocast):
     tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_config).to(device)
     tc = tokenizer.config
     dataset = data.make_dataset(args.data, tc.image_size, crop="center", seed=args.seed)
-    config_json = args.tokenizer_config and os.path.abspath(args.tokenizer_config)
-    mean, std = data.write_latent_cache(tokenizer, dataset, args.out, rank, world, device, args.batch_size // world,
-                                        args.workers, autocast, extra_meta={
-                                            "path": os.path.abspath(args.tokenizer), "config_json": config_json,
-                                            "latent_mean": tc.latent_mean, "latent_std": tc.latent_std})
+    info = tokenizer_info(args.tokenizer, args.tokenizer_config, tc.latent_mean, tc.latent_std)
+    mean, std = data.write_latent_cache(tokenizer, dataset, args.out, rank, world, device,
+                                        args.batch_size // world, args.workers, autocast,
+                                        extra_meta=info)
     if rank == 0:
         print(f"cached {len(dataset)} images x 2 flips to {args.out}; measured latent mean {mean:.6g} std {std:.6g}, "
               f"normalising with the tokenizer's {tc.latent_mean:.6g} / {tc.latent_std:.6g}")
