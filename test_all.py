@@ -557,6 +557,9 @@ def test_corrupt_images_are_skipped_and_counted_in_the_log(tmp_path):
                 "--steps", "2", "--log-every", "2", "--workers", "0", "--out", out])
     recs, by_step = _log(out)
     assert by_step[2]["skipped_images"] == 2  # every image is seen once per step; the broken one twice in 2 steps
+    # a folder has no held-out split: the end-of-run PSNR says it is on training images
+    [done] = [r for r in recs if r.get("event") == "done"]
+    assert "train_psnr" in done and "heldout_psnr" not in done
 
 
 def test_schedule_optimizer_clipping_and_image_size(tmp_path, monkeypatch):

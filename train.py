@@ -290,9 +290,12 @@ class TokenizerStage:
         model.set_eager_pixel_head(args.adaptive_disc_weight)  # its weight's gradients are taken before the backward
         model.set_grad_checkpointing(args.grad_checkpointing)
         self.dataset = data.make_dataset(args.data, model.config.image_size, crop="random", flip=True, seed=args.seed)
-        self.holdout = data.make_dataset(args.data, model.config.image_size, heldout=True, seed=args.seed)
-        self.preview_images = data.to_model_range(torch.stack([self.holdout[i][0]
-                                                               for i in range(min(8, len(self.holdout)))]))
+        # The built-in data has a held-out split; a folder has none: its own centre crops stand in
+        self.eval_split = "heldout" if args.data == "builtin" else "train"
+        self.holdout = data.make_dataset(args.data, model.config.image_size, heldout=True,
+                                         seed=args.seed)
+        first = [self.holdout[i][0] for i in range(min(8, len(self.holdout)))]
+        self.preview_images = data.to_model_range(torch.stack(first))
         self.model = model.to(device)
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.extra_params = self.criterion.generator_parameters()  # the REPA projector trains with the model
@@ -358,12 +361,12 @@ class TokenizerStage:
         return {"codebook_usage": round(self.model.quantize.usage(), 4)}
 
     @torch.no_grad()
-    def preview(self, path):  # top row: held-out images; bottom row: their EMA reconstructions
+    def preview(self, path):  # top row: held-out (or training) images; bottom: EMA reconstructions
         with self.autocast:
             recon = self.ema(self.preview_images.to(self.device))[0]
         n = len(self.preview_images)
         data.labelled_grid(data.to_uint8(torch.cat([self.preview_images, recon.float().cpu()])), [0] * n + [1] * n,
-                           ["held-out", "recon"]).save(path)
+                           [self.eval_split, "recon"]).save(path)
 
     def finish(self, rank):  # the generator's latent statistics (released configs: vq_mean, vq_std), all ranks
         mean, std = latent_stats(self.ema, self.dataset, self.device, self.autocast, rank, self.world,
@@ -374,7 +377,8 @@ class TokenizerStage:
     def report(self, log, step):
         log.note(event="done", step=step, latent_mean=self.model.config.latent_mean,
                  latent_std=self.model.config.latent_std,
-                 **evaluate_tokenizer(self.ema, self.holdout, self.device, self.autocast))
+                 **evaluate_tokenizer(self.ema, self.holdout, self.device, self.autocast,
+                                      self.eval_split))
 
     def checkpoint(self, step):
         extra = dict(step=step, optimizer=self.optimizer.state_dict(), args=vars(self.args),
@@ -752,9 +756,10 @@ def cache_latents(args, rank, world, device, autocast):
 
 
 @torch.no_grad()
-def evaluate_tokenizer(model, dataset, device, autocast, n=512, batch=64):
-    """PSNR of the reconstructions beside the PSNR of predicting the mean image, on the built-in data's held-out
-    split (for a folder, which has no split, on its own centre crops)."""
+def evaluate_tokenizer(model, dataset, device, autocast, split, n=512, batch=64):
+    """PSNR of the reconstructions beside the PSNR of predicting the mean image, on the first n
+    images of `dataset`: the built-in data's held-out split (split "heldout": heldout_psnr), or for
+    a folder, which has no split, its own centre crops (split "train": train_psnr)."""
     images = data.to_model_range(torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]))
     recon = []
     for i in range(0, len(images), batch):
@@ -762,7 +767,7 @@ def evaluate_tokenizer(model, dataset, device, autocast, n=512, batch=64):
             recon.append(model(images[i:i + batch].to(device))[0].float().cpu())
     mean_image = images.mean(0, keepdim=True).expand_as(images)
     unit = lambda x: (x.clamp(-1, 1) + 1) / 2  # PSNR on the [0, 1] scale
-    return {"heldout_psnr": round(psnr(unit(torch.cat(recon)), unit(images)).mean().item(), 3),
+    return {f"{split}_psnr": round(psnr(unit(torch.cat(recon)), unit(images)).mean().item(), 3),
             "mean_image_psnr": round(psnr(unit(mean_image), unit(images)).mean().item(), 3)}
 
 
