@@ -255,7 +255,7 @@ class Logger:
 #   learning_rate(step)            the schedule
 #   phases(start)                  [(name, first step)] of each objective, for the preflight
 #   state_parts()                  [(checkpoint key, module or optimizer)] a step changes
-#   step(batch, labels, step)      one optimisation step -> logs (device tensors)
+#   step(batch, labels, step_index)  one optimisation step -> logs (device tensors)
 #   log_extra()                    more fields of a log line (host values)
 #   preview(path)                  write a PNG grid (rank 0)
 #   finish(rank)                   after the last step, before the last checkpoint (every rank)
@@ -331,22 +331,25 @@ class TokenizerStage:
             phases.append(("gan", gan_start))
         return phases
 
-    def step(self, images, labels, step):  # images (B, 3, H, W) in [-1, 1] -> logs (tensors)
+    # images (B, 3, H, W) in [-1, 1]; step_index: the global step -> logs (tensors)
+    def step(self, images, labels, step_index):
         K, per_micro, recons = self.args.grad_accum, [], []
         for k, x in enumerate(images.chunk(K)):
             with micro_batch_sync(self.ddp, k, K):
                 with self.autocast:
                     recon, z, logits = self.forward(x)
                     last_layer = self.model.decoder.to_pixel.model.weight
-                    loss, logs = self.criterion.generator_loss(x, recon, z, logits, step, last_layer=last_layer)
+                    loss, logs = self.criterion.generator_loss(x, recon, z, logits, step_index,
+                                                               last_layer=last_layer)
                 (loss / K).backward()
             per_micro.append({"loss": loss.detach(), **logs})
             recons.append(recon.detach())
         grad_norm = clip_and_step(self.optimizer, self.params, self.args.grad_clip, self.world, self.extra_params)
-        if self.criterion.discriminator_active(step):  # after the generator step, on the detached reconstructions
+        # D's step follows the generator's, on the detached reconstructions
+        if self.criterion.discriminator_active(step_index):
             for k, (x, recon) in enumerate(zip(images.chunk(K), recons)):
                 with self.autocast:
-                    d_loss, d_logs = self.criterion.discriminator_loss(x, recon, step)
+                    d_loss, d_logs = self.criterion.discriminator_loss(x, recon, step_index)
                 d_loss.div(K).backward()  # D is outside DDP: average_gradients all-reduces its gradients once
                 per_micro[k].update(d_logs)
             d_grad_norm = clip_and_step(self.disc_optimizer, self.disc_params, self.args.grad_clip, self.world,
@@ -444,7 +447,8 @@ class GeneratorStage:
         print("WARNING: " + self.warnings[-1], flush=True)
         return None
 
-    def step(self, batch, labels, step):  # batch: latents (B, L, d) or images (B, 3, H, W) -> logs (tensors)
+    # batch: latents (B, L, d) or images (B, 3, H, W); step_index unused (one objective) -> logs
+    def step(self, batch, labels, step_index):
         K, losses = self.args.grad_accum, []
         for k, (x, y) in enumerate(zip(batch.chunk(K), labels.chunk(K))):
             with micro_batch_sync(self.ddp, k, K):
