@@ -215,6 +215,17 @@ def collate(items):
     return torch.stack(images), torch.tensor(labels), torch.tensor(sum(skipped))
 
 
+def rank_loader(dataset, rank, world, batch_size, workers, pin_memory=False, n=None):
+    """-> (indices, loader) of this rank's share of the first n items (all by default): items
+    rank, rank + world, ... in order, for a pass over a set that every rank takes part in
+    (statistics, the latent cache, reconstructions)."""
+    indices = list(range(rank, len(dataset) if n is None else min(n, len(dataset)), world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
+                                         batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate, pin_memory=pin_memory)
+    return indices, loader
+
+
 def make_loader(dataset, sampler, batch_size, workers, pin_memory):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        collate_fn=collate, pin_memory=pin_memory, drop_last=True,
@@ -265,9 +276,7 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
         dist.barrier()
     latents = np.load(path, mmap_mode="r+")
     labels = np.load(os.path.join(out, "labels.npy"), mmap_mode="r+")
-    mine = list(range(rank, n, world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+    mine, loader = rank_loader(dataset, rank, world, batch_size, workers, device.type == "cuda")
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     done = 0
     for images, y, _ in loader:

@@ -211,10 +211,8 @@ def reconstruct(args, device, rank, world):
     batch (memory does not grow with the number of images) and rank 0 merges the ranks' small parts."""
     tok = load_tokenizer(args.ckpt, args.config).to(device)
     ds = data.ImageFolderDataset(args.images, tok.config.image_size, crop="center")
-    mine = list(range(rank, len(ds), world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine), batch_size=args.batch_size,
-                                         num_workers=args.workers, collate_fn=data.collate,
-                                         pin_memory=device.type == "cuda")
+    mine, loader = data.rank_loader(ds, rank, world, args.batch_size, args.workers,
+                                    device.type == "cuda")
     lpips = LPIPS(args.vgg, args.lpips).to(device) if args.vgg else None  # VGG16 + the LPIPS v0.1 heads
     weights = args.inception or os.environ.get("SOFTVQ_INCEPTION") or os.path.expanduser(fid.DEFAULT_INCEPTION)
     net = fid.load_inception(weights, device) if len(ds) >= 2 and os.path.isfile(weights) else None

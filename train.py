@@ -726,8 +726,7 @@ def train(args):
 def latent_stats(model, dataset, device, autocast, rank=0, world=1, workers=0, n=50_000, batch=64):
     """Scalar mean and std of z over (up to n images of) the training set: x = (z - mean) / std for the generator.
     Rank r encodes images r, r + world, ... with the data loader's workers; the sums are all-reduced."""
-    mine = torch.utils.data.Subset(dataset, range(rank, min(n, len(dataset)), world))
-    loader = torch.utils.data.DataLoader(mine, batch_size=batch, num_workers=workers, collate_fn=data.collate)
+    _, loader = data.rank_loader(dataset, rank, world, batch, workers, n=n)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # read once at the end
     for images, _, _ in loader:
         with autocast:
