@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Attention, Mlp, check_state_dict, load_state_dict_file, run_blocks, sincos_1d
+from model import (Attention, Mlp, bf16_autocast, check_state_dict, load_state_dict_file, run_blocks,
+                   sincos_1d)
 from tokenizer import denormalize, load_tokenizer
 
 
@@ -322,8 +323,7 @@ def sit_velocity(model, amp=True):
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
 
     def velocity(x, t, y):  # (B, L, d), (B,), (B,) -> (B, L, d)
-        use_amp = amp and x.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with bf16_autocast(x.device, amp):
             return model(*_static(x.to(dtype), t.to(dtype), y))
 
     return velocity
@@ -348,8 +348,7 @@ def generate_images(model, tokenizer, noise, labels, sampling=Sampling(), rng=No
     c = tokenizer.config
     x = generate_latents(model, noise, labels, sampling, rng, amp)
     z = denormalize(x, c.latent_mean, c.latent_std)
-    use_amp = amp and z.device.type == "cuda"
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+    with torch.no_grad(), bf16_autocast(z.device, amp):
         return tokenizer.decode(z).float().clamp(-1, 1)
 
 

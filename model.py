@@ -162,6 +162,13 @@ def cast_autocast_weights(module, dtype):
     return module
 
 
+def bf16_autocast(device, enabled=True):
+    """The one autocast of the project: bf16 on CUDA, off elsewhere (CPU runs in float32).
+    device: a torch.device or its type ("cuda", "cpu")."""
+    device_type = getattr(device, "type", device)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device_type == "cuda")
+
+
 def sincos_1d(num_positions, dim):
     """Fixed 1-D sin-cos table (num_positions, dim), as `positionalencoding1d` in
     continuous_tokenizer's modelling/sit.py: sin on even and cos on odd channels, frequency

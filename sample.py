@@ -26,7 +26,7 @@ from tqdm import tqdm
 import data
 import fid
 from generator import Sampling, generate_images, load_generator, load_tokenizer_for
-from model import cast_autocast_weights
+from model import bf16_autocast, cast_autocast_weights
 from tokenizer import LPIPS, load_tokenizer
 
 # Grid classes when none are given (ImageNet ids, as DiT's sample.py): retriever, otter, panda, geyser, macaw, ...
@@ -222,7 +222,7 @@ def reconstruct(args, device, rank, world):
     skipped, done, start = 0, 0, time.time()
     for images, _, bad in tqdm(loader, desc="reconstruct", disable=rank != 0):
         x = data.to_model_range(images.to(device, non_blocking=True))  # (B, 3, H, W) in [-1, 1]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.fp32):
+        with bf16_autocast(device, not args.fp32):
             out = tok(x)[0].float().clamp(-1, 1)
         recon = data.to_uint8(out)  # (B, H, W, 3) numpy
         a, b = images.to(device), torch.from_numpy(recon).to(device).permute(0, 3, 1, 2)  # uint8 (B, 3, H, W)

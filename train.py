@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import data
 from fid import psnr
-from model import check_state_dict, load_state_dict_file
+from model import bf16_autocast, check_state_dict, load_state_dict_file
 from generator import PREVIEW, SiT, flow_matching_loss, generate_images, generator_checkpoint, load_tokenizer_for, \
     sit_config
 from tokenizer import (PRESETS, LossConfig, SoftVQVAE, TokenizerLoss, init_encoder_from_dinov2, load_tokenizer,
@@ -656,7 +656,7 @@ def train(args):
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks x --grad-accum "
                          f"{args.grad_accum}")
     local_batch = args.batch_size // world
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = bf16_autocast(device)
     if args.stage == "cache":
         return cache_latents(args, rank, world, device, autocast)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
