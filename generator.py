@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from model import (Attention, Mlp, bf16_autocast, check_state_dict, load_state_dict_file, run_blocks,
                    sincos_1d)
-from tokenizer import denormalize, load_tokenizer
+from tokenizer import denormalize_latents, load_tokenizer
 
 
 @dataclass
@@ -347,7 +347,7 @@ def generate_images(model, tokenizer, noise, labels, sampling=Sampling(), rng=No
     stats, decode."""
     c = tokenizer.config
     x = generate_latents(model, noise, labels, sampling, rng, amp)
-    z = denormalize(x, c.latent_mean, c.latent_std)
+    z = denormalize_latents(x, c.latent_mean, c.latent_std)
     with torch.no_grad(), bf16_autocast(z.device, amp):
         return tokenizer.decode(z).float().clamp(-1, 1)
 

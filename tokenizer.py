@@ -39,7 +39,7 @@ class TokenizerConfig:
     codebook_size: int = 8192  # K
     num_codebooks: int = 4  # G: token groups of L/G consecutive tokens, one codebook each
     tau: float = 0.07  # posterior temperature (0.07 in the paper)
-    # scalar latent statistics for the generator: x = (z - mean) / std (see `normalize`)
+    # scalar latent statistics for the generator: x = (z - mean) / std (see `normalize_latents`)
     latent_mean: float = 0.0
     latent_std: float = 1.0
 
@@ -252,11 +252,11 @@ class SoftVQVAE(nn.Module):
 
 # The generator works on x = (z - mean) / std, scalar statistics of the trained tokenizer's
 # training-set latents stored in its config (released configs: vq_mean, vq_std).
-def normalize(z, mean, std):  # tokenizer latents -> generator space
+def normalize_latents(z, mean, std):  # tokenizer latents -> generator space
     return (z - mean) / std
 
 
-def denormalize(x, mean, std):  # generator space -> tokenizer latents
+def denormalize_latents(x, mean, std):  # generator space -> tokenizer latents
     return x * std + mean
 
 

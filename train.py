@@ -29,7 +29,7 @@ from model import bf16_autocast, check_state_dict, load_state_dict_file
 from generator import PREVIEW, SiT, flow_matching_loss, generate_images, generator_checkpoint, load_tokenizer_for, \
     sit_config
 from tokenizer import (PRESETS, LossConfig, SoftVQVAE, TokenizerLoss, init_encoder_from_dinov2, load_tokenizer,
-                       normalize, tokenizer_checkpoint, tokenizer_config)
+                       normalize_latents, tokenizer_checkpoint, tokenizer_config)
 
 
 def parse_args(argv=None):
@@ -456,7 +456,7 @@ class GeneratorStage:
                     if self.tokenizer is not None:  # images -> latents on the fly
                         with torch.no_grad():
                             x = self.tokenizer.encode(x).float()
-                    x = normalize(x, self.info["latent_mean"], self.info["latent_std"])  # (B, L, d)
+                    x = normalize_latents(x, self.info["latent_mean"], self.info["latent_std"])  # (B, L, d)
                     loss = flow_matching_loss(self.forward, x, y, self.args.time_dist)
                 (loss / K).backward()
             losses.append(loss.detach())
