@@ -1,38 +1,45 @@
-"""Data and the plumbing every entry point shares: image folders, the built-in shapes, the SoftVQ training crops,
-a resumable sharded sampler, the latent cache, image grids; distributed setup, seeds, atomic writes, user errors.
+"""Data and the plumbing every entry point shares: image folders, the built-in shapes, the SoftVQ
+training crops, a resumable sharded sampler, the latent cache, image grids; distributed setup,
+seeds, atomic writes, user errors.
 
-Every random choice of an item (crop, flip) comes from a generator seeded by (seed, epoch, index), and the sampler's
-order from (seed, epoch); so the stream of batches is a pure function of the step: a resumed run sees exactly the
-batches it would have seen, whatever the number of loader workers.
+Every random choice of an item (crop, flip) comes from a generator seeded by (seed, epoch, index),
+and the sampler's order from (seed, epoch); so the stream of batches is a pure function of the step:
+a resumed run sees exactly the batches it would have seen, whatever the number of loader workers.
 """
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
 import signal
+import socket
 import sys
+import time
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 def list_images(root, labelled=True):
-    """Sorted image paths under `root` (recursive) and integer labels: one sub-folder per class gives labels in
-    sorted folder order; images directly in `root` (a flat folder) get label 0. A folder that cannot be listed, or
-    (when `labelled`) images beside class folders, are refused: either would silently shift labels."""
+    """Sorted image paths under `root` (recursive) and integer labels: one sub-folder per class
+    gives labels in sorted folder order; images directly in `root` (a flat folder) get label 0. A
+    folder that cannot be listed, or (when `labelled`) images beside class folders, are refused:
+    either would silently shift labels."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: no such data folder")
 
     def unreadable(e):
-        raise PermissionError(f"{e.filename}: cannot list this folder ({e.strerror}); fix its permissions or move "
-                              f"it out of {root}")
-    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, onerror=unreadable, followlinks=True)
+        raise PermissionError(f"{e.filename}: cannot list this folder ({e.strerror}); fix its "
+                              f"permissions or move it out of {root}")
+    walk = os.walk(root, onerror=unreadable, followlinks=True)
+    paths = sorted(os.path.join(d, f) for d, _, files in walk
                    for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
         raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
@@ -40,17 +47,17 @@ def list_images(root, labelled=True):
     classes = sorted({r[0] for r in parts if len(r) > 1})
     loose = [os.path.join(root, r[0]) for r in parts if len(r) == 1]
     if labelled and classes and loose:
-        raise ValueError(f"{root} has class folders and also {len(loose)} images beside them (e.g. {loose[0]}); "
-                         f"move those into a class folder")
+        raise ValueError(f"{root} has class folders and also {len(loose)} images beside them (e.g. "
+                         f"{loose[0]}); move those into a class folder")
     index = {c: i for i, c in enumerate(classes)}
     return paths, [index[r[0]] if len(r) > 1 else 0 for r in parts], classes
 
 
 def read_rgb(path):
-    """Any image file -> PIL RGB, 8 bits per channel. 16-bit and 32-bit grayscale ("I;16", "I", "F") are scaled to
-    0..255 (PIL's convert would clip them, so most come out white); palette, CMYK, grayscale and LA/RGBA images go
-    through PIL's convert("RGB"). Alpha is dropped, not composited: a transparent pixel shows the colour stored under
-    it, as ADM's and torchvision's loaders do."""
+    """Any image file -> PIL RGB, 8 bits per channel. 16-bit and 32-bit grayscale ("I;16", "I", "F")
+    are scaled to 0..255 (PIL's convert would clip them, so most come out white); palette, CMYK,
+    grayscale and LA/RGBA images go through PIL's convert("RGB"). Alpha is dropped, not composited:
+    a transparent pixel shows the colour stored under it, as ADM's and torchvision's loaders do."""
     with Image.open(path) as img:
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             a = np.asarray(img, dtype=np.float64)
@@ -69,19 +76,21 @@ def check_readable(paths, n=16):
             return
         except Exception:
             continue
-    raise ValueError(f"none of {len(set(tried))} images tried in {os.path.dirname(paths[0])} can be decoded "
-                     f"(e.g. {paths[0]}); check the data folder")
+    raise ValueError(f"none of {len(set(tried))} images tried in {os.path.dirname(paths[0])} can "
+                     f"be decoded (e.g. {paths[0]}); check the data folder")
 
 
 def _shrink(img, size):
-    # ADM: halve with BOX filtering while the short side is >= 2x the target, so BICUBIC never aliases badly.
+    # ADM: halve with BOX filtering while the short side is >= 2x the target, so BICUBIC never
+    # aliases badly.
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     return img
 
 
 def center_crop(img, size):
-    """ADM centre crop (guided-diffusion `center_crop_arr`): short side to `size`, then the central square."""
+    """ADM centre crop (guided-diffusion `center_crop_arr`): short side to `size`, then the central
+    square."""
     img = _shrink(img, size)
     scale = size / min(img.size)
     img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
@@ -90,8 +99,8 @@ def center_crop(img, size):
 
 
 def random_crop(img, size, rng, min_frac=0.8):
-    """The tokenizer's training crop (ADM `random_crop_arr`): short side to a random size in [size, size / 0.8], i.e. a
-    crop of 0.8-1.0 of the short side, then a random `size` square."""
+    """The tokenizer's training crop (ADM `random_crop_arr`): short side to a random size in [size,
+    size / 0.8], i.e. a crop of 0.8-1.0 of the short side, then a random `size` square."""
     short = int(rng.integers(size, math.ceil(size / min_frac) + 1))
     img = _shrink(img, short)
     scale = short / min(img.size)
@@ -101,26 +110,34 @@ def random_crop(img, size, rng, min_frac=0.8):
     return img.crop((x, y, x + size, y + size))
 
 
-def to_tensor(img):  # PIL RGB -> uint8 (3, H, W): images travel from the loader workers as bytes, 4x less than floats
+def to_tensor(img):
+    """PIL RGB -> uint8 (3, H, W): images travel from the loader workers as bytes, 4x less than
+    floats."""
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def to_model_range(x):
-    """uint8 images -> float in [-1, 1] (on their device); float batches (built-in images, latents) pass through."""
+    """uint8 images -> float in [-1, 1] (on their device); float batches (built-in images, latents)
+    pass through."""
     return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Items are (image uint8 (3, S, S), label, number of unreadable files skipped to produce it); to_model_range
-    maps a batch to [-1, 1].
-    crop: 'random' (tokenizer training, as continuous_tokenizer's train/train_tokenizer.py) or 'center' (ADM centre
-    crop: generator and evaluation).
-    A corrupt or unreadable file is replaced by the next readable one and counted, never a crash mid-epoch."""
+    """Items are (image uint8 (3, S, S), label, number of unreadable files skipped to produce it);
+    to_model_range maps a batch to [-1, 1]. crop: 'random' (tokenizer training, as
+    continuous_tokenizer's train/train_tokenizer.py) or 'center' (ADM centre crop: generator and
+    evaluation). A corrupt or unreadable file is replaced by the next readable one and counted,
+    never a crash mid-epoch."""
 
     def __init__(self, root, image_size, crop="center", flip=False, seed=0):
         self.paths, self.labels, self.classes = list_images(root)
         check_readable(self.paths)
-        self.image_size, self.crop, self.flip, self.seed, self.epoch = image_size, crop, flip, seed, 0
+        self.image_size = image_size
+        self.crop = crop
+        self.flip = flip
+        self.seed = seed
+        # set by the sampler through set_epoch: the crops and flips differ per epoch
+        self.epoch = 0
 
     def __len__(self):
         return len(self.paths)
@@ -133,24 +150,35 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             except Exception:  # truncated, not an image, permission denied, ...
                 continue
             rng = np.random.default_rng((self.seed, self.epoch, j))
-            img = random_crop(img, self.image_size, rng) if self.crop == "random" else center_crop(img, self.image_size)
+            if self.crop == "random":
+                img = random_crop(img, self.image_size, rng)
+            else:
+                img = center_crop(img, self.image_size)
             if self.flip and rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
             return to_tensor(img), self.labels[j], skipped
-        raise ValueError(f"50 consecutive unreadable images around {self.paths[i]}; check the data folder")
+        raise ValueError(f"50 consecutive unreadable images around {self.paths[i]}; check the data "
+                         "folder")
 
 
 class BuiltinShapes(torch.utils.data.Dataset):
-    """8 procedural classes (disk, square, triangle, ring, cross, h- and v-stripes, checkerboard): a random-coloured
-    shape 16-29 px across (stripes 3-5 px, checker cells 6-10 px: large against the tokenizer's 8x8 patches, see
-    BENCHMARKS.md "The built-in shapes"), its size and position random, on a random-coloured background. Item i is a
-    pure function of (seed, i); the held-out split has a seed of its own."""
+    """8 procedural classes (disk, square, triangle, ring, cross, h- and v-stripes, checkerboard): a
+    random-coloured shape 16-29 px across (stripes 3-5 px, checker cells 6-10 px: large against the
+    tokenizer's 8x8 patches, see BENCHMARKS.md "The built-in shapes"), its size and position random,
+    on a random-coloured background. Item i is a pure function of (seed, i); the held-out split has
+    a seed of its own."""
 
     classes = ["disk", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes", "checker"]
 
     def __init__(self, image_size=32, size=4096, heldout=False, flip=False, seed=0):
-        self.image_size, self.size, self.seed, self.epoch = image_size, size, seed + (10 ** 6 if heldout else 0), 0
-        self.flip, self.grid = flip, np.mgrid[:image_size, :image_size].astype(np.float32) / image_size
+        self.image_size = image_size
+        self.size = size
+        # the held-out split: another seed, so other images
+        self.seed = seed + (10 ** 6 if heldout else 0)
+        self.epoch = 0
+        self.flip = flip
+        # (2, S, S) pixel coordinates in [0, 1)
+        self.grid = np.mgrid[:image_size, :image_size].astype(np.float32) / image_size
 
     def __len__(self):
         return self.size
@@ -167,8 +195,10 @@ class BuiltinShapes(torch.utils.data.Dataset):
                 lambda: np.maximum(abs(dx), abs(dy)) < r * 0.85,
                 lambda: (dy < r * 0.8) & (dy > -r * 0.8 + 2 * abs(dx)),
                 lambda: (np.hypot(dx, dy) < r) & (np.hypot(dx, dy) > r * 0.55),
-                lambda: ((abs(dx) < r * 0.35) | (abs(dy) < r * 0.35)) & (np.maximum(abs(dx), abs(dy)) < r),
-                lambda: (yy / period) % 1 < 0.5, lambda: (xx / period) % 1 < 0.5,  # horizontal, vertical stripes
+                lambda: (((abs(dx) < r * 0.35) | (abs(dy) < r * 0.35))
+                         & (np.maximum(abs(dx), abs(dy)) < r)),
+                # horizontal, vertical stripes
+                lambda: (yy / period) % 1 < 0.5, lambda: (xx / period) % 1 < 0.5,
                 lambda: ((xx / period).astype(int) + (yy / period).astype(int)) % 2 == 0][label]()
         fg, bg = rng.uniform(-1, 1, size=3), rng.uniform(-1, 1, size=3)
         while np.abs(fg - bg).sum() < 1.5:  # keep the shape visible
@@ -180,15 +210,17 @@ class BuiltinShapes(torch.utils.data.Dataset):
 
 
 def make_dataset(path, image_size, crop="center", flip=False, heldout=False, seed=0):
-    """`path` is a folder or 'builtin'. heldout selects the built-in held-out split (a folder is its own split)."""
+    """`path` is a folder or 'builtin'. heldout selects the built-in held-out split (a folder is its
+    own split)."""
     if path == "builtin":
         return BuiltinShapes(image_size, heldout=heldout, flip=flip, seed=seed)
     return ImageFolderDataset(path, image_size, crop=crop, flip=flip, seed=seed)
 
 
 class ShardedSampler(torch.utils.data.Sampler):
-    """DistributedSampler that can start mid-epoch: epoch e is a permutation seeded by (seed, e), padded to a whole
-    number of global batches; rank r takes every world-th index. `start` skips batches already consumed."""
+    """DistributedSampler that can start mid-epoch: epoch e is a permutation seeded by (seed, e),
+    padded to a whole number of global batches; rank r takes every world-th index. `start` skips
+    batches already consumed."""
 
     def __init__(self, n, batch_size, rank=0, world=1, seed=0):
         self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
@@ -202,7 +234,8 @@ class ShardedSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch))
         order = torch.randperm(self.n, generator=g)
         need = self.batches_per_epoch * self.batch_size * self.world
-        order = order.repeat(math.ceil(need / self.n))[:need]  # datasets smaller than one global batch repeat
+        # datasets smaller than one global batch repeat
+        order = order.repeat(math.ceil(need / self.n))[:need]
         mine = order[self.rank::self.world]
         return iter(mine[self.start * self.batch_size:].tolist())
 
@@ -215,25 +248,30 @@ def collate(items):
     return torch.stack(images), torch.tensor(labels), torch.tensor(sum(skipped))
 
 
-def rank_loader(dataset, rank, world, batch_size, workers, pin_memory=False, n=None):
+def rank_loader(dataset, rank, world, batch_size, workers, pin_memory=False, n=None, skip=0):
     """-> (indices, loader) of this rank's share of the first n items (all by default): items
     rank, rank + world, ... in order, for a pass over a set that every rank takes part in
-    (statistics, the latent cache, reconstructions)."""
+    (statistics, the latent cache, reconstructions). The loader starts after the first `skip`."""
     indices = list(range(rank, len(dataset) if n is None else min(n, len(dataset)), world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices[skip:]),
                                          batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate, pin_memory=pin_memory)
+                                         collate_fn=collate, pin_memory=pin_memory,
+                                         worker_init_fn=ignore_stop_signals)
     return indices, loader
 
 
 def make_loader(dataset, sampler, batch_size, workers, pin_memory):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       collate_fn=collate, pin_memory=pin_memory, drop_last=True,
-                                       persistent_workers=False, prefetch_factor=4 if workers else None)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       num_workers=workers, collate_fn=collate,
+                                       pin_memory=pin_memory, drop_last=True,
+                                       persistent_workers=False,
+                                       prefetch_factor=4 if workers else None,
+                                       worker_init_fn=ignore_stop_signals)
 
 
 def batches(dataset, sampler, batch_size, workers, step, pin_memory=False):
-    """Endless (images, labels, skipped) batches starting at global step `step`, epoch after epoch."""
+    """Endless (images, labels, skipped) batches starting at global step `step`, epoch after
+    epoch."""
     epoch, start = divmod(step, sampler.batches_per_epoch)
     while True:
         sampler.set_epoch(epoch, start)
@@ -242,55 +280,86 @@ def batches(dataset, sampler, batch_size, workers, step, pin_memory=False):
         epoch, start = epoch + 1, 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Latent cache: every image and its horizontal flip encoded once (the SiT training of continuous_tokenizer uses
-# both), in a memory-mapped float16 array latents.npy of shape (N, 2, L, d) beside labels.npy and meta.json.
+# --------------------------------------------------------------------------------------------------
+# Latent cache: every image and its horizontal flip encoded once (the SiT training of
+# continuous_tokenizer uses both), in a memory-mapped float16 array latents.npy of shape
+# (N, 2, L, d) beside labels.npy and meta.json.
 def moments(sums):
-    """(count, sum, sum of squares) -> (mean, unbiased std) of a scalar, from float64 sums reduced over ranks."""
+    """(count, sum, sum of squares) -> (mean, unbiased std) of a scalar, from float64 sums reduced
+    over ranks."""
     count, total, squares = sums.tolist()
     mean = total / count
     return mean, math.sqrt(max(squares / count - mean ** 2, 0.0) * count / max(count - 1, 1))
 
 
-def moment_sums(x):  # -> float64 (3,) [count, sum, sum of squares] on x's device, no host sync
+def moment_sums(x):
+    """-> float64 (3,) [count, sum, sum of squares] on x's device, without a host sync."""
     x = x.double()
-    return torch.stack([torch.tensor(float(x.numel()), device=x.device, dtype=torch.float64), x.sum(), x.pow(2).sum()])
+    count = torch.tensor(float(x.numel()), device=x.device, dtype=torch.float64)
+    return torch.stack([count, x.sum(), x.pow(2).sum()])
 
 
 @torch.no_grad()
-def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size, workers, autocast, extra_meta=None):
-    """Each rank encodes items rank, rank + world, ... straight into the shared memory map. Returns the measured
-    (mean, std) of the cache; meta.json records them beside `extra_meta` (the tokenizer and its own statistics).
-    meta.json marks a complete cache: it is removed first and written last, so a killed run never leaves old
-    metadata beside new latents."""
+def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size, workers, autocast,
+                       extra_meta=None, stop=None, fresh=False):
+    """Each rank encodes items rank, rank + world, ... straight into the shared memory map. Returns
+    the measured (mean, std) of the cache; meta.json records them beside `extra_meta` (the tokenizer
+    and its own statistics). meta.json marks a complete cache: it is removed first and written last,
+    so a killed run never leaves old metadata beside new latents.
+    A signal (`stop`, a GracefulStop) ends a rank after its batch: it records in
+    progress_rank{r}.json how many of its items are done and their float64 sums, and returns None.
+    The same command then continues each rank from there (same ranks, batch and tokenizer; else,
+    or with `fresh`, it starts over), with the cache and statistics an unstopped run writes."""
     cfg = tokenizer.config
     n = len(dataset)
     path = os.path.join(out, "latents.npy")
+    shape = (n, 2, cfg.num_tokens, cfg.token_dim)
+    progress = lambda r: os.path.join(out, f"progress_rank{r}.json")
+    settings = {"world": world, "count": n, "batch_size": batch_size, **(extra_meta or {})}
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         if os.path.exists(os.path.join(out, "meta.json")):
             os.remove(os.path.join(out, "meta.json"))
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, 2, cfg.num_tokens, cfg.token_dim))
-        np.save(os.path.join(out, "labels.npy"), np.zeros(n, np.int64))
+        if fresh or not _can_continue(path, shape, [progress(r) for r in range(world)], settings):
+            for name in os.listdir(out):
+                if name.startswith("progress_rank"):
+                    os.remove(os.path.join(out, name))
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+            np.save(os.path.join(out, "labels.npy"), np.zeros(n, np.int64))
     if dist.is_initialized():
         dist.barrier()
     latents = np.load(path, mmap_mode="r+")
     labels = np.load(os.path.join(out, "labels.npy"), mmap_mode="r+")
-    mine, loader = rank_loader(dataset, rank, world, batch_size, workers, device.type == "cuda")
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
     done = 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    if os.path.isfile(progress(rank)):
+        with open(progress(rank)) as f:
+            record = json.load(f)
+        done = record["done"]
+        sums += torch.tensor(record["sums"], dtype=torch.float64, device=device)
+    mine, loader = rank_loader(dataset, rank, world, batch_size, workers, device.type == "cuda",
+                               skip=done)
     for images, y, _ in loader:
         images = to_model_range(images.to(device, non_blocking=True))
         with autocast:
-            z = torch.stack([tokenizer.encode(images), tokenizer.encode(images.flip(-1))], 1).float()  # (B, 2, L, d)
-        z16 = z.half()  # statistics of what is stored, so that a cached generator sees exactly (z - mean) / std
+            # (B, 2, L, d): the image and its horizontal flip
+            z = torch.stack([tokenizer.encode(images), tokenizer.encode(images.flip(-1))], 1)
+            z = z.float()
+        # statistics of what is stored, so that a cached generator sees exactly (z - mean) / std
+        z16 = z.half()
         sums += moment_sums(z16)
         idx = mine[done:done + len(images)]
         latents[idx] = z16.cpu().numpy()
         labels[idx] = y.numpy()
         done += len(images)
+        if stop is not None and stop.signum and done < len(mine):
+            break
     latents.flush()
     labels.flush()
+    record = {**settings, "done": done, "sums": sums.tolist()}
+    atomic_write(progress(rank), lambda f: f.write(json.dumps(record).encode()))
+    if done < len(mine):
+        return None
     if dist.is_initialized():
         dist.all_reduce(sums)
     mean, std = moments(sums)
@@ -299,18 +368,38 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
                 "num_classes": len(getattr(dataset, "classes", [])) or int(np.max(labels)) + 1,
                 "classes": list(getattr(dataset, "classes", [])),
                 "measured_mean": mean, "measured_std": std, **(extra_meta or {})}
-        atomic_write(os.path.join(out, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(os.path.join(out, "meta.json"),
+                     lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        for r in range(world):
+            os.remove(progress(r))
     return mean, std
 
 
+def _can_continue(path, shape, progress_files, settings):
+    """A stopped cache continues when its memory map has the shape and every rank's progress file
+    was written with the same settings."""
+    try:
+        if np.load(path, mmap_mode="r").shape != shape:
+            return False
+        for name in progress_files:
+            with open(name) as f:
+                record = json.load(f)
+            if {k: record.get(k) for k in settings} != settings:
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 class LatentCache(torch.utils.data.Dataset):
-    """Items are (latent (L, d) float32, label, 0) from the cache; the image or its flip is chosen 50/50, seeded by
-    (seed, epoch, index) like the image augmentations."""
+    """Items are (latent (L, d) float32, label, 0) from the cache; the image or its flip is chosen
+    50/50, seeded by (seed, epoch, index) like the image augmentations."""
 
     def __init__(self, folder, seed=0):
         meta_path = os.path.join(folder, "meta.json")
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{folder}: no complete latent cache (meta.json missing); run --stage cache")
+            raise FileNotFoundError(f"{folder}: no complete latent cache (meta.json missing); "
+                                    f"run --stage cache")
         try:
             with open(meta_path) as f:
                 self.meta = json.load(f)
@@ -319,12 +408,14 @@ class LatentCache(torch.utils.data.Dataset):
             m = self.meta
             expected = (m["count"], 2, m["num_tokens"], m["token_dim"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{folder}: damaged latent cache ({type(e).__name__}: {e}); write it again with "
-                             f"--stage cache --overwrite") from None
-        if self.latents.shape != expected or self.latents.dtype != np.float16 or self.labels.shape != expected[:1]:
-            raise ValueError(f"{folder}: latents {self.latents.shape} {self.latents.dtype} / labels "
-                             f"{self.labels.shape} do not match meta.json {expected}; write the cache again with "
-                             f"--stage cache --overwrite")
+            raise ValueError(f"{folder}: damaged latent cache ({type(e).__name__}: {e}); write it "
+                             "again with --stage cache --overwrite") from None
+        fits = (self.latents.shape == expected and self.latents.dtype == np.float16
+                and self.labels.shape == expected[:1])
+        if not fits:
+            raise ValueError(f"{folder}: latents {self.latents.shape} {self.latents.dtype} / "
+                             f"labels {self.labels.shape} do not match meta.json {expected}; write "
+                             "the cache again with --stage cache --overwrite")
         self.classes = self.meta.get("classes", [])
         self.seed, self.epoch = seed, 0
 
@@ -336,17 +427,19 @@ class LatentCache(torch.utils.data.Dataset):
         return torch.from_numpy(self.latents[i, flip].astype(np.float32)), int(self.labels[i]), 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Images out: uint8 conversion and PNG grids.
 def to_uint8(images):
-    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3): clamp(127.5 x + 128, 0, 255) truncated (ADM/SiT sample.py)."""
-    return (127.5 * images.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3): clamp(127.5 x + 128, 0, 255) truncated
+    (ADM/SiT sample.py)."""
+    pixels = (127.5 * images.float() + 128).clamp(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def labelled_grid(images, labels, class_names=None):
-    """uint8 (N, H, W, 3) -> PIL grid: one row per distinct label (in order of appearance), its images left to
-    right, the label (or class_names[label]) in a left margin. Images under 96 px are enlarged by a whole factor,
-    nearest neighbour (the built-in 32 px images: 96 px cells)."""
+    """uint8 (N, H, W, 3) -> PIL grid: one row per distinct label (in order of appearance), its
+    images left to right, the label (or class_names[label]) in a left margin. Images under 96 px are
+    enlarged by a whole factor, nearest neighbour (the built-in 32 px images: 96 px cells)."""
     rows, images = {}, np.asarray(images)
     for img, y in zip(images, [int(y) for y in labels]):
         rows.setdefault(y, []).append(img)
@@ -366,42 +459,48 @@ def labelled_grid(images, labels, class_names=None):
     return grid
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Run plumbing shared by train.py, sample.py and fid.py.
 def setup_distributed(device=None, timeout_s=1800):
-    """-> (rank, world, device) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; without them, one process and no
-    process group (nanoGPT's pattern). Rank r takes GPU LOCAL_RANK; NCCL on CUDA, gloo on CPU, and a collective that
-    waits longer than timeout_s ends the run instead of hanging it. device: "cuda", "cpu", "cuda:1" (default: CUDA)."""
+    """-> (rank, world, device) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; without them, one
+    process and no process group (nanoGPT's pattern). Rank r takes GPU LOCAL_RANK; NCCL on CUDA,
+    gloo on CPU, and a collective that waits longer than timeout_s ends the run instead of hanging
+    it. device: "cuda", "cpu", "cuda:1" (default: CUDA)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        index = int(os.environ.get("LOCAL_RANK", 0)) if world > 1 or device.index is None else device.index
-        device = torch.device("cuda", index)
+        if world > 1 or device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions once
+        # fixed shapes: let cuDNN pick the fastest convolutions once
+        torch.backends.cudnn.benchmark = True
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_s))
     return rank, world, device
 
 
 def seed_for(*ids):
-    """The one seed recipe: numpy's SeedSequence hash of non-negative integers (run seed, step, rank, epoch, sample
-    index) to 32 bits, as default_rng of a tuple seeds every item's crop and flip; nearby tuples are unrelated."""
+    """The one seed recipe: numpy's SeedSequence hash of non-negative integers (run seed, step,
+    rank, epoch, sample index) to 32 bits, as default_rng of a tuple seeds every item's crop and
+    flip; nearby tuples are unrelated."""
     return int(np.random.SeedSequence(list(ids)).generate_state(1)[0])
 
 
 def atomic_write(path, write):
-    """write(f) into a temp file beside `path`, then rename it over `path`: a kill mid-write leaves the previous
-    file intact, and a failed write leaves no temp file behind."""
+    """write(f) into a temp file beside `path`, then rename it over `path`: a kill mid-write leaves
+    the previous file intact, and a failed write leaves no temp file behind."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             try:
                 write(f)
-            except RuntimeError as e:  # torch.save's zip writer hides a failed write (disk full) behind its own error
+            # torch.save's zip writer hides a failed write (disk full) behind its own error
+            except RuntimeError as e:
                 if isinstance(e.__context__, OSError):
-                    raise OSError(e.__context__.errno, f"cannot write {path}: {e.__context__.strerror}") from None
+                    raise OSError(e.__context__.errno,
+                                  f"cannot write {path}: {e.__context__.strerror}") from None
                 raise
         os.replace(tmp, path)
     finally:
@@ -410,7 +509,8 @@ def atomic_write(path, write):
 
 
 def remove_stale_temps(path):
-    """Delete what killed atomic writes of `path` left behind (`path`.tmp<pid>); call it at the start of a run."""
+    """Delete what killed atomic writes of `path` left behind (`path`.tmp<pid>); call it at the
+    start of a run."""
     folder, name = os.path.split(os.path.abspath(path))
     if os.path.isdir(folder):
         for f in os.listdir(folder):
@@ -419,7 +519,8 @@ def remove_stale_temps(path):
 
 
 def check_writable(folder):
-    """Refuse at the start an output folder that cannot be created or written (rather than hours later)."""
+    """Refuse at the start an output folder that cannot be created or written (rather than hours
+    later)."""
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test-{os.getpid()}")
@@ -427,40 +528,240 @@ def check_writable(folder):
             pass
         os.remove(probe)
     except OSError as e:
-        raise PermissionError(f"{folder}: cannot write there ({e.strerror}); choose another output path") from None
+        raise PermissionError(f"{folder}: cannot write there ({e.strerror}); "
+                              f"choose another output path") from None
 
 
-def save_checkpoint(obj, path):  # plain dicts of tensors and numbers: they load with torch.load(weights_only=True)
+def save_checkpoint(obj, path):
+    """Atomic torch.save of plain dicts of tensors and numbers: they load with
+    torch.load(weights_only=True)."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-# What loaders and checks raise for bad input (a missing file, a bad flag, a full disk) or a diverged run.
+class Logger:
+    """tqdm bar + JSON-lines log on rank 0. Values are accumulated as tensors and read once per
+    `--log-every`."""
+
+    def __init__(self, out, steps, desc, rank, start_step):
+        self.rank = rank
+        self.path = os.path.join(out, "log.jsonl")
+        # running sums of the logged tensors since the last line, and how many steps they hold
+        self.sums = {}
+        self.count = 0
+        # wall-clock time of the last logged line (None until the first step)
+        self.t0 = None
+        self.bar = tqdm(total=steps, initial=start_step, disable=rank != 0, dynamic_ncols=True,
+                        desc=desc)
+
+    def note(self, echo=True, **record):
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if echo:
+                tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
+
+    def add(self, logs):
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach()
+        self.count += 1
+
+    def flush(self, step, images_per_step, **extra):
+        now = time.time()
+        vals = {k: (v / self.count) for k, v in self.sums.items()}
+        if dist.is_initialized():  # average over ranks: one small all-reduce per log line
+            keys = sorted(vals)
+            t = torch.stack([vals[k].float() for k in keys])
+            dist.all_reduce(t)
+            vals = dict(zip(keys, t / dist.get_world_size()))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rec = {"step": step, **{k: float(v) for k, v in vals.items()}, **extra}
+        # a count, not a mean: unreadable files replaced since the last line, all ranks
+        if "skipped_images" in rec:
+            rec["skipped_images"] = round(rec["skipped_images"] * self.count * world)
+        if self.t0 is not None:
+            rec["img_per_s"] = round(images_per_step * self.count / (now - self.t0), 1)
+        self.sums, self.count, self.t0 = {}, 0, now
+        self.note(echo=False, **rec)
+        self.bar.set_postfix(loss=f"{rec.get('loss', 0):.4f}", img_s=rec.get("img_per_s", "-"))
+
+
+# What loaders and checks raise for bad input (a missing file, a bad flag, a full disk) or a
+# diverged run.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
-def fail(message):
-    """A user error: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
+def fail(message, quiet=False):
+    """A user error: one line on stderr (none when `quiet`), exit status 2, no traceback."""
+    if not quiet:
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints its usage and exits 2; ours prints the one line
-        fail(message)
+    def error(self, message):
+        # argparse prints its usage and exits 2; ours prints the one line. Every rank parses the
+        # same command line, so under torchrun rank 0 alone says it.
+        fail(message, quiet=int(os.environ.get("RANK", 0)) != 0)
+
+
+@contextlib.contextmanager
+def refusals_once():
+    """Around the start-of-run checks, on every rank, with no collective inside: a refusal on any
+    rank ends every rank with exit status 2, and rank 0 alone prints it (the first rank's
+    message), not one line per GPU."""
+    message = None
+    try:
+        yield
+    except USER_ERRORS as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+    quiet = False
+    if dist.is_initialized():
+        # also the barrier after the checks: no rank goes on before rank 0 holds the folder
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        message = next((m for m in messages if m), None)
+        quiet = dist.get_rank() != 0
+    if message is not None:
+        fail(message, quiet)
 
 
 @contextlib.contextmanager
 def user_errors():
-    """Around an entry point's work: a user error (USER_ERRORS) becomes one `error: ...` line and exit status 2.
-    A file-size limit (ulimit -f) then fails the write with an error instead of killing the process."""
+    """Around an entry point's work: a user error (USER_ERRORS) becomes one `error: ...` line and
+    exit status 2. A file-size limit (ulimit -f) then fails the write with an error instead of
+    killing the process."""
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         yield
     except USER_ERRORS as e:
         fail(" ".join(str(e).split()) or type(e).__name__)
-    except RuntimeError as e:  # a collective that outlived --timeout (gloo and NCCL raise RuntimeErrors)
-        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "timed out" in str(e).lower())):
+    # a second Ctrl-C (GracefulStop): stop at once, without a traceback through autograd
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    # a collective that outlived --timeout (gloo and NCCL raise RuntimeErrors)
+    except RuntimeError as e:
+        timed_out = isinstance(e, dist.DistError) or "timed out" in str(e).lower()
+        if not (dist.is_initialized() and timed_out):
             raise
-        fail(f"a collective between the ranks failed or timed out: another rank is stuck or died (see its "
-             f"output). {' '.join(str(e).split())[:300]}")
+        fail("a collective between the ranks failed or timed out: another rank is stuck or died "
+             f"(see its output). {' '.join(str(e).split())[:300]}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Preemption and one writer per folder.
+
+# Exit status of a run that stopped on a signal after saving its work (1: a crash, 2: a user
+# error); `--resume` (train.py) or the same command (sample.py) continues it.
+STOPPED = 3
+# Ranks agree on a stop every STOP_EVERY steps, reading a flag reduced STOP_EVERY steps earlier:
+# a multi-rank run stops at most 2 x STOP_EVERY steps after the signal; one process, after the step
+# it is in.
+STOP_EVERY = 5
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
+class GracefulStop:
+    """While active (a `with` block), SIGTERM, SIGINT and SIGUSR1 (a scheduler's preemption,
+    Ctrl-C) set a flag instead of killing the process; the work asks `should_stop` at its
+    boundaries (a step, a shard, a batch), keeps what is finished and exits with STOPPED. A second
+    Ctrl-C stops at once."""
+
+    def __init__(self, device=None):
+        self.device = device or torch.device("cpu")
+        # the first signal's number (0: none yet) and when it came
+        self.signum = 0
+        self.since = None
+        # (CUDA event or None, host tensor) of the flag all-reduced at the last agreement
+        self.pending = None
+        self.previous = {}
+
+    def __enter__(self):
+        for name in STOP_SIGNALS:
+            number = getattr(signal, name)
+            self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.signum:
+            self.signum = signum
+            self.since = time.time()
+            print(f"{self.name}: stopping at the next boundary (a second Ctrl-C stops at once)",
+                  file=sys.stderr, flush=True)
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name
+
+    def should_stop(self, step):
+        """True when this process (one rank: its own flag) or every rank (several: the MAX of all
+        flags, agreed every STOP_EVERY steps) is to stop now, after `step` steps. The agreement
+        reads a result finished STOP_EVERY steps ago (a pinned copy and an event on CUDA): no wait
+        on the GPU's queue."""
+        if not dist.is_initialized():
+            return self.signum != 0
+        if step % STOP_EVERY:
+            return False
+        agreed = 0
+        if self.pending is not None:
+            done, host = self.pending
+            if done is not None:
+                done.synchronize()
+            agreed = int(host)
+        flag = torch.tensor(self.signum, dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.is_cuda:
+            host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self.pending = (done, host)
+        else:
+            self.pending = (None, flag)
+        # a rank the signal did not reach stops with the others, under their signal's name
+        if agreed and not self.signum:
+            self.signum = agreed
+            self.since = time.time()
+        return agreed != 0
+
+
+def ignore_stop_signals(worker_id=None):
+    """In data loader workers: the main process handles the stop signals and ends its workers (a
+    Ctrl-C or a SIGTERM to the process group would otherwise kill them mid-batch)."""
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def lock_folder(path):
+    """An exclusive lock on `path` (a lock file, created if missing) for the life of the process:
+    -> the open file (keep it; closing it releases the lock). The operating system drops the lock
+    when the process dies (a SIGKILL; a lost node once its NFS lease ends), so a crash never blocks
+    a restart; NFS passes flock on to the server, so it holds across nodes. A second process is
+    refused in one line that names the holder. A filesystem that cannot lock gets one warning."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise FileExistsError(f"{path} is held by {holder}: another run writes there; wait for "
+                              f"it to end, or choose another output") from None
+    except OSError as e:
+        print(f"WARNING: {path}: this filesystem cannot lock files ({e.strerror}); make sure no "
+              f"other run writes to the same output", file=sys.stderr, flush=True)
+        return f
+    f.seek(0)
+    f.truncate()
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {since}\n")
+    f.flush()
+    return f

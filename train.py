@@ -1,101 +1,140 @@
 """Training for both stages, one loop for any world size (nanoGPT style).
 
-    python train.py --stage tokenizer --preset softvq-tiny --data builtin --out runs/tok        # CPU, one process
-    torchrun --nproc_per_node=8 train.py --stage tokenizer --preset softvq-b-32 --data /imagenet/train --out runs/b32
-    (then --stage cache --tokenizer runs/b32/ckpt.pt, and --stage generator --preset sit-xl --latents: README)
+    # CPU, one process
+    python train.py --stage tokenizer --preset softvq-tiny --data builtin --out runs/tok
+    # 8 GPUs
+    torchrun --nproc_per_node=8 train.py --stage tokenizer --preset softvq-b-32 \
+        --data /imagenet/train --out runs/b32
+    # then --stage cache --tokenizer runs/b32/ckpt.pt, and --stage generator --preset sit-xl
+    # --latents (README)
 
-A stage is a small class that builds its models and optimizers and knows how to take one training step, draw a
-preview and finish; the loop in `train()` is the same for both. DDP comes from torchrun's environment (NCCL on
-CUDA, gloo on CPU); on CUDA the model is torch.compile'd and runs under bf16 autocast. Everything random in a step
-is seeded by (seed, step, rank) and the data order by (seed, epoch), so `--resume` continues with exactly the losses
-an uninterrupted run would have had.
+A stage is a small class that builds its models and optimizers and knows how to take one training
+step, draw a preview and finish; the loop in `train()` is the same for both. DDP comes from
+torchrun's environment (NCCL on CUDA, gloo on CPU); on CUDA the model is torch.compile'd and runs
+under bf16 autocast. Everything random in a step is seeded by (seed, step, rank) and the data order
+by (seed, epoch), so `--resume` continues with exactly the losses an uninterrupted run would have
+had.
 """
 import copy
-import json
 import math
 import os
+import sys
 import time
 import traceback
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import data
 from fid import psnr
-from model import bf16_autocast, check_state_dict, load_state_dict_file
-from generator import PREVIEW, SiT, flow_matching_loss, generate_images, generator_checkpoint, load_tokenizer_for, \
-    sit_config
-from tokenizer import (PRESETS, LossConfig, SoftVQVAE, TokenizerLoss, init_encoder_from_dinov2, load_tokenizer,
-                       normalize_latents, tokenizer_checkpoint, tokenizer_config)
+from model import (bf16_autocast, check_state_dict, clip_and_step, load_state_dict_file,
+                   make_optimizer, mean_logs, micro_batch_sync, update_ema, wrap)
+from generator import (PREVIEW, SiT, flow_matching_loss, generate_images, generator_checkpoint,
+                       load_tokenizer_for, sit_config, tokenizer_info)
+from tokenizer import (PRESETS, LossConfig, SoftVQVAE, TokenizerLoss, init_encoder_from_dinov2,
+                       load_tokenizer, normalize_latents, tokenizer_checkpoint, tokenizer_config)
 
 
-def parse_args(argv=None):
+def make_parser():
     p = data.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", required=True, choices=["tokenizer", "cache", "generator"])
     p.add_argument("--preset", help="model preset (tokenizer: softvq-*, generator: sit-*)")
-    p.add_argument("--data", help="ImageNet-layout folder, or 'builtin' for the procedural shapes dataset")
+    p.add_argument("--data",
+                   help="ImageNet-layout folder, or 'builtin' for the procedural shapes dataset")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, PNG grids")
-    p.add_argument("--image-size", type=int, help="override the preset's image size (a multiple of the patch size)")
+    p.add_argument("--image-size", type=int,
+                   help="override the preset's image size (a multiple of the patch size)")
     p.add_argument("--steps", type=int, default=250_000)
     p.add_argument("--batch-size", type=int, default=256, help="global batch, split over the ranks")
-    p.add_argument("--lr", type=float, help="peak learning rate (tokenizer default 1e-4 x batch/256; generator 1e-4)")
+    p.add_argument("--lr", type=float,
+                   help="peak learning rate (tokenizer default 1e-4 x batch/256; generator 1e-4)")
     p.add_argument("--warmup-steps", type=int,
-                   help="linear warmup from 1e-5 to --lr; then the tokenizer's cosine, the generator's "
-                        "flat --lr (default: tokenizer 5004, one epoch of the released recipe; "
-                        "generator 0, as SiT)")
+                   help="linear warmup from 1e-5 to --lr; then the tokenizer's cosine, the "
+                        "generator's flat --lr (default: tokenizer 5004, one epoch of the "
+                        "released recipe; generator 0, as SiT)")
     p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="0 = Adam without decay, what the released tokenizers ran; >0 = AdamW on >=2-D weights")
+                   help="0 = Adam without decay, what the released tokenizers ran; >0 = AdamW on "
+                        ">=2-D weights")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (> 0)")
     p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block's activations in the backward: less memory, ~30%% more compute")
+                   help="recompute each block's activations in the backward: less memory, ~30%% "
+                        "more compute")
     p.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per step: the global batch is split over ranks x this many (less memory)")
-    # Tokenizer objective (defaults: the released L-64 recipe, configs/softvq-l-64.yaml). A term whose weights file is
-    # missing is switched off with a WARNING at start and in the log; a weight of 0 switches it off quietly.
-    p.add_argument("--entropy-weight", type=float, default=0.01, help="tokenizer: weight of the entropy regulariser")
-    p.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight (needs --vgg and --lpips)")
-    p.add_argument("--perceptual-warmup", type=int, default=10_000, help="steps of the LPIPS weight's linear ramp")
-    p.add_argument("--adversarial-weight", type=float, default=0.2, help="GAN weight (needs --dino)")
-    p.add_argument("--disc-start", type=int, default=20_000, help="step at which D and the GAN term start")
+                   help="micro-batches per step: the global batch is split over ranks x this many "
+                        "(less memory)")
+    # Tokenizer objective (defaults: the released L-64 recipe, configs/softvq-l-64.yaml). A term
+    # whose weights file is missing is switched off with a WARNING at start and in the log; a weight
+    # of 0 switches it off quietly.
+    p.add_argument("--entropy-weight", type=float, default=0.01,
+                   help="tokenizer: weight of the entropy regulariser")
+    p.add_argument("--perceptual-weight", type=float, default=1.0,
+                   help="LPIPS weight (needs --vgg and --lpips)")
+    p.add_argument("--perceptual-warmup", type=int, default=10_000,
+                   help="steps of the LPIPS weight's linear ramp")
+    p.add_argument("--adversarial-weight", type=float, default=0.2,
+                   help="GAN weight (needs --dino)")
+    p.add_argument("--disc-start", type=int, default=20_000,
+                   help="step at which D and the GAN term start")
     p.add_argument("--lecam-weight", type=float, default=0.001)
-    p.add_argument("--consistency-weight", type=float, default=4.0, help="D consistency regularisation")
-    p.add_argument("--adaptive-disc-weight", action="store_true", help="VQGAN gradient-norm balance of the GAN term")
-    p.add_argument("--repa-weight", type=float, default=0.1, help="alignment to DINOv2 (needs --dinov2)")
-    p.add_argument("--repa-patch-size", type=int, default=16, help="patch size of the DINOv2 teacher")
+    p.add_argument("--consistency-weight", type=float, default=4.0,
+                   help="D consistency regularisation")
+    p.add_argument("--adaptive-disc-weight", action="store_true",
+                   help="VQGAN gradient-norm balance of the GAN term")
+    p.add_argument("--repa-weight", type=float, default=0.1,
+                   help="alignment to DINOv2 (needs --dinov2)")
+    p.add_argument("--repa-patch-size", type=int, default=16,
+                   help="patch size of the DINOv2 teacher")
     p.add_argument("--vgg", help="torchvision vgg16-397923af.pth (LPIPS backbone)")
     p.add_argument("--lpips", help="LPIPS v0.1 vgg.pth (linear heads)")
     p.add_argument("--dino", help="dino_deitsmall16_pretrain.pth (discriminator backbone)")
-    p.add_argument("--dinov2", help="DINOv2 checkpoint of the REPA teacher (e.g. dinov2_vitl14_pretrain.pth)")
-    p.add_argument("--init-encoder", help="DINOv2 checkpoint of the encoder's size to initialise it from")
-    p.add_argument("--tokenizer", help="generator/cache: tokenizer checkpoint (ours, or released weights+config.json)")
-    p.add_argument("--tokenizer-config", help="config.json of a released tokenizer (default: next to the weights)")
-    p.add_argument("--latents", help="generator: latent cache folder written by --stage cache (else encode on the fly)")
+    p.add_argument("--dinov2",
+                   help="DINOv2 checkpoint of the REPA teacher (e.g. dinov2_vitl14_pretrain.pth)")
+    p.add_argument("--init-encoder",
+                   help="DINOv2 checkpoint of the encoder's size to initialise it from")
+    p.add_argument("--tokenizer", help="generator/cache: tokenizer checkpoint (ours, or released "
+                                       "weights+config.json)")
+    p.add_argument("--tokenizer-config",
+                   help="config.json of a released tokenizer (default: next to the weights)")
+    p.add_argument("--latents", help="generator: latent cache folder written by --stage cache "
+                                     "(else encode on the fly)")
     p.add_argument("--time-dist", default="lognormal", choices=["lognormal", "uniform"],
-                   help="generator: flow-matching time sampling (logit-normal(0, 1) as the released recipe)")
+                   help="generator: flow-matching time sampling (logit-normal(0, 1) as the "
+                        "released recipe)")
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--sample-every", type=int, default=5000, help="PNG grid of reconstructions / samples")
+    p.add_argument("--sample-every", type=int, default=5000,
+                   help="PNG grid of reconstructions / samples")
     p.add_argument("--ckpt-every", type=int, default=10_000)
     p.add_argument("--workers", type=int, default=8, help="data loader workers per rank")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the trained model: auto = on CUDA only; off to debug, on to test it on CPU")
+                   help="torch.compile the trained model: auto = on CUDA only; off to debug, on "
+                        "to test it on CPU")
     p.add_argument("--compile-frozen", choices=["on", "off"], default="off",
-                   help="tokenizer: torch.compile the frozen networks too (LPIPS, D's backbone, the REPA teacher; "
-                        "with --adaptive-disc-weight the teacher only); BENCHMARKS.md measures it")
+                   help="tokenizer: torch.compile the frozen networks too (LPIPS, D's backbone, "
+                        "the REPA teacher; with --adaptive-disc-weight the teacher only); "
+                        "BENCHMARKS.md measures it")
     p.add_argument("--preflight", choices=["on", "off"], default="on",
-                   help="before the first step, one training step of each phase the run will enter (e.g. the GAN "
-                        "phase from --disc-start), then every state put back: a phase that fails ends the run now")
+                   help="before the first step, one training step of each phase the run will "
+                        "enter (e.g. the GAN phase from --disc-start), then every state put back: "
+                        "a phase that fails ends the run now")
     p.add_argument("--seed", type=int, default=42, help="a non-negative integer")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--allow-changes", action="store_true",
-                   help="with --resume: continue although settings that change the run differ from the checkpoint's")
-    p.add_argument("--overwrite", action="store_true", help="replace what OUT holds (a finished run or latent cache)")
-    p.add_argument("--stats-images", type=int, default=50_000, help="tokenizer: images for the latent mean and std")
+                   help="with --resume: continue although settings that change the run differ "
+                        "from the checkpoint's")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what OUT holds (a finished run or latent cache)")
+    p.add_argument("--stats-images", type=int, default=50_000,
+                   help="tokenizer: images for the latent mean and std")
     p.add_argument("--timeout", type=float, default=1800,
-                   help="seconds a rank waits for the others in a collective before the run ends with an error")
+                   help="seconds a rank waits for the others in a collective before the run ends "
+                        "with an error")
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, checked at the start: a flag that makes no sense ends the run in one line."""
+    p = make_parser()
     args = p.parse_args(argv)
     needs = {"tokenizer": ["--preset", "--data"], "cache": ["--tokenizer", "--data"],
              "generator": ["--preset", "--latents or --tokenizer with --data"]}[args.stage]
@@ -105,18 +144,25 @@ def parse_args(argv=None):
     if missing:
         p.error(f"--stage {args.stage} needs {' and '.join(missing)}")
     if args.stage == "tokenizer" and args.preset not in PRESETS:
-        p.error(f"unknown tokenizer preset {args.preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        p.error(f"unknown tokenizer preset {args.preset!r}; choose one of: "
+                f"{', '.join(sorted(PRESETS))}")
     if args.warmup_steps is None:
         args.warmup_steps = 5004 if args.stage == "tokenizer" else 0
-    counts = ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "grad_accum", "stats_images")
-    for bad, msg in [*[(getattr(args, n) < 1, f"--{n.replace('_', '-')} must be at least 1") for n in counts],
+    counts = ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "grad_accum",
+              "stats_images")
+    too_small = [(getattr(args, n) < 1, f"--{n.replace('_', '-')} must be at least 1")
+                 for n in counts]
+    for bad, msg in [*too_small,
                      (args.seed < 0, f"--seed {args.seed}: use a non-negative integer"),
                      (min(args.workers, args.warmup_steps, args.weight_decay) < 0,
                       "--workers, --warmup-steps and --weight-decay must be >= 0"),
                      (not 0 <= args.ema_decay < 1, "--ema-decay must be in [0, 1)"),
-                     (not (args.grad_clip > 0 and args.timeout > 0), "--grad-clip and --timeout must be > 0"),
-                     (args.resume and args.overwrite, "--resume continues OUT and --overwrite replaces it: choose one"),
-                     (args.lr is not None and not args.lr > 0, f"--lr {args.lr}: the learning rate must be > 0")]:
+                     (not (args.grad_clip > 0 and args.timeout > 0),
+                      "--grad-clip and --timeout must be > 0"),
+                     (args.resume and args.overwrite,
+                      "--resume continues OUT and --overwrite replaces it: choose one"),
+                     (args.lr is not None and not args.lr > 0,
+                      f"--lr {args.lr}: the learning rate must be > 0")]:
         if bad:
             p.error(msg)
     if args.lr is None:  # the released recipes: tokenizer 1e-4 per 256 images, SiT 1e-4
@@ -135,115 +181,14 @@ def warmup_then_cosine(step, args):
 
 
 def warmup_then_flat(step, args):
-    """SiT's schedule: a flat --lr (the released recipe has no warmup, the default --warmup-steps 0);
-    with --warmup-steps, the tokenizer's linear warmup from 1e-5 first."""
+    """SiT's schedule: a flat --lr (the released recipe has no warmup, the default --warmup-steps
+    0); with --warmup-steps, the tokenizer's linear warmup from 1e-5 first."""
     if step < args.warmup_steps:
         return warmup_then_cosine(step, args)
     return args.lr
 
 
-def make_optimizer(params, args, device, betas):
-    params = [p for p in params if p.requires_grad]
-    # CUDA: fused. CPU: foreach, bit-identical to the per-tensor loop, faster (fused rounds otherwise: BENCHMARKS.md)
-    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if args.weight_decay > 0:  # the intended AdamW: decay matrices, not biases, norms or gains (README, Differences)
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=args.lr, betas=betas, **impl)
-    return torch.optim.Adam(params, lr=args.lr, betas=betas, **impl)
-
-
-@torch.no_grad()
-def update_ema(ema_tensors, tensors, decay):  # lists made once (listing a module's parameters costs ~1 ms a step)
-    torch._foreach_lerp_(ema_tensors[0], tensors[0], 1 - decay)  # parameters
-    if tensors[1]:  # buffers
-        torch._foreach_copy_(ema_tensors[1], tensors[1])
-
-
-def average_gradients(params, world):
-    """Mean of the gradients over ranks, in one flat all-reduce, for parameters outside DDP (projector, D heads)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world > 1 and grads:
-        flat = torch.cat([g.flatten() for g in grads]).div_(world)
-        dist.all_reduce(flat)
-        torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
-
-
-def micro_batch_sync(ddp, k, micro_batches):
-    """Around the forward and the backward of micro-batch k: DDP all-reduces the gradients on the last one only.
-    The forward belongs inside too: DDP decides in its forward whether the backward will all-reduce (PyTorch
-    docs, DistributedDataParallel.no_sync)."""
-    if isinstance(ddp, DDP) and k < micro_batches - 1:
-        return ddp.no_sync()
-    return nullcontext()
-
-
-def clip_and_step(optimizer, params, clip, world, outside_ddp=()):
-    """Average the gradients DDP does not see, clip, step -> the global gradient norm (a tensor: no host sync)."""
-    average_gradients(outside_ddp, world)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def mean_logs(per_micro):  # [{name: scalar tensor}] of the micro-batches -> their means, in float32
-    return {k: sum(logs[k].float() for logs in per_micro) / len(per_micro) for k in per_micro[0]}
-
-
-# Larger than DDP's default 25 MB, so a compiled L-64 or SiT-XL graph is split into a few pieces rather than ~100
-# (DDPOptimizer splits at bucket boundaries). A guess to check on a GPU: BENCHMARKS.md has the command.
-DDP_BUCKET_MB = 100
-
-
-def wrap(model, device, world, compile):
-    """-> (DDP module or the model, what the training step calls). DDP over the ranks, then torch.compile
-    (--compile; auto = on CUDA). broadcast_buffers=False: the only buffer (the tokenizer's codebook-usage log) is
-    each rank's own."""
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-              bucket_cap_mb=DDP_BUCKET_MB, gradient_as_bucket_view=True) if world > 1 else model
-    return ddp, torch.compile(ddp) if compile == "on" or (compile == "auto" and device.type == "cuda") else ddp
-
-
-class Logger:
-    """tqdm bar + JSON-lines log on rank 0. Values are accumulated as tensors and read once per `--log-every`."""
-
-    def __init__(self, args, rank, start_step):
-        self.rank, self.path, self.sums, self.count, self.t0 = rank, os.path.join(args.out, "log.jsonl"), {}, 0, None
-        self.bar = tqdm(total=args.steps, initial=start_step, disable=rank != 0, dynamic_ncols=True, desc=args.stage)
-
-    def note(self, echo=True, **record):
-        if self.rank == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if echo:
-                tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
-
-    def add(self, logs):
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach()
-        self.count += 1
-
-    def flush(self, step, images_per_step, **extra):
-        now = time.time()
-        vals = {k: (v / self.count) for k, v in self.sums.items()}
-        if dist.is_initialized():  # average over ranks: one small all-reduce per log line
-            keys = sorted(vals)
-            t = torch.stack([vals[k].float() for k in keys])
-            dist.all_reduce(t)
-            vals = dict(zip(keys, t / dist.get_world_size()))
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        rec = {"step": step, **{k: float(v) for k, v in vals.items()}, **extra}
-        if "skipped_images" in rec:  # a count, not a mean: unreadable files replaced since the last line, all ranks
-            rec["skipped_images"] = round(rec["skipped_images"] * self.count * world)
-        if self.t0 is not None:
-            rec["img_per_s"] = round(images_per_step * self.count / (now - self.t0), 1)
-        self.sums, self.count, self.t0 = {}, 0, now
-        self.note(echo=False, **rec)
-        self.bar.set_postfix(loss=f"{rec.get('loss', 0):.4f}", img_s=rec.get("img_per_s", "-"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The stages. Each builds (in this order, so that a seed gives the same initial weights): its model,
 # its objective, its data; then the EMA copy and the optimizers; then loads `resume` and wraps the
 # model for DDP / compile. What train() uses of a stage, all of it:
@@ -262,7 +207,8 @@ class Logger:
 #   checkpoint(step)               the checkpoint dict
 #   report(log, step)              the `done` record (rank 0)
 class TokenizerStage:
-    """SoftVQ-VAE with the full objective; the discriminator takes its own step after the generator's."""
+    """SoftVQ-VAE with the full objective; the discriminator takes its own step after the
+    generator's."""
     preview_name = "recon"
 
     def __init__(self, args, device, world, autocast, resume=None):
@@ -273,23 +219,27 @@ class TokenizerStage:
         if args.init_encoder:
             init_encoder_from_dinov2(model.encoder.model, args.init_encoder)
         else:
-            self.warnings.append("the encoder starts from random weights (no --init-encoder DINOv2 checkpoint); "
-                                 "the released models start from DINOv2")
+            self.warnings.append("the encoder starts from random weights (no --init-encoder "
+                                 "DINOv2 checkpoint); the released models start from DINOv2")
             print("WARNING: " + self.warnings[-1], flush=True)
         self.criterion = TokenizerLoss(model.config, LossConfig(
             entropy_weight=args.entropy_weight, perceptual_weight=args.perceptual_weight,
             perceptual_warmup=args.perceptual_warmup, adversarial_weight=args.adversarial_weight,
-            disc_start=args.disc_start, lecam_weight=args.lecam_weight, consistency_weight=args.consistency_weight,
-            repa_weight=args.repa_weight, repa_patch_size=args.repa_patch_size,
-            adaptive_disc_weight=args.adaptive_disc_weight, vgg_path=args.vgg, lpips_path=args.lpips,
-            dino_path=args.dino, dinov2_path=args.dinov2)).to(device)
+            disc_start=args.disc_start, lecam_weight=args.lecam_weight,
+            consistency_weight=args.consistency_weight, repa_weight=args.repa_weight,
+            repa_patch_size=args.repa_patch_size, adaptive_disc_weight=args.adaptive_disc_weight,
+            vgg_path=args.vgg, lpips_path=args.lpips, dino_path=args.dino,
+            dinov2_path=args.dinov2)).to(device)
         self.warnings += self.criterion.disabled
-        # On CUDA the frozen nets' Linear/Conv weights go to bf16 once, not re-cast by autocast at every call
+        # On CUDA the frozen nets' Linear/Conv weights go to bf16 once, not re-cast by autocast at
+        # every call
         frozen_dtype = torch.bfloat16 if device.type == "cuda" else None
         self.criterion.prepare_frozen(frozen_dtype, compile=args.compile_frozen == "on")
-        model.set_eager_pixel_head(args.adaptive_disc_weight)  # its weight's gradients are taken before the backward
+        # its weight's gradients are taken before the backward
+        model.set_eager_pixel_head(args.adaptive_disc_weight)
         model.set_grad_checkpointing(args.grad_checkpointing)
-        self.dataset = data.make_dataset(args.data, model.config.image_size, crop="random", flip=True, seed=args.seed)
+        self.dataset = data.make_dataset(args.data, model.config.image_size, crop="random",
+                                         flip=True, seed=args.seed)
         # The built-in data has a held-out split; a folder has none: its own centre crops stand in
         self.eval_split = "heldout" if args.data == "builtin" else "train"
         self.holdout = data.make_dataset(args.data, model.config.image_size, heldout=True,
@@ -298,20 +248,22 @@ class TokenizerStage:
         self.preview_images = data.to_model_range(torch.stack(first))
         self.model = model.to(device)
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
-        self.extra_params = self.criterion.generator_parameters()  # the REPA projector trains with the model
+        # the REPA projector trains with the model
+        self.extra_params = self.criterion.generator_parameters()
         self.params = list(model.parameters()) + self.extra_params
         self.optimizer = make_optimizer(self.params, args, device, (0.9, 0.95))
         self.disc_params = self.criterion.discriminator_parameters()
-        self.disc_optimizer = make_optimizer(self.disc_params, args, device, (0.9, 0.95)) if self.disc_params else None
+        self.disc_optimizer = make_optimizer(self.disc_params, args, device,
+                                             (0.9, 0.95)) if self.disc_params else None
         self.optimizers = [o for o in (self.optimizer, self.disc_optimizer) if o is not None]
         if resume is not None:
             restore(resume, self.state_parts(), args)
         self.ddp, self.forward = wrap(model, device, world, args.compile)
 
     def state_parts(self):
-        """(checkpoint key, module or optimizer) of everything a training step changes: the weights, the EMA, the
-        optimizers and the criterion (REPA projector, D with its spectral-norm vectors, batch-norm statistics
-        and the LeCam EMAs)."""
+        """(checkpoint key, module or optimizer) of everything a training step changes: the weights,
+        the EMA, the optimizers and the criterion (REPA projector, D with its spectral-norm vectors,
+        batch-norm statistics and the LeCam EMAs)."""
         parts = [("model", self.model), ("ema", self.ema), ("optimizer", self.optimizer),
                  ("criterion", self.criterion)]
         if self.disc_optimizer is not None:
@@ -319,9 +271,9 @@ class TokenizerStage:
         return parts
 
     def phases(self, start):
-        """(name, first step) of each objective the steps from `start` on train with. The step's graph changes
-        once, when D and the GAN term (with the adaptive weight, if set) start at --disc-start; LPIPS and REPA
-        are in it from step 0 (the LPIPS ramp only scales its term)."""
+        """(name, first step) of each objective the steps from `start` on train with. The step's
+        graph changes once, when D and the GAN term (with the adaptive weight, if set) start at
+        --disc-start; LPIPS and REPA are in it from step 0 (the LPIPS ramp only scales its term)."""
         steps = self.args.steps
         gan_start = max(start, self.args.disc_start) if self.criterion.disc is not None else steps
         phases = []
@@ -344,16 +296,18 @@ class TokenizerStage:
                 (loss / K).backward()
             per_micro.append({"loss": loss.detach(), **logs})
             recons.append(recon.detach())
-        grad_norm = clip_and_step(self.optimizer, self.params, self.args.grad_clip, self.world, self.extra_params)
+        grad_norm = clip_and_step(self.optimizer, self.params, self.args.grad_clip, self.world,
+                                  self.extra_params)
         # D's step follows the generator's, on the detached reconstructions
         if self.criterion.discriminator_active(step_index):
             for k, (x, recon) in enumerate(zip(images.chunk(K), recons)):
                 with self.autocast:
                     d_loss, d_logs = self.criterion.discriminator_loss(x, recon, step_index)
-                d_loss.div(K).backward()  # D is outside DDP: average_gradients all-reduces its gradients once
+                # D is outside DDP: average_gradients all-reduces its gradients once
+                d_loss.div(K).backward()
                 per_micro[k].update(d_logs)
-            d_grad_norm = clip_and_step(self.disc_optimizer, self.disc_params, self.args.grad_clip, self.world,
-                                        self.disc_params)
+            d_grad_norm = clip_and_step(self.disc_optimizer, self.disc_params, self.args.grad_clip,
+                                        self.world, self.disc_params)
             return {**mean_logs(per_micro), "d_grad_norm": d_grad_norm, "grad_norm": grad_norm}
         return {**mean_logs(per_micro), "grad_norm": grad_norm}
 
@@ -368,12 +322,14 @@ class TokenizerStage:
         with self.autocast:
             recon = self.ema(self.preview_images.to(self.device))[0]
         n = len(self.preview_images)
-        data.labelled_grid(data.to_uint8(torch.cat([self.preview_images, recon.float().cpu()])), [0] * n + [1] * n,
+        data.labelled_grid(data.to_uint8(torch.cat([self.preview_images, recon.float().cpu()])),
+                           [0] * n + [1] * n,
                            [self.eval_split, "recon"]).save(path)
 
-    def finish(self, rank):  # the generator's latent statistics (released configs: vq_mean, vq_std), all ranks
-        mean, std = latent_stats(self.ema, self.dataset, self.device, self.autocast, rank, self.world,
-                                 self.args.workers, n=self.args.stats_images)
+    def finish(self, rank):
+        """The generator's latent statistics (released configs: vq_mean, vq_std), on all ranks."""
+        mean, std = latent_stats(self.ema, self.dataset, self.device, self.autocast, rank,
+                                 self.world, self.args.workers, n=self.args.stats_images)
         for m in (self.model, self.ema):
             m.config.latent_mean, m.config.latent_std = mean, std
 
@@ -410,9 +366,11 @@ class GeneratorStage:
             token_dim = meta["token_dim"]
             num_classes = meta["num_classes"]
         else:
-            self.tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_config).to(device).requires_grad_(False)
+            self.tokenizer = load_tokenizer(args.tokenizer,
+                                            args.tokenizer_config).to(device).requires_grad_(False)
             tc = self.tokenizer.config
-            self.dataset = data.make_dataset(args.data, tc.image_size, crop="center", flip=True, seed=args.seed)
+            self.dataset = data.make_dataset(args.data, tc.image_size, crop="center", flip=True,
+                                             seed=args.seed)
             self.info = tokenizer_info(args.tokenizer, args.tokenizer_config, tc.latent_mean,
                                        tc.latent_std)
             num_tokens, token_dim = tc.num_tokens, tc.token_dim
@@ -428,22 +386,25 @@ class GeneratorStage:
         if resume is not None:
             restore(resume, self.state_parts(), args)
         self.ddp, self.forward = wrap(model, device, world, args.compile)
-        # Only rank 0 draws the previews: the other ranks do not hold a second tokenizer in GPU memory
+        # Only rank 0 draws the previews: the other ranks do not hold a second tokenizer in GPU
+        # memory
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.decoder = self.tokenizer or (self._preview_tokenizer() if rank == 0 else None)
 
-    def state_parts(self):  # (checkpoint key, module or optimizer) of everything a training step changes
+    def state_parts(self):
+        """(checkpoint key, module or optimizer) of everything a training step changes."""
         return [("model", self.model), ("ema", self.ema), ("optimizer", self.optimizer)]
 
     def phases(self, start):  # one objective throughout
         return [("flow-matching", start)] if start < self.args.steps else []
 
     def _preview_tokenizer(self):
-        """The tokenizer that decodes the preview samples of a cached run, loaded once (EMA weights) and checked to
-        fit the latents at the start, not at the first preview."""
+        """The tokenizer that decodes the preview samples of a cached run, loaded once (EMA weights)
+        and checked to fit the latents at the start, not at the first preview."""
         if self.info.get("path") and os.path.isfile(self.info["path"]):
             return load_tokenizer_for(self.model, self.info).to(self.device)
-        self.warnings.append(f"no tokenizer at {self.info.get('path')} for the sample grids; pass --tokenizer")
+        self.warnings.append(f"no tokenizer at {self.info.get('path')} for the sample grids; pass "
+                             "--tokenizer")
         print("WARNING: " + self.warnings[-1], flush=True)
         return None
 
@@ -456,7 +417,8 @@ class GeneratorStage:
                     if self.tokenizer is not None:  # images -> latents on the fly
                         with torch.no_grad():
                             x = self.tokenizer.encode(x).float()
-                    x = normalize_latents(x, self.info["latent_mean"], self.info["latent_std"])  # (B, L, d)
+                    # (B, L, d)
+                    x = normalize_latents(x, self.info["latent_mean"], self.info["latent_std"])
                     loss = flow_matching_loss(self.forward, x, y, self.args.time_dist)
                 (loss / K).backward()
             losses.append(loss.detach())
@@ -466,13 +428,15 @@ class GeneratorStage:
 
     @torch.no_grad()
     def preview(self, path, per_class=8):
-        """Grid of EMA samples, one row per class (up to 8): Euler ODE, 50 steps, CFG 4.0, as train_sit.py does."""
+        """Grid of EMA samples, one row per class (up to 8): Euler ODE, 50 steps, CFG 4.0, as
+        train_sit.py does."""
         if self.decoder is None:
             return
         classes = list(range(min(8, self.ema.config.num_classes)))
         labels = torch.tensor(classes, device=self.device).repeat_interleave(per_class)
         rng = torch.Generator().manual_seed(self.args.seed)
-        noise = torch.randn(len(labels), self.ema.config.num_tokens, self.ema.config.token_dim, generator=rng)
+        noise = torch.randn(len(labels), self.ema.config.num_tokens, self.ema.config.token_dim,
+                            generator=rng)
         images = generate_images(self.ema, self.decoder, noise.to(self.device), labels, PREVIEW)
         data.labelled_grid(data.to_uint8(images), labels.tolist(), self.classes or None).save(path)
 
@@ -493,48 +457,46 @@ class GeneratorStage:
                                     optimizer=self.optimizer.state_dict(), args=vars(self.args))
 
 
-def tokenizer_info(path, config_json, latent_mean, latent_std):
-    """What the latent cache and a generator checkpoint record of their tokenizer: its files as
-    absolute paths (sample.py, run from anywhere, finds them) and the latent statistics the
-    generator's inputs are normalised with."""
-    return {"path": path and os.path.abspath(path),
-            "config_json": config_json and os.path.abspath(config_json),
-            "latent_mean": latent_mean, "latent_std": latent_std}
-
-
-# Settings that do not change the trajectory of a run; every other flag must match the checkpoint's on --resume.
-RESUME_FREE = {"out", "resume", "allow_changes", "overwrite", "log_every", "sample_every", "ckpt_every", "workers",
-               "compile", "compile_frozen", "preflight", "timeout"}
+# Settings that do not change the trajectory of a run; every other flag must match the checkpoint's
+# on --resume.
+RESUME_FREE = {"out", "resume", "allow_changes", "overwrite", "log_every", "sample_every",
+               "ckpt_every", "workers", "compile", "compile_frozen", "preflight", "timeout"}
 
 
 def load_resume(args, ckpt_path):
-    """The checkpoint to continue (with --resume), after checking it is a training checkpoint of this run's kind
-    and preset, made with the same settings (or --allow-changes)."""
+    """The checkpoint to continue (with --resume), after checking it is a training checkpoint of
+    this run's kind and preset, made with the same settings (or --allow-changes)."""
     if not args.resume:
         if os.path.isfile(ckpt_path) and not args.overwrite:
-            raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue it, --overwrite to replace it, "
-                                  f"or choose another --out")
+            raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue it, --overwrite "
+                                  "to replace it, or choose another --out")
         return None
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"--resume: {ckpt_path} does not exist; start without --resume")
     resume = load_state_dict_file(ckpt_path)
-    if not isinstance(resume, dict) or not isinstance(resume.get("args"), dict) or "step" not in resume:
-        raise ValueError(f"--resume: {ckpt_path} is not a training checkpoint of train.py (released weights load "
-                         f"with --init-encoder / --tokenizer, not --resume); use another --out")
+    if not isinstance(resume,
+                      dict) or not isinstance(resume.get("args"), dict) or "step" not in resume:
+        raise ValueError(f"--resume: {ckpt_path} is not a training checkpoint of train.py "
+                         "(released weights load with --init-encoder / --tokenizer, not "
+                         "--resume); use another --out")
     if resume.get("kind") != args.stage or resume["args"].get("preset") != args.preset:
-        raise ValueError(f"--resume: {ckpt_path} is a {resume.get('kind')} {resume['args'].get('preset')} "
-                         f"checkpoint, not {args.stage} {args.preset}; use another --out")
+        raise ValueError(f"--resume: {ckpt_path} is a {resume.get('kind')} "
+                         f"{resume['args'].get('preset')} checkpoint, not {args.stage} "
+                         f"{args.preset}; use another --out")
     stored = resume["args"]
-    changed = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {stored[k]!r})" for k, v in sorted(vars(args).items())
+    changed = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {stored[k]!r})" for k,
+               v in sorted(vars(args).items())
                if k not in RESUME_FREE and k in stored and stored[k] != v]
     if changed and not args.allow_changes:
-        raise ValueError(f"--resume with other settings than {ckpt_path} was made with: {', '.join(changed)}; the "
-                         f"run would not continue as it started. Use the same flags, or add --allow-changes")
+        raise ValueError(f"--resume with other settings than {ckpt_path} was made with: "
+                         f"{', '.join(changed)}; the run would not continue as it started. Use the "
+                         "same flags, or add --allow-changes")
     return resume
 
 
 def restore(resume, parts, args):
-    """Load (name, module or optimizer) pairs from the resume checkpoint; one of another shape is a user error."""
+    """Load (name, module or optimizer) pairs from the resume checkpoint; one of another shape is a
+    user error."""
     for name, obj in parts:
         try:
             if isinstance(obj, torch.nn.Module):
@@ -542,38 +504,45 @@ def restore(resume, parts, args):
             else:
                 obj.load_state_dict(resume[name])
         except (KeyError, ValueError, RuntimeError) as e:
-            raise ValueError(f"--resume: the {name} in {os.path.join(args.out, 'ckpt.pt')} does not fit this run "
-                             f"({' '.join(str(e).split())[:200]}); use another --out") from None
+            reason = " ".join(str(e).split())[:200]
+            raise ValueError(f"--resume: the {name} in {os.path.join(args.out, 'ckpt.pt')} does "
+                             f"not fit this run ({reason}); use another --out") from None
 
 
 def check_finite(nonfinite, step, ckpt_path):
-    """Stop a diverged run: `nonfinite` holds 1 + the first step whose loss or gradient norm was not finite."""
+    """Stop a diverged run: `nonfinite` holds 1 + the first step whose loss or gradient norm was not
+    finite."""
     bad = int(nonfinite)  # a host sync, only at log and checkpoint time
     if bad:
-        last = f"the newest checkpoint, {ckpt_path}, holds finite weights" if os.path.isfile(ckpt_path) else \
-            "no checkpoint was written"
-        raise FloatingPointError(f"the loss or gradient norm is not finite at step {bad} (stopped at step {step}); "
-                                 f"{last}. Lower --lr, or check the data and --grad-clip")
+        if os.path.isfile(ckpt_path):
+            last = f"the newest checkpoint, {ckpt_path}, holds finite weights"
+        else:
+            last = "no checkpoint was written"
+        raise FloatingPointError(f"the loss or gradient norm is not finite at step {bad} (stopped "
+                                 f"at step {step}); {last}. Lower --lr, or check the data and "
+                                 "--grad-clip")
 
 
-def prepare_out(args, rank):
-    """Refuse an output folder that cannot be written; clean what killed writes left; --overwrite empties a run."""
-    if rank == 0:
-        data.check_writable(args.out)
-        ckpt_path = os.path.join(args.out, "ckpt.pt")
-        data.remove_stale_temps(ckpt_path)
-        if args.overwrite:
-            for name in ("ckpt.pt", "log.jsonl"):
-                if os.path.isfile(os.path.join(args.out, name)):
-                    os.remove(os.path.join(args.out, name))
-    if dist.is_initialized():
-        dist.barrier()
+def prepare_out(args, rank, names):
+    """Rank 0: refuse an output folder that cannot be written, lock it (-> the lock file, held for
+    the run's life; None on the other ranks), clean what killed writes of `names` left;
+    --overwrite removes `names`."""
+    if rank != 0:
+        return None
+    data.check_writable(args.out)
+    lock = data.lock_folder(os.path.join(args.out, ".lock"))
+    for name in names:
+        path = os.path.join(args.out, name)
+        data.remove_stale_temps(path)
+        if args.overwrite and os.path.isfile(path):
+            os.remove(path)
+    return lock
 
 
 def train_step(stage, args, batch, labels, step, rank):
-    """One optimisation step at global step `step`: randomness seeded by (seed, step, rank), so that a resumed
-    run repeats it; the schedule's learning rate; the stage's step (the EMA follows in the loop).
-    -> (logs, finite: a device bool of the loss and gradient norm, no host sync)."""
+    """One optimisation step at global step `step`: randomness seeded by (seed, step, rank), so that
+    a resumed run repeats it; the schedule's learning rate; the stage's step (the EMA follows in the
+    loop). -> (logs, finite: a device bool of the loss and gradient norm, no host sync)."""
     torch.manual_seed(data.seed_for(args.seed, step, rank))
     for opt in stage.optimizers:
         for group in opt.param_groups:
@@ -584,22 +553,25 @@ def train_step(stage, args, batch, labels, step, rank):
 
 
 def preflight(stage, args, start, rank, world, device, local_batch, log):
-    """Before the first step, one full training step of each phase the run will enter (stage.phases), through the
-    same compiled, DDP-wrapped step and batch size: an out-of-memory, a compile failure or a non-finite loss in a
-    later phase (the GAN from --disc-start) ends the run in its first minutes, not hours in. Then every state a
-    step changes is put back (stage.state_parts: weights, optimizers, criterion buffers; the RNG), so the
-    run's losses are those of --preflight off, bit for bit. Logs one `preflight` event."""
+    """Before the first step, one full training step of each phase the run will enter
+    (stage.phases), through the same compiled, DDP-wrapped step and batch size: an out-of-memory, a
+    compile failure or a non-finite loss in a later phase (the GAN from --disc-start) ends the run
+    in its first minutes, not hours in. Then every state a step changes is put back
+    (stage.state_parts: weights, optimizers, criterion buffers; the RNG), so the run's losses are
+    those of --preflight off, bit for bit. Logs one `preflight` event."""
     phases = stage.phases(start)
     if not phases:
         return
-    # The EMA is not updated here, so it needs no copy (host memory: the weights are copied on every rank)
+    # The EMA is not updated here, so it needs no copy (host memory: the weights are copied on every
+    # rank)
     parts = [(name, obj) for name, obj in stage.state_parts() if obj is not stage.ema]
     snapshot = {name: cpu_copy(obj.state_dict()) for name, obj in parts}
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
     # A batch of the run's size read from the dataset itself: the run's data stream is not touched
     n = len(stage.dataset)
-    batch, labels, _ = data.collate([stage.dataset[(rank * local_batch + i) % n] for i in range(local_batch)])
+    batch, labels, _ = data.collate([stage.dataset[(rank * local_batch + i) % n]
+                                     for i in range(local_batch)])
     batch, labels = data.to_model_range(batch.to(device)), labels.to(device)
     report = []
     for name, phase_step in phases:
@@ -615,22 +587,25 @@ def preflight(stage, args, start, rank, world, device, local_batch, log):
             # A host sync; before the run it costs nothing
             finite = bool(finite)
         except torch.cuda.OutOfMemoryError:
-            raise ValueError(f"{where} runs out of GPU memory at {local_batch} images per rank; lower "
-                             f"--batch-size or add --grad-accum or --grad-checkpointing") from None
+            raise ValueError(f"{where} runs out of GPU memory at {local_batch} images per rank; "
+                             "lower --batch-size or add --grad-accum or "
+                             "--grad-checkpointing") from None
         except Exception as e:
             trace = os.path.join(args.out, f"preflight_error_rank{rank}.txt")
             with open(trace, "w") as f:
                 traceback.print_exc(file=f)
             message = " ".join(str(e).split())[:300]
-            raise ValueError(f"{where} fails: {type(e).__name__}: {message} (traceback: {trace})") from None
-        record = {"phase": name, "step": phase_step, "seconds": round(time.time() - t0, 3), "finite": finite}
+            raise ValueError(f"{where} fails: {type(e).__name__}: {message} "
+                             f"(traceback: {trace})") from None
+        record = {"phase": name, "step": phase_step, "seconds": round(time.time() - t0, 3),
+                  "finite": finite}
         if device.type == "cuda":
             record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
         report.append(record)
         if not finite:
             log.note(event="preflight", phases=report)
-            raise FloatingPointError(f"{where}: the loss or gradient norm is not finite. Lower --lr, or check "
-                                     f"the data and the weights files")
+            raise FloatingPointError(f"{where}: the loss or gradient norm is not finite. Lower "
+                                     "--lr, or check the data and the weights files")
     for name, obj in parts:
         obj.load_state_dict(snapshot[name])
     torch.set_rng_state(cpu_rng)
@@ -640,7 +615,8 @@ def preflight(stage, args, start, rank, world, device, local_batch, log):
 
 
 def cpu_copy(state):
-    """A copy of a (nested) state dict with every tensor cloned to the CPU: host memory, not the GPU's."""
+    """A copy of a (nested) state dict with every tensor cloned to the CPU: host memory, not the
+    GPU's."""
     if isinstance(state, torch.Tensor):
         return state.detach().to("cpu", copy=True)
     if isinstance(state, dict):
@@ -652,80 +628,129 @@ def cpu_copy(state):
 
 def train(args):
     rank, world, device = data.setup_distributed(timeout_s=args.timeout)
-    if args.batch_size % (world * args.grad_accum):
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks x --grad-accum "
-                         f"{args.grad_accum}")
-    local_batch = args.batch_size // world
     autocast = bf16_autocast(device)
     if args.stage == "cache":
         return cache_latents(args, rank, world, device, autocast)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    resume = load_resume(args, ckpt_path)
-    prepare_out(args, rank)
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    Stage = TokenizerStage if args.stage == "tokenizer" else GeneratorStage
-    stage = Stage(args, device, world, autocast, resume)
-    step = resume["step"] if resume else 0
-    resumed = resume is not None
-    # The stage holds what it needs; the (memory-mapped) checkpoint is not kept for the whole run
-    del resume
-    sampler = data.ShardedSampler(len(stage.dataset), local_batch, rank, world, args.seed)
-    stream = data.batches(stage.dataset, sampler, local_batch, args.workers, step, pin_memory=device.type == "cuda")
-    log = Logger(args, rank, step)
-    if not resumed:
-        log.note(event="start", stage=args.stage, preset=args.preset, world=world, device=str(device),
-                 params=sum(p.numel() for p in stage.model.parameters()), lr=args.lr, steps=args.steps,
-                 batch=args.batch_size)
-        for message in stage.warnings:  # already printed loudly when found; here they go into the log
-            log.note(echo=False, event="warning", message=message)
-    else:  # the log holds the steps a killed run made after this checkpoint: they repeat from here
-        log.note(event="resume", step=step)
+    lock = None
+    try:
+        # every refusal before any work, printed once (rank 0); rank 0 then holds OUT's lock until
+        # the run ends, so a second command on the same folder is refused
+        with data.refusals_once():
+            if args.batch_size % (world * args.grad_accum):
+                raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
+                                 f"ranks x --grad-accum {args.grad_accum}")
+            resume = load_resume(args, ckpt_path)
+            lock = prepare_out(args, rank, ("ckpt.pt", "log.jsonl"))
+        local_batch = args.batch_size // world
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        Stage = TokenizerStage if args.stage == "tokenizer" else GeneratorStage
+        stage = Stage(args, device, world, autocast, resume)
+        step = resume["step"] if resume else 0
+        resumed = resume is not None
+        # The stage holds what it needs; the (memory-mapped) checkpoint is not kept for the run
+        del resume
+        log = data.Logger(args.out, args.steps, args.stage, rank, step)
+        if not resumed:
+            log.note(event="start", stage=args.stage, preset=args.preset, world=world,
+                     device=str(device),
+                     params=sum(p.numel() for p in stage.model.parameters()), lr=args.lr,
+                     steps=args.steps, batch=args.batch_size)
+            # already printed loudly when found; here they go into the log
+            for message in stage.warnings:
+                log.note(echo=False, event="warning", message=message)
+        else:  # the log holds the steps a killed run made after this checkpoint: they repeat
+            log.note(event="resume", step=step)
+        stage.model.train()
+        stop = data.GracefulStop(device)
+        try:
+            with stop:
+                if args.preflight == "on":
+                    preflight(stage, args, step, rank, world, device, local_batch, log)
+                step, stopped = run_steps(stage, args, step, resumed, rank, world, log, stop)
+        finally:  # the bar's line ends before any error message
+            log.bar.close()
+        if dist.is_initialized():
+            dist.barrier()
+        if stopped:
+            log.note(echo=False, event="stop", signal=stop.name, step=step,
+                     seconds=round(time.time() - stop.since, 3))
+            if rank == 0:
+                print(f"stopped by {stop.name} at step {step}: {ckpt_path} holds it; continue "
+                      f"with the same command and --resume", file=sys.stderr, flush=True)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            sys.exit(data.STOPPED)
+        if rank == 0:
+            stage.report(log, step)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return stage.model, stage.ema
+    finally:
+        if lock is not None:
+            lock.close()
 
-    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # 1 + first step with a non-finite loss; 0 = none
+
+def run_steps(stage, args, step, resumed, rank, world, log, stop):
+    """The training loop from `step` to --steps -> (the last step, whether a signal stopped it).
+    On a stop every rank ends after the same step, and its checkpoint is written."""
+    device = stage.device
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    local_batch = args.batch_size // world
+    sampler = data.ShardedSampler(len(stage.dataset), local_batch, rank, world, args.seed)
+    stream = data.batches(stage.dataset, sampler, local_batch, args.workers, step,
+                          pin_memory=device.type == "cuda")
+    # 1 + first step with a non-finite loss; 0 = none
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)
     # Listed once: listing a module's tensors costs about 1 ms a step
     ema = [[list(m.parameters()), list(m.buffers())] for m in (stage.ema, stage.model)]
-    stage.model.train()
-    try:
-        if args.preflight == "on":
-            preflight(stage, args, step, rank, world, device, local_batch, log)
-        while step < args.steps:
-            batch, labels, skipped = next(stream)
-            batch = data.to_model_range(batch.to(device, non_blocking=True))  # uint8 images: [-1, 1] on the device
-            labels = labels.to(device, non_blocking=True)
-            logs, finite = train_step(stage, args, batch, labels, step, rank)
-            nonfinite = torch.where((nonfinite == 0) & ~finite, step + 1, nonfinite)  # on the device: no sync
-            update_ema(*ema, args.ema_decay)
-            step += 1
-            log.add({**logs, "skipped_images": skipped.to(device, torch.float32, non_blocking=True)})
-            log.bar.update(1)
-            last = step == args.steps
-            if step % args.log_every == 0 or last:
-                lr = stage.learning_rate(step - 1)
-                log.flush(step, args.batch_size, lr=lr, **stage.log_extra())
-                check_finite(nonfinite, step, ckpt_path)
-            if rank == 0 and (step % args.sample_every == 0 or last):
-                stage.preview(os.path.join(args.out, f"{stage.preview_name}_{step:07d}.png"))
-            if last:
-                stage.finish(rank)
-            if step % args.ckpt_every == 0 or last:
-                check_finite(nonfinite, step, ckpt_path)
-                if rank == 0:
-                    data.save_checkpoint(stage.checkpoint(step), ckpt_path)
-    finally:  # the bar's line ends before any error message
-        log.bar.close()
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        stage.report(log, step)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return stage.model, stage.ema
+    saved_at = step if resumed else None
+    while step < args.steps:
+        stopped = stop.should_stop(step)
+        if stopped:
+            break
+        batch, labels, skipped = next(stream)
+        # uint8 images: [-1, 1] on the device
+        batch = data.to_model_range(batch.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        logs, finite = train_step(stage, args, batch, labels, step, rank)
+        # on the device: no sync
+        nonfinite = torch.where((nonfinite == 0) & ~finite, step + 1, nonfinite)
+        update_ema(*ema, args.ema_decay)
+        step += 1
+        skipped_images = skipped.to(device, torch.float32, non_blocking=True)
+        log.add({**logs, "skipped_images": skipped_images})
+        log.bar.update(1)
+        last = step == args.steps
+        if step % args.log_every == 0 or last:
+            log.flush(step, args.batch_size, lr=stage.learning_rate(step - 1), **stage.log_extra())
+            check_finite(nonfinite, step, ckpt_path)
+        if rank == 0 and (step % args.sample_every == 0 or last):
+            stage.preview(os.path.join(args.out, f"{stage.preview_name}_{step:07d}.png"))
+        if last:
+            stage.finish(rank)
+        if step % args.ckpt_every == 0 or last:
+            check_finite(nonfinite, step, ckpt_path)
+            if rank == 0:
+                data.save_checkpoint(stage.checkpoint(step), ckpt_path)
+            saved_at = step
+    else:
+        stopped = False
+    if stopped:
+        # the steps since the last log line, then the checkpoint of the last finished step
+        if log.count:
+            log.flush(step, args.batch_size, lr=stage.learning_rate(step - 1), **stage.log_extra())
+        check_finite(nonfinite, step, ckpt_path)
+        if rank == 0 and saved_at != step:
+            data.save_checkpoint(stage.checkpoint(step), ckpt_path)
+    return step, stopped
 
 
 @torch.no_grad()
 def latent_stats(model, dataset, device, autocast, rank=0, world=1, workers=0, n=50_000, batch=64):
-    """Scalar mean and std of z over (up to n images of) the training set: x = (z - mean) / std for the generator.
-    Rank r encodes images r, r + world, ... with the data loader's workers; the sums are all-reduced."""
+    """Scalar mean and std of z over (up to n images of) the training set: x = (z - mean) / std for
+    the generator. Rank r encodes images r, r + world, ... with the data loader's workers; the sums
+    are all-reduced."""
     _, loader = data.rank_loader(dataset, rank, world, batch, workers, n=n)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # read once at the end
     for images, _, _ in loader:
@@ -738,24 +763,39 @@ def latent_stats(model, dataset, device, autocast, rank=0, world=1, workers=0, n
 
 
 def cache_latents(args, rank, world, device, autocast):
-    if os.path.isfile(os.path.join(args.out, "meta.json")) and not args.overwrite:
-        raise FileExistsError(f"{args.out} holds a complete latent cache; pass --overwrite to replace it or choose "
-                              f"another --out")
-    if rank == 0:
-        data.check_writable(args.out)
-        data.remove_stale_temps(os.path.join(args.out, "meta.json"))
-    tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_config).to(device)
-    tc = tokenizer.config
-    dataset = data.make_dataset(args.data, tc.image_size, crop="center", seed=args.seed)
-    info = tokenizer_info(args.tokenizer, args.tokenizer_config, tc.latent_mean, tc.latent_std)
-    mean, std = data.write_latent_cache(tokenizer, dataset, args.out, rank, world, device,
-                                        args.batch_size // world, args.workers, autocast,
-                                        extra_meta=info)
-    if rank == 0:
-        print(f"cached {len(dataset)} images x 2 flips to {args.out}; measured latent mean {mean:.6g} std {std:.6g}, "
-              f"normalising with the tokenizer's {tc.latent_mean:.6g} / {tc.latent_std:.6g}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """--stage cache: every image and its flip encoded once; stopped by a signal, the same command
+    continues where each rank stopped (data.write_latent_cache)."""
+    lock = None
+    try:
+        with data.refusals_once():
+            if args.batch_size % world:
+                raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
+                                 f"ranks")
+            if os.path.isfile(os.path.join(args.out, "meta.json")) and not args.overwrite:
+                raise FileExistsError(f"{args.out} holds a complete latent cache; pass --overwrite "
+                                      f"to replace it or choose another --out")
+            lock = prepare_out(args, rank, ("meta.json",))
+        tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_config).to(device)
+        tc = tokenizer.config
+        dataset = data.make_dataset(args.data, tc.image_size, crop="center", seed=args.seed)
+        info = tokenizer_info(args.tokenizer, args.tokenizer_config, tc.latent_mean, tc.latent_std)
+        with data.GracefulStop(device) as stop:
+            moments = data.write_latent_cache(tokenizer, dataset, args.out, rank, world, device,
+                                              args.batch_size // world, args.workers, autocast,
+                                              extra_meta=info, stop=stop, fresh=args.overwrite)
+        if moments is None:
+            print(f"rank {rank}: stopped by {stop.name}; the images encoded so far are kept: the "
+                  f"same command continues", file=sys.stderr, flush=True)
+            sys.exit(data.STOPPED)
+        if rank == 0:
+            print(f"cached {len(dataset)} images x 2 flips to {args.out}; measured latent mean "
+                  f"{moments[0]:.6g} std {moments[1]:.6g}, normalising with the tokenizer's "
+                  f"{tc.latent_mean:.6g} / {tc.latent_std:.6g}")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 @torch.no_grad()
