@@ -317,9 +317,9 @@ def _radii(x, x2, k, block):
 @torch.inference_mode()
 @_cuda_precision(False)  # exact float32 products on a GPU, whatever the caller set
 def precision_recall(ref, samples, k=3, block=4096, device='cpu'):
-    """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM's ManifoldEstimator on (N, D)
-    pool_3 features of all REF and SAMPLES: each point's ball has the squared radius of its k-th
-    nearest neighbour in its own set (itself counted), surface included. precision / recall =
+    """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM's ManifoldEstimator on
+    (N, D) pool_3 features of all REF and SAMPLES: each point's ball has the squared radius of its
+    k-th nearest neighbour in its own set (itself counted), surface included. precision / recall =
     fraction of samples inside some REF ball / of REF inside some sample ball. Distances |u|^2 - 2
     u.v + |v|^2 in float32 (ADM: float16) are exact for small integer features, so ties are decided
     exactly. Tiles of block x block: ~5 block^2 bytes beside the features."""

@@ -2441,7 +2441,8 @@ def test_probe_outputs_and_overwrite(tmp_path, capsys):
     recs, _ = _log(str(out))
     assert [r["event"] for r in recs if "event" in r][-3:] == ["resume", "preflight", "done"]
     assert recs[-2]["step"] == 3
-    assert sorted(os.listdir(out))[:2] == ["ckpt.pt", "log.jsonl"] and not list(out.glob("*.tmp*"))
+    # .lock: the folder lock of the run (issue 25), left for the next run to take
+    assert sorted(os.listdir(out))[:3] == [".lock", "ckpt.pt", "log.jsonl"] and not list(out.glob("*.tmp*"))
     train.main(T("--steps", "1", "--out", str(out), "--overwrite"))
     assert [r.get("event") for r in _log(str(out))[0]][0] == "start" and torch.load(
         out / "ckpt.pt", weights_only=True)["step"] == 1

@@ -92,8 +92,8 @@ def tokenizer_config(preset, **overrides):
 class SoftVectorQuantizer(nn.Module):
     """The soft categorical posterior of arXiv 2412.10958 (continuous_tokenizer
     `modelling/quantizers/softvq.py`). G groups of L/G consecutive tokens, group g on codebook g.
-    With unit vectors, p = softmax(<ẑ, sg(e_k)> / τ) and z = Σ_k p_k e_k: the encoder learns through
-    p, the codebook only through z. No codebook or commitment loss."""
+    With unit vectors, p = softmax(<ẑ, sg(e_k)> / τ) and z = Σ_k p_k e_k: the encoder learns
+    through p, the codebook only through z. No codebook or commitment loss."""
 
     def __init__(self, codebook_size, token_dim, num_codebooks, tau):
         super().__init__()
@@ -619,9 +619,9 @@ class DinoDiscriminator(UsesFrozen):
 # builds `vit_*_patch14_dinov2` with patch_size=16 and the training image size.
 def resample_patch_kernel(w, size):
     """FlexiViT pseudo-inverse resize (Beyer et al. 2023; timm `resample_patch_embed`) of a patch
-    kernel (O, I, p, p) -> (O, I, size, size). M (size², p²) is the bicubic+antialias resize of p x
-    p patches; the new kernel w·pinv(M) gives <M x, w_new> = <x, w> for every patch x when M has
-    full column rank (upsampling, e.g. 14 -> 16)."""
+    kernel (O, I, p, p) -> (O, I, size, size). M (size², p²) is the bicubic+antialias resize of
+    p x p patches; the new kernel w·pinv(M) gives <M x, w_new> = <x, w> for every patch x when M
+    has full column rank (upsampling, e.g. 14 -> 16)."""
     p = w.shape[-1]
     if p == size:
         return w
@@ -694,10 +694,10 @@ class LossConfig:  # defaults: continuous_tokenizer configs/softvq-l-64.yaml
 
 
 class TokenizerLoss(UsesFrozen):
-    """Generator side: mse·MSE + entropy·H + warmup·perceptual·LPIPS + adv·(-D(aug x̂)) + repa·REPA.
-    Discriminator side, its own step after the generator's, from `disc_start` on: adv·(hinge +
-    lecam·LeCam) + consistency·CR. Trainable: the REPA projector (`generator_parameters`) and the D
-    heads (`discriminator_parameters`)."""
+    """Generator side: mse·MSE + entropy·H + warmup·perceptual·LPIPS + adv·(-D(aug x̂))
+    + repa·REPA. Discriminator side, its own step after the generator's, from `disc_start` on:
+    adv·(hinge + lecam·LeCam) + consistency·CR. Trainable: the REPA projector
+    (`generator_parameters`) and the D heads (`discriminator_parameters`)."""
 
     def __init__(self, tcfg: TokenizerConfig, cfg: LossConfig):
         super().__init__()

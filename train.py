@@ -58,11 +58,9 @@ def make_parser():
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (> 0)")
     p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block's activations in the backward: less memory, ~30%% "
-                        "more compute")
+                   help="recompute activations in the backward: less memory, ~30%% more compute")
     p.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per step: the global batch is split over ranks x this many "
-                        "(less memory)")
+                   help="micro-batches per step: the batch splits over ranks x this (less memory)")
     # Tokenizer objective (defaults: the released L-64 recipe, configs/softvq-l-64.yaml). A term
     # whose weights file is missing is switched off with a WARNING at start and in the log; a weight
     # of 0 switches it off quietly.
@@ -92,15 +90,12 @@ def make_parser():
                    help="DINOv2 checkpoint of the REPA teacher (e.g. dinov2_vitl14_pretrain.pth)")
     p.add_argument("--init-encoder",
                    help="DINOv2 checkpoint of the encoder's size to initialise it from")
-    p.add_argument("--tokenizer", help="generator/cache: tokenizer checkpoint (ours, or released "
-                                       "weights+config.json)")
+    p.add_argument("--tokenizer", help="generator/cache: tokenizer checkpoint (ours or released)")
     p.add_argument("--tokenizer-config",
                    help="config.json of a released tokenizer (default: next to the weights)")
-    p.add_argument("--latents", help="generator: latent cache folder written by --stage cache "
-                                     "(else encode on the fly)")
+    p.add_argument("--latents", help="generator: a --stage cache folder (else encode on the fly)")
     p.add_argument("--time-dist", default="lognormal", choices=["lognormal", "uniform"],
-                   help="generator: flow-matching time sampling (logit-normal(0, 1) as the "
-                        "released recipe)")
+                   help="generator: flow-matching time sampling (released recipe: logit-normal)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=5000,
                    help="PNG grid of reconstructions / samples")
@@ -120,15 +115,13 @@ def make_parser():
     p.add_argument("--seed", type=int, default=42, help="a non-negative integer")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--allow-changes", action="store_true",
-                   help="with --resume: continue although settings that change the run differ "
-                        "from the checkpoint's")
+                   help="with --resume: go on although the settings differ from the checkpoint's")
     p.add_argument("--overwrite", action="store_true",
                    help="replace what OUT holds (a finished run or latent cache)")
     p.add_argument("--stats-images", type=int, default=50_000,
                    help="tokenizer: images for the latent mean and std")
     p.add_argument("--timeout", type=float, default=1800,
-                   help="seconds a rank waits for the others in a collective before the run ends "
-                        "with an error")
+                   help="seconds a rank waits for the others before the run ends with an error")
     return p
 
 
@@ -652,10 +645,10 @@ def train(args):
         del resume
         log = data.Logger(args.out, args.steps, args.stage, rank, step)
         if not resumed:
+            params = sum(p.numel() for p in stage.model.parameters())
             log.note(event="start", stage=args.stage, preset=args.preset, world=world,
-                     device=str(device),
-                     params=sum(p.numel() for p in stage.model.parameters()), lr=args.lr,
-                     steps=args.steps, batch=args.batch_size)
+                     device=str(device), params=params, lr=args.lr, steps=args.steps,
+                     batch=args.batch_size)
             # already printed loudly when found; here they go into the log
             for message in stage.warnings:
                 log.note(echo=False, event="warning", message=message)
