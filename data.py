@@ -358,7 +358,11 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
     labels.flush()
     record = {**settings, "done": done, "sums": sums.tolist()}
     atomic_write(progress(rank), lambda f: f.write(json.dumps(record).encode()))
-    if done < len(mine):
+    # the ranks stopped before their end (a rank the signal missed finished its items)
+    stopped = torch.tensor(float(done < len(mine)), dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(stopped)
+    if stopped:
         return None
     if dist.is_initialized():
         dist.all_reduce(sums)
@@ -746,22 +750,37 @@ def lock_folder(path):
     a restart; NFS passes flock on to the server, so it holds across nodes. A second process is
     refused in one line that names the holder. A filesystem that cannot lock gets one warning."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise FileExistsError(f"{path} is held by {holder}: another run writes there; wait "
+                                  f"for it to end, or choose another output") from None
+        except OSError as e:
+            print(f"WARNING: {path}: this filesystem cannot lock files ({e.strerror}); make sure "
+                  f"no other run writes to the same output", file=sys.stderr, flush=True)
+            return f
+        # a holder that finished may have removed the file (unlock) between our open and flock:
+        # then we hold a lock on a file nobody else sees, and try again
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break
         f.close()
-        raise FileExistsError(f"{path} is held by {holder}: another run writes there; wait for "
-                              f"it to end, or choose another output") from None
-    except OSError as e:
-        print(f"WARNING: {path}: this filesystem cannot lock files ({e.strerror}); make sure no "
-              f"other run writes to the same output", file=sys.stderr, flush=True)
-        return f
     f.seek(0)
     f.truncate()
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {since}\n")
     f.flush()
     return f
+
+
+def unlock(lock):
+    """Release a lock_folder lock and remove its file (an output that is not a folder leaves no
+    lock file beside it); None is a no-op."""
+    if lock is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock.name)
+        lock.close()

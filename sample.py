@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import zipfile
 
@@ -110,17 +111,20 @@ def parse_args(argv=None):
 
 
 def prepare_out(args, rank):
-    """Refuse at the start an --out that cannot be written (its folder is created); clean killed
-    writes' temps."""
-    if rank == 0:
-        folder = args.out if args.images else os.path.dirname(os.path.abspath(args.out))
-        data.check_writable(folder)
-        data.remove_stale_temps(args.out)
-        parts = args.out + ".parts"
-        for name in os.listdir(parts) if os.path.isdir(parts) else []:
-            data.remove_stale_temps(os.path.join(parts, name.split(".tmp")[0]))
-    if dist.is_initialized():
-        dist.barrier()
+    """Rank 0: refuse at the start an --out that cannot be written (its folder is created) or that
+    another sample.py writes (-> the lock, held until the end: `<out>.lock`, or `.lock` inside the
+    --images folder; None on other ranks); then clean what killed writes left. The lock comes first:
+    the temps of a live run are not stale."""
+    if rank != 0:
+        return None
+    folder = args.out if args.images else os.path.dirname(os.path.abspath(args.out))
+    data.check_writable(folder)
+    lock = data.lock_folder(os.path.join(args.out, ".lock") if args.images else args.out + ".lock")
+    data.remove_stale_temps(args.out)
+    parts = args.out + ".parts"
+    for name in os.listdir(parts) if os.path.isdir(parts) else []:
+        data.remove_stale_temps(os.path.join(parts, name.split(".tmp")[0]))
+    return lock
 
 
 def sample_inputs(seed, indices, num_tokens, token_dim, num_classes, device):
@@ -180,21 +184,33 @@ def write_samples(args, model, tok, device, rank, world):
     missing = [i for i in range(n_shards) if not os.path.exists(shard(i))]
     barrier()
     count, start = 0, time.time()
-    for i in tqdm(missing[rank::world], desc="shards", disable=rank != 0):
-        idx = range(i * size, min(n, (i + 1) * size))
-        out = []
-        for b in range(0, len(idx), args.batch_size):
-            noise, labels, rngs = sample_inputs(
-                args.seed, idx[b:b + args.batch_size], model.config.num_tokens,
-                model.config.token_dim, model.config.num_classes, device)
-            images = generate_images(model, tok, noise, labels, s, rngs, amp=not args.fp32)
-            out.append(data.to_uint8(images))
-        data.atomic_write(shard(i), lambda f: np.save(f, np.concatenate(out)))
-        count += len(idx)
-    stats = torch.tensor([count, time.time() - start], dtype=torch.float64, device=device)
+    # a signal ends each rank after the shard it is in; the finished shards stay for the rerun
+    with data.GracefulStop(device) as stop:
+        for i in tqdm(missing[rank::world], desc="shards", disable=rank != 0):
+            idx = range(i * size, min(n, (i + 1) * size))
+            out = []
+            for b in range(0, len(idx), args.batch_size):
+                noise, labels, rngs = sample_inputs(
+                    args.seed, idx[b:b + args.batch_size], model.config.num_tokens,
+                    model.config.token_dim, model.config.num_classes, device)
+                images = generate_images(model, tok, noise, labels, s, rngs, amp=not args.fp32)
+                out.append(data.to_uint8(images))
+            data.atomic_write(shard(i), lambda f: np.save(f, np.concatenate(out)))
+            count += len(idx)
+            if stop.signum:
+                break
+    # (images generated, ranks stopped by a signal, seconds)
+    stats = torch.tensor([count, float(stop.signum != 0), time.time() - start], dtype=torch.float64,
+                         device=device)
     if world > 1:
-        dist.all_reduce(stats[:1])
-        dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)
+        dist.all_reduce(stats[:2])
+        dist.all_reduce(stats[2:], op=dist.ReduceOp.MAX)
+    if stats[1]:
+        if rank == 0:
+            done = sum(os.path.exists(shard(i)) for i in range(n_shards))
+            print(f"stopped by a signal: {done} of {n_shards} shards are kept in {parts}; the same "
+                  f"command continues", file=sys.stderr, flush=True)
+        sys.exit(data.STOPPED)
     barrier()
     if rank == 0:
         first = np.load(shard(0), mmap_mode="r")
@@ -356,8 +372,10 @@ def main(argv=None):
     args = parse_args(argv)
     with data.user_errors():
         rank, world, device = data.setup_distributed(args.device, args.timeout)
+        lock = None
         try:
-            prepare_out(args, rank)
+            with data.refusals_once():
+                lock = prepare_out(args, rank)
             if args.images:
                 return reconstruct(args, device, rank, world)
             npz = args.num_samples is not None
@@ -379,6 +397,7 @@ def main(argv=None):
             else:
                 write_grid(args, net, tok, (info or {}).get("classes"), device)
         finally:
+            data.unlock(lock)
             if dist.is_initialized():
                 dist.destroy_process_group()
 

@@ -643,6 +643,8 @@ def _kill_and_resume(args, full, part, keys):
     first = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
     steps = first["args"]["steps"]
     assert first["step"] < steps
+    # the killed run's lock file stays, naming it; the operating system released the lock: --resume starts
+    assert f"pid {proc.pid}, since" in open(os.path.join(part, ".lock")).read()
     subprocess.run([sys.executable, "train.py", *args, "--out", part, "--resume"], cwd=REPO, check=True,
                    capture_output=True, env=env)
     _, a = _log(full)
@@ -1384,26 +1386,41 @@ def _gen_cmd(stub, args):
     return [sys.executable, "-c", code, stub] + args
 
 
-def test_sample_npz_resumes_after_kill(tmp_path):
+def test_sample_npz_one_writer_stops_on_a_signal_and_resumes_after_kill(tmp_path):
+    """A second sample.py on the same .npz is refused while the first runs; SIGTERM ends the first after its shard
+    (exit 3, shards kept); a SIGKILL mid-shard loses only that shard; the reruns give the uninterrupted file."""
     ckpt, stub = _gen_setup_sampling(tmp_path)
     common = ["--ckpt", ckpt, "--num-samples", "22", "--shard-size", "2", "--batch-size", "2", "--steps", "60",
               "--cfg", "1.5", "--guidance-high", "0.7", "--seed", "3", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ref = tmp_path / "ref.npz"
     subprocess.run(_gen_cmd(stub, common + ["--out", str(ref)]), check=True, env=env, capture_output=True)
-    out = tmp_path / "out.npz"
-    proc = subprocess.Popen(_gen_cmd(stub, common + ["--out", str(out)]), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    parts = tmp_path / "out.npz.parts"
-    deadline = time.time() + 60
-    while not (parts.exists() and any(p.suffix == ".npy" for p in parts.iterdir())) and time.time() < deadline:
-        time.sleep(0.002)
-    proc.kill()
-    proc.wait()
-    done = [p for p in parts.iterdir() if p.suffix == ".npy"]
-    assert 1 <= len(done) < 11 and not out.exists()  # really interrupted after its first shard
+    out, parts = tmp_path / "out.npz", tmp_path / "out.npz.parts"
+    shards = lambda: [p for p in parts.iterdir() if p.suffix == ".npy"] if parts.exists() else []
+    for stop in (signal.SIGTERM, signal.SIGKILL):
+        before = len(shards())
+        proc = subprocess.Popen(_gen_cmd(stub, common + ["--out", str(out)]), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while len(shards()) <= before and time.time() < deadline:
+            time.sleep(0.002)
+        # paused, it holds its lock: the same command is refused, naming it, and deletes none of its files
+        proc.send_signal(signal.SIGSTOP)
+        if stop == signal.SIGTERM:
+            second = subprocess.run(_gen_cmd(stub, common + ["--out", str(out)]), env=env, capture_output=True,
+                                    text=True)
+            assert f"pid {proc.pid}, since" in _one_error_line(second) and len(shards()) > before
+        proc.send_signal(stop)
+        proc.send_signal(signal.SIGCONT)
+        err = proc.communicate(timeout=60)[1]
+        if stop == signal.SIGTERM:
+            assert proc.returncode == 3 and "Traceback" not in err, err
+            assert "shards are kept" in err.strip().splitlines()[-1]
+        assert before < len(shards()) < 11 and not out.exists()  # really interrupted, its shards kept
     subprocess.run(_gen_cmd(stub, common + ["--out", str(out)]), check=True, env=env, capture_output=True)
     assert out.read_bytes() == ref.read_bytes() and not parts.exists()
+    # the lock goes with the finished output; none is left beside the .npz
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("out", "ref"))) == ["out.npz", "ref.npz"]
     arr = np.load(out)["arr_0"]
     assert arr.shape == (22, 8, 8, 3) and arr.dtype == np.uint8 and len({a.tobytes() for a in arr}) == 22
 
@@ -2522,6 +2539,84 @@ def test_probe_without_root_permission_bypass(tmp_path):
         (images / "class1").chmod(0o755)
 
 
+def _rank_pids(launcher):
+    """{b"RANK=r": pid} of a torchrun launcher's worker processes."""
+    ranks = {}
+    for child in subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        ranks[[e for e in env if e.startswith(b"RANK=")][0]] = int(child)
+    return ranks
+
+
+def _wait_for_step(out, step, proc, limit=120):
+    log, deadline = Path(out) / "log.jsonl", time.time() + limit
+    while proc.poll() is None and time.time() < deadline and not (log.exists() and f'"step": {step},' in log.read_text()):
+        time.sleep(0.01)
+
+
+def _assert_stopped_at_its_checkpoint(out, err, returncode):
+    """A graceful stop: exit status 3 (data.STOPPED), no traceback, a `stop` event at the checkpoint's step, which is
+    the last logged step -> that step."""
+    assert returncode == 3 and "Traceback" not in err, err[-3000:]
+    recs, by_step = _log(out)
+    stop = [r for r in recs if r.get("event") == "stop"]
+    ckpt = torch.load(Path(out) / "ckpt.pt", weights_only=True)
+    assert len(stop) == 1 and stop[0]["step"] == ckpt["step"] == max(by_step) and stop[0]["seconds"] < 30, stop
+    return stop[0]
+
+
+def test_sigterm_to_both_ranks_stops_at_one_step_then_resume_is_bit_identical(tmp_path):
+    """SIGTERM to each rank of a 2-rank gloo run mid-run: both end after the same step, whose checkpoint is written
+    (none was due), with a stop event and exit status 3; --resume then logs the uninterrupted 2-rank run's losses
+    and gradient norms bit for bit, and ends with its weights."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    args = T("--steps", "60", "--ckpt-every", "1000")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _run(torchrun + args + ["--out", str(full)]).returncode == 0
+    proc = subprocess.Popen(torchrun + args + ["--out", str(part)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _wait_for_step(part, 3, proc)
+    ranks = _rank_pids(proc.pid)
+    for pid in ranks.values():
+        os.kill(pid, signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    # torchrun reports its workers' status 3 and exits 1, with its own traceback (the workers print none)
+    assert proc.returncode != 0 and "exitcode  : 3" in err and err.count("Traceback") == 1, err[-3000:]
+    stop = _assert_stopped_at_its_checkpoint(part, err.split("Traceback")[0], 3)
+    assert stop["signal"] == "SIGTERM" and stop["step"] < 60 and f"stopped by SIGTERM at step {stop['step']}" in err
+    assert _run(torchrun + args + ["--out", str(part), "--resume"]).returncode == 0
+    (_, a), (_, b) = _log(full), _log(part)
+    assert all(a[s][k] == b[s][k] for s in range(stop["step"] + 1, 61) for k in ("loss", "grad_norm"))
+    ta, tb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, part))
+    assert all(torch.equal(ta["model"][n], tb["model"][n]) for n in ta["model"])
+
+
+def test_one_writer_per_run_folder_and_ctrl_c_stops_after_the_step(tmp_path):
+    """While a run holds its folder (here paused), the same command, with --resume or with --overwrite, is refused in
+    one line naming it; Ctrl-C then ends it after its step, checkpointed (exit 3), and --resume continues with the
+    uninterrupted run's losses."""
+    args = T("--steps", "30", "--ckpt-every", "1000")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _run(_train_cmd(*args, "--out", str(full))).returncode == 0
+    proc = subprocess.Popen(_train_cmd(*args, "--out", str(part)), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _wait_for_step(part, 2, proc)
+    proc.send_signal(signal.SIGSTOP)
+    log_before = (part / "log.jsonl").read_text()
+    for extra in ([], ["--resume"], ["--overwrite"]):
+        line = _one_error_line(_run(_train_cmd(*args, "--out", str(part), *extra)))
+        assert f".lock is held by host {socket.gethostname()}, pid {proc.pid}, since" in line, line
+    assert (part / "log.jsonl").read_text() == log_before  # nothing of the run was touched
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    err = proc.communicate(timeout=60)[1]
+    stop = _assert_stopped_at_its_checkpoint(part, err, proc.returncode)
+    assert stop["signal"] == "SIGINT" and stop["step"] < 30
+    assert _run(_train_cmd(*args, "--out", str(part), "--resume")).returncode == 0
+    (_, a), (_, b) = _log(full), _log(part)
+    assert all(a[s][k] == b[s][k] for s in range(stop["step"] + 1, 31) for k in ("loss", "grad_norm"))
+
+
 def test_probe_stuck_rank_ends_the_run_within_the_timeout(tmp_path):
     """A rank that hangs (SIGSTOP, not killed) ends a 2-rank gloo run within --timeout, with a message."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
@@ -2533,10 +2628,7 @@ def test_probe_stuck_rank_ends_the_run_within_the_timeout(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and '"step": 3' in log.read_text()):
         time.sleep(0.2)
-    ranks = {}
-    for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
-        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        ranks[[e for e in env if e.startswith(b"RANK=")][0]] = int(child)
+    ranks = _rank_pids(proc.pid)
     os.kill(ranks[b"RANK=1"], signal.SIGSTOP)
     stopped = time.time()
     alive = lambda pid: Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()

@@ -633,8 +633,9 @@ def train(args):
             if args.batch_size % (world * args.grad_accum):
                 raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
                                  f"ranks x --grad-accum {args.grad_accum}")
-            resume = load_resume(args, ckpt_path)
+            # the folder's lock first: a run that holds it is the reason to refuse, whatever else
             lock = prepare_out(args, rank, ("ckpt.pt", "log.jsonl"))
+            resume = load_resume(args, ckpt_path)
         local_batch = args.batch_size // world
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         Stage = TokenizerStage if args.stage == "tokenizer" else GeneratorStage
@@ -764,10 +765,10 @@ def cache_latents(args, rank, world, device, autocast):
             if args.batch_size % world:
                 raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
                                  f"ranks")
+            lock = prepare_out(args, rank, ("meta.json",))
             if os.path.isfile(os.path.join(args.out, "meta.json")) and not args.overwrite:
                 raise FileExistsError(f"{args.out} holds a complete latent cache; pass --overwrite "
                                       f"to replace it or choose another --out")
-            lock = prepare_out(args, rank, ("meta.json",))
         tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_config).to(device)
         tc = tokenizer.config
         dataset = data.make_dataset(args.data, tc.image_size, crop="center", seed=args.seed)
@@ -777,8 +778,9 @@ def cache_latents(args, rank, world, device, autocast):
                                               args.batch_size // world, args.workers, autocast,
                                               extra_meta=info, stop=stop, fresh=args.overwrite)
         if moments is None:
-            print(f"rank {rank}: stopped by {stop.name}; the images encoded so far are kept: the "
-                  f"same command continues", file=sys.stderr, flush=True)
+            if rank == 0:
+                print(f"stopped by a signal; the images encoded so far are kept in {args.out}: "
+                      f"the same command continues", file=sys.stderr, flush=True)
             sys.exit(data.STOPPED)
         if rank == 0:
             print(f"cached {len(dataset)} images x 2 flips to {args.out}; measured latent mean "
