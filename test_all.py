@@ -2617,6 +2617,30 @@ def test_one_writer_per_run_folder_and_ctrl_c_stops_after_the_step(tmp_path):
     assert all(a[s][k] == b[s][k] for s in range(stop["step"] + 1, 31) for k in ("loss", "grad_norm"))
 
 
+def test_refusal_under_torchrun_is_printed_once(tmp_path):
+    """A start-of-run refusal on 2 ranks: one `error:` line (rank 0's), and both ranks exit with status 2."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *T("--batch-size", "7", "--out", str(tmp_path / "run"))]
+    err = _run(cmd).stderr
+    assert [l for l in err.splitlines() if l.startswith("error:")] == [
+        "error: --batch-size 7 is not divisible by the 2 ranks x --grad-accum 1"], err[-3000:]
+    assert err.count("exitcode  : 2") == 2 and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_second_ctrl_c_stops_at_once_without_a_traceback(capsys):
+    """The first SIGINT is a request (a flag, the run goes on to its boundary); the second raises KeyboardInterrupt,
+    which an entry point ends as `interrupted`, exit status 130; the handlers are restored after the block."""
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped, data.user_errors():
+        with data.GracefulStop() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGINT and stop.should_stop(7) and stop.name == "SIGINT"
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("not reached: the second Ctrl-C raises")
+    assert stopped.value.code == 130 and capsys.readouterr().err.splitlines()[-1] == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_probe_stuck_rank_ends_the_run_within_the_timeout(tmp_path):
     """A rank that hangs (SIGSTOP, not killed) ends a 2-rank gloo run within --timeout, with a message."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
@@ -2692,6 +2716,29 @@ def test_probe_killed_cache_write_is_never_taken_for_complete(tmp_path):
     assert "no complete latent cache" in _one_error_line(_run(_train_cmd(*gen)))
     assert _run(_train_cmd(*cache[:-1])).returncode == 0
     assert data.LatentCache(str(tmp_path / "cache")).latents.shape[0] == 400
+
+
+def test_cache_stopped_by_a_signal_continues_to_the_uninterrupted_cache(tmp_path):
+    """SIGTERM ends a cache run after its batch (exit 3, no meta.json, its progress kept); the same command then
+    finishes it with the latents and statistics of an uninterrupted run."""
+    f = _probe_files()
+    images = _image_folder(tmp_path / "imgs", n=200)
+    cache = lambda out: _train_cmd("--stage", "cache", "--tokenizer", f["tok"], "--data", images, "--batch-size", "2",
+                                   "--workers", "0", "--out", str(out))
+    assert _run(cache(tmp_path / "full")).returncode == 0
+    part = tmp_path / "part"
+    proc = subprocess.Popen(cache(part), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (part / "latents.npy").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 3 and "Traceback" not in err and "encoded so far are kept" in err, err
+    done = json.loads((part / "progress_rank0.json").read_text())["done"]
+    assert 0 < done < 200 and not (part / "meta.json").exists()
+    assert _run(cache(part)).returncode == 0
+    a, b = data.LatentCache(str(tmp_path / "full")), data.LatentCache(str(part))
+    assert np.array_equal(a.latents, b.latents) and np.array_equal(a.labels, b.labels)
+    assert a.meta == b.meta and not list(part.glob("progress*"))
 
 
 def test_latent_statistics_of_the_first_stats_images(tmp_path):
