@@ -625,6 +625,9 @@ def refusals_once():
         dist.all_gather_object(messages, message)
         message = next((m for m in messages if m), None)
         quiet = dist.get_rank() != 0
+        # every rank is here: a clean teardown (a live gloo group at exit can abort the process)
+        if message is not None:
+            dist.destroy_process_group()
     if message is not None:
         fail(message, quiet)
 

@@ -501,19 +501,19 @@ def test_quickstart_runner_takes_the_readme_stages():
 
 
 # CI's shortened quickstart: QUICK_TOK_STEPS of the README's tokenizer steps and QUICK_GEN_STEPS of its
-# generator steps, all else as written. Bounds from 3 seeds (42, 1, 7) x OMP_NUM_THREADS 1 and 2 (BENCHMARKS.md,
-# "The shortened quickstart in CI"): held-out PSNR 13.71-14.26 dB (the mean image: 10.87-11.01), last/first flow
-# loss 0.377-0.449; each bound is over twice that spread away.
-QUICK_TOK_STEPS = 500
-QUICK_GEN_STEPS = 300
-PSNR_BOUND = 12.5
-LOSS_RATIO_BOUND = 0.6
+# generator steps, all else as written. Bounds from 3 seeds (0, 1, 2) x OMP_NUM_THREADS 1 and 2
+# (BENCHMARKS.md, "The shortened quickstart in CI"): held-out PSNR 12.06-12.44 dB (the mean image:
+# 10.87-11.00), last/first flow loss 0.382-0.476; each bound is over twice that spread away.
+QUICK_TOK_STEPS = 250
+QUICK_GEN_STEPS = 150
+PSNR_BOUND = 11.3
+LOSS_RATIO_BOUND = 0.7
 
 
 def test_quickstart_shortened_trains_both_stages(tmp_path):
-    """The README quickstart, shortened: the tokenizer beats the mean image (11.0 dB) by over 1.5 dB on held-out
-    images (the run's own `done` record) and the generator's flow-matching loss falls to under 0.6 of its first
-    logged value; the README's grid is drawn. The judge's rates are measured on the full run only
+    """The README quickstart, shortened: the tokenizer's held-out PSNR (the run's own `done` record) reaches
+    PSNR_BOUND, above the mean image's, and the generator's flow-matching loss falls to under LOSS_RATIO_BOUND of
+    its first logged value; the README's grid is drawn. The judge's rates are measured on the full run only
     (test_quickstart_readme_pipeline): at this length the tokenizer is barely off its colour plateau."""
     _run_quickstart(tmp_path, QUICK_TOK_STEPS, QUICK_GEN_STEPS, samples=0)
     run = tmp_path / "runs" / "quickstart"
@@ -629,11 +629,23 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+def _train_on_one_thread(argv):
+    """train.py in this process on one thread: the same numbers, bit for bit, as a subprocess with
+    OMP_NUM_THREADS=1, without its start-up."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _kill_and_resume(args, full, part, keys):
     """Run `args` uninterrupted into `full`; run it again into `part`, kill -9 it as soon as its first checkpoint
     exists, resume it; the losses logged after the checkpoint step must equal the uninterrupted run's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "train.py", *args, "--out", full], cwd=REPO, check=True, capture_output=True, env=env)
+    # the uninterrupted run and the resume in this process, on one thread like the killed one
+    _train_on_one_thread([*args, "--out", full])
     proc = subprocess.Popen([sys.executable, "train.py", *args, "--out", part], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not os.path.exists(os.path.join(part, "ckpt.pt")) and proc.poll() is None:
@@ -645,8 +657,7 @@ def _kill_and_resume(args, full, part, keys):
     assert first["step"] < steps
     # the killed run's lock file stays, naming it; the operating system released the lock: --resume starts
     assert f"pid {proc.pid}, since" in open(os.path.join(part, ".lock")).read()
-    subprocess.run([sys.executable, "train.py", *args, "--out", part, "--resume"], cwd=REPO, check=True,
-                   capture_output=True, env=env)
+    _train_on_one_thread([*args, "--out", part, "--resume"])
     _, a = _log(full)
     _, b = _log(part)
     for s in range(first["step"] + 1, steps + 1):
@@ -655,38 +666,6 @@ def _kill_and_resume(args, full, part, keys):
     ta, tb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (full, part))
     assert all(torch.equal(ta["ema"][n], tb["ema"][n]) for n in ta["ema"])
     return first, ta
-
-
-def test_resume_after_kill_gives_identical_losses(tmp_path):
-    args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "12", "--ckpt-every", "4"]
-    _kill_and_resume(args, str(tmp_path / "full"), str(tmp_path / "part"), ("loss", "mse", "entropy", "grad_norm"))
-
-
-_DDP_SCRIPT = """
-import os, sys, torch
-sys.path.insert(0, {repo!r})
-import train
-model, ema = train.train(train.parse_args(sys.argv[1:]))
-torch.save(model.state_dict(), os.path.join(sys.argv[sys.argv.index('--out') + 1], f"rank{{os.environ.get('RANK', 0)}}.pt"))
-"""
-
-
-def test_ddp_two_ranks_match_single_process(tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(_DDP_SCRIPT.format(repo=str(REPO)))
-    args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "4", "--ckpt-every", "100", "--entropy-weight", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(script), *args, "--out", str(tmp_path / "ddp")], check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path / "one")], check=True, env=env,
-                   capture_output=True)
-    r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
-    for k in r0:
-        if k == "quantize.codebook_used":  # the usage log records each rank's own half batch
-            continue
-        assert torch.equal(r0[k], r1[k]), k  # DDP keeps the ranks identical
-        torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1386,7 +1365,7 @@ def _gen_cmd(stub, args):
     return [sys.executable, "-c", code, stub] + args
 
 
-def test_sample_npz_one_writer_stops_on_a_signal_and_resumes_after_kill(tmp_path):
+def test_sample_npz_one_writer_stops_on_a_signal_and_resumes_after_kill(tmp_path, capsys):
     """A second sample.py on the same .npz is refused while the first runs; SIGTERM ends the first after its shard
     (exit 3, shards kept); a SIGKILL mid-shard loses only that shard; the reruns give the uninterrupted file."""
     ckpt, stub = _gen_setup_sampling(tmp_path)
@@ -1407,9 +1386,11 @@ def test_sample_npz_one_writer_stops_on_a_signal_and_resumes_after_kill(tmp_path
         # paused, it holds its lock: the same command is refused, naming it, and deletes none of its files
         proc.send_signal(signal.SIGSTOP)
         if stop == signal.SIGTERM:
-            second = subprocess.run(_gen_cmd(stub, common + ["--out", str(out)]), env=env, capture_output=True,
-                                    text=True)
-            assert f"pid {proc.pid}, since" in _one_error_line(second) and len(shards()) > before
+            # in this process: refused before any model is loaded
+            with pytest.raises(SystemExit) as refused:
+                S.main(common + ["--out", str(out)])
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            assert refused.value.code == 2 and f"pid {proc.pid}, since" in line and len(shards()) > before
         proc.send_signal(stop)
         proc.send_signal(signal.SIGCONT)
         err = proc.communicate(timeout=60)[1]
@@ -1889,13 +1870,13 @@ def test_fid_behaviour_self_symmetric_noise(fid_model, fid_one_thread):
     clean = _fid_smooth_images(16, 32, 32, seed=3)
     rng = np.random.default_rng(4)
     stats = []
-    for sd in (0, 10, 30, 80):
+    for sd in (0, 10, 80):
         noisy = np.clip(clean + rng.normal(0, sd, clean.shape), 0, 255).astype(np.uint8) if sd else clean
         stats.append(_fid_head(*fid.feature_statistics(noisy, fid_model, batch_size=16)))
     d = [fid.frechet_distance(*stats[0], *s) for s in stats]
     assert abs(d[0]) < 1e-3
-    assert d[0] < d[1] < d[2] < d[3], d
-    assert abs(fid.frechet_distance(*stats[3], *stats[0]) - d[3]) < 1e-6 * d[3]
+    assert d[0] < d[1] < d[2], d
+    assert abs(fid.frechet_distance(*stats[2], *stats[0]) - d[2]) < 1e-6 * d[2]
 
 
 # ---- inputs and CLI -----------------------------------------------------------------------------------------------
@@ -2055,8 +2036,7 @@ def test_latent_cache_matches_on_the_fly_encoding(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = ["--stage", "cache", "--tokenizer", str(tmp_path / "tok.pt"), "--data", images, "--batch-size", "4",
             "--workers", "0"]
-    subprocess.run([sys.executable, "train.py", *base, "--out", str(tmp_path / "c1")], cwd=REPO, check=True, env=env,
-                   capture_output=True)
+    _train_on_one_thread(base + ["--out", str(tmp_path / "c1")])
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                     *base, "--out", str(tmp_path / "c2")], cwd=REPO, check=True, env=env, capture_output=True)
     one, two = data.LatentCache(str(tmp_path / "c1")), data.LatentCache(str(tmp_path / "c2"))
@@ -2082,11 +2062,8 @@ def test_latent_cache_matches_on_the_fly_encoding(tmp_path):
 
 
 def test_generator_stage_from_cache_resumes_exactly_and_previews(tmp_path):
-    _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
-    subprocess.run([sys.executable, "train.py", "--stage", "cache", "--tokenizer", str(tmp_path / "tok.pt"), "--data",
-                    _image_folder(tmp_path / "imgs"), "--batch-size", "4", "--workers", "0", "--out",
-                    str(tmp_path / "cache")], cwd=REPO, check=True, capture_output=True)
-    args = ["--stage", "generator", "--preset", "sit-tiny", "--latents", str(tmp_path / "cache"), "--batch-size", "4",
+    # the probe's cache: 6 images of 3 classes, encoded by its tiny tokenizer
+    args = ["--stage", "generator", "--preset", "sit-tiny", "--latents", _probe_files()["cache"], "--batch-size", "4",
             "--workers", "0", "--steps", "8", "--ckpt-every", "3", "--log-every", "1", "--sample-every", "4"]
     _, last = _kill_and_resume(args, str(tmp_path / "full"), str(tmp_path / "part"), ("loss", "grad_norm"))
     assert last["kind"] == "generator" and last["config"]["num_classes"] == 3
@@ -2096,7 +2073,7 @@ def test_generator_stage_from_cache_resumes_exactly_and_previews(tmp_path):
     grid = Image.open(tmp_path / "full" / "samples_0000008.png")
     assert grid.size[1] == 3 * 96  # 32 px cells shown at 96 px
     model, info = G.load_generator(str(tmp_path / "full" / "ckpt.pt"))  # sample.py reads what train.py wrote
-    assert info["path"] == str(tmp_path / "tok.pt")
+    assert info["path"] == _probe_files()["tok"]
 
 
 def test_generator_stage_from_images(tmp_path, monkeypatch):
@@ -2565,54 +2542,31 @@ def _assert_stopped_at_its_checkpoint(out, err, returncode):
     return stop[0]
 
 
-def test_sigterm_to_both_ranks_stops_at_one_step_then_resume_is_bit_identical(tmp_path):
-    """SIGTERM to each rank of a 2-rank gloo run mid-run: both end after the same step, whose checkpoint is written
-    (none was due), with a stop event and exit status 3; --resume then logs the uninterrupted 2-rank run's losses
-    and gradient norms bit for bit, and ends with its weights."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    args = T("--steps", "60", "--ckpt-every", "1000")
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert _run(torchrun + args + ["--out", str(full)]).returncode == 0
-    proc = subprocess.Popen(torchrun + args + ["--out", str(part)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _wait_for_step(part, 3, proc)
-    ranks = _rank_pids(proc.pid)
-    for pid in ranks.values():
-        os.kill(pid, signal.SIGTERM)
-    err = proc.communicate(timeout=120)[1]
-    # torchrun reports its workers' status 3 and exits 1, with its own traceback (the workers print none)
-    assert proc.returncode != 0 and "exitcode  : 3" in err and err.count("Traceback") == 1, err[-3000:]
-    stop = _assert_stopped_at_its_checkpoint(part, err.split("Traceback")[0], 3)
-    assert stop["signal"] == "SIGTERM" and stop["step"] < 60 and f"stopped by SIGTERM at step {stop['step']}" in err
-    assert _run(torchrun + args + ["--out", str(part), "--resume"]).returncode == 0
-    (_, a), (_, b) = _log(full), _log(part)
-    assert all(a[s][k] == b[s][k] for s in range(stop["step"] + 1, 61) for k in ("loss", "grad_norm"))
-    ta, tb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, part))
-    assert all(torch.equal(ta["model"][n], tb["model"][n]) for n in ta["model"])
-
-
-def test_one_writer_per_run_folder_and_ctrl_c_stops_after_the_step(tmp_path):
+def test_one_writer_per_run_folder_and_ctrl_c_stops_after_the_step(tmp_path, capsys):
     """While a run holds its folder (here paused), the same command, with --resume or with --overwrite, is refused in
     one line naming it; Ctrl-C then ends it after its step, checkpointed (exit 3), and --resume continues with the
     uninterrupted run's losses."""
     args = T("--steps", "30", "--ckpt-every", "1000")
     full, part = tmp_path / "full", tmp_path / "part"
-    assert _run(_train_cmd(*args, "--out", str(full))).returncode == 0
+    _train_on_one_thread(args + ["--out", str(full)])
     proc = subprocess.Popen(_train_cmd(*args, "--out", str(part)), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     _wait_for_step(part, 2, proc)
     proc.send_signal(signal.SIGSTOP)
     log_before = (part / "log.jsonl").read_text()
     for extra in ([], ["--resume"], ["--overwrite"]):
-        line = _one_error_line(_run(_train_cmd(*args, "--out", str(part), *extra)))
-        assert f".lock is held by host {socket.gethostname()}, pid {proc.pid}, since" in line, line
+        # in this process: the lock is the other process's all the same
+        with pytest.raises(SystemExit) as refused:
+            train.main(args + ["--out", str(part), *extra])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert refused.value.code == 2 and f".lock is held by host {socket.gethostname()}, pid {proc.pid}, since" in line
     assert (part / "log.jsonl").read_text() == log_before  # nothing of the run was touched
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGCONT)
     err = proc.communicate(timeout=60)[1]
     stop = _assert_stopped_at_its_checkpoint(part, err, proc.returncode)
     assert stop["signal"] == "SIGINT" and stop["step"] < 30
-    assert _run(_train_cmd(*args, "--out", str(part), "--resume")).returncode == 0
+    _train_on_one_thread(args + ["--out", str(part), "--resume"])
     (_, a), (_, b) = _log(full), _log(part)
     assert all(a[s][k] == b[s][k] for s in range(stop["step"] + 1, 31) for k in ("loss", "grad_norm"))
 
@@ -2644,7 +2598,7 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(capsys):
 def test_probe_stuck_rank_ends_the_run_within_the_timeout(tmp_path):
     """A rank that hangs (SIGSTOP, not killed) ends a 2-rank gloo run within --timeout, with a message."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *T("--steps", "100000", "--log-every", "1", "--ckpt-every", "100000", "--timeout", "8",
+           *T("--steps", "100000", "--log-every", "1", "--ckpt-every", "100000", "--timeout", "5",
               "--out", str(tmp_path / "run"))]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -2663,7 +2617,7 @@ def test_probe_stuck_rank_ends_the_run_within_the_timeout(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and waited < 8 + 20, waited
+    assert proc.returncode != 0 and waited < 5 + 20, waited
     assert "error: a collective between the ranks failed or timed out" in err, err[-3000:]
 
 
@@ -2725,9 +2679,11 @@ def test_cache_stopped_by_a_signal_continues_to_the_uninterrupted_cache(tmp_path
     images = _image_folder(tmp_path / "imgs", n=200)
     cache = lambda out: _train_cmd("--stage", "cache", "--tokenizer", f["tok"], "--data", images, "--batch-size", "2",
                                    "--workers", "0", "--out", str(out))
-    assert _run(cache(tmp_path / "full")).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    _train_on_one_thread(cache(tmp_path / "full")[2:])
     part = tmp_path / "part"
-    proc = subprocess.Popen(cache(part), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cache(part), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
     while not (part / "latents.npy").exists() and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
@@ -2735,7 +2691,7 @@ def test_cache_stopped_by_a_signal_continues_to_the_uninterrupted_cache(tmp_path
     assert proc.returncode == 3 and "Traceback" not in err and "encoded so far are kept" in err, err
     done = json.loads((part / "progress_rank0.json").read_text())["done"]
     assert 0 < done < 200 and not (part / "meta.json").exists()
-    assert _run(cache(part)).returncode == 0
+    _train_on_one_thread(cache(part)[2:])
     a, b = data.LatentCache(str(tmp_path / "full")), data.LatentCache(str(part))
     assert np.array_equal(a.latents, b.latents) and np.array_equal(a.labels, b.labels)
     assert a.meta == b.meta and not list(part.glob("progress*"))
@@ -3448,19 +3404,20 @@ def test_linear_probe_reads_the_class_and_only_the_class(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------------
-# GPU path: the model side (adaptive weight under torch.compile, the global batch norm and LeCam EMAs under DDP, frozen
-# networks, LPIPS passes, the sampler's graphs and noise, activation checkpointing, memory-mapped loading). CPU-sized.
-_GPU_NO_EXTRAS = dict(latent_stats=lambda *a, **k: (0.0, 1.0), evaluate_tokenizer=lambda *a, **k: {})  # end of run
+# What the GPU path relies on, checked at CPU size (no CUDA needed): the adaptive weight under torch.compile,
+# the global batch norm and LeCam EMAs under DDP, frozen networks, LPIPS passes, the sampler's graphs and
+# noise, activation checkpointing, memory-mapped loading.
+_NO_RUN_END_EXTRAS = dict(latent_stats=lambda *a, **k: (0.0, 1.0), evaluate_tokenizer=lambda *a, **k: {})  # end of run
 
 
-def _gpu_objective_args(*extra):
+def _objective_args(*extra):
     files = _obj_files()
     return TINY_TRAIN + ["--stage", "tokenizer", "--vgg", files["vgg_path"], "--lpips", files["lpips_path"],
                          "--dino", files["dino_path"], "--dinov2", files["dinov2_path"], "--repa-patch-size", "4",
                          *extra]
 
 
-def test_gpu_adaptive_weight_under_compile_matches_eager(tmp_path, monkeypatch):
+def test_adaptive_weight_under_compile_matches_eager(tmp_path, monkeypatch):
     """train.py --compile on with the whole objective and the adaptive GAN weight: step 0 is a plain backward (which
     compiles the tokenizer's backward with donated buffers), the GAN term and the adaptive weight start at step 1.
     The two retain_graph gradients of the pixel head's weight used to run that compiled backward again and crash.
@@ -3468,9 +3425,9 @@ def test_gpu_adaptive_weight_under_compile_matches_eager(tmp_path, monkeypatch):
     seconds instead of a minute per graph on a CPU). The losses equal --compile off."""
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager"))
-    for name, stub in _GPU_NO_EXTRAS.items():
+    for name, stub in _NO_RUN_END_EXTRAS.items():
         monkeypatch.setattr(train, name, stub)
-    args = _gpu_objective_args("--steps", "3", "--disc-start", "1", "--adaptive-disc-weight",
+    args = _objective_args("--steps", "3", "--disc-start", "1", "--adaptive-disc-weight",
                                "--perceptual-warmup", "0", "--consistency-weight", "1")
     try:
         for mode in ("on", "off"):
@@ -3485,7 +3442,7 @@ def test_gpu_adaptive_weight_under_compile_matches_eager(tmp_path, monkeypatch):
                 assert on[s][k] == pytest.approx(off[s][k], rel=1e-5, abs=1e-7), (s, k)  # measured: equal
 
 
-def test_gpu_frozen_networks_cast_once_give_the_same_losses_under_autocast():
+def test_frozen_networks_cast_once_give_the_same_losses_under_autocast():
     """prepare_frozen(bf16) casts the frozen nets' Linear/Conv weights once: under (CPU) bf16 autocast every loss, the
     D logits and the gradient w.r.t. the reconstruction are bit-identical to autocast re-casting fp32 weights each call;
     norms and embeddings stay fp32. The ImageNet constants are buffers outside the state dict."""
@@ -3527,7 +3484,7 @@ def test_gpu_frozen_networks_cast_once_give_the_same_losses_under_autocast():
     torch.testing.assert_close(norm(x), ((x + 1) / 2 - mean) / std)
 
 
-def test_gpu_frozen_networks_compile_only_where_no_backward_runs_twice(monkeypatch):
+def test_frozen_networks_compile_only_where_no_backward_runs_twice(monkeypatch):
     """prepare_frozen(compile=True) puts torch.compile over the forward each loss term calls: LPIPS, the D backbone and
     the teacher; with the adaptive weight (two retain_graph backwards through LPIPS and D) only the teacher. (Real
     aot_eager compiles give bit-identical losses and gradients for both; 25 s on a CPU, so here a recording stub.)"""
@@ -3576,17 +3533,13 @@ def test_gpu_frozen_networks_compile_only_where_no_backward_runs_twice(monkeypat
     torch.testing.assert_close(b.grad, b_ref.grad, atol=1e-12 * b_ref.grad.abs().max().item(), rtol=0)
 
 
-_GPU_DDP_SCRIPT = """
-import os, shutil, sys, torch
+_DDP_SCRIPT = """
+import os, sys, torch
 sys.path.insert(0, {repo!r})
 import data, tokenizer, train
 tokenizer.diff_augment = lambda x, *args, **kwargs: x  # see the test's docstring
-save = data.save_checkpoint
-def save_and_keep(ckpt, path):  # keep the step-2 checkpoint, to resume from in a fresh process group
-    save(ckpt, path)
-    if ckpt["step"] == 2:
-        shutil.copy(path, path + ".step2")
-data.save_checkpoint = save_and_keep
+# the ranks agree on a stop after every step (default 5): these runs are 4 steps long
+data.STOP_EVERY = 1
 train.latent_stats = lambda *args, **kwargs: (0.0, 1.0)  # end-of-run extras, not under test (and slow on a CPU)
 train.evaluate_tokenizer = lambda *args, **kwargs: {{}}
 stages, init = [], train.TokenizerStage.__init__
@@ -3598,7 +3551,7 @@ torch.save({{"model": stages[0].model.state_dict(), "criterion": stages[0].crite
 """
 
 
-def test_gpu_ddp_discriminator_matches_one_process_and_resumes_exactly(tmp_path):
+def test_ddp_discriminator_matches_one_process_and_a_sigterm_stop_resumes_exactly(tmp_path):
     """Two gloo ranks train the tokenizer with the GAN term from step 0 (a DINO stand-in): the discriminator's batch
     norm uses the global batch's statistics (one all_reduce per layer) and the LeCam EMAs the global means, so the
     weights, D heads (with their running statistics), LeCam EMAs and logged losses equal one process with the same
@@ -3606,9 +3559,10 @@ def test_gpu_ddp_discriminator_matches_one_process_and_resumes_exactly(tmp_path)
     entropy term's mean assignment is over each rank's own batch (so weight 0, as in the DDP test above), and
     DiffAugment draws its decisions and per-sample parameters from each rank's own seeded RNG (identity here, so the
     consistency term, which compares two augmentations, is off too); the usage log is per rank.
-    Then a new 2-rank job resumes from the step-2 checkpoint of that run (written by rank 0): the same losses as
-    uninterrupted, which needs every rank's LeCam EMAs in rank 0's checkpoint (kill -9 and atomic writes: see
-    test_resume_after_kill_gives_identical_losses).
+    Then the same run again, SIGTERM to both ranks mid-run: both end after the same step, whose checkpoint is
+    written (none was due), with a stop event and exit status 3 (data.STOPPED); a new 2-rank job resumes it with the
+    uninterrupted run's losses bit for bit, which needs every rank's LeCam EMAs in rank 0's checkpoint (kill -9 and
+    atomic writes: see _kill_and_resume).
     Measured: logged losses within 4e-5 relative by step 4 (bound 1e-4; 2e-6 absolute for the D logits' means near
     0.05, bound 1e-5): the strays below feed the later steps; weights within 1e-4 but for single elements (1 in 16,384 to
     1 in 36,864, up to 3.5e-4) whose gradient is near 0, where Adam's normalisation turns round-off into steps of up to
@@ -3616,8 +3570,8 @@ def test_gpu_ddp_discriminator_matches_one_process_and_resumes_exactly(tmp_path)
     before a batch norm (and the running means that follow them) have a true gradient of 0: they moved 1e-4 to 3e-4
     apart, bound 4e-3."""
     script = tmp_path / "run.py"
-    script.write_text(_GPU_DDP_SCRIPT.format(repo=str(REPO)))
-    args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "4", "--ckpt-every", "2", "--entropy-weight", "0",
+    script.write_text(_DDP_SCRIPT.format(repo=str(REPO)))
+    args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "4", "--ckpt-every", "100", "--entropy-weight", "0",
                          "--dino", _obj_files()["dino_path"], "--disc-start", "0", "--consistency-weight", "0",
                          "--lecam-weight", "0.5", "--perceptual-weight", "0", "--repa-weight", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -3644,18 +3598,29 @@ def test_gpu_ddp_discriminator_matches_one_process_and_resumes_exactly(tmp_path)
     for s in range(1, 5):
         for k in keys:
             assert a[s][k] == pytest.approx(b[s][k], rel=1e-4, abs=1e-5), (s, k)
-    os.makedirs(part)
-    shutil.copy(os.path.join(full, "ckpt.pt.step2"), os.path.join(part, "ckpt.pt"))
+    proc = subprocess.Popen(ddp + args + ["--out", part], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    _wait_for_step(part, 1, proc)
+    ranks = _rank_pids(proc.pid).values()
+    # paused, both get the signal inside the same step
+    for sig in (signal.SIGSTOP, signal.SIGTERM, signal.SIGCONT):
+        for pid in ranks:
+            os.kill(pid, sig)
+    err = proc.communicate(timeout=120)[1]
+    # torchrun reports its workers' status 3 and exits 1, with its own traceback (the workers print none)
+    assert proc.returncode != 0 and err.count("exitcode  : 3") == 2 and err.count("Traceback") == 1, err[-3000:]
+    stop = _assert_stopped_at_its_checkpoint(part, err.split("Traceback")[0], 3)
+    assert stop["signal"] == "SIGTERM" and stop["step"] < 4 and f"stopped by SIGTERM at step {stop['step']}" in err
     subprocess.run(ddp + args + ["--out", part, "--resume"], check=True, env=env, capture_output=True)
     c = _log(part)[1]
-    for s in (3, 4):
+    for s in range(stop["step"] + 1, 5):
         for k in keys:
             assert c[s][k] == a[s][k], (s, k)
     assert all(torch.equal(v, torch.load(os.path.join(part, "rank1.pt"))["criterion"][k])
                for k, v in r1["criterion"].items())
 
 
-def test_gpu_global_batch_norm_in_one_process_is_batch_norm():
+def test_global_batch_norm_in_one_process_is_batch_norm():
     torch.manual_seed(0)
     ours, ref = TOK.GlobalBatchNorm1d(6, eps=1e-6), nn.BatchNorm1d(6, eps=1e-6)
     ref.load_state_dict(ours.state_dict())
@@ -3667,7 +3632,7 @@ def test_gpu_global_batch_norm_in_one_process_is_batch_norm():
     torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
 
 
-def _gpu_counting_backend():
+def _counting_backend():
     graphs = []
 
     def backend(gm, example_inputs):  # one call per compiled graph; records whether any size is symbolic
@@ -3697,12 +3662,12 @@ def test_sampling_weights_cast_once_give_the_same_samples_under_autocast(_gen_si
     assert not torch.equal(once, draw(model))
 
 
-def test_gpu_sampler_compiles_one_static_graph_per_batch_size(_gen_single_thread):
+def test_sampler_compiles_one_static_graph_per_batch_size(_gen_single_thread):
     """A compiled SiT in integrate_flow with a guidance interval (batches B and 2B) and a smaller last batch: one
     static graph per batch size, no dynamic-shape graph."""
     torch.manual_seed(0)
     model = G.SiT(G.sit_config("sit-tiny", 4, 3, num_classes=5)).eval()
-    backend, graphs = _gpu_counting_backend()
+    backend, graphs = _counting_backend()
     net = torch.compile(model, backend=backend)
     sizes = set()
     try:
@@ -3716,7 +3681,7 @@ def test_gpu_sampler_compiles_one_static_graph_per_batch_size(_gen_single_thread
     assert sizes == {2, 3, 4, 6} and len(graphs) == len(sizes) and not any(graphs)
 
 
-def test_gpu_sde_noise_is_one_draw_per_sample_from_its_generator(_gen_single_thread, monkeypatch):
+def test_sde_noise_is_one_draw_per_sample_from_its_generator(_gen_single_thread, monkeypatch):
     """With one generator per sample, each generator gives its sample's whole (steps - 1, L, d) noise in one draw at
     the start (not one draw per sample per step); the trajectory equals Euler-Maruyama written out with that noise."""
     mu, s, steps = 0.7, 1.3, 5
@@ -3739,7 +3704,7 @@ def test_gpu_sde_noise_is_one_draw_per_sample_from_its_generator(_gen_single_thr
     torch.testing.assert_close(out, x, atol=1e-12, rtol=1e-12)
 
 
-def test_gpu_grad_checkpointing_gives_the_same_gradients(_gen_single_thread):
+def test_grad_checkpointing_gives_the_same_gradients(_gen_single_thread):
     """set_grad_checkpointing(True) on the tiny tokenizer and the tiny SiT: every block's forward runs again in the
     backward, and the gradients equal those without it."""
     torch.manual_seed(0)
@@ -3775,7 +3740,7 @@ def test_gpu_grad_checkpointing_gives_the_same_gradients(_gen_single_thread):
         model.set_grad_checkpointing(False)
 
 
-def test_gpu_checkpoint_files_are_memory_mapped(tmp_path, monkeypatch):
+def test_checkpoint_files_are_memory_mapped(tmp_path, monkeypatch):
     """Zip-format torch.save files load memory-mapped; the legacy format, which cannot be, loads as before."""
     sd = {"w": torch.randn(3, 4), "b": torch.arange(5)}
     torch.save(sd, tmp_path / "new.pt")

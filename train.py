@@ -781,6 +781,8 @@ def cache_latents(args, rank, world, device, autocast):
             if rank == 0:
                 print(f"stopped by a signal; the images encoded so far are kept in {args.out}: "
                       f"the same command continues", file=sys.stderr, flush=True)
+            if dist.is_initialized():
+                dist.destroy_process_group()
             sys.exit(data.STOPPED)
         if rank == 0:
             print(f"cached {len(dataset)} images x 2 flips to {args.out}; measured latent mean "
