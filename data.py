@@ -357,7 +357,7 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
     latents.flush()
     labels.flush()
     record = {**settings, "done": done, "sums": sums.tolist()}
-    atomic_write(progress(rank), lambda f: f.write(json.dumps(record).encode()))
+    atomic_write(progress(rank), lambda f: f.write(json.dumps(record, allow_nan=False).encode()))
     # the ranks stopped before their end (a rank the signal missed finished its items)
     stopped = torch.tensor(float(done < len(mine)), dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -373,7 +373,7 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
                 "classes": list(getattr(dataset, "classes", [])),
                 "measured_mean": mean, "measured_std": std, **(extra_meta or {})}
         atomic_write(os.path.join(out, "meta.json"),
-                     lambda f: f.write(json.dumps(meta, indent=1).encode()))
+                     lambda f: f.write(json.dumps(meta, indent=1, allow_nan=False).encode()))
         for r in range(world):
             os.remove(progress(r))
     return mean, std
@@ -560,7 +560,7 @@ class Logger:
     def note(self, echo=True, **record):
         if self.rank == 0:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
             if echo:
                 tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
 
@@ -578,7 +578,10 @@ class Logger:
             dist.all_reduce(t)
             vals = dict(zip(keys, t / dist.get_world_size()))
         world = dist.get_world_size() if dist.is_initialized() else 1
-        rec = {"step": step, **{k: float(v) for k, v in vals.items()}, **extra}
+        # JSON has no NaN or infinity: a diverged value is logged as null (check_finite then
+        # stops the run)
+        means = {k: float(v) if math.isfinite(v) else None for k, v in vals.items()}
+        rec = {"step": step, **means, **extra}
         # a count, not a mean: unreadable files replaced since the last line, all ranks
         if "skipped_images" in rec:
             rec["skipped_images"] = round(rec["skipped_images"] * self.count * world)
@@ -586,7 +589,9 @@ class Logger:
             rec["img_per_s"] = round(images_per_step * self.count / (now - self.t0), 1)
         self.sums, self.count, self.t0 = {}, 0, now
         self.note(echo=False, **rec)
-        self.bar.set_postfix(loss=f"{rec.get('loss', 0):.4f}", img_s=rec.get("img_per_s", "-"))
+        loss = rec.get("loss")
+        self.bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}",
+                             img_s=rec.get("img_per_s", "-"))
 
 
 # What loaders and checks raise for bad input (a missing file, a bad flag, a full disk) or a

@@ -176,7 +176,7 @@ def write_samples(args, model, tok, device, rank, world):
         os.makedirs(parts, exist_ok=True)
         if not os.path.exists(os.path.join(parts, "meta.json")):
             data.atomic_write(os.path.join(parts, "meta.json"),
-                              lambda f: f.write(json.dumps(meta).encode()))
+                              lambda f: f.write(json.dumps(meta, allow_nan=False).encode()))
     barrier()
     if json.load(open(os.path.join(parts, "meta.json"))) != json.loads(json.dumps(meta)):
         raise ValueError(f"{parts} was started with other settings; delete it or use the same ones")

@@ -1394,6 +1394,7 @@ def test_sample_npz_one_writer_stops_on_a_signal_and_resumes_after_kill(tmp_path
                 S.main(common + ["--out", str(out)])
             line = capsys.readouterr().err.strip().splitlines()[-1]
             assert refused.value.code == 2 and f"pid {proc.pid}, since" in line and len(shards()) > before
+            assert _strict_json((parts / "meta.json").read_text())["num_samples"] == 22
         proc.send_signal(stop)
         proc.send_signal(signal.SIGCONT)
         err = proc.communicate(timeout=60)[1]
@@ -2420,6 +2421,9 @@ def test_probe_diverged_run_keeps_the_last_finite_checkpoint(tmp_path, capsys):
     bad = int(re.search(r"not finite at step (\d+)", msg).group(1))
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] < bad and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    # the log stays strict JSON: the diverged values are null, not NaN
+    records = [_strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("loss", 0) is None for r in records if r.get("step", 0) >= bad)
 
 
 def test_probe_outputs_and_overwrite(tmp_path, capsys):
@@ -2692,12 +2696,13 @@ def test_cache_stopped_by_a_signal_continues_to_the_uninterrupted_cache(tmp_path
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 3 and "Traceback" not in err and "encoded so far are kept" in err, err
-    done = json.loads((part / "progress_rank0.json").read_text())["done"]
+    done = _strict_json((part / "progress_rank0.json").read_text())["done"]
     assert 0 < done < 200 and not (part / "meta.json").exists()
     _train_on_one_thread(cache(part)[2:])
     a, b = data.LatentCache(str(tmp_path / "full")), data.LatentCache(str(part))
     assert np.array_equal(a.latents, b.latents) and np.array_equal(a.labels, b.labels)
     assert a.meta == b.meta and not list(part.glob("progress*"))
+    assert _strict_json((part / "meta.json").read_text()) == b.meta
 
 
 def test_latent_statistics_of_the_first_stats_images(tmp_path):
