@@ -485,6 +485,12 @@ def setup_distributed(device=None, timeout_s=1800):
     return rank, world, device
 
 
+def sampling_record_path(npz_path):
+    """The JSON record sample.py writes beside a sample .npz (how it was sampled):
+    samples.npz -> samples.json."""
+    return os.path.splitext(npz_path)[0] + ".json"
+
+
 def seed_for(*ids):
     """The one seed recipe: numpy's SeedSequence hash of non-negative integers (run seed, step,
     rank, epoch, sample index) to 32 bits, as default_rng of a tuple seeds every item's crop and

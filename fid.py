@@ -24,6 +24,7 @@ or fid-helper's trimmed copy.
 """
 import contextlib
 import functools
+import json
 import math
 import os
 import sys
@@ -702,6 +703,12 @@ def main(argv=None):
             print(f'saved {shapes} of {src} to {out}')
         else:
             metrics = evaluate(*args.inputs, inception=args.inception, device=args.device, **kw)
+            # how the samples were made, when sample.py wrote them (on stderr: stdout is the
+            # evaluator's five lines)
+            record = data.sampling_record_path(args.inputs[1])
+            if args.inputs[1].endswith('.npz') and os.path.isfile(record):
+                with open(record) as f:
+                    print(f'samples: {json.dumps(json.load(f))}', file=sys.stderr)
             for name, value in metrics.items():
                 print(f'{name}: {value}')
     return 0

@@ -61,8 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--classes", type=int, nargs="+", help="grid mode: one row per class")
     p.add_argument("--per-class", type=int, default=8)
     p.add_argument("--class-names", help="text file, one class name per line")
-    p.add_argument("--num-samples", type=int,
-                   help=".npz mode: this many images with uniformly random labels")
+    p.add_argument("--num-samples", type=int, help=".npz mode: this many images")
+    p.add_argument("--labels", choices=["uniform", "equal"], default="uniform",
+                   help=".npz mode: uniformly random labels, or the same count per class in an "
+                        "order shuffled by --seed")
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--out")
     p.add_argument("--sampler", choices=["sde", "ode", "heun"], default=Sampling.solver)
@@ -87,6 +89,8 @@ def parse_args(argv=None):
                      (npz and args.classes is not None,
                       "--classes (grid) and --num-samples (.npz) exclude each other"),
                      (npz and args.num_samples < 1, "--num-samples must be >= 1"),
+                     (not npz and args.labels != "uniform",
+                      "--labels applies to .npz mode (--num-samples)"),
                      (npz and not args.out.endswith(".npz"),
                       "--out must end in .npz with --num-samples"),
                      (args.class_names is not None and not os.path.isfile(args.class_names),
@@ -127,9 +131,17 @@ def prepare_out(args, rank):
     return lock
 
 
-def sample_inputs(seed, indices, num_tokens, token_dim, num_classes, device):
+def equal_labels(seed, n, num_classes):
+    """--labels equal: n / num_classes samples of every class, in an order shuffled by the seed
+    alone (the same on any resume or number of ranks) -> (n,) int64."""
+    rng = np.random.default_rng(data.seed_for(seed, n, num_classes))
+    return rng.permutation(np.repeat(np.arange(num_classes), n // num_classes))
+
+
+def sample_inputs(seed, indices, num_tokens, token_dim, num_classes, device, fixed_labels=None):
     """Noise (B, L, d), uniform labels (B,) and one SDE-noise generator per sample k, all seeded by
-    (seed, k)."""
+    (seed, k). `fixed_labels` (all n, --labels equal) replace the uniform ones; they are drawn all
+    the same, so the SDE noise does not depend on the label protocol."""
     noise, labels, rngs = [], [], []
     for k in indices:
         rng = torch.Generator().manual_seed(data.seed_for(seed, k))
@@ -137,7 +149,10 @@ def sample_inputs(seed, indices, num_tokens, token_dim, num_classes, device):
         labels.append(torch.randint(num_classes, (1,), generator=rng))
         rngs.append(rng if device.type == "cpu"
                     else torch.Generator(device).manual_seed(data.seed_for(seed, k)))
-    return torch.stack(noise).to(device), torch.cat(labels).to(device), rngs
+    labels = torch.cat(labels)
+    if fixed_labels is not None:
+        labels = torch.as_tensor(fixed_labels[list(indices)])
+    return torch.stack(noise).to(device), labels.to(device), rngs
 
 
 def save_npz(path, chunks, shape, labels=None):
@@ -162,15 +177,20 @@ def save_npz(path, chunks, shape, labels=None):
     data.atomic_write(path, write)
 
 
-def write_samples(args, model, tok, device, rank, world):
-    """Generate args.num_samples images with uniform labels into the ADM .npz args.out (arr_0
-    images, arr_1 labels), resumably (see top)."""
+def write_samples(args, model, tok, tokenizer_file, device, rank, world):
+    """Generate args.num_samples images (labels: --labels) into the ADM .npz args.out (arr_0
+    images, arr_1 labels), resumably (see top), with its record beside it
+    (data.sampling_record_path)."""
     parts, n, size, s = args.out + ".parts", args.num_samples, args.shard_size, args.sampling
     shard = lambda i: os.path.join(parts, f"shard_{i:06d}.npy")
     n_shards = math.ceil(n / size)
     meta = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, tokenizer=args.tokenizer,
                 num_samples=n, shard_size=size, seed=args.seed, sampler=s.solver, steps=s.steps,
-                cfg=s.cfg_scale, guidance_low=s.guidance_low, guidance_high=s.guidance_high)
+                cfg=s.cfg_scale, guidance_low=s.guidance_low, guidance_high=s.guidance_high,
+                labels=args.labels)
+    fixed = None
+    if args.labels == "equal":
+        fixed = equal_labels(args.seed, n, model.config.num_classes)
     barrier = dist.barrier if world > 1 else (lambda: None)
     if rank == 0:
         os.makedirs(parts, exist_ok=True)
@@ -192,7 +212,7 @@ def write_samples(args, model, tok, device, rank, world):
             for b in range(0, len(idx), args.batch_size):
                 noise, labels, rngs = sample_inputs(
                     args.seed, idx[b:b + args.batch_size], model.config.num_tokens,
-                    model.config.token_dim, model.config.num_classes, device)
+                    model.config.token_dim, model.config.num_classes, device, fixed)
                 images = generate_images(model, tok, noise, labels, s, rngs, amp=not args.fp32)
                 out.append(data.to_uint8(images))
             data.atomic_write(shard(i), lambda f: np.save(f, np.concatenate(out)))
@@ -219,7 +239,14 @@ def write_samples(args, model, tok, device, rank, world):
         inputs = (sample_inputs(args.seed, range(i, min(n, i + 4096)), cfg.num_tokens,
                                 cfg.token_dim, cfg.num_classes, cpu)
                   for i in range(0, n, 4096))
-        labels = np.concatenate([y.numpy() for _, y, _ in inputs])
+        labels = np.concatenate([y.numpy() for _, y, _ in inputs]) if fixed is None else fixed
+        record = dict(generator=meta["ckpt"], tokenizer=tokenizer_file, weights=args.weights,
+                      sampler=s.solver, steps=s.steps, cfg_scale=s.cfg_scale,
+                      guidance_interval=[s.guidance_low, s.guidance_high], seed=args.seed,
+                      labels=args.labels, num_samples=n, num_classes=cfg.num_classes)
+        # the record first: a kill between the two writes leaves the parts, and the rerun both
+        data.atomic_write(data.sampling_record_path(args.out),
+                          lambda f: f.write(json.dumps(record, indent=1, allow_nan=False).encode()))
         save_npz(args.out, (np.load(shard(i)) for i in range(n_shards)),
                  (n,) + first.shape[1:], labels)
         shutil.rmtree(parts)
@@ -382,7 +409,17 @@ def main(argv=None):
             if not npz and rank != 0:
                 return  # a grid is one process's job
             model, info = load_generator(args.ckpt, args.config, args.weights)
+            classes = model.config.num_classes
+            if npz and args.labels == "equal":
+                # every rank is here (a grid is rank 0's alone)
+                with data.refusals_once():
+                    if args.num_samples % classes:
+                        raise ValueError(f"--labels equal needs --num-samples {args.num_samples} "
+                                         f"to be a multiple of the model's {classes} classes")
             tok = load_tokenizer_for(model, info, args.tokenizer, args.tokenizer_config)
+            tokenizer_file = args.tokenizer or (info or {}).get("path")
+            if tokenizer_file is not None:
+                tokenizer_file = os.path.abspath(tokenizer_file)
             model, tok = model.to(device), tok.to(device).eval()
             if device.type == "cuda" and not args.fp32:
                 # bf16 weights once, not a cast of every fp32 weight at every step: autocast
@@ -393,7 +430,7 @@ def main(argv=None):
             # the compiled module passes attributes (.config) through
             net = torch.compile(model) if device.type == "cuda" else model
             if npz:
-                write_samples(args, net, tok, device, rank, world)
+                write_samples(args, net, tok, tokenizer_file, device, rank, world)
             else:
                 write_grid(args, net, tok, (info or {}).get("classes"), device)
         finally:
