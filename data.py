@@ -281,24 +281,107 @@ def batches(dataset, sampler, batch_size, workers, step, pin_memory=False):
 
 
 # --------------------------------------------------------------------------------------------------
+# Moments: the one way the project takes a mean and a (co)variance over many batches and ranks
+# (the latent statistics, the FID features, the linear probe's standardisation).
+class Moments:
+    """Streaming mean and covariance of rows x (N, D), or with full=False each column's variance,
+    in float64 on x's device and without a host sync until compute(). It keeps the count, the sum of
+    x - shift and the sum of its outer products (or squares). The shift is `shift`, or else the
+    first batch's mean: with a mean far from 0 the one-pass formula would otherwise lose its digits
+    to cancellation. Variances divide by N - 1, as np.cov."""
+
+    def __init__(self, full=True, shift=None):
+        self.full = full
+        # a given shift is the same on every rank, so the ranks' sums add as they are
+        self.fixed_shift = shift is not None
+        self.shift = shift
+        self.n = 0
+        # allocated at the first rows, on their device: (D,) and (D, D) or (D,)
+        self.sum = None
+        self.squares = None
+
+    def _allocate(self, dim, device):
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        shape = (dim, dim) if self.full else (dim,)
+        self.squares = torch.zeros(shape, dtype=torch.float64, device=device)
+
+    def update(self, x):  # x: (N, D)
+        x = torch.as_tensor(x).double()
+        if self.sum is None:
+            self._allocate(x.shape[1], x.device)
+        if self.shift is None:
+            self.shift = x.mean(0)
+        d = x - self.shift
+        self.sum += d.sum(0)
+        self.squares += d.T @ d if self.full else d.pow(2).sum(0)
+        self.n += len(x)
+
+    def all_reduce(self, device):
+        """Every rank: merge the ranks' moments into those of the union, exactly, on `device` (the
+        process group's). With each rank's own shift (its first batch's mean), each rank's sums
+        first move to the union's mean c: for a rank with shift a, sum_i (x_i - c) = S + n δ and
+        sum_i (x_i - c)(x_i - c)^T = Q + S δ^T + δ S^T + n δ δ^T, with δ = a - c."""
+        if not dist.is_initialized():
+            return
+        # a rank that saw no rows learns the width from the others
+        width = torch.tensor(0 if self.sum is None else len(self.sum), device=device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        if self.sum is None:
+            self._allocate(int(width), device)
+        self.sum = self.sum.to(device)
+        self.squares = self.squares.to(device)
+        shift = torch.zeros_like(self.sum) + (0 if self.shift is None else self.shift)
+        count = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
+        if not self.fixed_shift:
+            total = torch.cat([count, self.n * shift + self.sum])
+            dist.all_reduce(total)
+            center = total[1:] / total[0].clamp(min=1)
+            delta = shift - center
+            if self.full:
+                outer = torch.outer(self.sum, delta)
+                self.squares += outer + outer.T + self.n * torch.outer(delta, delta)
+            else:
+                self.squares += 2 * delta * self.sum + self.n * delta * delta
+            self.sum += self.n * delta
+            shift = center
+        merged = torch.cat([count, self.sum, self.squares.flatten()])
+        dist.all_reduce(merged)
+        self.n = int(merged[0].item())
+        self.shift = shift
+        self.sum = merged[1:1 + len(shift)]
+        self.squares = merged[1 + len(shift):].view_as(self.squares)
+
+    def compute(self):
+        """-> (mean (D,), covariance (D, D) or variances (D,)) as float64 numpy."""
+        if self.n < 2:
+            raise ValueError(f"need at least 2 images for a covariance, got {self.n}")
+        mean = self.sum / self.n
+        if self.full:
+            spread = self.squares / self.n - torch.outer(mean, mean)
+            spread = (spread + spread.T) / 2
+        else:
+            spread = (self.squares / self.n - mean * mean).clamp(min=0)
+        return (self.shift + mean).cpu().numpy(), (spread * self.n / (self.n - 1)).cpu().numpy()
+
+    def state(self):
+        """The sums as a flat list (a stopped job's JSON record): count, sum, squares."""
+        if self.sum is None:
+            return [0.0]
+        return [float(self.n), *self.sum.tolist(), *self.squares.flatten().tolist()]
+
+    def load_state(self, values, dim, device):
+        values = torch.tensor(values, dtype=torch.float64, device=device)
+        self.n = int(values[0].item())
+        if self.n:
+            self._allocate(dim, device)
+            self.sum += values[1:1 + dim]
+            self.squares += values[1 + dim:].view_as(self.squares)
+
+
+# --------------------------------------------------------------------------------------------------
 # Latent cache: every image and its horizontal flip encoded once (the SiT training of
 # continuous_tokenizer uses both), in a memory-mapped float16 array latents.npy of shape
 # (N, 2, L, d) beside labels.npy and meta.json.
-def moments(sums):
-    """(count, sum, sum of squares) -> (mean, unbiased std) of a scalar, from float64 sums reduced
-    over ranks."""
-    count, total, squares = sums.tolist()
-    mean = total / count
-    return mean, math.sqrt(max(squares / count - mean ** 2, 0.0) * count / max(count - 1, 1))
-
-
-def moment_sums(x):
-    """-> float64 (3,) [count, sum, sum of squares] on x's device, without a host sync."""
-    x = x.double()
-    count = torch.tensor(float(x.numel()), device=x.device, dtype=torch.float64)
-    return torch.stack([count, x.sum(), x.pow(2).sum()])
-
-
 @torch.no_grad()
 def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size, workers, autocast,
                        extra_meta=None, stop=None, fresh=False):
@@ -331,12 +414,15 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
     latents = np.load(path, mmap_mode="r+")
     labels = np.load(os.path.join(out, "labels.npy"), mmap_mode="r+")
     done = 0
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    # the scalar mean and std of every stored value. A fixed shift of 0 keeps the sums additive over
+    # a stop and its continuation (the progress record); the latents' mean is small beside their
+    # spread, so nothing cancels
+    stats = Moments(full=False, shift=0.0)
     if os.path.isfile(progress(rank)):
         with open(progress(rank)) as f:
             record = json.load(f)
         done = record["done"]
-        sums += torch.tensor(record["sums"], dtype=torch.float64, device=device)
+        stats.load_state(record["sums"], 1, device)
     mine, loader = rank_loader(dataset, rank, world, batch_size, workers, device.type == "cuda",
                                skip=done)
     for images, y, _ in loader:
@@ -347,7 +433,7 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
             z = z.float()
         # statistics of what is stored, so that a cached generator sees exactly (z - mean) / std
         z16 = z.half()
-        sums += moment_sums(z16)
+        stats.update(z16.reshape(-1, 1))
         idx = mine[done:done + len(images)]
         latents[idx] = z16.cpu().numpy()
         labels[idx] = y.numpy()
@@ -356,7 +442,7 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
             break
     latents.flush()
     labels.flush()
-    record = {**settings, "done": done, "sums": sums.tolist()}
+    record = {**settings, "done": done, "sums": stats.state()}
     atomic_write(progress(rank), lambda f: f.write(json.dumps(record, allow_nan=False).encode()))
     # the ranks stopped before their end (a rank the signal missed finished its items)
     stopped = torch.tensor(float(done < len(mine)), dtype=torch.float64, device=device)
@@ -364,9 +450,9 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
         dist.all_reduce(stopped)
     if stopped:
         return None
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    mean, std = moments(sums)
+    stats.all_reduce(device)
+    mean, variance = (float(v[0]) for v in stats.compute())
+    std = math.sqrt(variance)
     if rank == 0:
         meta = {"count": n, "num_tokens": cfg.num_tokens, "token_dim": cfg.token_dim,
                 "num_classes": len(getattr(dataset, "classes", [])) or int(np.max(labels)) + 1,
@@ -433,11 +519,15 @@ class LatentCache(torch.utils.data.Dataset):
 
 # --------------------------------------------------------------------------------------------------
 # Images out: uint8 conversion and PNG grids.
+def quantize(images):
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, 3, H, W) on their device: clamp(127.5 x + 128, 0, 255)
+    truncated (ADM/SiT sample.py)."""
+    return (127.5 * images.float() + 128).clamp(0, 255).to(torch.uint8)
+
+
 def to_uint8(images):
-    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3): clamp(127.5 x + 128, 0, 255) truncated
-    (ADM/SiT sample.py)."""
-    pixels = (127.5 * images.float() + 128).clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) numpy, as `quantize`."""
+    return quantize(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def labelled_grid(images, labels, class_names=None):
@@ -461,6 +551,58 @@ def labelled_grid(images, labels, class_names=None):
             grid.paste(Image.fromarray(img).resize((w, h), Image.NEAREST), (margin + j * w, i * h))
         draw.text((4, i * h + (h - boxes[y][3]) // 2), names[y], fill="black", font=font)
     return grid
+
+
+# The curves train.py draws beside log.jsonl at the end of a run: the training loss of each log
+# line and the numbers of each `eval` event (--eval-every), one panel each, against the step.
+PLOT_KEYS = ("loss", "rfid", "fid", "psnr", "ssim_official")
+PLOT_COLOUR = (31, 119, 180)
+
+
+def plot_log(log_path, png_path, width=640, height=160):
+    """log.jsonl -> a PNG with one panel per curve of PLOT_KEYS that the log has (a resumed run's
+    repeated steps keep their last value; a diverged value, logged as null, is left out)."""
+    curves = {}
+    with open(log_path) as f:
+        for line in f:
+            record = json.loads(line)
+            if "step" not in record or record.get("event") not in (None, "eval"):
+                continue
+            for key in PLOT_KEYS:
+                if isinstance(record.get(key), (int, float)):
+                    curves.setdefault(key, {})[record["step"]] = record[key]
+    if not curves:
+        return
+    steps = [s for points in curves.values() for s in points]
+    first = min(steps)
+    last = max(max(steps), first + 1)
+    # the plotting area of a panel, inside margins for the labels
+    left = 64
+    top = 16
+    plot_w = width - left - 12
+    plot_h = height - top - 24
+    font = ImageFont.load_default()
+    image = Image.new("RGB", (width, height * len(curves)), "white")
+    draw = ImageDraw.Draw(image)
+    for i, (key, points) in enumerate(curves.items()):
+        y0 = i * height + top
+        low = min(points.values())
+        high = max(max(points.values()), low + 1e-12)
+        xy = [(left + (s - first) / (last - first) * plot_w,
+               y0 + (high - v) / (high - low) * plot_h) for s, v in sorted(points.items())]
+        draw.rectangle([left, y0, left + plot_w, y0 + plot_h], outline="grey")
+        draw.text((left, y0 - 14), key, fill="black", font=font)
+        draw.text((4, y0), f"{high:.4g}", fill="black", font=font)
+        draw.text((4, y0 + plot_h - 10), f"{low:.4g}", fill="black", font=font)
+        draw.text((left, y0 + plot_h + 4), f"step {first}", fill="black", font=font)
+        draw.text((left + plot_w - 70, y0 + plot_h + 4), f"step {last}", fill="black", font=font)
+        if len(xy) > 1:
+            draw.line(xy, fill=PLOT_COLOUR, width=2)
+        # the points too, where they are few enough to be told apart (the evaluations)
+        if len(xy) < 50:
+            for x, y in xy:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=PLOT_COLOUR)
+    atomic_write(png_path, lambda f: image.save(f, format="PNG"))
 
 
 # --------------------------------------------------------------------------------------------------

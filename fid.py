@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
@@ -138,41 +139,6 @@ def inception_features(images, model, batch_size=250, tf32=False, progress=False
     return feats['pool'].astype(np.float64)
 
 
-class RunningStats:
-    """Streaming mean / covariance (as np.cov, N - 1) in float64 on the features' device. Sums are
-    taken about a shift (the first batch mean) so the one-pass formula does not lose digits to
-    cancellation."""
-
-    def __init__(self):
-        self.n, self.shift, self.s, self.ss = 0, None, None, None
-
-    def update(self, f):  # f: (B, D)
-        f = torch.as_tensor(f).double()
-        if self.shift is None:
-            self.shift = f.mean(0)
-            self.s, self.ss = torch.zeros_like(self.shift), f.new_zeros(f.shape[1], f.shape[1])
-        d = f - self.shift
-        self.n += len(f)
-        self.s += d.sum(0)
-        self.ss += d.T @ d
-
-    def compute(self):  # -> mu (D,), sigma (D, D) float64 numpy
-        if self.n < 2:
-            raise ValueError(f'need at least 2 images for a covariance, got {self.n}')
-        m = self.s / self.n
-        sigma = (self.ss - self.n * torch.outer(m, m)) / (self.n - 1)
-        return (self.shift + m).cpu().numpy(), ((sigma + sigma.T) / 2).cpu().numpy()
-
-
-def statistics(features):
-    """(N, D) features -> mu (D,), sigma (D, D) in float64, sigma with N - 1 (np.cov
-    rowvar=False)."""
-    f = np.asarray(features, dtype=np.float64)
-    if f.ndim != 2 or len(f) < 2:
-        raise ValueError(f'need (N >= 2, D) features, got shape {f.shape}')
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
 def feature_statistics(images, model, batch_size=250, tf32=False, progress=False, total=None):
     """Images (array or iterator of batches) -> (mu, sigma), accumulated on the device without
     keeping features."""
@@ -186,7 +152,11 @@ def image_features(images, model, batch_size=250, stats=True, spatial=True, keep
     """One pass over the images, batch by batch -> dict: with `stats`, float64 mu/sigma of pool_3
     and (spatial) mu_s/sigma_s of the sFID features; with `keep`, 'pool': (N, 2048) float32 pool_3
     on the CPU (400 MB for 50k)."""
-    rs, rs_s, kept, spatial = RunningStats(), RunningStats(), [], stats and spatial
+    spatial = stats and spatial
+    pool_stats = data.Moments()
+    # the sFID features (mixed_6/conv's first 7 channels on its 17 x 17 grid)
+    spatial_stats = data.Moments()
+    kept = []
     total = len(images) if total is None and hasattr(images, 'shape') else total
     with _cuda_precision(tf32), \
             tqdm(total=total, unit='img', disable=not progress, file=sys.stderr) as bar:
@@ -196,16 +166,16 @@ def image_features(images, model, batch_size=250, stats=True, spatial=True, keep
             bar.update(len(batch))
             pool = f[0] if spatial else f
             if stats:
-                rs.update(pool)
+                pool_stats.update(pool)
             if spatial:
-                rs_s.update(f[1])
+                spatial_stats.update(f[1])
             if keep:
                 kept.append(pool.cpu())
     out = {}
     if stats:
-        out['mu'], out['sigma'] = rs.compute()
+        out['mu'], out['sigma'] = pool_stats.compute()
     if spatial:
-        out['mu_s'], out['sigma_s'] = rs_s.compute()
+        out['mu_s'], out['sigma_s'] = spatial_stats.compute()
     if keep:
         if not kept:
             raise ValueError('no images')
@@ -535,7 +505,10 @@ def ssim(a, b):
     channel, averaged over channels (the common paper convention; reported as `ssim_gaussian`).
     skimage's 11-tap Gaussian (truncate 3.5) then 5-pixel border crop is exactly the 'valid'
     filter: padding never matters. The official SoftVQ number is `ssim_official`."""
-    r, a, b, C = (255.0 if a.dtype == torch.uint8 else 1.0), a.double(), b.double(), a.shape[1]
+    r = 255.0 if a.dtype == torch.uint8 else 1.0
+    C = a.shape[1]
+    a = a.double()
+    b = b.double()
     g = torch.exp(-0.5 * (torch.arange(-5, 6, dtype=torch.float64, device=a.device) / 1.5) ** 2)
     g = g / g.sum()  # (11,) Gaussian, sigma 1.5
 
@@ -543,9 +516,13 @@ def ssim(a, b):
         t = F.conv2d(t, g.view(1, 1, 11, 1).expand(C, 1, 11, 1), groups=C)
         return F.conv2d(t, g.view(1, 1, 1, 11).expand(C, 1, 1, 11), groups=C)
 
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
-    c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
+    mu_a = blur(a)
+    mu_b = blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    c1 = (0.01 * r) ** 2
+    c2 = (0.03 * r) ** 2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)
          / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
     return s.mean((1, 2, 3))  # equal-size channel maps: the mean of per-channel means
@@ -584,6 +561,65 @@ def ssim_official(a, b):
     return s.mean((1, 2, 3))
 
 
+def pair_scores(a, b):
+    """uint8 images and their reconstructions (B, 3, H, W) -> per image (B,) float64: 'psnr'
+    (capped), 'ssim_gaussian' and 'ssim_official'."""
+    return {"psnr": psnr(a, b), "ssim_gaussian": ssim(a, b), "ssim_official": ssim_official(a, b)}
+
+
+# Evaluation during training (train.py --eval-every): the numbers fid.py and sample.py give, from
+# image batches made on the spot on every rank, without files.
+
+def read_reference(path):
+    """-> (mu (2048,), sigma (2048, 2048)) float64 of a `fid.py --save-stats` file (or an ADM
+    reference batch): the FID reference of the generator's in-training evaluation."""
+    keys, _ = _source_kind(path)
+    if 'mu' not in keys:
+        raise ValueError(f'{path} holds no statistics (mu, sigma); write them with '
+                         f'`python fid.py --save-stats IMAGES {path}`')
+    with np.load(path) as z:
+        mu, sigma = z['mu'].astype(np.float64), z['sigma'].astype(np.float64)
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
+        raise ValueError(f'{path}: mu {mu.shape} and sigma {sigma.shape} are not the pool_3 '
+                         f'statistics (2048,) and (2048, 2048)')
+    return mu, sigma
+
+
+@torch.no_grad()
+@_cuda_precision(False)
+def evaluate_batches(batches, net, reference=None, pairs=False):
+    """One rank's share of an evaluation; every rank calls it. `batches` yields (real, generated)
+    uint8 (B, 3, H, W) on the Inception's device; real is None for samples. The FID is the
+    generated images' against `reference` (mu, sigma); for reconstructions (`pairs`) the
+    reference may be None: the real images' statistics are then taken here (their rFID, as
+    sample.py --images), and returned to be passed next time.
+    -> ({'images': all ranks', 'fid', and with pairs the means of pair_scores}, reference)."""
+    device = next(net.parameters()).device
+    real = data.Moments()
+    generated = data.Moments()
+    # images, then the sums of psnr, ssim_gaussian, ssim_official
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for a, b in batches:
+        generated.update(_encode(b.permute(0, 2, 3, 1), net))
+        sums[0] += len(b)
+        if pairs:
+            sums[1:] += torch.stack([s.sum() for s in pair_scores(a, b).values()])
+            if reference is None:
+                real.update(_encode(a.permute(0, 2, 3, 1), net))
+    generated.all_reduce(device)
+    if reference is None:
+        real.all_reduce(device)
+        reference = real.compute()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    # the generated images first, as the ADM evaluator (fid.py REF SAMPLES)
+    scores = {'images': int(sums[0]), 'fid': frechet_distance(*generated.compute(), *reference)}
+    if pairs:
+        means = (sums[1:] / sums[0]).tolist()
+        scores.update(zip(('psnr', 'ssim_gaussian', 'ssim_official'), means))
+    return scores, reference
+
+
 # Linear probing of latent tokens (the SoftVQ paper's Fig. 3a): how linearly class-informative
 # a latent space is.
 
@@ -613,13 +649,12 @@ def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_
     x_tr = tr.latents.reshape(-1, *tr.latents.shape[2:])
     y_tr, y_va = (torch.from_numpy(np.repeat(tr.labels, 2)),
                   torch.from_numpy(va.labels.astype(np.int64)))
-    s1 = s2 = 0
-    for i in range(0, len(x_tr), 8192):  # per-dimension mean and std, float64 sums
-        c = _probe_batch(x_tr, np.arange(i, min(i + 8192, len(x_tr))), pool).double()
-        s1, s2 = s1 + c.sum(0), s2 + (c * c).sum(0)
-    mean = s1 / len(x_tr)
-    std = (s2 / len(x_tr) - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-6)
-    mean, std = mean.float().to(device), std.float().to(device)
+    # per-dimension mean and std of the training features
+    stats = data.Moments(full=False)
+    for i in range(0, len(x_tr), 8192):
+        stats.update(_probe_batch(x_tr, np.arange(i, min(i + 8192, len(x_tr))), pool))
+    mean, variance = (torch.from_numpy(v).float().to(device) for v in stats.compute())
+    std = variance.sqrt().clamp(min=1e-6)
     num_classes = int(max(y_tr.max(), y_va.max())) + 1
     head = nn.Linear(len(mean), num_classes).to(device)
     nn.init.zeros_(head.weight)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 from model import (Attention, Mlp, bf16_autocast, check_state_dict, load_state_dict_file,
                    run_blocks,
                    sincos_1d)
@@ -351,6 +352,23 @@ def generate_images(model, tokenizer, noise, labels, sampling=Sampling(), rng=No
     z = denormalize_latents(x, c.latent_mean, c.latent_std)
     with torch.no_grad(), bf16_autocast(z.device, amp):
         return tokenizer.decode(z).float().clamp(-1, 1)
+
+
+def sample_inputs(seed, indices, num_tokens, token_dim, num_classes, device, fixed_labels=None):
+    """Noise (B, L, d), uniform labels (B,) and one SDE-noise generator per sample k, all seeded by
+    (seed, k). `fixed_labels` (all n, --labels equal) replace the uniform ones; they are drawn all
+    the same, so the SDE noise does not depend on the label protocol."""
+    noise, labels, rngs = [], [], []
+    for k in indices:
+        rng = torch.Generator().manual_seed(data.seed_for(seed, k))
+        noise.append(torch.randn(num_tokens, token_dim, generator=rng))
+        labels.append(torch.randint(num_classes, (1,), generator=rng))
+        rngs.append(rng if device.type == "cpu"
+                    else torch.Generator(device).manual_seed(data.seed_for(seed, k)))
+    labels = torch.cat(labels)
+    if fixed_labels is not None:
+        labels = torch.as_tensor(fixed_labels[list(indices)])
+    return torch.stack(noise).to(device), labels.to(device), rngs
 
 
 # Checkpoints: ours (a plain dict, kind "generator"), or a released SiT state dict (.safetensors /

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 import data
 import fid
-from generator import Sampling, generate_images, load_generator, load_tokenizer_for
+from generator import (Sampling, generate_images, load_generator, load_tokenizer_for,
+                       sample_inputs)
 from model import DEFAULT_INCEPTION, bf16_autocast, cast_autocast_weights, load_inception
 from tokenizer import LPIPS, load_tokenizer
 
@@ -138,23 +139,6 @@ def equal_labels(seed, n, num_classes):
     return rng.permutation(np.repeat(np.arange(num_classes), n // num_classes))
 
 
-def sample_inputs(seed, indices, num_tokens, token_dim, num_classes, device, fixed_labels=None):
-    """Noise (B, L, d), uniform labels (B,) and one SDE-noise generator per sample k, all seeded by
-    (seed, k). `fixed_labels` (all n, --labels equal) replace the uniform ones; they are drawn all
-    the same, so the SDE noise does not depend on the label protocol."""
-    noise, labels, rngs = [], [], []
-    for k in indices:
-        rng = torch.Generator().manual_seed(data.seed_for(seed, k))
-        noise.append(torch.randn(num_tokens, token_dim, generator=rng))
-        labels.append(torch.randint(num_classes, (1,), generator=rng))
-        rngs.append(rng if device.type == "cpu"
-                    else torch.Generator(device).manual_seed(data.seed_for(seed, k)))
-    labels = torch.cat(labels)
-    if fixed_labels is not None:
-        labels = torch.as_tensor(fixed_labels[list(indices)])
-    return torch.stack(noise).to(device), labels.to(device), rngs
-
-
 def save_npz(path, chunks, shape, labels=None):
     """ADM .npz: arr_0 uint8 NHWC streamed from `chunks` in order, and arr_1 int64 class labels when
     given (as guided-diffusion's scripts/image_sample.py writes class-conditional batches); written
@@ -250,8 +234,8 @@ def write_samples(args, model, tok, tokenizer_file, device, rank, world):
         save_npz(args.out, (np.load(shard(i)) for i in range(n_shards)),
                  (n,) + first.shape[1:], labels)
         shutil.rmtree(parts)
-        print(f"wrote {args.out}: {n} images; {stats[0]:.0f} generated in {stats[1]:.1f}s = "
-              f"{stats[0] / max(stats[1].item(), 1e-9):.2f} images/s "
+        print(f"wrote {args.out}: {n} images; {stats[0]:.0f} generated in {stats[2]:.1f}s = "
+              f"{stats[0] / max(stats[2].item(), 1e-9):.2f} images/s "
               "(sampling + decoding, all ranks)")
 
 
@@ -302,7 +286,7 @@ def reconstruct(args, device, rank, world):
                or os.path.expanduser(DEFAULT_INCEPTION))
     net = load_inception(weights, device) if len(ds) >= 2 and os.path.isfile(weights) else None
     # Inception features of the real crops, of the reconstructions
-    stats = [fid.RunningStats(), fid.RunningStats()]
+    stats = [data.Moments(), data.Moments()]
     os.makedirs(os.path.join(args.out, "recon"), exist_ok=True)
     # per image, float64
     table = {"psnr": [], "ssim_gaussian": [], "ssim_official": [],
@@ -315,9 +299,8 @@ def reconstruct(args, device, rank, world):
         recon = data.to_uint8(out)  # (B, H, W, 3) numpy
         # a, b: uint8 (B, 3, H, W)
         a, b = images.to(device), torch.from_numpy(recon).to(device).permute(0, 3, 1, 2)
-        table["psnr"].append(fid.psnr(a, b).cpu())
-        table["ssim_gaussian"].append(fid.ssim(a, b).cpu())
-        table["ssim_official"].append(fid.ssim_official(a, b).cpu())
+        for name, values in fid.pair_scores(a, b).items():
+            table[name].append(values.cpu())
         if lpips:
             lp = lpips(a.float() / 127.5 - 1, b.float() / 127.5 - 1)
             table["lpips"].append(lp.double().cpu())
@@ -330,28 +313,21 @@ def reconstruct(args, device, rank, world):
         done += len(out)
     part = {"index": np.array(mine, np.int64), "seconds": time.time() - start, "skipped": skipped,
             **{k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in table.items()}}
-    if net is not None and len(mine) >= 2:
-        for name, rs in zip(("real", "recon"), stats):
-            part[f"{name}_n"], (part[f"{name}_mu"], part[f"{name}_sigma"]) = rs.n, rs.compute()
     np.savez(os.path.join(args.out, f"part{rank}.npz"), **part)
+    if net is not None:
+        # the ranks' feature moments merged into those of the whole set
+        for moments in stats:
+            moments.all_reduce(device)
     if world > 1:
         dist.barrier()
     if rank == 0:
-        score_reconstructions(args, ds, world, net is not None)
+        rfid = None
+        if net is not None:
+            rfid = fid.frechet_distance(*stats[0].compute(), *stats[1].compute())
+        score_reconstructions(args, ds, world, rfid)
 
 
-def merge_moments(parts, name):
-    """(mu, sigma) of the union of the ranks' sets from each one's count, mean and covariance
-    (N - 1), float64."""
-    n = [int(p[f"{name}_n"]) for p in parts]
-    mus = [p[f"{name}_mu"] for p in parts]
-    mu = sum(k * m for k, m in zip(n, mus)) / sum(n)
-    scatter = sum((k - 1) * p[f"{name}_sigma"] + k * np.outer(m - mu, m - mu)
-                  for k, m, p in zip(n, mus, parts))
-    return mu, scatter / (sum(n) - 1)
-
-
-def score_reconstructions(args, ds, world, with_rfid):
+def score_reconstructions(args, ds, world, rfid):
     """Rank 0: merge the parts into per_image.csv, metrics.json and recon.npz (streamed from the
     PNGs)."""
     parts = [dict(np.load(os.path.join(args.out, f"part{r}.npz"))) for r in range(world)]
@@ -362,11 +338,10 @@ def score_reconstructions(args, ds, world, with_rfid):
     metrics = {"images": n, "skipped_unreadable": int(sum(p["skipped"] for p in parts)),
                **{k: float(v.mean()) for k, v in table.items()},
                "images_per_s": round(n / max(float(p["seconds"]) for p in parts), 2)}
-    if with_rfid and all("real_n" in p for p in parts):
-        metrics["rfid"] = fid.frechet_distance(*merge_moments(parts, "real"),
-                                               *merge_moments(parts, "recon"))
+    if rfid is not None:
+        metrics["rfid"] = rfid
     else:
-        print("rFID skipped: no Inception weights or fewer than 2 images per rank "
+        print("rFID skipped: no Inception weights or fewer than 2 images "
               "(see `python fid.py --help`)")
     # strict JSON, checked before anything is written or removed: a non-finite value (NaN, inf)
     # fails here instead of writing `NaN`/`Infinity`, which JSON (RFC 8259) does not allow

@@ -26,11 +26,13 @@ import torch
 import torch.distributed as dist
 
 import data
-from fid import psnr
-from model import (bf16_autocast, check_state_dict, clip_and_step, load_state_dict_file,
-                   make_optimizer, mean_logs, micro_batch_sync, update_ema, wrap)
-from generator import (PREVIEW, SiT, flow_matching_loss, generate_images, generator_checkpoint,
-                       load_tokenizer_for, sit_config, tokenizer_info)
+import fid
+from model import (bf16_autocast, check_state_dict, clip_and_step, load_inception,
+                   load_state_dict_file, make_optimizer, mean_logs, micro_batch_sync, update_ema,
+                   wrap)
+from generator import (PREVIEW, Sampling, SiT, flow_matching_loss, generate_images,
+                       generator_checkpoint, load_tokenizer_for, sample_inputs, sit_config,
+                       tokenizer_info)
 from tokenizer import (PRESETS, LossConfig, SoftVQVAE, TokenizerLoss, init_encoder_from_dinov2,
                        load_tokenizer, normalize_latents, tokenizer_checkpoint, tokenizer_config)
 
@@ -100,6 +102,16 @@ def make_parser():
     p.add_argument("--sample-every", type=int, default=5000,
                    help="PNG grid of reconstructions / samples")
     p.add_argument("--ckpt-every", type=int, default=10_000)
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="every N steps and at the end, an `eval` event in log.jsonl: tokenizer rFID, "
+                        "PSNR and SSIM of --eval-images held-out images; generator FID of "
+                        "--eval-images samples against --eval-ref (0 = off)")
+    p.add_argument("--eval-images", type=int, default=1000,
+                   help="images (tokenizer) or samples (generator) of each evaluation")
+    p.add_argument("--eval-ref",
+                   help="generator: FID reference statistics, from `fid.py --save-stats`")
+    p.add_argument("--inception",
+                   help="FID Inception weights for --eval-every (default: as fid.py)")
     p.add_argument("--workers", type=int, default=8, help="data loader workers per rank")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the trained model: auto = on CUDA only; off to debug, on "
@@ -142,7 +154,7 @@ def parse_args(argv=None):
     if args.warmup_steps is None:
         args.warmup_steps = 5004 if args.stage == "tokenizer" else 0
     counts = ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "grad_accum",
-              "stats_images")
+              "stats_images", "eval_images")
     too_small = [(getattr(args, n) < 1, f"--{n.replace('_', '-')} must be at least 1")
                  for n in counts]
     for bad, msg in [*too_small,
@@ -155,7 +167,17 @@ def parse_args(argv=None):
                      (args.resume and args.overwrite,
                       "--resume continues OUT and --overwrite replaces it: choose one"),
                      (args.lr is not None and not args.lr > 0,
-                      f"--lr {args.lr}: the learning rate must be > 0")]:
+                      f"--lr {args.lr}: the learning rate must be > 0"),
+                     (args.eval_every < 0, "--eval-every must be >= 0 (0 = no evaluation)"),
+                     (args.eval_images < 2, "--eval-images must be at least 2 (a covariance)"),
+                     (args.eval_every > 0 and args.stage == "generator" and not args.eval_ref,
+                      "--eval-every on the generator needs --eval-ref STATS.npz (write it with "
+                      "`python fid.py --save-stats IMAGES STATS.npz`)"),
+                     (args.eval_ref is not None and args.stage != "generator",
+                      "--eval-ref is the generator's FID reference; the tokenizer's rFID compares "
+                      "its reconstructions with the real images"),
+                     (args.eval_every == 0 and (args.eval_ref or args.inception),
+                      "--eval-ref and --inception serve --eval-every: pass --eval-every N")]:
         if bad:
             p.error(msg)
     if args.lr is None:  # the released recipes: tokenizer 1e-4 per 256 images, SiT 1e-4
@@ -199,6 +221,9 @@ def warmup_then_flat(step, args):
 #   finish(rank)                   after the last step, before the last checkpoint (every rank)
 #   checkpoint(step)               the checkpoint dict
 #   report(log, step)              the `done` record (rank 0)
+#   eval_batches(rank, world, batch)  --eval-every: this rank's (real or None, generated) uint8
+#                                  image batches
+#   eval_setting                   what the `eval` event records of how they were made
 class TokenizerStage:
     """SoftVQ-VAE with the full objective; the discriminator takes its own step after the
     generator's."""
@@ -235,6 +260,7 @@ class TokenizerStage:
                                          flip=True, seed=args.seed)
         # The built-in data has a held-out split; a folder has none: its own centre crops stand in
         self.eval_split = "heldout" if args.data == "builtin" else "train"
+        self.eval_setting = {"split": self.eval_split}
         self.holdout = data.make_dataset(args.data, model.config.image_size, heldout=True,
                                          seed=args.seed)
         first = [self.holdout[i][0] for i in range(min(8, len(self.holdout)))]
@@ -319,6 +345,21 @@ class TokenizerStage:
                            [0] * n + [1] * n,
                            [self.eval_split, "recon"]).save(path)
 
+    def eval_batches(self, rank, world, batch):
+        """For --eval-every: this rank's share (r, r + world, ...) of the first --eval-images
+        held-out images (for a folder: its own centre crops) and their EMA reconstructions, uint8
+        (B, 3, H, W) pairs, made as sample.py --images makes them."""
+        _, loader = data.rank_loader(self.holdout, rank, world, batch, self.args.workers,
+                                     n=self.args.eval_images)
+        for images, _, _ in loader:
+            real = images.to(self.device)
+            with self.autocast:
+                recon = self.ema(data.to_model_range(real))[0].float().clamp(-1, 1)
+            # a folder's images are uint8; the built-in ones are float, quantised as the recons
+            if real.dtype != torch.uint8:
+                real = data.quantize(real)
+            yield real, data.quantize(recon)
+
     def finish(self, rank):
         """The generator's latent statistics (released configs: vq_mean, vq_std), on all ranks."""
         mean, std = latent_stats(self.ema, self.dataset, self.device, self.autocast, rank,
@@ -369,6 +410,10 @@ class GeneratorStage:
             num_tokens, token_dim = tc.num_tokens, tc.token_dim
             num_classes = max(1, len(getattr(self.dataset, "classes", [])))
         self.classes = list(getattr(self.dataset, "classes", []))
+        s = EVAL_SAMPLING
+        self.eval_setting = {"sampler": s.solver, "sampling_steps": s.steps, "cfg": s.cfg_scale,
+                             "guidance_interval": [s.guidance_low, s.guidance_high],
+                             "seed": args.seed}
         model = SiT(sit_config(args.preset, num_tokens, token_dim, num_classes=num_classes))
         model.set_grad_checkpointing(args.grad_checkpointing)
         self.model = model.to(device)
@@ -379,10 +424,12 @@ class GeneratorStage:
         if resume is not None:
             restore(resume, self.state_parts(), args)
         self.ddp, self.forward = wrap(model, device, world, args.compile)
-        # Only rank 0 draws the previews: the other ranks do not hold a second tokenizer in GPU
-        # memory
+        # Only rank 0 draws the previews: unless every rank samples for --eval-every, the other
+        # ranks do not hold a second tokenizer in GPU memory
         rank = dist.get_rank() if dist.is_initialized() else 0
-        self.decoder = self.tokenizer or (self._preview_tokenizer() if rank == 0 else None)
+        self.decoder = self.tokenizer
+        if self.decoder is None and (rank == 0 or args.eval_every):
+            self.decoder = self._preview_tokenizer()
 
     def state_parts(self):
         """(checkpoint key, module or optimizer) of everything a training step changes."""
@@ -433,6 +480,18 @@ class GeneratorStage:
         images = generate_images(self.ema, self.decoder, noise.to(self.device), labels, PREVIEW)
         data.labelled_grid(data.to_uint8(images), labels.tolist(), self.classes or None).save(path)
 
+    def eval_batches(self, rank, world, batch):
+        """For --eval-every: this rank's share (k = r, r + world, ...) of --eval-images EMA
+        samples, uint8 (B, 3, H, W), exactly those of `sample.py --num-samples K --seed SEED` with
+        the EVAL_SAMPLING settings: sample k's noise, label and SDE noise come from (seed, k)."""
+        c = self.ema.config
+        indices = list(range(rank, self.args.eval_images, world))
+        for i in range(0, len(indices), batch):
+            noise, labels, rngs = sample_inputs(self.args.seed, indices[i:i + batch], c.num_tokens,
+                                                c.token_dim, c.num_classes, self.device)
+            images = generate_images(self.ema, self.decoder, noise, labels, EVAL_SAMPLING, rngs)
+            yield None, data.quantize(images)
+
     def learning_rate(self, step):
         return warmup_then_flat(step, self.args)
 
@@ -450,10 +509,17 @@ class GeneratorStage:
                                     optimizer=self.optimizer.state_dict(), args=vars(self.args))
 
 
+# The generator's in-training evaluation samples with the README's sampler (Euler-Maruyama, CFG
+# 1.75 on t in [0, 0.7]) in 50 steps instead of 250: a fifth of the cost, for a curve to follow.
+# sample.py --sampler sde --steps 50 --cfg 1.75 --guidance-high 0.7 gives the same images.
+EVAL_SAMPLING = Sampling("sde", steps=50, cfg_scale=1.75, guidance_low=0.0, guidance_high=0.7)
+
+
 # Settings that do not change the trajectory of a run; every other flag must match the checkpoint's
 # on --resume.
 RESUME_FREE = {"out", "resume", "allow_changes", "overwrite", "log_every", "sample_every",
-               "ckpt_every", "workers", "compile", "compile_frozen", "preflight", "timeout"}
+               "ckpt_every", "workers", "compile", "compile_frozen", "preflight", "timeout",
+               "eval_every", "eval_images", "eval_ref", "inception"}
 
 
 def load_resume(args, ckpt_path):
@@ -636,10 +702,20 @@ def train(args):
             # the folder's lock first: a run that holds it is the reason to refuse, whatever else
             lock = prepare_out(args, rank, ("ckpt.pt", "log.jsonl"))
             resume = load_resume(args, ckpt_path)
+            # --eval-every's files, read now: a missing or wrong one ends the run before any work
+            evaluation = None
+            if args.eval_every:
+                reference = fid.read_reference(args.eval_ref) if args.eval_ref else None
+                evaluation = {"net": load_inception(args.inception, device),
+                              "reference": reference}
         local_batch = args.batch_size // world
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         Stage = TokenizerStage if args.stage == "tokenizer" else GeneratorStage
         stage = Stage(args, device, world, autocast, resume)
+        with data.refusals_once():
+            if evaluation and isinstance(stage, GeneratorStage) and stage.decoder is None:
+                raise ValueError("--eval-every needs the tokenizer to decode the samples: pass "
+                                 "--tokenizer")
         step = resume["step"] if resume else 0
         resumed = resume is not None
         # The stage holds what it needs; the (memory-mapped) checkpoint is not kept for the run
@@ -661,11 +737,14 @@ def train(args):
             with stop:
                 if args.preflight == "on":
                     preflight(stage, args, step, rank, world, device, local_batch, log)
-                step, stopped = run_steps(stage, args, step, resumed, rank, world, log, stop)
+                step, stopped = run_steps(stage, args, step, resumed, rank, world, log, stop,
+                                          evaluation)
         finally:  # the bar's line ends before any error message
             log.bar.close()
         if dist.is_initialized():
             dist.barrier()
+        if rank == 0:
+            data.plot_log(log.path, os.path.join(args.out, "log.png"))
         if stopped:
             log.note(echo=False, event="stop", signal=stop.name, step=step,
                      seconds=round(time.time() - stop.since, 3))
@@ -685,9 +764,10 @@ def train(args):
             lock.close()
 
 
-def run_steps(stage, args, step, resumed, rank, world, log, stop):
+def run_steps(stage, args, step, resumed, rank, world, log, stop, evaluation=None):
     """The training loop from `step` to --steps -> (the last step, whether a signal stopped it).
-    On a stop every rank ends after the same step, and its checkpoint is written."""
+    On a stop every rank ends after the same step, and its checkpoint is written. evaluation:
+    with --eval-every, the Inception and the FID reference (see evaluate)."""
     device = stage.device
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     local_batch = args.batch_size // world
@@ -719,6 +799,8 @@ def run_steps(stage, args, step, resumed, rank, world, log, stop):
         if step % args.log_every == 0 or last:
             log.flush(step, args.batch_size, lr=stage.learning_rate(step - 1), **stage.log_extra())
             check_finite(nonfinite, step, ckpt_path)
+        if evaluation and (step % args.eval_every == 0 or last):
+            evaluate(stage, args, evaluation, step, rank, world, log)
         if rank == 0 and (step % args.sample_every == 0 or last):
             stage.preview(os.path.join(args.out, f"{stage.preview_name}_{step:07d}.png"))
         if last:
@@ -740,20 +822,37 @@ def run_steps(stage, args, step, resumed, rank, world, log, stop):
     return step, stopped
 
 
+def evaluate(stage, args, evaluation, step, rank, world, log):
+    """--eval-every, on every rank: the stage's evaluation images (stage.eval_batches, EMA
+    weights) scored by fid.evaluate_batches, logged as an `eval` event with its seconds. The
+    generator's FID is against --eval-ref; the tokenizer's (rFID) against its real held-out images,
+    whose statistics the first evaluation takes and keeps in `evaluation`."""
+    start = time.time()
+    batch = max(1, args.batch_size // (world * args.grad_accum))
+    pairs = isinstance(stage, TokenizerStage)
+    scores, evaluation["reference"] = fid.evaluate_batches(
+        stage.eval_batches(rank, world, batch), evaluation["net"], evaluation["reference"], pairs)
+    if pairs:
+        scores["rfid"] = scores.pop("fid")
+    log.note(event="eval", step=step, **stage.eval_setting, **scores,
+             seconds=round(time.time() - start, 3))
+
+
 @torch.no_grad()
 def latent_stats(model, dataset, device, autocast, rank=0, world=1, workers=0, n=50_000, batch=64):
     """Scalar mean and std of z over (up to n images of) the training set: x = (z - mean) / std for
     the generator. Rank r encodes images r, r + world, ... with the data loader's workers; the sums
     are all-reduced."""
     _, loader = data.rank_loader(dataset, rank, world, batch, workers, n=n)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # read once at the end
+    # read once at the end; a fixed shift, as the latent cache's statistics
+    stats = data.Moments(full=False, shift=0.0)
     for images, _, _ in loader:
         with autocast:
             z = model.encode(data.to_model_range(images.to(device)))
-        sums += data.moment_sums(z)
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    return data.moments(sums)
+        stats.update(z.reshape(-1, 1))
+    stats.all_reduce(device)
+    mean, variance = (float(v[0]) for v in stats.compute())
+    return mean, math.sqrt(variance)
 
 
 def cache_latents(args, rank, world, device, autocast):
@@ -807,8 +906,9 @@ def evaluate_tokenizer(model, dataset, device, autocast, split, n=512, batch=64)
             recon.append(model(images[i:i + batch].to(device))[0].float().cpu())
     mean_image = images.mean(0, keepdim=True).expand_as(images)
     unit = lambda x: (x.clamp(-1, 1) + 1) / 2  # PSNR on the [0, 1] scale
-    return {f"{split}_psnr": round(psnr(unit(torch.cat(recon)), unit(images)).mean().item(), 3),
-            "mean_image_psnr": round(psnr(unit(mean_image), unit(images)).mean().item(), 3)}
+    recon_psnr = fid.psnr(unit(torch.cat(recon)), unit(images)).mean().item()
+    mean_image_psnr = fid.psnr(unit(mean_image), unit(images)).mean().item()
+    return {f"{split}_psnr": round(recon_psnr, 3), "mean_image_psnr": round(mean_image_psnr, 3)}
 
 
 def main(argv=None):
