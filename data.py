@@ -1,6 +1,6 @@
 """Data and the plumbing every entry point shares: image folders, the built-in shapes, the SoftVQ
-training crops, a resumable sharded sampler, the latent cache, image grids; distributed setup,
-seeds, atomic writes, user errors.
+training crops, a resumable sharded sampler, streaming moments, image grids and log plots;
+distributed setup, seeds, atomic writes, user errors, graceful stops and output locks.
 
 Every random choice of an item (crop, flip) comes from a generator seeded by (seed, epoch, index),
 and the sampler's order from (seed, epoch); so the stream of batches is a pure function of the step:
@@ -80,20 +80,19 @@ def check_readable(paths, n=16):
                      f"be decoded (e.g. {paths[0]}); check the data folder")
 
 
-def _shrink(img, size):
+def _resize_short_side(img, size):
     # ADM: halve with BOX filtering while the short side is >= 2x the target, so BICUBIC never
-    # aliases badly.
+    # aliases badly; then BICUBIC to a short side of exactly `size`.
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    return img
+    scale = size / min(img.size)
+    return img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
 
 
 def center_crop(img, size):
     """ADM centre crop (guided-diffusion `center_crop_arr`): short side to `size`, then the central
     square."""
-    img = _shrink(img, size)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    img = _resize_short_side(img, size)
     x, y = (img.size[0] - size) // 2, (img.size[1] - size) // 2
     return img.crop((x, y, x + size, y + size))
 
@@ -102,9 +101,7 @@ def random_crop(img, size, rng, min_frac=0.8):
     """The tokenizer's training crop (ADM `random_crop_arr`): short side to a random size in [size,
     size / 0.8], i.e. a crop of 0.8-1.0 of the short side, then a random `size` square."""
     short = int(rng.integers(size, math.ceil(size / min_frac) + 1))
-    img = _shrink(img, short)
-    scale = short / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    img = _resize_short_side(img, short)
     x = int(rng.integers(0, img.size[0] - size + 1))
     y = int(rng.integers(0, img.size[1] - size + 1))
     return img.crop((x, y, x + size, y + size))
@@ -223,12 +220,18 @@ class ShardedSampler(torch.utils.data.Sampler):
     batches already consumed."""
 
     def __init__(self, n, batch_size, rank=0, world=1, seed=0):
-        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.epoch, self.start = 0, 0
+        self.n = n
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
         self.batches_per_epoch = max(1, n // (batch_size * world))
 
     def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start = epoch, start_batch
+        self.epoch = epoch
+        self.start = start_batch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch))
@@ -277,7 +280,8 @@ def batches(dataset, sampler, batch_size, workers, step, pin_memory=False):
         sampler.set_epoch(epoch, start)
         dataset.epoch = epoch
         yield from make_loader(dataset, sampler, batch_size, workers, pin_memory)
-        epoch, start = epoch + 1, 0
+        epoch += 1
+        start = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,145 +383,6 @@ class Moments:
 
 
 # --------------------------------------------------------------------------------------------------
-# Latent cache: every image and its horizontal flip encoded once (the SiT training of
-# continuous_tokenizer uses both), in a memory-mapped float16 array latents.npy of shape
-# (N, 2, L, d) beside labels.npy and meta.json.
-@torch.no_grad()
-def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size, workers, autocast,
-                       extra_meta=None, stop=None, fresh=False):
-    """Each rank encodes items rank, rank + world, ... straight into the shared memory map. Returns
-    the measured (mean, std) of the cache; meta.json records them beside `extra_meta` (the tokenizer
-    and its own statistics). meta.json marks a complete cache: it is removed first and written last,
-    so a killed run never leaves old metadata beside new latents.
-    A signal (`stop`, a GracefulStop) ends a rank after its batch: it records in
-    progress_rank{r}.json how many of its items are done and their float64 sums, and returns None.
-    The same command then continues each rank from there (same ranks, batch and tokenizer; else,
-    or with `fresh`, it starts over), with the cache and statistics an unstopped run writes."""
-    cfg = tokenizer.config
-    n = len(dataset)
-    path = os.path.join(out, "latents.npy")
-    shape = (n, 2, cfg.num_tokens, cfg.token_dim)
-    progress = lambda r: os.path.join(out, f"progress_rank{r}.json")
-    settings = {"world": world, "count": n, "batch_size": batch_size, **(extra_meta or {})}
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        if os.path.exists(os.path.join(out, "meta.json")):
-            os.remove(os.path.join(out, "meta.json"))
-        if fresh or not _can_continue(path, shape, [progress(r) for r in range(world)], settings):
-            for name in os.listdir(out):
-                if name.startswith("progress_rank"):
-                    os.remove(os.path.join(out, name))
-            np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-            np.save(os.path.join(out, "labels.npy"), np.zeros(n, np.int64))
-    if dist.is_initialized():
-        dist.barrier()
-    latents = np.load(path, mmap_mode="r+")
-    labels = np.load(os.path.join(out, "labels.npy"), mmap_mode="r+")
-    done = 0
-    # the scalar mean and std of every stored value. A fixed shift of 0 keeps the sums additive over
-    # a stop and its continuation (the progress record); the latents' mean is small beside their
-    # spread, so nothing cancels
-    stats = Moments(full=False, shift=0.0)
-    if os.path.isfile(progress(rank)):
-        with open(progress(rank)) as f:
-            record = json.load(f)
-        done = record["done"]
-        stats.load_state(record["sums"], 1, device)
-    mine, loader = rank_loader(dataset, rank, world, batch_size, workers, device.type == "cuda",
-                               skip=done)
-    for images, y, _ in loader:
-        images = to_model_range(images.to(device, non_blocking=True))
-        with autocast:
-            # (B, 2, L, d): the image and its horizontal flip
-            z = torch.stack([tokenizer.encode(images), tokenizer.encode(images.flip(-1))], 1)
-            z = z.float()
-        # statistics of what is stored, so that a cached generator sees exactly (z - mean) / std
-        z16 = z.half()
-        stats.update(z16.reshape(-1, 1))
-        idx = mine[done:done + len(images)]
-        latents[idx] = z16.cpu().numpy()
-        labels[idx] = y.numpy()
-        done += len(images)
-        if stop is not None and stop.signum and done < len(mine):
-            break
-    latents.flush()
-    labels.flush()
-    record = {**settings, "done": done, "sums": stats.state()}
-    atomic_write(progress(rank), lambda f: f.write(json.dumps(record, allow_nan=False).encode()))
-    # the ranks stopped before their end (a rank the signal missed finished its items)
-    stopped = torch.tensor(float(done < len(mine)), dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(stopped)
-    if stopped:
-        return None
-    stats.all_reduce(device)
-    mean, variance = (float(v[0]) for v in stats.compute())
-    std = math.sqrt(variance)
-    if rank == 0:
-        meta = {"count": n, "num_tokens": cfg.num_tokens, "token_dim": cfg.token_dim,
-                "num_classes": len(getattr(dataset, "classes", [])) or int(np.max(labels)) + 1,
-                "classes": list(getattr(dataset, "classes", [])),
-                "measured_mean": mean, "measured_std": std, **(extra_meta or {})}
-        atomic_write(os.path.join(out, "meta.json"),
-                     lambda f: f.write(json.dumps(meta, indent=1, allow_nan=False).encode()))
-        for r in range(world):
-            os.remove(progress(r))
-    return mean, std
-
-
-def _can_continue(path, shape, progress_files, settings):
-    """A stopped cache continues when its memory map has the shape and every rank's progress file
-    was written with the same settings."""
-    try:
-        if np.load(path, mmap_mode="r").shape != shape:
-            return False
-        for name in progress_files:
-            with open(name) as f:
-                record = json.load(f)
-            if {k: record.get(k) for k in settings} != settings:
-                return False
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-class LatentCache(torch.utils.data.Dataset):
-    """Items are (latent (L, d) float32, label, 0) from the cache; the image or its flip is chosen
-    50/50, seeded by (seed, epoch, index) like the image augmentations."""
-
-    def __init__(self, folder, seed=0):
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{folder}: no complete latent cache (meta.json missing); "
-                                    f"run --stage cache")
-        try:
-            with open(meta_path) as f:
-                self.meta = json.load(f)
-            self.latents = np.load(os.path.join(folder, "latents.npy"), mmap_mode="r")
-            self.labels = np.load(os.path.join(folder, "labels.npy"))
-            m = self.meta
-            expected = (m["count"], 2, m["num_tokens"], m["token_dim"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{folder}: damaged latent cache ({type(e).__name__}: {e}); write it "
-                             "again with --stage cache --overwrite") from None
-        fits = (self.latents.shape == expected and self.latents.dtype == np.float16
-                and self.labels.shape == expected[:1])
-        if not fits:
-            raise ValueError(f"{folder}: latents {self.latents.shape} {self.latents.dtype} / "
-                             f"labels {self.labels.shape} do not match meta.json {expected}; write "
-                             "the cache again with --stage cache --overwrite")
-        self.classes = self.meta.get("classes", [])
-        self.seed, self.epoch = seed, 0
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        flip = int(np.random.default_rng((self.seed, self.epoch, i)).random() < 0.5)
-        return torch.from_numpy(self.latents[i, flip].astype(np.float32)), int(self.labels[i]), 0
-
-
-# --------------------------------------------------------------------------------------------------
 # Images out: uint8 conversion and PNG grids.
 def quantize(images):
     """(B, 3, H, W) in [-1, 1] -> uint8 (B, 3, H, W) on their device: clamp(127.5 x + 128, 0, 255)
@@ -534,7 +399,8 @@ def labelled_grid(images, labels, class_names=None):
     """uint8 (N, H, W, 3) -> PIL grid: one row per distinct label (in order of appearance), its
     images left to right, the label (or class_names[label]) in a left margin. Images under 96 px are
     enlarged by a whole factor, nearest neighbour (the built-in 32 px images: 96 px cells)."""
-    rows, images = {}, np.asarray(images)
+    images = np.asarray(images)
+    rows = {}
     for img, y in zip(images, [int(y) for y in labels]):
         rows.setdefault(y, []).append(img)
     scale = max(1, 96 // max(images.shape[1:3]))
@@ -670,6 +536,22 @@ def remove_stale_temps(path):
                 os.remove(os.path.join(folder, f))
 
 
+def prepare_out(args, rank, names):
+    """train.py, rank 0: refuse an output folder (args.out) that cannot be written, lock it (-> the
+    lock file, held for the run's life; None on the other ranks), clean what killed writes of
+    `names` left; --overwrite removes `names`."""
+    if rank != 0:
+        return None
+    check_writable(args.out)
+    lock = lock_folder(os.path.join(args.out, ".lock"))
+    for name in names:
+        path = os.path.join(args.out, name)
+        remove_stale_temps(path)
+        if args.overwrite and os.path.isfile(path):
+            os.remove(path)
+    return lock
+
+
 def check_writable(folder):
     """Refuse at the start an output folder that cannot be created or written (rather than hours
     later)."""
@@ -735,7 +617,9 @@ class Logger:
             rec["skipped_images"] = round(rec["skipped_images"] * self.count * world)
         if self.t0 is not None:
             rec["img_per_s"] = round(images_per_step * self.count / (now - self.t0), 1)
-        self.sums, self.count, self.t0 = {}, 0, now
+        self.sums = {}
+        self.count = 0
+        self.t0 = now
         self.note(echo=False, **rec)
         loss = rec.get("loss")
         self.bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}",

@@ -41,6 +41,7 @@ from scipy import linalg
 from tqdm import tqdm
 
 import data
+from generator import LatentCache
 from model import DEFAULT_INCEPTION, load_inception
 
 # Preprocessing (the TF graph's own resize, as NVlabs and ADM feed it), all on the device.
@@ -48,7 +49,8 @@ from model import DEFAULT_INCEPTION, load_inception
 def _legacy_lerp(x, dim, out):
     """TF1 legacy bilinear along one axis: src = i * n / out, lerp between floor(src) and its
     clamped neighbour."""
-    n, i = x.shape[dim], torch.arange(out, device=x.device)
+    n = x.shape[dim]
+    i = torch.arange(out, device=x.device)
     i0 = (i * n) // out                      # exact integer floor, never > n - 1
     frac = ((i * n) % out).to(x.dtype) / out  # (out,)
     i1 = (i0 + 1).clamp(max=n - 1)           # edge clamp
@@ -200,7 +202,9 @@ def _trace_sqrt(s1, s2):
     else:  # both singular: fewer images than dimensions on both sides
         w, v = np.linalg.eigh(s1)
         _check_psd(w)
-        f, b = v[:, w > 0] * np.sqrt(w[w > 0]), s2  # (n, rank)
+        # (n, rank)
+        f = v[:, w > 0] * np.sqrt(w[w > 0])
+        b = s2
     m = f.T @ b @ f
     lam = np.linalg.eigvalsh((m + m.T) / 2)
     _check_psd(lam)
@@ -219,10 +223,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) as ADM (evaluator.py
     FIDStatistics.frechet_distance) and pytorch-fid, with their guards: a non-finite result is
     retried on covariances + eps I; non-finite input fails."""
-    mu1, mu2 = (np.atleast_1d(np.asarray(mu1, np.float64)),
-                np.atleast_1d(np.asarray(mu2, np.float64)))
-    s1, s2 = (np.atleast_2d(np.asarray(sigma1, np.float64)),
-              np.atleast_2d(np.asarray(sigma2, np.float64)))
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
         raise ValueError(f'feature sizes differ: mu {mu1.shape} / {mu2.shape}, '
                          f'sigma {s1.shape} / {s2.shape}')
@@ -259,9 +261,23 @@ def inception_score(logits, split_size=5000):
     return float(torch.stack(scores).mean())
 
 
-def _sq_dists(a, b, a2, b2):
-    # (n, D), (m, D) and their squared norms -> (n, m) squared distances, clamped >= 0
+def _sq_dists(a, b, a2, b2, adm=False):
+    """(n, D), (m, D) and their squared norms -> (n, m) squared distances, clamped >= 0. adm:
+    as the evaluator's DistanceBlock computes them, each TensorFlow op rounded to float16 (the
+    matrix product summed in float32), with its float32 recompute of a block that overflows (here
+    on the rounded features; no Inception feature comes near float16's 65,504)."""
+    if adm:
+        d = _half(_half(a2[:, None] - 2 * _half(a @ b.T)) + b2[None]).clamp_(min=0)
+        if torch.isfinite(d).all():
+            return d
+        a2 = (a * a).sum(1)
+        b2 = (b * b).sum(1)
     return (a @ b.T).mul_(-2).add_(a2[:, None]).add_(b2[None]).clamp_(min=0)
+
+
+def _half(x):
+    """Values rounded to float16, kept in float32."""
+    return x.half().float()
 
 
 def _k_smallest(best, d, k):  # running k smallest per row of [best | d]
@@ -269,43 +285,57 @@ def _k_smallest(best, d, k):  # running k smallest per row of [best | d]
     return merged.topk(k, 1, largest=False).values
 
 
-def _radii(x, x2, k, block):
+def _radii(x, x2, k, block, adm=False):
     """Squared distance from each row of x to its k-th nearest neighbour in x, the point itself
     counted as the 0th (ADM: np.partition column k of the row's distances) -> (n,). Blocks of the
-    upper triangle serve both sides."""
+    upper triangle serve both sides; in float16 (adm) d(u, v) and d(v, u) round differently, so
+    every block is computed as the evaluator orients it, the point's distance to itself included."""
     best = x.new_full((len(x), k + 1), float('inf'))
     for i in range(0, len(x), block):
-        for j in range(i, len(x), block):
-            d = _sq_dists(x[i:i + block], x[j:j + block], x2[i:i + block], x2[j:j + block])
-            if i == j:
-                d.fill_diagonal_(0)  # the point itself, exactly
+        for j in range(0 if adm else i, len(x), block):
+            d = _sq_dists(x[i:i + block], x[j:j + block], x2[i:i + block], x2[j:j + block], adm)
+            if i == j and not adm:
+                # the point itself, exactly
+                d.fill_diagonal_(0)
             best[i:i + block] = _k_smallest(best[i:i + block], d, k + 1)
-            if j != i:
+            if j != i and not adm:
                 best[j:j + block] = _k_smallest(best[j:j + block], d.T, k + 1)
     return best[:, k]
 
 
 @torch.inference_mode()
 @_cuda_precision(False)  # exact float32 products on a GPU, whatever the caller set
-def precision_recall(ref, samples, k=3, block=4096, device='cpu'):
+def precision_recall(ref, samples, k=3, block=4096, device='cpu', distances='float32'):
     """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM's ManifoldEstimator on
     (N, D) pool_3 features of all REF and SAMPLES: each point's ball has the squared radius of its
     k-th nearest neighbour in its own set (itself counted), surface included. precision / recall =
     fraction of samples inside some REF ball / of REF inside some sample ball. Distances |u|^2 - 2
-    u.v + |v|^2 in float32 (ADM: float16) are exact for small integer features, so ties are decided
-    exactly. Tiles of block x block: ~5 block^2 bytes beside the features."""
+    u.v + |v|^2 in float32 (`distances` 'float32'; the same decisions as float64 at the protocol's
+    sizes, BENCHMARKS.md) are exact for small integer features, so ties are decided exactly.
+    distances='adm' rounds as the evaluator's float16 DistanceBlock does, to come closer to its
+    numbers (README, Evaluation). Tiles of block x block: ~5 block^2 bytes beside the features."""
     r, s = (torch.as_tensor(f).to(device, torch.float32) for f in (ref, samples))
     if min(len(r), len(s)) <= k:
         raise ValueError(f'precision/recall need more than k = {k} images on each side, '
                          f'got {len(r)} and {len(s)}')
-    r2, s2 = (r * r).sum(1), (s * s).sum(1)
-    rad_r, rad_s = _radii(r, r2, k, block), _radii(s, s2, k, block)
+    adm = distances == 'adm'
+    if adm:
+        # the evaluator casts the features to float16 and sums their squares in float16
+        r = _half(r)
+        s = _half(s)
+        r2 = _half(_half(r * r).sum(1))
+        s2 = _half(_half(s * s).sum(1))
+    else:
+        r2 = (r * r).sum(1)
+        s2 = (s * s).sum(1)
+    rad_r = _radii(r, r2, k, block, adm)
+    rad_s = _radii(s, s2, k, block, adm)
     # in_r, in_s: whether each point is inside a ball of the other set
     in_r, in_s = (torch.zeros(len(x), dtype=torch.bool, device=device) for x in (r, s))
     for i in range(0, len(r), block):
         for j in range(0, len(s), block):
             # (br, bs) squared distances
-            d = _sq_dists(r[i:i + block], s[j:j + block], r2[i:i + block], s2[j:j + block])
+            d = _sq_dists(r[i:i + block], s[j:j + block], r2[i:i + block], s2[j:j + block], adm)
             in_s[j:j + block] |= (d <= rad_r[i:i + block, None]).any(0)
             in_r[i:i + block] |= (d <= rad_s[None, j:j + block]).any(1)
     return in_s.double().mean().item(), in_r.double().mean().item()
@@ -340,8 +370,10 @@ def _npz_images(path, batch_size):
     z = zipfile.ZipFile(path)
     f = z.open('arr_0.npy')
     version = np.lib.format.read_magic(f)
-    shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                             else np.lib.format.read_array_header_2_0(f))
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
         z.close()
         raise ValueError(f'{path}: arr_0 must be uint8 (N, H, W, 3) images, got {shape} {dtype}')
@@ -399,12 +431,14 @@ def source_features(src, get_model, keep=False, spatial=True, batch_size=250, wo
             return out
     model = get_model()
     if not isinstance(src, (str, Path)):
-        images, n = src, None
+        images = src
+        n = None
     elif os.path.isdir(src):
         # the same listing as training and evaluation
         files = data.list_images(src, labelled=False)[0]
         pin_memory = next(model.parameters()).is_cuda
-        images, n = image_loader(files, batch_size, workers, pin_memory), len(files)
+        images = image_loader(files, batch_size, workers, pin_memory)
+        n = len(files)
     else:
         images, n = _npz_images(src, batch_size)
     if n is not None and n < 2:
@@ -420,14 +454,15 @@ def fid_of(a, b, model=None, inception=None, device=None, batch_size=250, worker
     if images need it."""
     get_model = _model_getter(model, inception, device)
     kw = dict(spatial=False, batch_size=batch_size, workers=workers, tf32=tf32, progress=progress)
-    (a, b) = (source_features(s, get_model, **kw) for s in (a, b))
+    a, b = (source_features(s, get_model, **kw) for s in (a, b))
     return frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma'])
 
 
 def _model_getter(model, inception, device):
+    if model is not None:
+        return lambda: model
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    return ((lambda: model) if model is not None
-            else functools.cache(lambda: load_inception(inception, device)))
+    return functools.cache(lambda: load_inception(inception, device))
 
 
 # Every metric of the ADM evaluator (openai/guided-diffusion evaluations/evaluator.py main),
@@ -445,12 +480,13 @@ def _logits(model, pool, batch=5000):  # (N, 2048) float32 numpy -> (N, 1008) fl
 
 
 def evaluate(ref, samples, model=None, inception=None, device=None, batch_size=250, workers=0,
-             tf32=False, progress=True):
+             tf32=False, progress=True, pr_distances='float32'):
     """REF and SAMPLES (sources, REF first as `evaluator.py REF SAMPLES`) -> {metric: value or
     'unavailable (why)'} for METRICS: IS over SAMPLES, FID and sFID (SAMPLES first, as ADM),
-    precision/recall on all images of both."""
+    precision/recall on all images of both (distances: precision_recall's `distances`)."""
     get_model = _model_getter(model, inception, device)
-    (_, ref_images), (_, sample_images) = _source_kind(ref), _source_kind(samples)
+    ref_images = _source_kind(ref)[1]
+    sample_images = _source_kind(samples)[1]
     kw = dict(batch_size=batch_size, workers=workers, tf32=tf32, progress=progress)
     r = source_features(ref, get_model, keep=ref_images and sample_images, **kw)
     s = source_features(samples, get_model, keep=sample_images, **kw)
@@ -465,9 +501,10 @@ def evaluate(ref, samples, model=None, inception=None, device=None, batch_size=2
         out['Inception Score'] = inception_score(_logits(get_model(), s['pool']))
     out['FID'] = frechet_distance(s['mu'], s['sigma'], r['mu'], r['sigma'])
     missing = [name for name, x in (('REF', r), ('SAMPLES', s)) if 'mu_s' not in x]
-    out['sFID'] = (f'unavailable ({" and ".join(missing)} statistics have no mu_s/sigma_s)'
-                   if missing
-                   else frechet_distance(s['mu_s'], s['sigma_s'], r['mu_s'], r['sigma_s']))
+    if missing:
+        out['sFID'] = f'unavailable ({" and ".join(missing)} statistics have no mu_s/sigma_s)'
+    else:
+        out['sFID'] = frechet_distance(s['mu_s'], s['sigma_s'], r['mu_s'], r['sigma_s'])
     if not (ref_images and sample_images):
         why = ' and '.join(n for n, x in (('REF', ref_images), ('SAMPLES', sample_images)) if not x)
         out['Precision'] = out['Recall'] = (f'unavailable ({why}: statistics only; '
@@ -476,7 +513,8 @@ def evaluate(ref, samples, model=None, inception=None, device=None, batch_size=2
         out['Precision'] = out['Recall'] = 'unavailable (needs more than 3 images on each side)'
     else:
         device = next(get_model().parameters()).device
-        out['Precision'], out['Recall'] = precision_recall(r['pool'], s['pool'], device=device)
+        out['Precision'], out['Recall'] = precision_recall(r['pool'], s['pool'], device=device,
+                                                           distances=pr_distances)
     return out
 
 
@@ -567,6 +605,27 @@ def pair_scores(a, b):
     return {"psnr": psnr(a, b), "ssim_gaussian": ssim(a, b), "ssim_official": ssim_official(a, b)}
 
 
+@torch.no_grad()
+def reconstruction_psnr(model, dataset, device, autocast, split, n=512, batch=64):
+    """PSNR of the reconstructions beside the PSNR of predicting the mean image, on the first n
+    images of `dataset`: the built-in data's held-out split (split "heldout": heldout_psnr), or for
+    a folder, which has no split, its own centre crops (split "train": train_psnr)."""
+    images = data.to_model_range(torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]))
+    recon = []
+    for i in range(0, len(images), batch):
+        with autocast:
+            recon.append(model(images[i:i + batch].to(device))[0].float().cpu())
+    mean_image = images.mean(0, keepdim=True).expand_as(images)
+
+    # PSNR on the [0, 1] scale
+    def unit(x):
+        return (x.clamp(-1, 1) + 1) / 2
+
+    recon_psnr = psnr(unit(torch.cat(recon)), unit(images)).mean().item()
+    mean_image_psnr = psnr(unit(mean_image), unit(images)).mean().item()
+    return {f"{split}_psnr": round(recon_psnr, 3), "mean_image_psnr": round(mean_image_psnr, 3)}
+
+
 # Evaluation during training (train.py --eval-every): the numbers fid.py and sample.py give, from
 # image batches made on the spot on every rank, without files.
 
@@ -632,13 +691,13 @@ def _probe_batch(latents, idx, pool, device='cpu'):
 def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_decay=0.05,
                  batch_size=256, seed=0, device='cpu'):
     """Top-1 of a linear softmax classifier fitted on a training latent cache and scored on a
-    validation one (data.LatentCache from `train.py --stage cache`: latents.npy (N, 2, L, d)
+    validation one (generator.LatentCache from `train.py --stage cache`: latents.npy (N, 2, L, d)
     float16, index 1 the flip). Features: each image's L x d tokens flattened (pool='flatten') or
     averaged over L ('mean'), standardised per dimension with the training set's mean and std.
     Trained on every image and its flip, validated on the images unflipped; AdamW, cosine decay over
     `epochs`, zero-initialised weights, seeded so that a rerun repeats.
     -> {'top1', 'train_top1', 'train_examples', 'val_images', 'classes', 'features'}."""
-    tr, va = data.LatentCache(train_dir), data.LatentCache(val_dir)
+    tr, va = LatentCache(train_dir), LatentCache(val_dir)
     if tr.latents.shape[2:] != va.latents.shape[2:]:
         raise ValueError(f'the caches hold different tokens: {tr.latents.shape[2:]} vs '
                          f'{va.latents.shape[2:]} (L, d)')
@@ -647,8 +706,8 @@ def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_
                          f'({len(tr.classes)} vs {len(va.classes)} folders)')
     # (2N, L, d): image i at 2i, its flip at 2i + 1
     x_tr = tr.latents.reshape(-1, *tr.latents.shape[2:])
-    y_tr, y_va = (torch.from_numpy(np.repeat(tr.labels, 2)),
-                  torch.from_numpy(va.labels.astype(np.int64)))
+    y_tr = torch.from_numpy(np.repeat(tr.labels, 2))
+    y_va = torch.from_numpy(va.labels.astype(np.int64))
     # per-dimension mean and std of the training features
     stats = data.Moments(full=False)
     for i in range(0, len(x_tr), 8192):
@@ -711,6 +770,9 @@ def main(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--tf32', action='store_true',
                    help='allow TF32 on GPU (faster, features no longer exact fp32)')
+    p.add_argument('--pr-distances', choices=['float32', 'adm'], default='float32',
+                   help="precision/recall distances: float32 (exact decisions), or adm: rounded "
+                        "as the evaluator's float16 ones, to come closer to its numbers")
     args = p.parse_args(argv)
     modes = (len(args.inputs) > 0) + (args.save_stats is not None) + (args.linear_probe is not None)
     if modes != 1 or (args.inputs and len(args.inputs) != 2):
@@ -737,7 +799,8 @@ def main(argv=None):
             shapes = ', '.join(f'{k} {stats[k].shape}' for k in STATS_KEYS if k in stats)
             print(f'saved {shapes} of {src} to {out}')
         else:
-            metrics = evaluate(*args.inputs, inception=args.inception, device=args.device, **kw)
+            metrics = evaluate(*args.inputs, inception=args.inception, device=args.device,
+                               pr_distances=args.pr_distances, **kw)
             # how the samples were made, when sample.py wrote them (on stderr: stdout is the
             # evaluator's five lines)
             record = data.sampling_record_path(args.inputs[1])

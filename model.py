@@ -4,6 +4,7 @@ weights) and the checkpoint reading every loader uses (a hand-written `.safetens
 state-dict checks). Parameter names follow timm's VisionTransformer (`patch_embed.proj`,
 `blocks.i.attn.qkv`, `blocks.i.ls1.gamma`, `norm`, ...) so that the released SoftVQ, DINOv2 and DINO
 checkpoints load without a renaming table."""
+import copy
 import json
 import math
 import os
@@ -222,7 +223,8 @@ def load_safetensors(path):
             continue
         try:
             start, end = (int(o) for o in info["data_offsets"])
-            dtype, shape = _ST_DTYPES[info["dtype"]], [int(d) for d in info["shape"]]
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
         except (KeyError, TypeError, ValueError):
             raise bad(f"tensor {name!r} has no valid dtype, shape and data_offsets") from None
         if not 0 <= start <= end <= len(data) or min(shape, default=0) < 0:
@@ -281,7 +283,8 @@ def check_state_dict(module, sd, ignore=()):
 
 # --------------------------------------------------------------------------------------------------
 # The optimisation pieces both training stages share (train.py): the optimizer (nanoGPT keeps
-# its configure_optimizers beside the model too), DDP and compile, one step, the EMA.
+# its configure_optimizers beside the model too), DDP and compile, one step, the EMA, the
+# learning-rate schedules, the divergence check, and putting a resumed run's states back.
 def make_optimizer(params, args, device, betas):
     params = [p for p in params if p.requires_grad]
     # CUDA: fused. CPU: foreach, bit-identical to the per-tensor loop, faster (fused rounds
@@ -348,12 +351,73 @@ def wrap(model, device, world, compile):
     """-> (DDP module or the model, what the training step calls). DDP over the ranks, then
     torch.compile (--compile; auto = on CUDA). broadcast_buffers=False: the only buffer (the
     tokenizer's codebook-usage log) is each rank's own."""
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-              broadcast_buffers=False,
-              bucket_cap_mb=DDP_BUCKET_MB, gradient_as_bucket_view=True) if world > 1 else model
+    ddp = model
+    if world > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        ddp = DDP(model, device_ids=device_ids, broadcast_buffers=False,
+                  bucket_cap_mb=DDP_BUCKET_MB, gradient_as_bucket_view=True)
     if compile == "on" or (compile == "auto" and device.type == "cuda"):
         return ddp, torch.compile(ddp)
     return ddp, ddp
+
+
+def warmup_then_cosine(step, args):
+    """The released tokenizer schedule (timm's, per step): linear warmup from 1e-5 to --lr over
+    --warmup-steps, then a cosine down to 0.1 x --lr at --steps."""
+    if step < args.warmup_steps:
+        return 1e-5 + (args.lr - 1e-5) * step / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 0.1 * args.lr + 0.9 * args.lr * cosine
+
+
+def warmup_then_flat(step, args):
+    """SiT's schedule: a flat --lr (the released recipe has no warmup, the default --warmup-steps
+    0); with --warmup-steps, the tokenizer's linear warmup from 1e-5 first."""
+    if step < args.warmup_steps:
+        return warmup_then_cosine(step, args)
+    return args.lr
+
+
+def restore(resume, parts, args):
+    """Load (name, module or optimizer) pairs from the resume checkpoint; one of another shape is a
+    user error."""
+    for name, obj in parts:
+        try:
+            if isinstance(obj, torch.nn.Module):
+                check_state_dict(obj, resume[name])
+            else:
+                obj.load_state_dict(resume[name])
+        except (KeyError, ValueError, RuntimeError) as e:
+            reason = " ".join(str(e).split())[:200]
+            raise ValueError(f"--resume: the {name} in {os.path.join(args.out, 'ckpt.pt')} does "
+                             f"not fit this run ({reason}); use another --out") from None
+
+
+def check_finite(nonfinite, step, ckpt_path):
+    """Stop a diverged run: `nonfinite` holds 1 + the first step whose loss or gradient norm was not
+    finite."""
+    bad = int(nonfinite)  # a host sync, only at log and checkpoint time
+    if bad:
+        if os.path.isfile(ckpt_path):
+            last = f"the newest checkpoint, {ckpt_path}, holds finite weights"
+        else:
+            last = "no checkpoint was written"
+        raise FloatingPointError(f"the loss or gradient norm is not finite at step {bad} (stopped "
+                                 f"at step {step}); {last}. Lower --lr, or check the data and "
+                                 "--grad-clip")
+
+
+def cpu_copy(state):
+    """A copy of a (nested) state dict with every tensor cloned to the CPU: host memory, not the
+    GPU's."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(v) for v in state)
+    return copy.deepcopy(state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,7 +438,8 @@ class ConvBN(nn.Module):
     def __init__(self, cin, cout, k, stride=1, padding=0):
         super().__init__()
         kh, kw = (k, k) if isinstance(k, int) else k
-        self.stride, self.padding = stride, padding
+        self.stride = stride
+        self.padding = padding
         self.weight = nn.Parameter(torch.zeros(cout, cin, kh, kw), requires_grad=False)
         self.beta = nn.Parameter(torch.zeros(cout), requires_grad=False)
         self.mean = nn.Parameter(torch.zeros(cout), requires_grad=False)
@@ -387,7 +452,9 @@ class ConvBN(nn.Module):
 
 def _tower(*layers):
     """Sequential named like the TF graph: `pool` for the pool, then conv, conv_1, conv_2, ..."""
-    seq, n = nn.Sequential(), 0  # n: the convs named so far
+    seq = nn.Sequential()
+    # the convs named so far
+    n = 0
     for m in layers:
         conv_name = 'conv' if n == 0 else f'conv_{n}'
         seq.add_module(conv_name if isinstance(m, ConvBN) else 'pool', m)
@@ -431,13 +498,13 @@ class MixedB(_Concat):  # mixed_3: (N, 288, 35, 35) -> (N, 768, 17, 17)
 class MixedC(_Concat):
     def __init__(self, c7):
         super().__init__()
-        k17, k71, p17, p71 = (1, 7), (7, 1), (0, 3), (3, 0)
         self.conv = ConvBN(768, 192, 1)
-        self.tower = _tower(ConvBN(768, c7, 1), ConvBN(c7, c7, k17, padding=p17),
-                            ConvBN(c7, 192, k71, padding=p71))
-        self.tower_1 = _tower(ConvBN(768, c7, 1), ConvBN(c7, c7, k71, padding=p71),
-                              ConvBN(c7, c7, k17, padding=p17), ConvBN(c7, c7, k71, padding=p71),
-                              ConvBN(c7, 192, k17, padding=p17))
+        self.tower = _tower(ConvBN(768, c7, 1), ConvBN(c7, c7, (1, 7), padding=(0, 3)),
+                            ConvBN(c7, 192, (7, 1), padding=(3, 0)))
+        self.tower_1 = _tower(ConvBN(768, c7, 1), ConvBN(c7, c7, (7, 1), padding=(3, 0)),
+                              ConvBN(c7, c7, (1, 7), padding=(0, 3)),
+                              ConvBN(c7, c7, (7, 1), padding=(3, 0)),
+                              ConvBN(c7, 192, (1, 7), padding=(0, 3)))
         self.tower_2 = _tower(_avg3(), ConvBN(768, 192, 1))
 
 
@@ -588,8 +655,10 @@ def _read_weights(path):
         with warnings.catch_warnings():
             # torch.jit.load is deprecated but is how the NVlabs file is stored
             warnings.simplefilter('ignore')
-            sd = (torch.jit.load(path, map_location='cpu').state_dict() if scripted
-                  else torch.load(path, map_location='cpu', weights_only=True))
+            if scripted:
+                sd = torch.jit.load(path, map_location='cpu').state_dict()
+            else:
+                sd = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise ValueError(f'{path}: not a readable TorchScript/torch.save weights file '
                          f'({type(e).__name__}); {WHERE_TO_GET}') from None
@@ -608,7 +677,8 @@ def load_inception(path=None, device='cpu'):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Inception weights not found at {path}; {WHERE_TO_GET} '
                                 f'(pass --inception PATH or set SOFTVQ_INCEPTION)')
-    model, sd = InceptionV3FID(), _read_weights(path)
+    model = InceptionV3FID()
+    sd = _read_weights(path)
     if 'conv.beta' not in sd and 'Mixed_5b.branch1x1.conv.weight' not in sd:
         raise ValueError(f'{path}: unknown weights layout (expected NVlabs keys like '
                          'net.layers.conv.beta or pytorch-fid keys like '
@@ -630,5 +700,6 @@ def load_inception(path=None, device='cpu'):
         raise ValueError(f'{path}: weights do not fit the FID Inception: '
                          f'{" ".join(str(e).split())[:300]}') from None
     model = model.eval().to(device)
-    return (model.to(memory_format=torch.channels_last) if torch.device(device).type == 'cuda'
-            else model)
+    if torch.device(device).type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -165,8 +165,14 @@ def write_samples(args, model, tok, tokenizer_file, device, rank, world):
     """Generate args.num_samples images (labels: --labels) into the ADM .npz args.out (arr_0
     images, arr_1 labels), resumably (see top), with its record beside it
     (data.sampling_record_path)."""
-    parts, n, size, s = args.out + ".parts", args.num_samples, args.shard_size, args.sampling
-    shard = lambda i: os.path.join(parts, f"shard_{i:06d}.npy")
+    parts = args.out + ".parts"
+    n = args.num_samples
+    size = args.shard_size
+    s = args.sampling
+
+    def shard(i):
+        return os.path.join(parts, f"shard_{i:06d}.npy")
+
     n_shards = math.ceil(n / size)
     meta = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, tokenizer=args.tokenizer,
                 num_samples=n, shard_size=size, seed=args.seed, sampler=s.solver, steps=s.steps,
@@ -187,7 +193,8 @@ def write_samples(args, model, tok, tokenizer_file, device, rank, world):
     # same list on every rank
     missing = [i for i in range(n_shards) if not os.path.exists(shard(i))]
     barrier()
-    count, start = 0, time.time()
+    count = 0
+    start = time.time()
     # a signal ends each rank after the shard it is in; the finished shards stay for the rerun
     with data.GracefulStop(device) as stop:
         for i in tqdm(missing[rank::world], desc="shards", disable=rank != 0):
@@ -219,9 +226,9 @@ def write_samples(args, model, tok, tokenizer_file, device, rank, world):
     if rank == 0:
         first = np.load(shard(0), mmap_mode="r")
         # the labels again from (seed, k): the same on any resume
-        cfg, cpu = model.config, torch.device("cpu")
+        cfg = model.config
         inputs = (sample_inputs(args.seed, range(i, min(n, i + 4096)), cfg.num_tokens,
-                                cfg.token_dim, cfg.num_classes, cpu)
+                                cfg.token_dim, cfg.num_classes, torch.device("cpu"))
                   for i in range(0, n, 4096))
         labels = np.concatenate([y.numpy() for _, y, _ in inputs]) if fixed is None else fixed
         record = dict(generator=meta["ckpt"], tokenizer=tokenizer_file, weights=args.weights,
@@ -252,7 +259,8 @@ def write_grid(args, model, tok, class_names, device):
             raise ValueError(f"--class-names {args.class_names} has {len(class_names)} lines "
                              f"for {C} classes; give one name per class")
     labels = [c for c in classes for _ in range(args.per_class)]
-    start, out = time.time(), []
+    start = time.time()
+    out = []
     for b in range(0, len(labels), args.batch_size):
         idx = range(b, min(len(labels), b + args.batch_size))
         noise, _, rngs = sample_inputs(args.seed, idx, model.config.num_tokens,
@@ -291,14 +299,17 @@ def reconstruct(args, device, rank, world):
     # per image, float64
     table = {"psnr": [], "ssim_gaussian": [], "ssim_official": [],
              **({"lpips": []} if lpips else {})}
-    skipped, done, start = 0, 0, time.time()
+    skipped = 0
+    done = 0
+    start = time.time()
     for images, _, bad in tqdm(loader, desc="reconstruct", disable=rank != 0):
         x = data.to_model_range(images.to(device, non_blocking=True))  # (B, 3, H, W) in [-1, 1]
         with bf16_autocast(device, not args.fp32):
             out = tok(x)[0].float().clamp(-1, 1)
         recon = data.to_uint8(out)  # (B, H, W, 3) numpy
-        # a, b: uint8 (B, 3, H, W)
-        a, b = images.to(device), torch.from_numpy(recon).to(device).permute(0, 3, 1, 2)
+        # the crops and their reconstructions, uint8 (B, 3, H, W)
+        a = images.to(device)
+        b = torch.from_numpy(recon).to(device).permute(0, 3, 1, 2)
         for name, values in fid.pair_scores(a, b).items():
             table[name].append(values.cpu())
         if lpips:
@@ -348,12 +359,14 @@ def score_reconstructions(args, ds, world, rfid):
     metrics_json = json.dumps(metrics, indent=1, allow_nan=False)
     pngs = [os.path.join(args.out, "recon", f"{k:06d}.png") for k in range(n)]
     first = np.asarray(Image.open(pngs[0]))
-    step = args.batch_size
-    chunks = (np.stack([np.asarray(Image.open(p)) for p in pngs[i:i + step]])
-              for i in range(0, n, step))
+    chunks = (np.stack([np.asarray(Image.open(p)) for p in pngs[i:i + args.batch_size]])
+              for i in range(0, n, args.batch_size))
     save_npz(os.path.join(args.out, "recon.npz"), chunks, (n,) + first.shape, np.array(ds.labels))
+
     # a path as a CSV (RFC 4180) field: relative to --images, quoted
-    quote = lambda p: '"' + os.path.relpath(p, args.images).replace('"', '""') + '"'
+    def quote(p):
+        return '"' + os.path.relpath(p, args.images).replace('"', '""') + '"'
+
     rows = ["index,path," + ",".join(table)]
     rows += [f"{i},{quote(ds.paths[i])}," + ",".join(f"{v[i]:.6f}" for v in table.values())
              for i in range(n)]
@@ -395,7 +408,8 @@ def main(argv=None):
             tokenizer_file = args.tokenizer or (info or {}).get("path")
             if tokenizer_file is not None:
                 tokenizer_file = os.path.abspath(tokenizer_file)
-            model, tok = model.to(device), tok.to(device).eval()
+            model = model.to(device)
+            tok = tok.to(device).eval()
             if device.type == "cuda" and not args.fp32:
                 # bf16 weights once, not a cast of every fp32 weight at every step: autocast
                 # caches its casts only of weights that require grad. Under autocast the outputs

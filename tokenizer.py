@@ -58,7 +58,8 @@ VIT_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 
 # tokens x token_dim = 2048 floats per image in every preset
 def _preset(enc, dec, tokens, image_size):
-    (ew, ed, eh), (dw, dd, dh) = VIT_SIZES[enc], VIT_SIZES[dec]
+    ew, ed, eh = VIT_SIZES[enc]
+    dw, dd, dh = VIT_SIZES[dec]
     return dict(image_size=image_size, enc_width=ew, enc_depth=ed, enc_heads=eh,
                 dec_width=dw, dec_depth=dd, dec_heads=dh,
                 num_tokens=tokens, token_dim=2048 // tokens)
@@ -187,7 +188,8 @@ class PixelHead(nn.Module):
 
     def pixels(self, x):
         B, N, _ = x.shape
-        p, h = self.patch_size, int(N ** 0.5)
+        p = self.patch_size
+        h = int(N ** 0.5)
         x = self.model(x).view(B, h, h, p, p, 3)  # per-patch layout (row, col, channel)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, 3, h * p, h * p)
 
@@ -279,7 +281,8 @@ def config_from_official(cfg_json):
         raise ValueError(f"config.json names backbone {name!r}; only DINOv2 ViT-S/B/L backbones "
                          f"are supported")
 
-    (ew, ed, eh), (dw, dd, dh) = vit(c["encoder_model"]), vit(c["decoder_model"])
+    ew, ed, eh = vit(c["encoder_model"])
+    dw, dd, dh = vit(c["decoder_model"])
     unsupported = [c.get("enc_patch_size", 16) != c.get("dec_patch_size", 16),
                    c.get("to_pixel", "linear") != "linear", c.get("use_rope", False),
                    c.get("enc_type", "vit") != "vit"]
@@ -332,7 +335,8 @@ def tokenizer_checkpoint(model, ema=None, **extra):
 # ==================================================================================================
 # Part 2: the training objective (continuous_tokenizer `losses/vq_loss.py`,
 # `configs/softvq-l-64.yaml`)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageNetNormalize(nn.Module):
@@ -396,7 +400,9 @@ class LPIPS(nn.Module):
     def __init__(self, vgg_path, lpips_path):
         super().__init__()
         # torchvision's VGG16 `features` layout: conv at 0, 2, 5, 7, ...; max-pool at 4, 9, 16, 23
-        layers, c = [], 3
+        layers = []
+        # input channels of the next conv
+        c = 3
         widths = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
         for v in widths:
             if v == "M":
@@ -430,7 +436,8 @@ class LPIPS(nn.Module):
 
     # (B, 3, H, W) in [-1, 1] -> 5 maps, unit-normalised over channels (eps 1e-10)
     def features_at_taps(self, x):
-        x, out = (x - self.shift) / self.scale, []
+        x = (x - self.shift) / self.scale
+        out = []
         for i, layer in enumerate(self.features):
             x = layer(x)
             if i in self.TAPS:
@@ -452,7 +459,8 @@ class LPIPS(nn.Module):
 # DiffAugment (Zhao et al. 2020; continuous_tokenizer utils/diff_aug.py): each policy fires with
 # probability `prob`, once per batch, with per-sample parameters. Weak: G and D steps. Strong:
 # consistency regularisation.
-WEAK, STRONG = ("color", "translation", "cutout_0.2"), ("color", "translation", "cutout_0.5")
+WEAK = ("color", "translation", "cutout_0.2")
+STRONG = ("color", "translation", "cutout_0.5")
 
 
 def _per_sample(x):  # (B, 1, 1, 1) uniform [0, 1)
@@ -722,7 +730,8 @@ class TokenizerLoss(UsesFrozen):
                 raise ValueError(f"REPA 'repeat' needs the {teacher.num_patches} teacher tokens to "
                                  f"be a multiple of the {tcfg.num_tokens} latent tokens; change "
                                  f"repa_patch_size")
-            h, d_t = cfg.repa_proj_dim, teacher.cls_token.shape[-1]
+            h = cfg.repa_proj_dim
+            d_t = teacher.cls_token.shape[-1]
             self.projector = nn.Sequential(nn.Linear(tcfg.token_dim, h), nn.SiLU(),
                                            nn.Linear(h, h), nn.SiLU(), nn.Linear(h, d_t))
 
@@ -784,7 +793,8 @@ class TokenizerLoss(UsesFrozen):
         K) the posterior cosine logits; last_layer: decoder.to_pixel.model.weight, for
         adaptive_disc_weight only (a compiled model runs that head eagerly:
         SoftVQVAE.set_eager_pixel_head) -> (loss, logs: detached scalar tensors, no host sync)."""
-        cfg, logs = self.cfg, {}
+        cfg = self.cfg
+        logs = {}
         logs["mse"] = mse = F.mse_loss(recon.float(), images.float())
         nll = cfg.mse_weight * mse  # the reconstruction part the adaptive weight balances against
         if "lpips" in self.frozen:
@@ -829,7 +839,9 @@ class TokenizerLoss(UsesFrozen):
         if not self.discriminator_active(step):
             zero = images.new_zeros(())
             return zero, {"d_loss": zero}
-        cfg, images, recon = self.cfg, images.detach(), recon.detach()
+        cfg = self.cfg
+        images = images.detach()
+        recon = recon.detach()
         real = self.disc(diff_augment(images, WEAK, 0.5))  # real and fake augmented independently
         fake = self.disc(diff_augment(recon, WEAK, 0.5))
         hinge = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
@@ -837,8 +849,8 @@ class TokenizerLoss(UsesFrozen):
         with torch.no_grad():
             means = torch.stack([real.mean(), fake.mean()]).to(self.lecam_ema_real.dtype)
             # the global batch's means: every rank holds the same EMAs, so rank 0's checkpoint
+            # resumes all of them exactly (one small all_reduce, no host sync)
             if _world() > 1:
-                # resumes all of them exactly (one small all_reduce, no host sync)
                 dist.all_reduce(means)
                 means /= _world()
             self.lecam_ema_real.lerp_(means[0], 0.001)

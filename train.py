@@ -16,23 +16,23 @@ by (seed, epoch), so `--resume` continues with exactly the losses an uninterrupt
 had.
 """
 import copy
-import math
 import os
 import sys
 import time
 import traceback
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
 import data
 import fid
-from model import (bf16_autocast, check_state_dict, clip_and_step, load_inception,
-                   load_state_dict_file, make_optimizer, mean_logs, micro_batch_sync, update_ema,
-                   wrap)
-from generator import (PREVIEW, Sampling, SiT, flow_matching_loss, generate_images,
-                       generator_checkpoint, load_tokenizer_for, sample_inputs, sit_config,
-                       tokenizer_info)
+from model import (bf16_autocast, check_finite, clip_and_step, cpu_copy, load_inception,
+                   load_state_dict_file, make_optimizer, mean_logs, micro_batch_sync, restore,
+                   update_ema, warmup_then_cosine, warmup_then_flat, wrap)
+from generator import (EVAL_SAMPLING, PREVIEW, LatentCache, SiT, flow_matching_loss,
+                       generate_images, generator_checkpoint, latent_stats, load_tokenizer_for,
+                       sample_inputs, sit_config, tokenizer_info, write_latent_cache)
 from tokenizer import (PRESETS, LossConfig, SoftVQVAE, TokenizerLoss, init_encoder_from_dinov2,
                        load_tokenizer, normalize_latents, tokenizer_checkpoint, tokenizer_config)
 
@@ -103,8 +103,8 @@ def make_parser():
                    help="PNG grid of reconstructions / samples")
     p.add_argument("--ckpt-every", type=int, default=10_000)
     p.add_argument("--eval-every", type=int, default=0,
-                   help="every N steps and at the end, an `eval` event in log.jsonl: tokenizer rFID, "
-                        "PSNR and SSIM of --eval-images held-out images; generator FID of "
+                   help="every N steps and at the end, an `eval` event in log.jsonl: tokenizer "
+                        "rFID, PSNR and SSIM of --eval-images held-out images; generator FID of "
                         "--eval-images samples against --eval-ref (0 = off)")
     p.add_argument("--eval-images", type=int, default=1000,
                    help="images (tokenizer) or samples (generator) of each evaluation")
@@ -185,24 +185,6 @@ def parse_args(argv=None):
     return args
 
 
-def warmup_then_cosine(step, args):
-    """The released tokenizer schedule (timm's, per step): linear warmup from 1e-5 to --lr over
-    --warmup-steps, then a cosine down to 0.1 x --lr at --steps."""
-    if step < args.warmup_steps:
-        return 1e-5 + (args.lr - 1e-5) * step / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return 0.1 * args.lr + 0.9 * args.lr * cosine
-
-
-def warmup_then_flat(step, args):
-    """SiT's schedule: a flat --lr (the released recipe has no warmup, the default --warmup-steps
-    0); with --warmup-steps, the tokenizer's linear warmup from 1e-5 first."""
-    if step < args.warmup_steps:
-        return warmup_then_cosine(step, args)
-    return args.lr
-
-
 # --------------------------------------------------------------------------------------------------
 # The stages. Each builds (in this order, so that a seed gives the same initial weights): its model,
 # its objective, its data; then the EMA copy and the optimizers; then loads `resume` and wraps the
@@ -230,7 +212,10 @@ class TokenizerStage:
     preview_name = "recon"
 
     def __init__(self, args, device, world, autocast, resume=None):
-        self.args, self.device, self.world, self.autocast = args, device, world, autocast
+        self.args = args
+        self.device = device
+        self.world = world
+        self.autocast = autocast
         overrides = {"image_size": args.image_size} if args.image_size else {}
         model = SoftVQVAE(tokenizer_config(args.preset, **overrides))
         self.warnings = []
@@ -304,7 +289,9 @@ class TokenizerStage:
 
     # images (B, 3, H, W) in [-1, 1]; step_index: the global step -> logs (tensors)
     def step(self, images, labels, step_index):
-        K, per_micro, recons = self.args.grad_accum, [], []
+        K = self.args.grad_accum
+        per_micro = []
+        recons = []
         for k, x in enumerate(images.chunk(K)):
             with micro_batch_sync(self.ddp, k, K):
                 with self.autocast:
@@ -365,13 +352,14 @@ class TokenizerStage:
         mean, std = latent_stats(self.ema, self.dataset, self.device, self.autocast, rank,
                                  self.world, self.args.workers, n=self.args.stats_images)
         for m in (self.model, self.ema):
-            m.config.latent_mean, m.config.latent_std = mean, std
+            m.config.latent_mean = mean
+            m.config.latent_std = std
 
     def report(self, log, step):
         log.note(event="done", step=step, latent_mean=self.model.config.latent_mean,
                  latent_std=self.model.config.latent_std,
-                 **evaluate_tokenizer(self.ema, self.holdout, self.device, self.autocast,
-                                      self.eval_split))
+                 **fid.reconstruction_psnr(self.ema, self.holdout, self.device, self.autocast,
+                                           self.eval_split))
 
     def checkpoint(self, step):
         extra = dict(step=step, optimizer=self.optimizer.state_dict(), args=vars(self.args),
@@ -386,10 +374,14 @@ class GeneratorStage:
     preview_name = "samples"
 
     def __init__(self, args, device, world, autocast, resume=None):
-        self.args, self.device, self.world, self.autocast = args, device, world, autocast
-        self.warnings, self.tokenizer = [], None
+        self.args = args
+        self.device = device
+        self.world = world
+        self.autocast = autocast
+        self.warnings = []
+        self.tokenizer = None
         if args.latents:
-            self.dataset = data.LatentCache(args.latents, seed=args.seed)
+            self.dataset = LatentCache(args.latents, seed=args.seed)
             meta = self.dataset.meta
             # the cache's tokenizer, unless --tokenizer names where it is now (for the previews)
             path, config_json = meta.get("path"), meta.get("config_json")
@@ -407,13 +399,11 @@ class GeneratorStage:
                                              seed=args.seed)
             self.info = tokenizer_info(args.tokenizer, args.tokenizer_config, tc.latent_mean,
                                        tc.latent_std)
-            num_tokens, token_dim = tc.num_tokens, tc.token_dim
+            num_tokens = tc.num_tokens
+            token_dim = tc.token_dim
             num_classes = max(1, len(getattr(self.dataset, "classes", [])))
         self.classes = list(getattr(self.dataset, "classes", []))
-        s = EVAL_SAMPLING
-        self.eval_setting = {"sampler": s.solver, "sampling_steps": s.steps, "cfg": s.cfg_scale,
-                             "guidance_interval": [s.guidance_low, s.guidance_high],
-                             "seed": args.seed}
+        self.eval_setting = {"sampling": asdict(EVAL_SAMPLING), "seed": args.seed}
         model = SiT(sit_config(args.preset, num_tokens, token_dim, num_classes=num_classes))
         model.set_grad_checkpointing(args.grad_checkpointing)
         self.model = model.to(device)
@@ -450,7 +440,8 @@ class GeneratorStage:
 
     # batch: latents (B, L, d) or images (B, 3, H, W); step_index unused (one objective) -> logs
     def step(self, batch, labels, step_index):
-        K, losses = self.args.grad_accum, []
+        K = self.args.grad_accum
+        losses = []
         for k, (x, y) in enumerate(zip(batch.chunk(K), labels.chunk(K))):
             with micro_batch_sync(self.ddp, k, K):
                 with self.autocast:
@@ -509,12 +500,6 @@ class GeneratorStage:
                                     optimizer=self.optimizer.state_dict(), args=vars(self.args))
 
 
-# The generator's in-training evaluation samples with the README's sampler (Euler-Maruyama, CFG
-# 1.75 on t in [0, 0.7]) in 50 steps instead of 250: a fifth of the cost, for a curve to follow.
-# sample.py --sampler sde --steps 50 --cfg 1.75 --guidance-high 0.7 gives the same images.
-EVAL_SAMPLING = Sampling("sde", steps=50, cfg_scale=1.75, guidance_low=0.0, guidance_high=0.7)
-
-
 # Settings that do not change the trajectory of a run; every other flag must match the checkpoint's
 # on --resume.
 RESUME_FREE = {"out", "resume", "allow_changes", "overwrite", "log_every", "sample_every",
@@ -551,51 +536,6 @@ def load_resume(args, ckpt_path):
                          f"{', '.join(changed)}; the run would not continue as it started. Use the "
                          "same flags, or add --allow-changes")
     return resume
-
-
-def restore(resume, parts, args):
-    """Load (name, module or optimizer) pairs from the resume checkpoint; one of another shape is a
-    user error."""
-    for name, obj in parts:
-        try:
-            if isinstance(obj, torch.nn.Module):
-                check_state_dict(obj, resume[name])
-            else:
-                obj.load_state_dict(resume[name])
-        except (KeyError, ValueError, RuntimeError) as e:
-            reason = " ".join(str(e).split())[:200]
-            raise ValueError(f"--resume: the {name} in {os.path.join(args.out, 'ckpt.pt')} does "
-                             f"not fit this run ({reason}); use another --out") from None
-
-
-def check_finite(nonfinite, step, ckpt_path):
-    """Stop a diverged run: `nonfinite` holds 1 + the first step whose loss or gradient norm was not
-    finite."""
-    bad = int(nonfinite)  # a host sync, only at log and checkpoint time
-    if bad:
-        if os.path.isfile(ckpt_path):
-            last = f"the newest checkpoint, {ckpt_path}, holds finite weights"
-        else:
-            last = "no checkpoint was written"
-        raise FloatingPointError(f"the loss or gradient norm is not finite at step {bad} (stopped "
-                                 f"at step {step}); {last}. Lower --lr, or check the data and "
-                                 "--grad-clip")
-
-
-def prepare_out(args, rank, names):
-    """Rank 0: refuse an output folder that cannot be written, lock it (-> the lock file, held for
-    the run's life; None on the other ranks), clean what killed writes of `names` left;
-    --overwrite removes `names`."""
-    if rank != 0:
-        return None
-    data.check_writable(args.out)
-    lock = data.lock_folder(os.path.join(args.out, ".lock"))
-    for name in names:
-        path = os.path.join(args.out, name)
-        data.remove_stale_temps(path)
-        if args.overwrite and os.path.isfile(path):
-            os.remove(path)
-    return lock
 
 
 def train_step(stage, args, batch, labels, step, rank):
@@ -673,18 +613,6 @@ def preflight(stage, args, start, rank, world, device, local_batch, log):
     log.note(event="preflight", phases=report)
 
 
-def cpu_copy(state):
-    """A copy of a (nested) state dict with every tensor cloned to the CPU: host memory, not the
-    GPU's."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: cpu_copy(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(cpu_copy(v) for v in state)
-    return copy.deepcopy(state)
-
-
 def train(args):
     rank, world, device = data.setup_distributed(timeout_s=args.timeout)
     autocast = bf16_autocast(device)
@@ -700,7 +628,7 @@ def train(args):
                 raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
                                  f"ranks x --grad-accum {args.grad_accum}")
             # the folder's lock first: a run that holds it is the reason to refuse, whatever else
-            lock = prepare_out(args, rank, ("ckpt.pt", "log.jsonl"))
+            lock = data.prepare_out(args, rank, ("ckpt.pt", "log.jsonl"))
             resume = load_resume(args, ckpt_path)
             # --eval-every's files, read now: a missing or wrong one ends the run before any work
             evaluation = None
@@ -838,33 +766,16 @@ def evaluate(stage, args, evaluation, step, rank, world, log):
              seconds=round(time.time() - start, 3))
 
 
-@torch.no_grad()
-def latent_stats(model, dataset, device, autocast, rank=0, world=1, workers=0, n=50_000, batch=64):
-    """Scalar mean and std of z over (up to n images of) the training set: x = (z - mean) / std for
-    the generator. Rank r encodes images r, r + world, ... with the data loader's workers; the sums
-    are all-reduced."""
-    _, loader = data.rank_loader(dataset, rank, world, batch, workers, n=n)
-    # read once at the end; a fixed shift, as the latent cache's statistics
-    stats = data.Moments(full=False, shift=0.0)
-    for images, _, _ in loader:
-        with autocast:
-            z = model.encode(data.to_model_range(images.to(device)))
-        stats.update(z.reshape(-1, 1))
-    stats.all_reduce(device)
-    mean, variance = (float(v[0]) for v in stats.compute())
-    return mean, math.sqrt(variance)
-
-
 def cache_latents(args, rank, world, device, autocast):
     """--stage cache: every image and its flip encoded once; stopped by a signal, the same command
-    continues where each rank stopped (data.write_latent_cache)."""
+    continues where each rank stopped (generator.write_latent_cache)."""
     lock = None
     try:
         with data.refusals_once():
             if args.batch_size % world:
                 raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
                                  f"ranks")
-            lock = prepare_out(args, rank, ("meta.json",))
+            lock = data.prepare_out(args, rank, ("meta.json",))
             if os.path.isfile(os.path.join(args.out, "meta.json")) and not args.overwrite:
                 raise FileExistsError(f"{args.out} holds a complete latent cache; pass --overwrite "
                                       f"to replace it or choose another --out")
@@ -873,7 +784,7 @@ def cache_latents(args, rank, world, device, autocast):
         dataset = data.make_dataset(args.data, tc.image_size, crop="center", seed=args.seed)
         info = tokenizer_info(args.tokenizer, args.tokenizer_config, tc.latent_mean, tc.latent_std)
         with data.GracefulStop(device) as stop:
-            moments = data.write_latent_cache(tokenizer, dataset, args.out, rank, world, device,
+            moments = write_latent_cache(tokenizer, dataset, args.out, rank, world, device,
                                               args.batch_size // world, args.workers, autocast,
                                               extra_meta=info, stop=stop, fresh=args.overwrite)
         if moments is None:
@@ -892,23 +803,6 @@ def cache_latents(args, rank, world, device, autocast):
     finally:
         if lock is not None:
             lock.close()
-
-
-@torch.no_grad()
-def evaluate_tokenizer(model, dataset, device, autocast, split, n=512, batch=64):
-    """PSNR of the reconstructions beside the PSNR of predicting the mean image, on the first n
-    images of `dataset`: the built-in data's held-out split (split "heldout": heldout_psnr), or for
-    a folder, which has no split, its own centre crops (split "train": train_psnr)."""
-    images = data.to_model_range(torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]))
-    recon = []
-    for i in range(0, len(images), batch):
-        with autocast:
-            recon.append(model(images[i:i + batch].to(device))[0].float().cpu())
-    mean_image = images.mean(0, keepdim=True).expand_as(images)
-    unit = lambda x: (x.clamp(-1, 1) + 1) / 2  # PSNR on the [0, 1] scale
-    recon_psnr = fid.psnr(unit(torch.cat(recon)), unit(images)).mean().item()
-    mean_image_psnr = fid.psnr(unit(mean_image), unit(images)).mean().item()
-    return {f"{split}_psnr": round(recon_psnr, 3), "mean_image_psnr": round(mean_image_psnr, 3)}
 
 
 def main(argv=None):
