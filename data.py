@@ -334,7 +334,9 @@ class Moments:
             self._allocate(int(width), device)
         self.sum = self.sum.to(device)
         self.squares = self.squares.to(device)
-        shift = torch.zeros_like(self.sum) + (0 if self.shift is None else self.shift)
+        shift = torch.zeros_like(self.sum)
+        if self.shift is not None:
+            shift += torch.as_tensor(self.shift, dtype=torch.float64, device=device)
         count = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
         if not self.fixed_shift:
             total = torch.cat([count, self.n * shift + self.sum])
