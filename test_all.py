@@ -3028,11 +3028,11 @@ def test_eval_every_logs_what_sample_py_and_fid_py_give_and_changes_no_loss(tmp_
     FID that `fid.py REF SAMPLES` gives on the samples `sample.py` draws with the stated sampler
     and seed. The losses are those of a run without evaluation; log.png is written; every line of
     log.jsonl is strict JSON."""
-    images = _image_folder(tmp_path / "imgs", n=8)
+    images = _image_folder(tmp_path / "imgs", n=6)
     tok = ["--stage", "tokenizer", "--preset", "softvq-tiny", "--data", images, "--steps", "4",
-           "--batch-size", "4", "--log-every", "1", "--workers", "0", "--stats-images", "8",
+           "--batch-size", "4", "--log-every", "1", "--workers", "0", "--stats-images", "6",
            "--seed", "3"]
-    evals = ["--eval-every", "2", "--eval-images", "8", "--inception", fid_ts_path]
+    evals = ["--eval-every", "2", "--eval-images", "6", "--inception", fid_ts_path]
     _train_on_one_thread(tok + evals + ["--out", str(tmp_path / "tok")])
     _train_on_one_thread(tok + ["--out", str(tmp_path / "plain")])
     records = [_strict_json(l) for l in open(tmp_path / "tok" / "log.jsonl")]
@@ -3042,7 +3042,7 @@ def test_eval_every_logs_what_sample_py_and_fid_py_give_and_changes_no_loss(tmp_
     evals_logged = [r for r in records if r.get("event") == "eval"]
     assert [r["step"] for r in evals_logged] == [2, 4]
     last = evals_logged[-1]
-    assert last["images"] == 8 and last["split"] == "train" and last["seconds"] > 0
+    assert last["images"] == 6 and last["split"] == "train" and last["seconds"] > 0
     S.main(["--ckpt", str(tmp_path / "tok" / "ckpt.pt"), "--images", images, "--batch-size", "3",
             "--workers", "0", "--device", "cpu", "--inception", fid_ts_path,
             "--out", str(tmp_path / "recon")])
@@ -3061,7 +3061,7 @@ def test_eval_every_logs_what_sample_py_and_fid_py_give_and_changes_no_loss(tmp_
     gen = ["--stage", "generator", "--preset", "sit-tiny", "--tokenizer",
            str(tmp_path / "tok" / "ckpt.pt"), "--data", images, "--steps", "2", "--batch-size", "4",
            "--log-every", "1", "--workers", "0", "--seed", "5", "--eval-every", "2",
-           "--eval-images", "6", "--eval-ref", ref, "--inception", fid_ts_path,
+           "--eval-images", "4", "--eval-ref", ref, "--inception", fid_ts_path,
            "--out", str(tmp_path / "gen")]
     _train_on_one_thread(gen)
     records = [_strict_json(l) for l in open(tmp_path / "gen" / "log.jsonl")]
@@ -3069,13 +3069,13 @@ def test_eval_every_logs_what_sample_py_and_fid_py_give_and_changes_no_loss(tmp_
     assert logged["sampling"] == {"solver": "sde", "steps": 50, "cfg_scale": 1.75,
                                   "guidance_low": 0.0, "guidance_high": 0.7}
     assert logged["seed"] == 5
-    S.main(["--ckpt", str(tmp_path / "gen" / "ckpt.pt"), "--num-samples", "6", "--sampler", "sde",
+    S.main(["--ckpt", str(tmp_path / "gen" / "ckpt.pt"), "--num-samples", "4", "--sampler", "sde",
             "--steps", "50", "--cfg", "1.75", "--guidance-high", "0.7", "--seed", "5",
             "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "samples.npz")])
     measured = _fid_line(capsys, [ref, str(tmp_path / "samples.npz"), "--inception", fid_ts_path,
                                   "--workers", "0"])
     assert logged["fid"] == pytest.approx(measured, rel=1e-6)
-    assert logged["images"] == 6
+    assert logged["images"] == 4
     # a cached generator whose tokenizer has gone cannot decode samples: refused at the start
     cache = tmp_path / "cache"
     train.main(["--stage", "cache", "--tokenizer", str(tmp_path / "tok" / "ckpt.pt"), "--data",
