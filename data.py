@@ -289,10 +289,10 @@ def batches(dataset, sampler, batch_size, workers, step, pin_memory=False):
 # (the latent statistics, the FID features, the linear probe's standardisation).
 class Moments:
     """Streaming mean and covariance of rows x (N, D), or with full=False each column's variance,
-    in float64 on x's device and without a host sync until compute(). It keeps the count, the sum of
-    x - shift and the sum of its outer products (or squares). The shift is `shift`, or else the
-    first batch's mean: with a mean far from 0 the one-pass formula would otherwise lose its digits
-    to cancellation. Variances divide by N - 1, as np.cov."""
+    in float64 on x's device, without a host sync until all_reduce() or compute(). It keeps the
+    count, the sum of x - shift and the sum of its outer products (or squares). The shift is
+    `shift`, or else the first batch's mean: with a mean far from 0 the one-pass formula would
+    otherwise lose its digits to cancellation. Variances divide by N - 1, as np.cov."""
 
     def __init__(self, full=True, shift=None):
         self.full = full
@@ -303,6 +303,7 @@ class Moments:
         # allocated at the first rows, on their device: (D,) and (D, D) or (D,)
         self.sum = None
         self.squares = None
+        self.reduced = False
 
     def _allocate(self, dim, device):
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -311,6 +312,9 @@ class Moments:
 
     def update(self, x):  # x: (N, D)
         x = torch.as_tensor(x).double()
+        # an empty first batch would make its mean, the shift, NaN
+        if len(x) == 0:
+            return
         if self.sum is None:
             self._allocate(x.shape[1], x.device)
         if self.shift is None:
@@ -327,6 +331,9 @@ class Moments:
         sum_i (x_i - c)(x_i - c)^T = Q + S δ^T + δ S^T + n δ δ^T, with δ = a - c."""
         if not dist.is_initialized():
             return
+        # a second call would add the merged sums up again
+        assert not self.reduced, "Moments.all_reduce: already merged"
+        self.reduced = True
         # a rank that saw no rows learns the width from the others
         width = torch.tensor(0 if self.sum is None else len(self.sum), device=device)
         dist.all_reduce(width, op=dist.ReduceOp.MAX)
@@ -370,12 +377,15 @@ class Moments:
         return (self.shift + mean).cpu().numpy(), (spread * self.n / (self.n - 1)).cpu().numpy()
 
     def state(self):
-        """The sums as a flat list (a stopped job's JSON record): count, sum, squares."""
+        """The sums as a flat list (a stopped job's JSON record): count, sum, squares. With a
+        fixed shift only: the list does not hold a first batch's mean."""
+        assert self.fixed_shift, "Moments.state needs a fixed shift"
         if self.sum is None:
             return [0.0]
         return [float(self.n), *self.sum.tolist(), *self.squares.flatten().tolist()]
 
     def load_state(self, values, dim, device):
+        assert self.fixed_shift, "Moments.load_state needs a fixed shift"
         values = torch.tensor(values, dtype=torch.float64, device=device)
         self.n = int(values[0].item())
         if self.n:
@@ -386,15 +396,15 @@ class Moments:
 
 # --------------------------------------------------------------------------------------------------
 # Images out: uint8 conversion and PNG grids.
-def quantize(images):
+def to_uint8_tensor(images):
     """(B, 3, H, W) in [-1, 1] -> uint8 (B, 3, H, W) on their device: clamp(127.5 x + 128, 0, 255)
     truncated (ADM/SiT sample.py)."""
     return (127.5 * images.float() + 128).clamp(0, 255).to(torch.uint8)
 
 
 def to_uint8(images):
-    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) numpy, as `quantize`."""
-    return quantize(images).permute(0, 2, 3, 1).cpu().numpy()
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) numpy, as `to_uint8_tensor`."""
+    return to_uint8_tensor(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def labelled_grid(images, labels, class_names=None):
@@ -429,11 +439,24 @@ PLOT_COLOUR = (31, 119, 180)
 
 def plot_log(log_path, png_path, width=640, height=160):
     """log.jsonl -> a PNG with one panel per curve of PLOT_KEYS that the log has (a resumed run's
-    repeated steps keep their last value; a diverged value, logged as null, is left out)."""
+    repeated steps keep their last value; a diverged value, logged as null, is left out). A picture
+    never fails a run: a problem drawing it is a warning."""
+    try:
+        _draw_log(log_path, png_path, width, height)
+    except (OSError, ValueError) as e:
+        print(f"WARNING: {png_path} not drawn: {type(e).__name__}: {e}", file=sys.stderr,
+              flush=True)
+
+
+def _draw_log(log_path, png_path, width, height):
     curves = {}
     with open(log_path) as f:
         for line in f:
-            record = json.loads(line)
+            # a line cut short by a kill or a full disk is left out
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
             if "step" not in record or record.get("event") not in (None, "eval"):
                 continue
             for key in PLOT_KEYS:
@@ -455,7 +478,10 @@ def plot_log(log_path, png_path, width=640, height=160):
     for i, (key, points) in enumerate(curves.items()):
         y0 = i * height + top
         low = min(points.values())
-        high = max(max(points.values()), low + 1e-12)
+        high = max(points.values())
+        # a flat curve: a band around its value
+        if high <= low:
+            high = low + max(abs(low), 1.0) * 1e-6
         xy = [(left + (s - first) / (last - first) * plot_w,
                y0 + (high - v) / (high - low) * plot_h) for s, v in sorted(points.items())]
         draw.rectangle([left, y0, left + plot_w, y0 + plot_h], outline="grey")

@@ -318,6 +318,8 @@ def precision_recall(ref, samples, k=3, block=4096, device='cpu', distances='flo
     if min(len(r), len(s)) <= k:
         raise ValueError(f'precision/recall need more than k = {k} images on each side, '
                          f'got {len(r)} and {len(s)}')
+    if distances not in ('float32', 'adm'):
+        raise ValueError(f"distances {distances!r}: choose 'float32' or 'adm'")
     adm = distances == 'adm'
     if adm:
         # the evaluator casts the features to float16 and sums their squares in float16
@@ -637,7 +639,8 @@ def read_reference(path):
         raise ValueError(f'{path} holds no statistics (mu, sigma); write them with '
                          f'`python fid.py --save-stats IMAGES {path}`')
     with np.load(path) as z:
-        mu, sigma = z['mu'].astype(np.float64), z['sigma'].astype(np.float64)
+        mu = z['mu'].astype(np.float64)
+        sigma = z['sigma'].astype(np.float64)
     if mu.shape != (2048,) or sigma.shape != (2048, 2048):
         raise ValueError(f'{path}: mu {mu.shape} and sigma {sigma.shape} are not the pool_3 '
                          f'statistics (2048,) and (2048, 2048)')
@@ -645,37 +648,46 @@ def read_reference(path):
 
 
 @torch.no_grad()
-@_cuda_precision(False)
 def evaluate_batches(batches, net, reference=None, pairs=False):
     """One rank's share of an evaluation; every rank calls it. `batches` yields (real, generated)
     uint8 (B, 3, H, W) on the Inception's device; real is None for samples. The FID is the
     generated images' against `reference` (mu, sigma); for reconstructions (`pairs`) the
     reference may be None: the real images' statistics are then taken here (their rFID, as
-    sample.py --images), and returned to be passed next time.
+    sample.py --images), and returned to be passed next time. Every rank computes the distance:
+    the same numbers everywhere, and an error on all ranks at once.
     -> ({'images': all ranks', 'fid', and with pairs the means of pair_scores}, reference)."""
+    if reference is None and not pairs:
+        raise ValueError('an evaluation of samples needs reference statistics (mu, sigma)')
     device = next(net.parameters()).device
     real = data.Moments()
     generated = data.Moments()
     # images, then the sums of psnr, ssim_gaussian, ssim_official
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for a, b in batches:
-        generated.update(_encode(b.permute(0, 2, 3, 1), net))
+        # exact fp32 features on CUDA, as fid.py's default; the model that made the batch ran
+        # with the caller's settings
+        with _cuda_precision(False):
+            generated.update(_encode(b.permute(0, 2, 3, 1), net))
+            if pairs and reference is None:
+                real.update(_encode(a.permute(0, 2, 3, 1), net))
         sums[0] += len(b)
         if pairs:
             sums[1:] += torch.stack([s.sum() for s in pair_scores(a, b).values()])
-            if reference is None:
-                real.update(_encode(a.permute(0, 2, 3, 1), net))
     generated.all_reduce(device)
     if reference is None:
         real.all_reduce(device)
         reference = real.compute()
     if dist.is_initialized():
         dist.all_reduce(sums)
-    # the generated images first, as the ADM evaluator (fid.py REF SAMPLES)
-    scores = {'images': int(sums[0]), 'fid': frechet_distance(*generated.compute(), *reference)}
+    scores = {'images': int(sums[0])}
     if pairs:
+        # the real images first, as sample.py --images
+        scores['fid'] = frechet_distance(*reference, *generated.compute())
         means = (sums[1:] / sums[0]).tolist()
         scores.update(zip(('psnr', 'ssim_gaussian', 'ssim_official'), means))
+    else:
+        # the samples first, as the ADM evaluator (fid.py REF SAMPLES)
+        scores['fid'] = frechet_distance(*generated.compute(), *reference)
     return scores, reference
 
 
@@ -693,9 +705,10 @@ def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_
     """Top-1 of a linear softmax classifier fitted on a training latent cache and scored on a
     validation one (generator.LatentCache from `train.py --stage cache`: latents.npy (N, 2, L, d)
     float16, index 1 the flip). Features: each image's L x d tokens flattened (pool='flatten') or
-    averaged over L ('mean'), standardised per dimension with the training set's mean and std.
-    Trained on every image and its flip, validated on the images unflipped; AdamW, cosine decay over
-    `epochs`, zero-initialised weights, seeded so that a rerun repeats.
+    averaged over L ('mean'), standardised per dimension with the training set's mean and std
+    (data.Moments: N - 1; before 2026-12-07 N, a difference of ~1/(2N)). Trained on every image
+    and its flip, validated on the images unflipped; AdamW, cosine decay over `epochs`,
+    zero-initialised weights, seeded so that a rerun repeats.
     -> {'top1', 'train_top1', 'train_examples', 'val_images', 'classes', 'features'}."""
     tr, va = LatentCache(train_dir), LatentCache(val_dir)
     if tr.latents.shape[2:] != va.latents.shape[2:]:

