@@ -4102,13 +4102,24 @@ def _one_error_line(proc):
 
 def test_refusal_under_torchrun_is_printed_once(tmp_path):
     """A start-of-run refusal on 2 ranks: one `error:` line (rank 0's), and both ranks exit with
-    status 2."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "train.py", *T("--batch-size", "7", "--out", str(tmp_path / "run"))]
-    err = _run(cmd).stderr
-    assert [l for l in err.splitlines() if l.startswith("error:")] == [
-        "error: --batch-size 7 is not divisible by the 2 ranks x --grad-accum 1"], err[-3000:]
-    assert err.count("exitcode  : 2") == 2 and not (tmp_path / "run" / "ckpt.pt").exists()
+    status 2. The ranks are started with the variables torchrun sets, without torchrun: once one
+    worker has exited, torchrun may kill the other before it exits by itself."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "train.py", *T("--batch-size", "7", "--out", str(tmp_path / "run"))]
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        ranks.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = [(p.wait(timeout=120), p.communicate()[1]) for p in ranks]
+    errors = [[l for l in err.splitlines() if l.startswith("error:")] for _, err in results]
+    assert errors == [["error: --batch-size 7 is not divisible by the 2 ranks x --grad-accum 1"],
+                      []], results
+    assert [code for code, _ in results] == [2, 2], results
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
 def test_probe_disk_full_during_a_checkpoint(tmp_path):
