@@ -655,7 +655,8 @@ def evaluate_batches(batches, net, reference=None, pairs=False):
     reference may be None: the real images' statistics are then taken here (their rFID, as
     sample.py --images), and returned to be passed next time. Every rank computes the distance:
     the same numbers everywhere, and an error on all ranks at once.
-    -> ({'images': all ranks', 'fid', and with pairs the means of pair_scores}, reference)."""
+    -> ({'images': all ranks', 'fid', or with pairs 'rfid' and the means of pair_scores},
+    reference)."""
     if reference is None and not pairs:
         raise ValueError('an evaluation of samples needs reference statistics (mu, sigma)')
     device = next(net.parameters()).device
@@ -682,7 +683,7 @@ def evaluate_batches(batches, net, reference=None, pairs=False):
     scores = {'images': int(sums[0])}
     if pairs:
         # the real images first, as sample.py --images
-        scores['fid'] = frechet_distance(*reference, *generated.compute())
+        scores['rfid'] = frechet_distance(*reference, *generated.compute())
         means = (sums[1:] / sums[0]).tolist()
         scores.update(zip(('psnr', 'ssim_gaussian', 'ssim_official'), means))
     else:

@@ -678,6 +678,8 @@ def train(args):
                 print(f"stopped by {stop.name} at step {step}: {ckpt_path} holds it; continue "
                       f"with the same command and --resume", file=sys.stderr, flush=True)
             if dist.is_initialized():
+                # the ranks exit together: once one worker has exited, torchrun stops the others
+                dist.barrier()
                 dist.destroy_process_group()
             sys.exit(data.STOPPED)
         if rank == 0:
@@ -761,8 +763,6 @@ def evaluate(stage, args, evaluation, step, rank, world, log):
     pairs = isinstance(stage, TokenizerStage)
     scores, evaluation["reference"] = fid.evaluate_batches(
         stage.eval_batches(rank, world, batch), evaluation["net"], evaluation["reference"], pairs)
-    if pairs:
-        scores["rfid"] = scores.pop("fid")
     log.note(event="eval", step=step, **stage.eval_setting, **scores,
              seconds=round(time.time() - start, 3))
 
