@@ -284,7 +284,7 @@ def check_state_dict(module, sd, ignore=()):
 # --------------------------------------------------------------------------------------------------
 # The optimisation pieces both training stages share (train.py): the optimizer (nanoGPT keeps
 # its configure_optimizers beside the model too), DDP and compile, one step, the EMA, the
-# learning-rate schedules, the divergence check, and putting a resumed run's states back.
+# learning-rate schedules, the divergence check, and checking and putting back a resumed run.
 def make_optimizer(params, args, device, betas):
     params = [p for p in params if p.requires_grad]
     # CUDA: fused. CPU: foreach, bit-identical to the per-tensor loop, faster (fused rounds
@@ -377,6 +377,39 @@ def warmup_then_flat(step, args):
     if step < args.warmup_steps:
         return warmup_then_cosine(step, args)
     return args.lr
+
+
+def load_resume(args, ckpt_path, resume_free):
+    """train.py: the checkpoint to continue (with --resume), after checking it is a training
+    checkpoint of this run's kind and preset, made with the same settings (or --allow-changes)
+    but for the flags in `resume_free`, which do not change a run's trajectory."""
+    if not args.resume:
+        if os.path.isfile(ckpt_path) and not args.overwrite:
+            raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue it, --overwrite "
+                                  "to replace it, or choose another --out")
+        return None
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"--resume: {ckpt_path} does not exist; start without --resume")
+    resume = load_state_dict_file(ckpt_path)
+    is_training = (isinstance(resume, dict) and isinstance(resume.get("args"), dict)
+                   and "step" in resume)
+    if not is_training:
+        raise ValueError(f"--resume: {ckpt_path} is not a training checkpoint of train.py "
+                         "(released weights load with --init-encoder / --tokenizer, not "
+                         "--resume); use another --out")
+    if resume.get("kind") != args.stage or resume["args"].get("preset") != args.preset:
+        raise ValueError(f"--resume: {ckpt_path} is a {resume.get('kind')} "
+                         f"{resume['args'].get('preset')} checkpoint, not {args.stage} "
+                         f"{args.preset}; use another --out")
+    stored = resume["args"]
+    changed = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {stored[k]!r})"
+               for k, v in sorted(vars(args).items())
+               if k not in resume_free and k in stored and stored[k] != v]
+    if changed and not args.allow_changes:
+        raise ValueError(f"--resume with other settings than {ckpt_path} was made with: "
+                         f"{', '.join(changed)}; the run would not continue as it started. Use the "
+                         "same flags, or add --allow-changes")
+    return resume
 
 
 def restore(resume, parts, args):

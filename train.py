@@ -28,8 +28,8 @@ import torch.distributed as dist
 import data
 import fid
 from model import (bf16_autocast, check_finite, clip_and_step, cpu_copy, load_inception,
-                   load_state_dict_file, make_optimizer, mean_logs, micro_batch_sync, restore,
-                   update_ema, warmup_then_cosine, warmup_then_flat, wrap)
+                   load_resume, make_optimizer, mean_logs, micro_batch_sync, restore, update_ema,
+                   warmup_then_cosine, warmup_then_flat, wrap)
 from generator import (EVAL_SAMPLING, PREVIEW, LatentCache, SiT, flow_matching_loss,
                        generate_images, generator_checkpoint, latent_stats, load_tokenizer_for,
                        sample_inputs, sit_config, tokenizer_info, write_latent_cache)
@@ -506,37 +506,6 @@ RESUME_FREE = {"out", "resume", "allow_changes", "overwrite", "log_every", "samp
                "eval_every", "eval_images", "eval_ref", "inception"}
 
 
-def load_resume(args, ckpt_path):
-    """The checkpoint to continue (with --resume), after checking it is a training checkpoint of
-    this run's kind and preset, made with the same settings (or --allow-changes)."""
-    if not args.resume:
-        if os.path.isfile(ckpt_path) and not args.overwrite:
-            raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue it, --overwrite "
-                                  "to replace it, or choose another --out")
-        return None
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"--resume: {ckpt_path} does not exist; start without --resume")
-    resume = load_state_dict_file(ckpt_path)
-    if not isinstance(resume,
-                      dict) or not isinstance(resume.get("args"), dict) or "step" not in resume:
-        raise ValueError(f"--resume: {ckpt_path} is not a training checkpoint of train.py "
-                         "(released weights load with --init-encoder / --tokenizer, not "
-                         "--resume); use another --out")
-    if resume.get("kind") != args.stage or resume["args"].get("preset") != args.preset:
-        raise ValueError(f"--resume: {ckpt_path} is a {resume.get('kind')} "
-                         f"{resume['args'].get('preset')} checkpoint, not {args.stage} "
-                         f"{args.preset}; use another --out")
-    stored = resume["args"]
-    changed = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {stored[k]!r})" for k,
-               v in sorted(vars(args).items())
-               if k not in RESUME_FREE and k in stored and stored[k] != v]
-    if changed and not args.allow_changes:
-        raise ValueError(f"--resume with other settings than {ckpt_path} was made with: "
-                         f"{', '.join(changed)}; the run would not continue as it started. Use the "
-                         "same flags, or add --allow-changes")
-    return resume
-
-
 def train_step(stage, args, batch, labels, step, rank):
     """One optimisation step at global step `step`: randomness seeded by (seed, step, rank), so that
     a resumed run repeats it; the schedule's learning rate; the stage's step (the EMA follows in the
@@ -628,7 +597,7 @@ def train(args):
                                  f"ranks x --grad-accum {args.grad_accum}")
             # the folder's lock first: a run that holds it is the reason to refuse, whatever else
             lock = data.prepare_out(args, rank, ("ckpt.pt", "log.jsonl", "log.png"))
-            resume = load_resume(args, ckpt_path)
+            resume = load_resume(args, ckpt_path, RESUME_FREE)
             # --eval-every's files, read now: a missing or wrong one ends the run before any work
             evaluation = None
             if args.eval_every:
