@@ -4362,7 +4362,7 @@ def test_size_budget_functions_under_100_lines_and_no_references_outside_the_rep
     # ~750, and no module line over 100 columns (explanations go on full lines above the code).
     # 4,527 lines today: 4,116 before evaluation during training, the one way of taking moments
     # and the --pr-distances option (+~320) and the unfolding of packed assignments (+~90).
-    assert sum(sizes.values()) <= 4550 and max(sizes.values()) <= 760, sizes
+    assert sum(sizes.values()) <= 4550 and max(sizes.values()) <= 750, sizes
     # no line over 100 columns in the modules, nor in this file
     files = [f"{m}.py" for m in MODULES] + [Path(__file__).name]
     wide = [f"{name}:{i}" for name in files
