@@ -238,7 +238,7 @@ class Sampling:
 PREVIEW = Sampling("ode", steps=50, cfg_scale=4.0)
 # train.py --eval-every samples with the README's sampler (Euler-Maruyama, CFG 1.75 on t in
 # [0, 0.7]) in 50 steps instead of 250: a fifth of the cost, for a curve to follow.
-# `sample.py --sampler sde --steps 50 --cfg 1.75 --guidance-high 0.7` gives the same images.
+# `sample.py --sampler sde --steps 50 --cfg 1.75 --guidance-high 0.7` draws the same samples.
 EVAL_SAMPLING = Sampling("sde", steps=50, cfg_scale=1.75, guidance_low=0.0, guidance_high=0.7)
 
 

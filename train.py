@@ -472,8 +472,9 @@ class GeneratorStage:
 
     def eval_batches(self, rank, world, batch):
         """For --eval-every: this rank's share (k = r, r + world, ...) of --eval-images EMA
-        samples, uint8 (B, 3, H, W), exactly those of `sample.py --num-samples K --seed SEED` with
-        the EVAL_SAMPLING settings: sample k's noise, label and SDE noise come from (seed, k)."""
+        samples, uint8 (B, 3, H, W), those of `sample.py --num-samples K --seed SEED` with the
+        EVAL_SAMPLING settings: sample k's noise, label and SDE noise come from (seed, k) (on a CPU
+        the same images bit for bit; on a GPU up to the kernels' rounding at another batch)."""
         c = self.ema.config
         indices = list(range(rank, self.args.eval_images, world))
         for i in range(0, len(indices), batch):
