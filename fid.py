@@ -322,7 +322,9 @@ def precision_recall(ref, samples, k=3, block=4096, device='cpu', distances='flo
         raise ValueError(f"distances {distances!r}: choose 'float32' or 'adm'")
     adm = distances == 'adm'
     if adm:
-        # the evaluator casts the features to float16 and sums their squares in float16
+        # the evaluator casts the features to float16 and sums their squares in float16, in an
+        # order its machine's TensorFlow chooses; here the float16 squares are summed in float32
+        # and rounded once (README, Evaluation)
         r = _half(r)
         s = _half(s)
         r2 = _half(_half(r * r).sum(1))

@@ -283,7 +283,8 @@ def reconstruct(args, device, rank, world):
     set (uint8 images; LPIPS on them mapped to [-1, 1]) and rFID (fid.py, real crops vs
     reconstructions) when the Inception weights are there. Sharded over ranks: rank r takes
     images r, r + world, ...; everything is computed batch by batch (memory does not grow with the
-    number of images) and rank 0 merges the ranks' small parts."""
+    number of images), the ranks' Inception statistics are all-reduced (data.Moments) and rank 0
+    merges the ranks' small per-image parts."""
     tok = load_tokenizer(args.ckpt, args.config).to(device)
     ds = data.ImageFolderDataset(args.images, tok.config.image_size, crop="center")
     mine, loader = data.rank_loader(ds, rank, world, args.batch_size, args.workers,
