@@ -4318,7 +4318,7 @@ def test_size_budget_functions_under_100_lines_and_no_references_outside_the_rep
              for m in MODULES}
     # a readability budget: short because simple, not packed. Non-blank lines, no module over
     # ~750, and no module line over 100 columns (explanations go on full lines above the code).
-    # 4,531 lines today: 4,116 before evaluation during training, the one way of taking moments
+    # 4,534 lines today: 4,116 before evaluation during training, the one way of taking moments
     # and the --pr-distances option (+~320) and the unfolding of packed assignments (+~90).
     assert sum(sizes.values()) <= 4550 and max(sizes.values()) <= 750, sizes
     # no line over 100 columns in the modules, nor in this file

@@ -17,6 +17,7 @@ had.
 """
 import copy
 import os
+import signal
 import sys
 import time
 import traceback
@@ -648,7 +649,9 @@ def train(args):
                 print(f"stopped by {stop.name} at step {step}: {ckpt_path} holds it; continue "
                       f"with the same command and --resume", file=sys.stderr, flush=True)
             if dist.is_initialized():
-                # the ranks exit together: once one worker has exited, torchrun stops the others
+                # The checkpoint is written: nothing is left to lose. Once one worker has exited
+                # (status 3), torchrun sends SIGTERM to the others, which are exiting too
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 dist.barrier()
                 dist.destroy_process_group()
             sys.exit(data.STOPPED)
