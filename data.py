@@ -1,6 +1,7 @@
-"""Data and the plumbing every entry point shares: image folders, the built-in shapes, the SoftVQ
-training crops, a resumable sharded sampler, streaming moments, image grids and log plots;
-distributed setup, seeds, atomic writes, user errors, graceful stops and output locks.
+"""Part 1, data: image folders, the built-in shapes, the SoftVQ training crops, a resumable sharded
+sampler, streaming moments (`Moments`), image grids, and the latent cache (a dataset of tokenizer
+latents) with the latent statistics. Part 2, the run plumbing the entry points share: distributed
+setup, the seed recipe, atomic writes, one-line user errors, graceful stops and the output lock.
 
 Every random choice of an item (crop, flip) comes from a generator seeded by (seed, epoch, index),
 and the sampler's order from (seed, epoch); so the stream of batches is a pure function of the step:
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -93,7 +93,8 @@ def center_crop(img, size):
     """ADM centre crop (guided-diffusion `center_crop_arr`): short side to `size`, then the central
     square."""
     img = _resize_short_side(img, size)
-    x, y = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    x = (img.size[0] - size) // 2
+    y = (img.size[1] - size) // 2
     return img.crop((x, y, x + size, y + size))
 
 
@@ -186,7 +187,8 @@ class BuiltinShapes(torch.utils.data.Dataset):
         yy, xx = self.grid  # coordinates in [0, 1)
         cx, cy = rng.uniform(0.43, 0.57, size=2)
         r = rng.uniform(0.32, 0.45)
-        dx, dy = xx - cx, yy - cy
+        dx = xx - cx
+        dy = yy - cy
         period = rng.uniform(0.2, 0.32)
         mask = [lambda: np.hypot(dx, dy) < r,  # only the label's mask is drawn
                 lambda: np.maximum(abs(dx), abs(dy)) < r * 0.85,
@@ -197,7 +199,8 @@ class BuiltinShapes(torch.utils.data.Dataset):
                 # horizontal, vertical stripes
                 lambda: (yy / period) % 1 < 0.5, lambda: (xx / period) % 1 < 0.5,
                 lambda: ((xx / period).astype(int) + (yy / period).astype(int)) % 2 == 0][label]()
-        fg, bg = rng.uniform(-1, 1, size=3), rng.uniform(-1, 1, size=3)
+        fg = rng.uniform(-1, 1, size=3)
+        bg = rng.uniform(-1, 1, size=3)
         while np.abs(fg - bg).sum() < 1.5:  # keep the shape visible
             fg = rng.uniform(-1, 1, size=3)
         img = np.where(mask[None], fg[:, None, None], bg[:, None, None]).astype(np.float32)
@@ -431,88 +434,184 @@ def labelled_grid(images, labels, class_names=None):
     return grid
 
 
-# The curves train.py draws beside log.jsonl at the end of a run: the training loss of each log
-# line and the numbers of each `eval` event (--eval-every), one panel each, against the step.
-PLOT_KEYS = ("loss", "rfid", "fid", "psnr", "ssim_official")
-PLOT_COLOUR = (31, 119, 180)
-
-
-def plot_log(log_path, png_path, width=640, height=160):
-    """log.jsonl -> a PNG with one panel per curve of PLOT_KEYS that the log has (a resumed run's
-    repeated steps keep their last value; a diverged value, logged as null, is left out). A picture
-    never fails a run: a problem drawing it is a warning."""
-    try:
-        _draw_log(log_path, png_path, width, height)
-    except (OSError, ValueError) as e:
-        print(f"WARNING: {png_path} not drawn: {type(e).__name__}: {e}", file=sys.stderr,
-              flush=True)
-
-
-def _draw_log(log_path, png_path, width, height):
-    curves = {}
-    with open(log_path) as f:
-        for line in f:
-            # a line cut short by a kill or a full disk is left out
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if "step" not in record or record.get("event") not in (None, "eval"):
-                continue
-            for key in PLOT_KEYS:
-                if isinstance(record.get(key), (int, float)):
-                    curves.setdefault(key, {})[record["step"]] = record[key]
-    if not curves:
-        return
-    steps = [s for points in curves.values() for s in points]
-    first = min(steps)
-    last = max(max(steps), first + 1)
-    # the plotting area of a panel, inside margins for the labels
-    left = 64
-    top = 16
-    plot_w = width - left - 12
-    plot_h = height - top - 24
-    font = ImageFont.load_default()
-    image = Image.new("RGB", (width, height * len(curves)), "white")
-    draw = ImageDraw.Draw(image)
-    for i, (key, points) in enumerate(curves.items()):
-        y0 = i * height + top
-        low = min(points.values())
-        high = max(points.values())
-        # a flat curve: a band around its value
-        if high <= low:
-            high = low + max(abs(low), 1.0) * 1e-6
-        xy = [(left + (s - first) / (last - first) * plot_w,
-               y0 + (high - v) / (high - low) * plot_h) for s, v in sorted(points.items())]
-        draw.rectangle([left, y0, left + plot_w, y0 + plot_h], outline="grey")
-        draw.text((left, y0 - 14), key, fill="black", font=font)
-        draw.text((4, y0), f"{high:.4g}", fill="black", font=font)
-        draw.text((4, y0 + plot_h - 10), f"{low:.4g}", fill="black", font=font)
-        draw.text((left, y0 + plot_h + 4), f"step {first}", fill="black", font=font)
-        draw.text((left + plot_w - 70, y0 + plot_h + 4), f"step {last}", fill="black", font=font)
-        if len(xy) > 1:
-            draw.line(xy, fill=PLOT_COLOUR, width=2)
-        # the points too, where they are few enough to be told apart (the evaluations)
-        if len(xy) < 50:
-            for x, y in xy:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=PLOT_COLOUR)
-    atomic_write(png_path, lambda f: image.save(f, format="PNG"))
-
-
 # --------------------------------------------------------------------------------------------------
-# Run plumbing shared by train.py, sample.py and fid.py.
+# The latent cache: every image and its horizontal flip encoded once by a tokenizer (the SiT
+# training of continuous_tokenizer uses both), a dataset of latents; and the latent statistics.
+@torch.no_grad()
+def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size, workers, autocast,
+                       extra_meta=None, stop=None, fresh=False):
+    """Each rank encodes items rank, rank + world, ... straight into the shared memory map. Returns
+    the measured (mean, std) of the cache; meta.json records them beside `extra_meta` (the tokenizer
+    and its own statistics). meta.json marks a complete cache: it is removed first and written last,
+    so a killed run never leaves old metadata beside new latents.
+    A signal (`stop`, a GracefulStop) ends a rank after its batch: it records in
+    progress_rank{r}.json how many of its items are done and their float64 sums, and returns None.
+    The same command then continues each rank from there (same ranks, batch and tokenizer; else,
+    or with `fresh`, it starts over), with the cache and statistics an unstopped run writes."""
+    cfg = tokenizer.config
+    n = len(dataset)
+    path = os.path.join(out, "latents.npy")
+    shape = (n, 2, cfg.num_tokens, cfg.token_dim)
+
+    def progress(r):
+        return os.path.join(out, f"progress_rank{r}.json")
+
+    settings = {"world": world, "count": n, "batch_size": batch_size, **(extra_meta or {})}
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        if os.path.exists(os.path.join(out, "meta.json")):
+            os.remove(os.path.join(out, "meta.json"))
+        if fresh or not _can_continue(path, shape, [progress(r) for r in range(world)], settings):
+            for name in os.listdir(out):
+                if name.startswith("progress_rank"):
+                    os.remove(os.path.join(out, name))
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+            np.save(os.path.join(out, "labels.npy"), np.zeros(n, np.int64))
+    if dist.is_initialized():
+        dist.barrier()
+    latents = np.load(path, mmap_mode="r+")
+    labels = np.load(os.path.join(out, "labels.npy"), mmap_mode="r+")
+    done = 0
+    # the scalar mean and std of every stored value. A fixed shift of 0 keeps the sums additive over
+    # a stop and its continuation (the progress record); the latents' mean is small beside their
+    # spread, so nothing cancels
+    stats = Moments(full=False, shift=0.0)
+    if os.path.isfile(progress(rank)):
+        with open(progress(rank)) as f:
+            record = json.load(f)
+        done = record["done"]
+        stats.load_state(record["sums"], 1, device)
+    mine, loader = rank_loader(dataset, rank, world, batch_size, workers,
+                                    device.type == "cuda", skip=done)
+    for images, y, _ in loader:
+        images = to_model_range(images.to(device, non_blocking=True))
+        with autocast:
+            # (B, 2, L, d): the image and its horizontal flip
+            z = torch.stack([tokenizer.encode(images), tokenizer.encode(images.flip(-1))], 1)
+            z = z.float()
+        # statistics of what is stored, so that a cached generator sees exactly (z - mean) / std
+        z16 = z.half()
+        stats.update(z16.reshape(-1, 1))
+        idx = mine[done:done + len(images)]
+        latents[idx] = z16.cpu().numpy()
+        labels[idx] = y.numpy()
+        done += len(images)
+        if stop is not None and stop.signum and done < len(mine):
+            break
+    latents.flush()
+    labels.flush()
+    record = {**settings, "done": done, "sums": stats.state()}
+    record_json = json.dumps(record, allow_nan=False).encode()
+    atomic_write(progress(rank), lambda f: f.write(record_json))
+    # the ranks stopped before their end (a rank the signal missed finished its items)
+    stopped = torch.tensor(float(done < len(mine)), dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(stopped)
+    if stopped:
+        return None
+    stats.all_reduce(device)
+    mean, variance = (float(v[0]) for v in stats.compute())
+    std = math.sqrt(variance)
+    if rank == 0:
+        meta = {"count": n, "num_tokens": cfg.num_tokens, "token_dim": cfg.token_dim,
+                "num_classes": len(getattr(dataset, "classes", [])) or int(np.max(labels)) + 1,
+                "classes": list(getattr(dataset, "classes", [])),
+                "measured_mean": mean, "measured_std": std, **(extra_meta or {})}
+        meta_json = json.dumps(meta, indent=1, allow_nan=False).encode()
+        atomic_write(os.path.join(out, "meta.json"), lambda f: f.write(meta_json))
+        for r in range(world):
+            os.remove(progress(r))
+    return mean, std
+
+
+def _can_continue(path, shape, progress_files, settings):
+    """A stopped cache continues when its memory map has the shape and every rank's progress file
+    was written with the same settings."""
+    try:
+        if np.load(path, mmap_mode="r").shape != shape:
+            return False
+        for name in progress_files:
+            with open(name) as f:
+                record = json.load(f)
+            if {k: record.get(k) for k in settings} != settings:
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """Items are (latent (L, d) float32, label, 0) from the cache; the image or its flip is chosen
+    50/50, seeded by (seed, epoch, index) like the image augmentations."""
+
+    def __init__(self, folder, seed=0):
+        meta_path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{folder}: no complete latent cache (meta.json missing); "
+                                    f"run --stage cache")
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+            self.latents = np.load(os.path.join(folder, "latents.npy"), mmap_mode="r")
+            self.labels = np.load(os.path.join(folder, "labels.npy"))
+            m = self.meta
+            expected = (m["count"], 2, m["num_tokens"], m["token_dim"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{folder}: damaged latent cache ({type(e).__name__}: {e}); write it "
+                             "again with --stage cache --overwrite") from None
+        fits = (self.latents.shape == expected and self.latents.dtype == np.float16
+                and self.labels.shape == expected[:1])
+        if not fits:
+            raise ValueError(f"{folder}: latents {self.latents.shape} {self.latents.dtype} / "
+                             f"labels {self.labels.shape} do not match meta.json {expected}; write "
+                             "the cache again with --stage cache --overwrite")
+        self.classes = self.meta.get("classes", [])
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        flip = int(np.random.default_rng((self.seed, self.epoch, i)).random() < 0.5)
+        return torch.from_numpy(self.latents[i, flip].astype(np.float32)), int(self.labels[i]), 0
+
+
+@torch.no_grad()
+def latent_stats(model, dataset, device, autocast, rank=0, world=1, workers=0, n=50_000, batch=64):
+    """Scalar mean and std of z over (up to n images of) the training set: x = (z - mean) / std for
+    the generator. Rank r encodes images r, r + world, ... with the data loader's workers; the sums
+    are all-reduced."""
+    _, loader = rank_loader(dataset, rank, world, batch, workers, n=n)
+    # read once at the end; a fixed shift, as the latent cache's statistics
+    stats = Moments(full=False, shift=0.0)
+    for images, _, _ in loader:
+        with autocast:
+            z = model.encode(to_model_range(images.to(device)))
+        stats.update(z.reshape(-1, 1))
+    stats.all_reduce(device)
+    mean, variance = (float(v[0]) for v in stats.compute())
+    return mean, math.sqrt(variance)
+
+
+# ==================================================================================================
+# Part 2: the run plumbing the entry points share (train.py, sample.py, fid.py): distributed
+# setup, the seed recipe, atomic writes, one-line user errors, graceful stops on a signal and the
+# output folder's lock.
 def setup_distributed(device=None, timeout_s=1800):
     """-> (rank, world, device) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; without them, one
     process and no process group (nanoGPT's pattern). Rank r takes GPU LOCAL_RANK; NCCL on CUDA,
     gloo on CPU, and a collective that waits longer than timeout_s ends the run instead of hanging
     it. device: "cuda", "cpu", "cuda:1" (default: CUDA)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if world > 1 or device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         # fixed shapes: let cuDNN pick the fastest convolutions once
         torch.backends.cudnn.benchmark = True
     if world > 1:
@@ -564,22 +663,6 @@ def remove_stale_temps(path):
                 os.remove(os.path.join(folder, f))
 
 
-def prepare_out(args, rank, names):
-    """train.py, rank 0: refuse an output folder (args.out) that cannot be written, lock it (-> the
-    lock file, held for the run's life; None on the other ranks), clean what killed writes of
-    `names` left; --overwrite removes `names`."""
-    if rank != 0:
-        return None
-    check_writable(args.out)
-    lock = lock_folder(os.path.join(args.out, ".lock"))
-    for name in names:
-        path = os.path.join(args.out, name)
-        remove_stale_temps(path)
-        if args.overwrite and os.path.isfile(path):
-            os.remove(path)
-    return lock
-
-
 def check_writable(folder):
     """Refuse at the start an output folder that cannot be created or written (rather than hours
     later)."""
@@ -592,66 +675,6 @@ def check_writable(folder):
     except OSError as e:
         raise PermissionError(f"{folder}: cannot write there ({e.strerror}); "
                               f"choose another output path") from None
-
-
-def save_checkpoint(obj, path):
-    """Atomic torch.save of plain dicts of tensors and numbers: they load with
-    torch.load(weights_only=True)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-class Logger:
-    """tqdm bar + JSON-lines log on rank 0. Values are accumulated as tensors and read once per
-    `--log-every`."""
-
-    def __init__(self, out, steps, desc, rank, start_step):
-        self.rank = rank
-        self.path = os.path.join(out, "log.jsonl")
-        # running sums of the logged tensors since the last line, and how many steps they hold
-        self.sums = {}
-        self.count = 0
-        # wall-clock time of the last logged line (None until the first step)
-        self.t0 = None
-        self.bar = tqdm(total=steps, initial=start_step, disable=rank != 0, dynamic_ncols=True,
-                        desc=desc)
-
-    def note(self, echo=True, **record):
-        if self.rank == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
-            if echo:
-                tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
-
-    def add(self, logs):
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach()
-        self.count += 1
-
-    def flush(self, step, images_per_step, **extra):
-        now = time.time()
-        vals = {k: (v / self.count) for k, v in self.sums.items()}
-        if dist.is_initialized():  # average over ranks: one small all-reduce per log line
-            keys = sorted(vals)
-            t = torch.stack([vals[k].float() for k in keys])
-            dist.all_reduce(t)
-            vals = dict(zip(keys, t / dist.get_world_size()))
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        # JSON has no NaN or infinity: a diverged value is logged as null (check_finite then
-        # stops the run)
-        means = {k: float(v) if math.isfinite(v) else None for k, v in vals.items()}
-        rec = {"step": step, **means, **extra}
-        # a count, not a mean: unreadable files replaced since the last line, all ranks
-        if "skipped_images" in rec:
-            rec["skipped_images"] = round(rec["skipped_images"] * self.count * world)
-        if self.t0 is not None:
-            rec["img_per_s"] = round(images_per_step * self.count / (now - self.t0), 1)
-        self.sums = {}
-        self.count = 0
-        self.t0 = now
-        self.note(echo=False, **rec)
-        loss = rec.get("loss")
-        self.bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}",
-                             img_s=rec.get("img_per_s", "-"))
 
 
 # What loaders and checks raise for bad input (a missing file, a bad flag, a full disk) or a

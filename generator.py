@@ -16,9 +16,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -137,7 +135,8 @@ class FinalLayer(nn.Module):
 class SiT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = cfg = config
+        self.config = config
+        cfg = config
         self.x_embedder = nn.Linear(cfg.token_dim, cfg.width)
         # A fixed table, but a Parameter (requires_grad=False): the released state dicts hold it.
         pos_embed = torch.zeros(1, cfg.num_tokens, cfg.width)
@@ -437,7 +436,8 @@ def load_generator(path, config_json=None, weights="ema"):
     "kind"), a checkpoint of continuous_tokenizer's train_sit.py (its "ema"), or a released state
     dict + config.json."""
     ckpt = load_state_dict_file(path)
-    info = config = None
+    info = None
+    config = None
     if "kind" in ckpt:
         if ckpt["kind"] != "generator":
             raise ValueError(f"{path} is a {ckpt['kind']!r} checkpoint, not a generator "
@@ -474,7 +474,8 @@ def load_tokenizer_for(model, info=None, path=None, config_json=None):
         if p and not os.path.isfile(p):
             raise FileNotFoundError(f"{p}: no such tokenizer file")
     tok = load_tokenizer(path, config_json)
-    tc, gc = tok.config, model.config
+    tc = tok.config
+    gc = model.config
     if (tc.num_tokens, tc.token_dim) != (gc.num_tokens, gc.token_dim):
         raise ValueError(f"tokenizer makes {tc.num_tokens}x{tc.token_dim} tokens, the generator "
                          f"expects {gc.num_tokens}x{gc.token_dim}")
@@ -488,164 +489,3 @@ def load_tokenizer_for(model, info=None, path=None, config_json=None):
     tc.latent_mean = float(mean)
     tc.latent_std = float(std)
     return tok
-
-
-# --------------------------------------------------------------------------------------------------
-# Latent cache: every image and its horizontal flip encoded once (the SiT training of
-# continuous_tokenizer uses both), in a memory-mapped float16 array latents.npy of shape
-# (N, 2, L, d) beside labels.npy and meta.json.
-@torch.no_grad()
-def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size, workers, autocast,
-                       extra_meta=None, stop=None, fresh=False):
-    """Each rank encodes items rank, rank + world, ... straight into the shared memory map. Returns
-    the measured (mean, std) of the cache; meta.json records them beside `extra_meta` (the tokenizer
-    and its own statistics). meta.json marks a complete cache: it is removed first and written last,
-    so a killed run never leaves old metadata beside new latents.
-    A signal (`stop`, a GracefulStop) ends a rank after its batch: it records in
-    progress_rank{r}.json how many of its items are done and their float64 sums, and returns None.
-    The same command then continues each rank from there (same ranks, batch and tokenizer; else,
-    or with `fresh`, it starts over), with the cache and statistics an unstopped run writes."""
-    cfg = tokenizer.config
-    n = len(dataset)
-    path = os.path.join(out, "latents.npy")
-    shape = (n, 2, cfg.num_tokens, cfg.token_dim)
-
-    def progress(r):
-        return os.path.join(out, f"progress_rank{r}.json")
-
-    settings = {"world": world, "count": n, "batch_size": batch_size, **(extra_meta or {})}
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        if os.path.exists(os.path.join(out, "meta.json")):
-            os.remove(os.path.join(out, "meta.json"))
-        if fresh or not _can_continue(path, shape, [progress(r) for r in range(world)], settings):
-            for name in os.listdir(out):
-                if name.startswith("progress_rank"):
-                    os.remove(os.path.join(out, name))
-            np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-            np.save(os.path.join(out, "labels.npy"), np.zeros(n, np.int64))
-    if dist.is_initialized():
-        dist.barrier()
-    latents = np.load(path, mmap_mode="r+")
-    labels = np.load(os.path.join(out, "labels.npy"), mmap_mode="r+")
-    done = 0
-    # the scalar mean and std of every stored value. A fixed shift of 0 keeps the sums additive over
-    # a stop and its continuation (the progress record); the latents' mean is small beside their
-    # spread, so nothing cancels
-    stats = data.Moments(full=False, shift=0.0)
-    if os.path.isfile(progress(rank)):
-        with open(progress(rank)) as f:
-            record = json.load(f)
-        done = record["done"]
-        stats.load_state(record["sums"], 1, device)
-    mine, loader = data.rank_loader(dataset, rank, world, batch_size, workers,
-                                    device.type == "cuda", skip=done)
-    for images, y, _ in loader:
-        images = data.to_model_range(images.to(device, non_blocking=True))
-        with autocast:
-            # (B, 2, L, d): the image and its horizontal flip
-            z = torch.stack([tokenizer.encode(images), tokenizer.encode(images.flip(-1))], 1)
-            z = z.float()
-        # statistics of what is stored, so that a cached generator sees exactly (z - mean) / std
-        z16 = z.half()
-        stats.update(z16.reshape(-1, 1))
-        idx = mine[done:done + len(images)]
-        latents[idx] = z16.cpu().numpy()
-        labels[idx] = y.numpy()
-        done += len(images)
-        if stop is not None and stop.signum and done < len(mine):
-            break
-    latents.flush()
-    labels.flush()
-    record = {**settings, "done": done, "sums": stats.state()}
-    record_json = json.dumps(record, allow_nan=False).encode()
-    data.atomic_write(progress(rank), lambda f: f.write(record_json))
-    # the ranks stopped before their end (a rank the signal missed finished its items)
-    stopped = torch.tensor(float(done < len(mine)), dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(stopped)
-    if stopped:
-        return None
-    stats.all_reduce(device)
-    mean, variance = (float(v[0]) for v in stats.compute())
-    std = math.sqrt(variance)
-    if rank == 0:
-        meta = {"count": n, "num_tokens": cfg.num_tokens, "token_dim": cfg.token_dim,
-                "num_classes": len(getattr(dataset, "classes", [])) or int(np.max(labels)) + 1,
-                "classes": list(getattr(dataset, "classes", [])),
-                "measured_mean": mean, "measured_std": std, **(extra_meta or {})}
-        meta_json = json.dumps(meta, indent=1, allow_nan=False).encode()
-        data.atomic_write(os.path.join(out, "meta.json"), lambda f: f.write(meta_json))
-        for r in range(world):
-            os.remove(progress(r))
-    return mean, std
-
-
-def _can_continue(path, shape, progress_files, settings):
-    """A stopped cache continues when its memory map has the shape and every rank's progress file
-    was written with the same settings."""
-    try:
-        if np.load(path, mmap_mode="r").shape != shape:
-            return False
-        for name in progress_files:
-            with open(name) as f:
-                record = json.load(f)
-            if {k: record.get(k) for k in settings} != settings:
-                return False
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-class LatentCache(torch.utils.data.Dataset):
-    """Items are (latent (L, d) float32, label, 0) from the cache; the image or its flip is chosen
-    50/50, seeded by (seed, epoch, index) like the image augmentations."""
-
-    def __init__(self, folder, seed=0):
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{folder}: no complete latent cache (meta.json missing); "
-                                    f"run --stage cache")
-        try:
-            with open(meta_path) as f:
-                self.meta = json.load(f)
-            self.latents = np.load(os.path.join(folder, "latents.npy"), mmap_mode="r")
-            self.labels = np.load(os.path.join(folder, "labels.npy"))
-            m = self.meta
-            expected = (m["count"], 2, m["num_tokens"], m["token_dim"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{folder}: damaged latent cache ({type(e).__name__}: {e}); write it "
-                             "again with --stage cache --overwrite") from None
-        fits = (self.latents.shape == expected and self.latents.dtype == np.float16
-                and self.labels.shape == expected[:1])
-        if not fits:
-            raise ValueError(f"{folder}: latents {self.latents.shape} {self.latents.dtype} / "
-                             f"labels {self.labels.shape} do not match meta.json {expected}; write "
-                             "the cache again with --stage cache --overwrite")
-        self.classes = self.meta.get("classes", [])
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        flip = int(np.random.default_rng((self.seed, self.epoch, i)).random() < 0.5)
-        return torch.from_numpy(self.latents[i, flip].astype(np.float32)), int(self.labels[i]), 0
-
-
-@torch.no_grad()
-def latent_stats(model, dataset, device, autocast, rank=0, world=1, workers=0, n=50_000, batch=64):
-    """Scalar mean and std of z over (up to n images of) the training set: x = (z - mean) / std for
-    the generator. Rank r encodes images r, r + world, ... with the data loader's workers; the sums
-    are all-reduced."""
-    _, loader = data.rank_loader(dataset, rank, world, batch, workers, n=n)
-    # read once at the end; a fixed shift, as the latent cache's statistics
-    stats = data.Moments(full=False, shift=0.0)
-    for images, _, _ in loader:
-        with autocast:
-            z = model.encode(data.to_model_range(images.to(device)))
-        stats.update(z.reshape(-1, 1))
-    stats.all_reduce(device)
-    mean, variance = (float(v[0]) for v in stats.compute())
-    return mean, math.sqrt(variance)

@@ -32,7 +32,7 @@ import data
 import fid
 from generator import (Sampling, generate_images, load_generator, load_tokenizer_for,
                        sample_inputs)
-from model import DEFAULT_INCEPTION, bf16_autocast, cast_autocast_weights, load_inception
+from model import bf16_autocast, cast_autocast_weights
 from tokenizer import LPIPS, load_tokenizer
 
 # Grid classes when none are given (ImageNet ids, as DiT's sample.py):
@@ -292,8 +292,8 @@ def reconstruct(args, device, rank, world):
     # VGG16 + the LPIPS v0.1 heads
     lpips = LPIPS(args.vgg, args.lpips).to(device) if args.vgg else None
     weights = (args.inception or os.environ.get("SOFTVQ_INCEPTION")
-               or os.path.expanduser(DEFAULT_INCEPTION))
-    net = load_inception(weights, device) if len(ds) >= 2 and os.path.isfile(weights) else None
+               or os.path.expanduser(fid.DEFAULT_INCEPTION))
+    net = fid.load_inception(weights, device) if len(ds) >= 2 and os.path.isfile(weights) else None
     # Inception features of the real crops, of the reconstructions
     stats = [data.Moments(), data.Moments()]
     os.makedirs(os.path.join(args.out, "recon"), exist_ok=True)

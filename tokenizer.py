@@ -173,11 +173,8 @@ class Encoder(nn.Module):
 
 class PixelHead(nn.Module):
     """Per-token Linear to a p x p x 3 patch, then unpatchify (released `to_pixel='linear'`, key
-    to_pixel.model). SoftVQVAE.set_eager_pixel_head runs it outside torch.compile (a graph break):
-    the adaptive GAN weight takes two retain_graph gradients of this Linear's weight per step;
-    inside the graph each would run the whole compiled backward, which AOTAutograd refuses once
-    compiled with donated buffers (by any plain step before --disc-start). Eager, they stop at this
-    layer's input, and the compiled backward runs once, in the step's backward."""
+    to_pixel.model): (B, N, D) -> (B, 3, H, W). `eager_pixels`, when set, runs it outside
+    torch.compile (SoftVQVAE.set_eager_pixel_head)."""
 
     def __init__(self, width, patch_size):
         super().__init__()
@@ -186,6 +183,9 @@ class PixelHead(nn.Module):
         self.eager_pixels = None
 
     def forward(self, x):  # (B, N, D) -> (B, 3, H, W)
+        # The adaptive GAN weight takes two retain_graph gradients of this layer's weight a step:
+        # in a compiled graph each would rerun the whole compiled backward (which AOTAutograd
+        # refuses once it donates buffers); eager, they stop at this layer's input.
         return self.pixels(x) if self.eager_pixels is None else self.eager_pixels(self, x)
 
     def pixels(self, x):
@@ -242,7 +242,8 @@ class SoftVQVAE(nn.Module):
     def set_grad_checkpointing(self, enabled=True):
         """Activation checkpointing of every encoder and decoder block (model.run_blocks), for the
         large presets."""
-        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = enabled
+        self.encoder.grad_checkpointing = enabled
+        self.decoder.grad_checkpointing = enabled
         return self
 
     def set_eager_pixel_head(self, enabled=True):
@@ -480,7 +481,9 @@ def _color(x):  # brightness +U(-.5, .5), saturation x U(0, 2), contrast x U(.5,
 # integer shift in [-ratio*size, ratio*size] per sample and axis, zero fill
 def _translate(x, ratio=0.125):
     B, _, H, W = x.shape
-    sh, sw = int(H * ratio + 0.5), int(W * ratio + 0.5)
+    # the largest shift per axis
+    sh = int(H * ratio + 0.5)
+    sw = int(W * ratio + 0.5)
     shift_rows = torch.randint(-sh, sh + 1, (B, 1, 1), device=x.device)
     rows = torch.arange(H, device=x.device).view(1, H, 1) + shift_rows
     shift_cols = torch.randint(-sw, sw + 1, (B, 1, 1), device=x.device)
@@ -495,7 +498,8 @@ def _translate(x, ratio=0.125):
 # zero a (ratio*H, ratio*W) rectangle per sample, centred anywhere, clipped at the border
 def _cutout(x, ratio):
     B, _, H, W = x.shape
-    ch, cw = int(H * ratio + 0.5), int(W * ratio + 0.5)
+    ch = int(H * ratio + 0.5)
+    cw = int(W * ratio + 0.5)
     top = torch.randint(0, H + (1 - ch % 2), (B, 1, 1), device=x.device) - ch // 2
     left = torch.randint(0, W + (1 - cw % 2), (B, 1, 1), device=x.device) - cw // 2
     rows = torch.arange(H, device=x.device).view(1, H, 1)
@@ -612,7 +616,8 @@ class DinoDiscriminator(UsesFrozen):
         H, W = x.shape[-2:]
         # one random 224 crop for the whole batch
         if H > 224 and W > 224 and torch.rand(()).item() < 0.5:
-            i, j = torch.randint(0, H - 223, ()).item(), torch.randint(0, W - 223, ()).item()
+            i = torch.randint(0, H - 223, ()).item()
+            j = torch.randint(0, W - 223, ()).item()
             x = x[..., i:i + 224, j:j + 224]
         # area when shrinking, bicubic when enlarging (as discriminator_dino.py)
         elif (H, W) != (224, 224):
@@ -712,7 +717,7 @@ class TokenizerLoss(UsesFrozen):
     def __init__(self, tcfg: TokenizerConfig, cfg: LossConfig):
         super().__init__()
         self.cfg = cfg
-        # why a term is off although its weight is > 0; train.py writes it to the JSON log
+        # why a term is off although its weight is > 0, for the run's log
         self.disabled = []
         if self._wanted("perceptual_weight", "LPIPS perceptual", "vgg_path", "lpips_path"):
             self.frozen["lpips"] = LPIPS(cfg.vgg_path, cfg.lpips_path)
@@ -797,31 +802,32 @@ class TokenizerLoss(UsesFrozen):
         SoftVQVAE.set_eager_pixel_head) -> (loss, logs: detached scalar tensors, no host sync)."""
         cfg = self.cfg
         logs = {}
-        logs["mse"] = mse = F.mse_loss(recon.float(), images.float())
-        nll = cfg.mse_weight * mse  # the reconstruction part the adaptive weight balances against
+        logs["mse"] = F.mse_loss(recon.float(), images.float())
+        # the reconstruction part, which the adaptive weight balances against
+        nll = cfg.mse_weight * logs["mse"]
         if "lpips" in self.frozen:
-            logs["lpips"] = lp = self.frozen["lpips"](images, recon).mean()
+            logs["lpips"] = self.frozen["lpips"](images, recon).mean()
             ramp = min(1.0, step / cfg.perceptual_warmup) if cfg.perceptual_warmup > 0 else 1.0
-            nll = nll + cfg.perceptual_weight * ramp * lp
+            nll = nll + cfg.perceptual_weight * ramp * logs["lpips"]
         loss = nll
         if cfg.entropy_weight > 0:
-            logs["entropy"] = ent = entropy_loss(logits, cfg.entropy_temperature)
-            loss = loss + cfg.entropy_weight * ent
+            logs["entropy"] = entropy_loss(logits, cfg.entropy_temperature)
+            loss = loss + cfg.entropy_weight * logs["entropy"]
         if self.projector is not None:
-            logs["repa"] = rep = self.alignment_loss(images, z)
-            loss = loss + cfg.repa_weight * rep
+            logs["repa"] = self.alignment_loss(images, z)
+            loss = loss + cfg.repa_weight * logs["repa"]
         if self.discriminator_active(step):
             self.disc.requires_grad_(False)  # gradients go to x̂ only, never into D's .grad
             try:
                 # hinge generator loss
-                logs["g_adv"] = g_adv = -self.disc(diff_augment(recon, WEAK, 0.5)).mean()
+                logs["g_adv"] = -self.disc(diff_augment(recon, WEAK, 0.5)).mean()
             finally:
                 self.disc.requires_grad_(True)
             weight = cfg.adversarial_weight
             if cfg.adaptive_disc_weight:
-                logs["adaptive_weight"] = a = self.adaptive_weight(nll, g_adv, last_layer)
-                weight = weight * a
-            loss = loss + weight * g_adv
+                logs["adaptive_weight"] = self.adaptive_weight(nll, logs["g_adv"], last_layer)
+                weight = weight * logs["adaptive_weight"]
+            loss = loss + weight * logs["g_adv"]
         logs["loss"] = loss
         return loss, {k: v.detach() for k, v in logs.items()}
 
@@ -866,7 +872,7 @@ class TokenizerLoss(UsesFrozen):
         # bCR: strong vs weak augmentation, gradients through both; not scaled by adv
         if cfg.consistency_weight > 0:
             strong = torch.cat([self.disc(diff_augment(t, STRONG, 1.0)) for t in (images, recon)])
-            logs["consistency"] = cr = F.mse_loss(torch.cat([real, fake]), strong)
-            loss = loss + cfg.consistency_weight * cr
+            logs["consistency"] = F.mse_loss(torch.cat([real, fake]), strong)
+            loss = loss + cfg.consistency_weight * logs["consistency"]
         logs["d_loss"] = loss
         return loss, {k: v.detach() for k, v in logs.items()}
