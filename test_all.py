@@ -1,14 +1,15 @@
-"""The whole test suite: `pytest -q test_all.py` (under 5 minutes on 2 CPU cores; GPU checks skip
-without CUDA). Sections follow the import graph: model, tokenizer, generator, data, fid, train,
-sample, then the README quickstart, the command lines' errors and faults, the house checks, and the
-device-check harness (`python test_all.py bench PART`)."""
+"""The whole test suite: `pytest -q test_all.py` (about 3 minutes on 2 CPU cores; GPU checks skip
+without CUDA). One class per section, in the order of the import graph: model, tokenizer,
+generator, data, fid, train, sample, then the README quickstart, the command lines' errors and
+faults, the house checks, and the device check (bench.py); `pytest test_all.py -k TestFid` runs the
+evaluation suite's tests."""
 
 import argparse
 import contextlib
 import copy
+import errno
 import functools
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -19,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -35,15 +35,14 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+import bench
 import data
-
 import fid
 import generator as G
 import sample as S
 import tokenizer as TOK
 import train
-from fid import psnr, ssim
-from fid import InceptionV3FID, _torchvision_names, load_inception
+from fid import InceptionV3FID, _torchvision_names, load_inception, psnr, ssim
 from model import (_ST_DTYPES, ViT, cast_autocast_weights, check_state_dict, load_safetensors,
                    load_state_dict_file)
 from tokenizer import (LPIPS, PRESETS, DinoDiscriminator, LossConfig, SoftVQVAE,
@@ -199,69 +198,11 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-# torchvision vgg16 `features`: (index, in, out) of the 13 convs; pools sit before 5, 10, 17, 24.
-_OBJ_VGG_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256),
-                  (12, 256, 256), (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512),
-                  (24, 512, 512), (26, 512, 512), (28, 512, 512)]
-
-
-def _write_objective_files(d):
-    """Random-weight stand-ins for the pretrained files, in their published layouts, written into
-    the folder d -> {LossConfig path field: file}."""
-    g = torch.Generator().manual_seed(0)
-    vgg = {}
-    for i, c_in, c_out in _OBJ_VGG_CONVS:
-        # He-scaled so activations neither vanish nor explode
-        std = math.sqrt(2 / (9 * c_in))
-        vgg[f"features.{i}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=g) * std
-        vgg[f"features.{i}.bias"] = torch.randn(c_out, generator=g) * 0.1
-    # ignored (shrunk)
-    vgg["classifier.0.weight"] = torch.zeros(8, 4)
-    vgg["classifier.0.bias"] = torch.zeros(8)
-    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
-             for i, c in enumerate(LPIPS.CHANNELS)}
-    # DINO ViT/16 layout, random weights: a narrow stand-in (width 64) keeps training fast
-    with torch.device("meta"):
-        vit = ViT(224, 16, 64, 12, 1, layerscale=False)
-    shapes = {k: v.shape for k, v in vit.state_dict().items()}
-    dino = {k: torch.randn(s, generator=g) * (0.02 if len(s) > 1 else 0.1)
-            for k, s in shapes.items()}
-    files = {"vgg_path": vgg, "lpips_path": heads, "dino_path": dino,
-             "dinov2_path": _obj_dinov2_state(g)}
-    for name, sd in files.items():
-        torch.save(sd, os.path.join(d, name + ".pth"))
-    return {name: os.path.join(d, name + ".pth") for name in files}
-
-
 @pytest.fixture(scope="session")
 def objective_files(tmp_path_factory):
-    """The stand-ins of _write_objective_files, written once per session."""
-    return _write_objective_files(tmp_path_factory.mktemp("objective"))
-
-
-def _obj_dinov2_state(g, width=128, depth=2, official=True):
-    """A small DINOv2 in the facebookresearch layout (patch 14, 37 x 37 grid at 518 px, mask_token).
-    """
-    sd = {"cls_token": torch.randn(1, 1, width, generator=g),
-          "pos_embed": torch.randn(1, 1 + 37 * 37, width, generator=g),
-          "patch_embed.proj.weight": torch.randn(width, 3, 14, 14, generator=g) * 0.05,
-          "patch_embed.proj.bias": torch.randn(width, generator=g) * 0.1,
-          "norm.weight": 1 + 0.1 * torch.randn(width, generator=g),
-          "norm.bias": 0.1 * torch.randn(width, generator=g)}
-    if official:
-        sd["mask_token"] = torch.zeros(1, width)
-    shapes = {"norm1.weight": (width,), "norm1.bias": (width,),
-              "attn.qkv.weight": (3 * width, width), "attn.qkv.bias": (3 * width,),
-              "attn.proj.weight": (width, width), "attn.proj.bias": (width,), "ls1.gamma": (width,),
-              "norm2.weight": (width,), "norm2.bias": (width,),
-              "mlp.fc1.weight": (4 * width, width), "mlp.fc1.bias": (4 * width,),
-              "mlp.fc2.weight": (width, 4 * width),
-              "mlp.fc2.bias": (width,), "ls2.gamma": (width,)}
-    for i in range(depth):
-        for k, s in shapes.items():
-            t = torch.randn(*s, generator=g) / math.sqrt(s[-1] if len(s) == 2 else 10)
-            sd[f"blocks.{i}.{k}"] = 1 + t if k.startswith("norm") else t
-    return sd
+    """Random-weight stand-ins for the objective's pretrained files (bench.py writes them), once
+    per session -> {LossConfig path field: file}."""
+    return bench.write_objective_standins(tmp_path_factory.mktemp("objective"))
 
 
 def _obj_lpips_reference(vgg, heads, a, b):
@@ -271,7 +212,7 @@ def _obj_lpips_reference(vgg, heads, a, b):
     def feats(x):
         x = (x - shift) / scale
         out = []
-        for i, _, _ in _OBJ_VGG_CONVS:
+        for i, _, _ in bench.VGG16_CONVS:
             if i in (5, 10, 17, 24):
                 x = F.max_pool2d(x, 2)
             x = F.relu(F.conv2d(x, vgg[f"features.{i}.weight"], vgg[f"features.{i}.bias"],
@@ -634,6 +575,75 @@ def _obj_vit_reference(sd, x, patch, heads, grid):
     return ln(t, "norm")
 
 
+class _Residual(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return (self.fn(x) + x) / math.sqrt(2)
+
+
+def _reference_heads(n, width, kernel):
+    """The discriminator's heads as the official code builds them (continuous_tokenizer
+    discriminator_dino.py), one nn.Sequential per head, each conv under torch's spectral_norm
+    parametrization."""
+    def conv(c_in, c_out, k):
+        return nn.utils.parametrizations.spectral_norm(
+            nn.Conv1d(c_in, c_out, k, padding=k // 2, padding_mode="circular"))
+
+    def block(c, k):
+        return [conv(c, c, k), nn.BatchNorm1d(c, eps=1e-6), nn.LeakyReLU(0.2)]
+    return nn.ModuleList(nn.Sequential(*block(width, 1),
+                                       _Residual(nn.Sequential(*block(width, kernel))),
+                                       conv(width, 1, 1)) for _ in range(n))
+
+
+def _heads_state(reference):
+    """The state of tokenizer.DiscriminatorHeads holding the weights of one module per head."""
+    layers = {"conv1": "0", "norm1": "1", "conv2": "3.fn.0", "norm2": "3.fn.1", "out": "4"}
+    state = {}
+    for name, at in layers.items():
+        heads = [dict(head.get_submodule(at).state_dict()) for head in reference]
+        if name.startswith("norm"):
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                state[f"{name}.{key}"] = torch.cat([h[key] for h in heads])
+            state[f"{name}.num_batches_tracked"] = heads[0]["num_batches_tracked"]
+        else:
+            state[f"{name}.weight"] = torch.cat([h["parametrizations.weight.original"]
+                                                 for h in heads])
+            state[f"{name}.bias"] = torch.cat([h["bias"] for h in heads])
+            for key in ("u", "v"):
+                vectors = [h[f"parametrizations.weight.0._{key}"] for h in heads]
+                state[f"{name}.{key}"] = torch.stack(vectors)[..., None]
+    return state
+
+
+class _PerHead(nn.Module):
+    """(B, heads x C, T) -> (B, heads, T) through reference heads, one after the other."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, x):
+        parts = x.chunk(len(self.heads), 1)
+        return torch.cat([head(part) for head, part in zip(self.heads, parts)], 1)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operations dispatched inside it: what runs eagerly, one launch each on a
+    GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
 class TestTokenizerObjective:
     def test_lpips_matches_reference_formula_and_stays_frozen(self, objective_files):
         files = objective_files
@@ -691,7 +701,7 @@ class TestTokenizerObjective:
     def test_dinov2_loading_matches_reference_forward(self, tmp_path):
         g = torch.Generator().manual_seed(1)
         # official layout: mask_token, 37 x 37 grid; patch 14 at 224 px -> 16 x 16 grid
-        sd = _obj_dinov2_state(g)
+        sd = bench.dinov2_standin(g)
         path = str(tmp_path / "dinov2_small.pth")
         torch.save(sd, path)
         vit = init_encoder_from_dinov2(ViT(224, 14, 128, 2, 2), path).double()
@@ -769,6 +779,121 @@ class TestTokenizerObjective:
         assert all(k.startswith("heads.") for k in disc.state_dict())
         with torch.no_grad():
             assert disc(torch.rand(1, 3, 32, 32) * 2 - 1).shape == (1, 5 * 196)
+
+    def test_discriminator_heads_together_equal_one_module_per_head(self):
+        """The five heads as grouped convolutions with one batch norm per depth equal the official
+        layout (one module per head, torch's spectral_norm) with the same weights: logits,
+        gradients of input and weights, the spectral norm's u after the power iterations of three
+        training calls, and the batch-norm running statistics."""
+        torch.manual_seed(0)
+        reference = _reference_heads(5, 16, 9)
+        heads = TOK.DiscriminatorHeads(5, 16, 9)
+        heads.load_state_dict(_heads_state(reference))
+        per_head = _PerHead(reference)
+        x = torch.randn(4, 5 * 16, 20)
+        weights = torch.randn(4, 5, 20)
+        for _ in range(3):
+            a = x.clone().requires_grad_(True)
+            b = x.clone().requires_grad_(True)
+            (heads(a) * weights).sum().backward()
+            (per_head(b) * weights).sum().backward()
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(heads(x), per_head(x), rtol=1e-5, atol=1e-5)
+        grads = [head[0].parametrizations.weight.original.grad for head in reference]
+        torch.testing.assert_close(heads.conv1.weight.grad, torch.cat(grads), rtol=1e-4, atol=1e-5)
+        u = [head[3].fn[0].parametrizations.weight[0]._u for head in reference]
+        torch.testing.assert_close(heads.conv2.u[..., 0], torch.stack(u), rtol=1e-5, atol=1e-6)
+        means = [head[1].running_mean for head in reference]
+        torch.testing.assert_close(heads.norm1.running_mean, torch.cat(means), rtol=1e-5, atol=1e-6)
+
+    def test_a_gan_step_takes_half_the_eager_ops_with_the_losses_unchanged(self, objective_files):
+        """One GAN-phase step of the tokenizer stage (the whole objective, stand-in networks),
+        counted by a dispatch counter: the discriminator as it is (heads together, the backbone
+        once over the discriminator step's four views) against the earlier one (a module per head,
+        the backbone once per call; the same weights): at most half the eager operations (measured
+        4,192 against 8,479), the same losses."""
+        files = objective_files
+        args = train.parse_args(TINY_TRAIN + [
+            "--stage", "tokenizer", "--out", "unused", "--disc-start", "0",
+            "--repa-patch-size", "4", "--vgg", files["vgg_path"], "--lpips", files["lpips_path"],
+            "--dino", files["dino_path"], "--dinov2", files["dinov2_path"]])
+        stages = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            stages.append(train.TokenizerStage(args, torch.device("cpu"), 1,
+                                               contextlib.nullcontext()))
+        reference = _reference_heads(5, 64, 9)
+        stages[0].criterion.disc.heads.load_state_dict(_heads_state(reference))
+        earlier = stages[1].criterion.disc
+        earlier.heads = _PerHead(reference)
+
+        def one_call_each(*views):
+            return [TOK.DinoDiscriminator.logits(earlier, view)[0] for view in views]
+        earlier.logits = one_call_each
+        stages[1].disc_params = list(earlier.parameters())
+        stages[1].disc_optimizer = train.make_optimizer(stages[1].disc_params, args.lr, 0.0,
+                                                        torch.device("cpu"), (0.9, 0.95))
+        images, labels, _ = data.collate([stages[0].dataset[i] for i in range(8)])
+        images = data.to_model_range(images)
+        ops = []
+        logs = []
+        for stage in stages:
+            # the first step makes the optimizers' state: the second is counted
+            for step in range(2):
+                torch.manual_seed(step)
+                with _OpCounter() as counter:
+                    logs_of_step = stage.step(images, labels, step)
+            ops.append(counter.ops)
+            logs.append({k: float(v) for k, v in logs_of_step.items()})
+        assert ops[0] <= ops[1] / 2, ops
+        assert logs[0].keys() == logs[1].keys()
+        for k in logs[0]:
+            assert logs[0][k] == pytest.approx(logs[1][k], rel=1e-4, abs=1e-6), k
+
+    def test_the_discriminator_backbone_sees_one_layout(self, objective_files):
+        """Cropped (inputs over 224 px) or resized, after a translation (which leaves the channels
+        last) or not, the backbone's input is contiguous (B, 3, 224, 224): a compiled backbone
+        meets one graph."""
+        disc = DinoDiscriminator(objective_files["dino_path"])
+        torch.manual_seed(0)
+        views = []
+        for size in (240, 32):
+            for _ in range(6):
+                x = torch.rand(2, 3, size, size) * 2 - 1
+                views += [disc.view(x), disc.view(x.permute(0, 2, 3, 1).contiguous()
+                                                  .permute(0, 3, 1, 2))]
+        assert {(v.shape, v.stride()) for v in views} == {((2, 3, 224, 224),
+                                                           (3 * 224 * 224, 224 * 224, 224, 1))}
+
+    def test_frozen_networks_compile_a_fixed_set_of_graphs_in_the_first_step(self, monkeypatch,
+                                                                             objective_files):
+        """prepare_frozen(compile=True) compiles static graphs, all met by the first step of the
+        GAN phase (which the preflight runs): LPIPS one, the teacher one, the backbone two (the
+        generator's call, the discriminator's over its four views). Later steps, whatever their
+        random augmentations, compile nothing more. (Backend eager: dynamo's graphs without their
+        code generation.)"""
+        real_compile = torch.compile
+        monkeypatch.setattr(torch, "compile",
+                            lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+        torch._dynamo.reset()
+        counters = torch._dynamo.utils.counters
+        counters.clear()
+        cfg = LossConfig(disc_start=0, repa_patch_size=4, **objective_files)
+        loss_fn = TokenizerLoss(tokenizer_config("softvq-tiny"), cfg).prepare_frozen(compile=True)
+        g = torch.Generator().manual_seed(1)
+        graphs = []
+        try:
+            for step in range(4):
+                images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+                recon = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1).requires_grad_(True)
+                z = torch.randn(2, 16, 16, generator=g, requires_grad=True)
+                logits = torch.randn(2, 4, 4, 512, generator=g)
+                loss_fn.generator_loss(images, recon, z, logits, step)[0].backward()
+                loss_fn.discriminator_loss(images, recon, step)[0].backward()
+                graphs.append(counters["stats"]["unique_graphs"])
+        finally:
+            torch._dynamo.reset()
+        assert graphs == [4, 4, 4, 4]
 
     def test_global_batch_norm_in_one_process_is_batch_norm(self):
         torch.manual_seed(0)
@@ -877,7 +1002,7 @@ class TestTokenizerObjective:
         assert cast.frozen["teacher"].pos_embed.dtype == torch.float32
         assert cast.disc.frozen["backbone"].blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
         # trained heads untouched
-        assert cast.disc.heads[0][0].parametrizations.weight.original.dtype == torch.float32
+        assert cast.disc.heads.conv1.weight.dtype == torch.float32
         g = torch.Generator().manual_seed(1)
         images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
         recon0 = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
@@ -935,8 +1060,8 @@ class TestTokenizerObjective:
             loss_fn.generator_loss(images, r, z, logits, step=0, last_layer=r)
             nets = (loss_fn.frozen["lpips"], loss_fn.disc.frozen["backbone"],
                     loss_fn.frozen["teacher"])
-            assert [sum(c is n for c in calls) for n in nets] == ([0, 0,
-                                                                   1] if adaptive else [1, 1, 1])
+            expected = [0, 0, 1] if adaptive else [1, 1, 1]
+            assert [sum(c is n for c in calls) for n in nets] == expected
 
 
 # ===== generator.py: the SiT, its checkpoints, flow matching, the samplers =====
@@ -1172,6 +1297,62 @@ class TestGenerator:
             ratios = [a / b for a, b in zip(err, err[1:])]
             assert all(abs(r - order) < 0.5 for r in ratios), (sampler, err, ratios)
             assert err[-1] < (0.04 if sampler == "ode" else 1e-3)
+
+    def test_sde_path_types_match_the_official_sampler(self, one_thread):
+        """The SDE with path_type linear and cosine, without and with CFG and its interval, against
+        the official euler_maruyama_sampler written out step by step (continuous_tokenizer
+        modelling/samplers.py): the score (r v - x) / (s^2 - r s' s), r = a / a', from each path's
+        a(t), s(t) and their derivatives, the drift v - t score (diffusion 2t), CFG on the drift,
+        the same noise; the last step from 0.04 to 0 without noise. The two paths differ."""
+        torch.manual_seed(0)
+        A = torch.randn(3, 3, dtype=torch.float64) * 0.3
+        b = torch.randn(6, 3, dtype=torch.float64)  # 5 classes and the null label
+
+        def velocity(x, t, y):  # (B, 4, 3), (B,), (B,): a field that depends on t and the label
+            return x @ A * (1 + t[:, None, None]) + b[y][:, None]
+
+        def paths(t, kind):  # -> a, a', s, s'
+            if kind == "linear":
+                return 1 - t, -1.0, t, 1.0
+            h = math.pi * t / 2
+            return math.cos(h), -math.pi / 2 * math.sin(h), math.sin(h), math.pi / 2 * math.cos(h)
+
+        def official(noise, y, steps, cfg, low, high, kind, draws):
+            ts = torch.linspace(1.0, 0.04, steps, dtype=torch.float64).tolist() + [0.0]
+            x = noise.clone()
+            for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+                guided = cfg > 1 and low <= t <= high
+                x_in = torch.cat([x, x]) if guided else x
+                y_in = torch.cat([y, torch.full_like(y, 5)]) if guided else y
+                v = velocity(x_in, torch.full((len(x_in),), t, dtype=torch.float64), y_in)
+                a, da, s, ds = paths(t, kind)
+                score = (a / da * v - x_in) / (s ** 2 - a / da * ds * s)
+                d = v - 0.5 * (2 * t) * score
+                if guided:
+                    d_cond, d_uncond = d.chunk(2)
+                    d = d_uncond + cfg * (d_cond - d_uncond)
+                dt = t_next - t
+                x = x + d * dt
+                if i < len(ts) - 2:
+                    x = x + math.sqrt(2 * t) * math.sqrt(abs(dt)) * draws[:, i]
+            return x
+
+        noise = torch.randn(3, 4, 3, dtype=torch.float64)
+        y = torch.tensor([0, 2, 4])
+        steps = 12
+        results = {}
+        for kind in ("linear", "cosine"):
+            for cfg, low, high in ((1.0, 0.0, 1.0), (2.5, 0.1, 0.7)):
+                seeds = [torch.Generator().manual_seed(k) for k in range(3)]
+                draws = torch.stack([torch.randn((steps - 1, 4, 3), generator=g)
+                                     for g in seeds]).double()
+                rngs = [torch.Generator().manual_seed(k) for k in range(3)]
+                sampling = G.Sampling("sde", steps, cfg, low, high, path_type=kind)
+                ours = G.integrate_flow(velocity, noise, y, sampling, rngs, null_label=5)
+                ref = official(noise, y, steps, cfg, low, high, kind, draws)
+                torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+                results[kind, cfg] = ours
+        assert not torch.allclose(results["linear", 2.5], results["cosine", 2.5])
 
     def test_sde_reaches_data_distribution(self, one_thread):
         mu = torch.tensor([1.5, -0.5])
@@ -1449,6 +1630,36 @@ class TestData:
             train.save_checkpoint({"step": 2}, path)
         assert torch.load(path, weights_only=True)["step"] == 1
         assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+    def test_the_stop_check_makes_its_flag_on_the_device(self, tmp_path):
+        """should_stop builds the flag it all-reduces by a fill on the group's device (aten.full):
+        torch.tensor(value, device=cuda) would copy it from the host, a copy that waits for the
+        GPU's queue every STOP_EVERY steps (the device check counts the loop's syncs on a GPU)."""
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                world_size=1)
+        ops = []
+
+        class Record(torch.utils._python_dispatch.TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+        try:
+            with data.GracefulStop(torch.device("cpu")) as stop, Record():
+                stop.should_stop(0)
+        finally:
+            dist.destroy_process_group()
+        assert "aten.full.default" in ops and "aten.lift_fresh.default" not in ops, ops
+
+    def test_compile_workers_per_rank_are_bounded_under_torchrun(self):
+        """N ranks on a node (LOCAL_WORLD_SIZE) start at most cpus / N inductor compile workers
+        each, not one per core each."""
+        env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
+        code = ("import os, data; data.setup_distributed('cpu'); "
+                "import torch._inductor.config as c; print(c.compile_threads, os.cpu_count())")
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                             text=True, check=True, env={**env, "LOCAL_WORLD_SIZE": "8"})
+        threads, cpus = map(int, out.stdout.split())
+        assert threads == max(1, cpus // 8)
 
     def test_second_ctrl_c_stops_at_once_without_a_traceback(self, capsys):
         """The first SIGINT is a request (a flag, the run goes on to its boundary); the second
@@ -2069,7 +2280,8 @@ class TestFidStatistics:
             noisy = clean
             if sd:
                 noisy = np.clip(clean + rng.normal(0, sd, clean.shape), 0, 255).astype(np.uint8)
-            stats.append(_fid_head(*fid.feature_statistics(noisy, fid_model, batch_size=10)))
+            f = fid.image_features(noisy, fid_model, batch_size=10, spatial=False)
+            stats.append(_fid_head(f["mu"], f["sigma"]))
         d = [fid.frechet_distance(*stats[0], *s) for s in stats]
         assert abs(d[0]) < 1e-3
         assert d[0] < d[1] < d[2], d
@@ -2160,14 +2372,16 @@ def _fid_main_error(capsys, argv):
     return _user_error(capsys, fid.main, argv)
 
 
-def _probe_cache(folder, latents, labels, classes):
-    """A latent cache in the layout of generator.write_latent_cache: latents.npy (N, 2, L, d)
-    float16 (index 1: the flip), labels.npy int64, meta.json with the class names."""
+def _probe_cache(folder, latents, labels, classes, ranks=2):
+    """A latent cache in the layout of data.write_latent_cache on `ranks` ranks: rank r's items r,
+    r + ranks, ... in latents_rank{r}.npy (n_r, 2, L, d) float16 (index 1: the flip) and
+    labels_rank{r}.npy int64, meta.json with the class names."""
     os.makedirs(folder)
-    np.save(os.path.join(folder, "latents.npy"), latents.astype(np.float16))
-    np.save(os.path.join(folder, "labels.npy"), labels.astype(np.int64))
-    meta = {"count": len(labels), "num_tokens": latents.shape[2], "token_dim": latents.shape[3],
-            "num_classes": len(classes), "classes": classes}
+    for r in range(ranks):
+        np.save(os.path.join(folder, f"latents_rank{r}.npy"), latents[r::ranks].astype(np.float16))
+        np.save(os.path.join(folder, f"labels_rank{r}.npy"), labels[r::ranks].astype(np.int64))
+    meta = {"count": len(labels), "ranks": ranks, "num_tokens": latents.shape[2],
+            "token_dim": latents.shape[3], "num_classes": len(classes), "classes": classes}
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f)
     return str(folder)
@@ -2225,7 +2439,7 @@ class TestFidCommandLine:
 
         def run(*argv):
             capsys.readouterr()
-            assert fid.main([*argv, '--workers', '0', '--batch-size', '3']) == 0
+            assert fid.main([*argv, '--workers', '0', '--inception-batch-size', '3']) == 0
             lines = capsys.readouterr().out.strip().splitlines()
             # no other lines on stdout
             assert [line.split(': ')[0] for line in lines] == list(fid.METRICS)
@@ -2247,7 +2461,7 @@ class TestFidCommandLine:
         # --save-stats writes the reference batches' four keys; a statistics REF has no images for
         # P/R
         fid.main(['--save-stats', folder, str(tmp_path / 'ref_stats.npz'), '--inception', full,
-                  '--workers', '0', '--batch-size', '3'])
+                  '--workers', '0', '--inception-batch-size', '3'])
         with np.load(tmp_path / 'ref_stats.npz') as z:
             assert sorted(z.files) == ['mu', 'mu_s', 'sigma', 'sigma_s']
             assert all(np.abs(z[k] - fr[k]).max() < 1e-9 for k in z.files)
@@ -2275,11 +2489,10 @@ class TestFidCommandLine:
                 and out4['sFID'] == 'unavailable (REF statistics have no mu_s/sigma_s)')
         no_images = 'unavailable (REF and SAMPLES: statistics only; precision/recall need images)'
         assert out4['Recall'] == no_images
-        # API: FID of uint8 arrays with a loaded model, against a (mu, sigma) pair; the FID path
-        # skips the sFID features
+        # API: uint8 arrays with a loaded model, against a (mu, sigma) pair
         inception = load_inception(fid_ts_path)
-        assert abs(fid.fid_of(ref_images, (fr['mu'], fr['sigma']), model=inception)) < 1e-3
-        assert 'mu_s' not in seen[-1]
+        api = fid.evaluate((fr['mu'], fr['sigma']), ref_images, model=inception)
+        assert abs(api['FID']) < 1e-3
 
     def test_fid_cli_user_errors(self, fid_ts_path, one_thread, tmp_path, capsys):
         """The inputs refused only once the Inception weights are loaded, in one line each (the
@@ -2330,8 +2543,9 @@ class TestFidCommandLine:
         y_tr, y_va = rng.integers(0, C, 600), rng.integers(0, C, 300)
         train = _probe_cache(tmp_path / "train", tokens(y_tr), y_tr, classes)
         val = _probe_cache(tmp_path / "val", tokens(y_va), y_va, classes)
-        shuffled = _probe_cache(tmp_path / "shuffled", np.load(os.path.join(train, "latents.npy")),
-                                rng.permutation(y_tr), classes)
+        train_latents = data.LatentCache(train).pairs(range(600))
+        shuffled = _probe_cache(tmp_path / "shuffled", train_latents, rng.permutation(y_tr),
+                                classes)
         r = fid.linear_probe(train, val)
         assert (r["top1"] > 0.95 and r["train_examples"] == 1200 and r["features"] == L * d
                 and r["classes"] == C)
@@ -2418,14 +2632,37 @@ data.latent_stats = lambda *args, **kwargs: (0.0, 1.0)
 fid.reconstruction_psnr = lambda *args, **kwargs: {{}}
 stages, init = [], train.TokenizerStage.__init__
 train.TokenizerStage.__init__ = lambda self, *a, **k: stages.append(self) or init(self, *a, **k)
+# the discriminator's calls and the all-reduces of its batch-norm statistics, forward and backward
+counts = {{"calls": 0, "forward": 0, "backward": 0}}
+heads, total = tokenizer.DiscriminatorHeads.forward, tokenizer._SumOverRanks
+def counted(key, fn):
+    return lambda *a: counts.__setitem__(key, counts[key] + 1) or fn(*a)
+tokenizer.DiscriminatorHeads.forward = counted("calls", heads)
+total.forward = staticmethod(counted("forward", total.forward))
+total.backward = staticmethod(counted("backward", total.backward))
 train.train(train.parse_args(sys.argv[1:]))
 out = sys.argv[sys.argv.index("--out") + 1]
-torch.save({{"model": stages[0].model.state_dict(), "criterion": stages[0].criterion.state_dict()}},
-           os.path.join(out, f"rank{{os.environ.get('RANK', 0)}}.pt"))
+torch.save({{"model": stages[0].model.state_dict(), "criterion": stages[0].criterion.state_dict(),
+            "counts": counts}}, os.path.join(out, f"rank{{os.environ.get('RANK', 0)}}.pt"))
 """
 
 
 class TestTrainTokenizer:
+    def test_an_image_folder_is_listed_once(self, tmp_path, monkeypatch):
+        """The tokenizer stage lists its folder once per process: the held-out images (a folder has
+        no split of its own) are a centre-cropped, unflipped view of the training set's listing."""
+        folder = _image_folder(tmp_path / "imgs", n=4)
+        listed = []
+        real = data.list_images
+        monkeypatch.setattr(data, "list_images", lambda *a, **k: listed.append(a) or real(*a, **k))
+        args = train.parse_args(["--stage", "tokenizer", "--preset", "softvq-tiny", "--data",
+                                 folder, "--out", str(tmp_path / "run")])
+        stage = train.TokenizerStage(args, torch.device("cpu"), 1, contextlib.nullcontext())
+        assert len(listed) == 1
+        held = stage.holdout
+        assert held.paths is stage.dataset.paths and held.crop == "center" and not held.flip
+        assert torch.equal(held[0][0], data.ImageFolderDataset(folder, 32)[0][0])
+
     def test_corrupt_images_are_skipped_and_counted_in_the_log(self, tmp_path):
         folder = tmp_path / "imgs"
         _image_folder(folder, n=4)
@@ -2514,7 +2751,7 @@ class TestTrainTokenizer:
         weight on: every loss finite, D and G update, the EMA moves, resume is exact."""
         files = objective_files
         init = str(tmp_path / "dinov2_init.pth")
-        torch.save(_obj_dinov2_state(torch.Generator().manual_seed(1), width=64, depth=4), init)
+        torch.save(bench.dinov2_standin(torch.Generator().manual_seed(1), width=64, depth=4), init)
         args = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "4", "--ckpt-every", "2",
                              "--disc-start", "0", "--perceptual-warmup", "2",
                              "--repa-patch-size", "4",
@@ -2614,8 +2851,9 @@ class TestTrainTokenizer:
             for Stage, argv in runs:
                 args = train.parse_args(argv + ["--grad-accum", "4", "--out",
                                                 str(tmp_path / "run")])
+                # a process group exists: the stage wraps its model in DDP, as under torchrun
                 stage = Stage(args, torch.device("cpu"), 1, contextlib.nullcontext())
-                stage.ddp, stage.forward = train.wrap(stage.model, torch.device("cpu"), 2, "off")
+                assert isinstance(stage.ddp, torch.nn.parallel.DistributedDataParallel)
                 calls = []
 
                 def hook(state, bucket):
@@ -2737,14 +2975,15 @@ class TestTrainTokenizer:
                     # measured: equal
                     assert on[s][k] == pytest.approx(off[s][k], rel=1e-5, abs=1e-7), (s, k)
 
-    def test_ddp_discriminator_matches_one_process_and_a_sigterm_stop_resumes_exactly(self, 
-                  tmp_path, monkeypatch, objective_files):
+    def test_ddp_discriminator_matches_one_process_and_a_sigterm_stop_resumes_exactly(
+            self, tmp_path, monkeypatch, objective_files):
         """Two gloo ranks train the tokenizer with the GAN term from step 0 (a DINO stand-in): the
-        discriminator's batch norm uses the global batch's statistics (one all_reduce per layer) and
-        the LeCam EMAs the global means, so the weights, D heads (with their running statistics),
-        LeCam EMAs and logged losses equal one process with the same global batch, and both ranks
-        hold the same D state. What is not comparable with 1 process is switched off: the entropy
-        term's mean assignment is over each rank's own batch (so weight 0, as in the DDP test
+        discriminator's batch norm uses the global batch's statistics and the LeCam EMAs the global
+        means, so the weights, D heads (with their running statistics), LeCam EMAs and logged
+        losses equal one process with the same global batch, and both ranks hold the same D state;
+        the five heads' batch norms take one all-reduce per depth, forward and backward (2 + 2 a
+        call). What is not comparable with 1 process is switched off: the entropy term's mean
+        assignment is over each rank's own batch (so weight 0, as in the DDP test
         above), and DiffAugment draws its decisions and per-sample parameters from each rank's own
         seeded RNG (identity here, so the consistency term, which compares two augmentations, is off
         too); the usage log is per rank. Then the same run again, SIGTERM to both ranks mid-run:
@@ -2789,14 +3028,16 @@ class TestTrainTokenizer:
                 if k == "quantize.codebook_used":
                     continue
                 assert torch.equal(v, r1[part_name][k]), k  # every rank holds the same state
-                before_bn = k.startswith("disc.") and k.endswith(("0.bias", "running_mean"))
+                before_bn = k.endswith(("conv1.bias", "conv2.bias", "running_mean"))
                 ref = single[part_name][k].float()
                 diff = (v.float() - ref).abs()
                 off = diff > (4e-3 if before_bn else 1e-4 + 1e-4 * ref.abs())
                 # 4 steps of lr 1e-3
                 assert diff.max() <= 4e-3 and off.float().mean() <= 1e-3, (k, diff.max())
         # 1 G + 2 D calls per step
-        assert r0["criterion"]["disc.heads.0.1.num_batches_tracked"] == 4 * 3
+        assert r0["criterion"]["disc.heads.norm1.num_batches_tracked"] == 4 * 3
+        counts = r0["counts"]
+        assert counts["forward"] == counts["backward"] == 2 * counts["calls"] > 0, counts
         keys = ("loss", "mse", "g_adv", "d_loss", "d_hinge", "lecam", "logits_real", "logits_fake",
                 "grad_norm", "d_grad_norm")
         a, b = _log(full)[1], _log(one)[1]
@@ -2841,19 +3082,36 @@ class TestTrainGenerator:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", "train.py", *base, "--out", str(tmp_path / "c2")],
                        cwd=REPO, check=True, env=env, capture_output=True)
-        one, two = data.LatentCache(str(tmp_path / "c1")), data.LatentCache(str(tmp_path / "c2"))
-        # sharding-invariant
-        assert np.array_equal(one.latents, two.latents) and np.array_equal(one.labels, two.labels)
+        one = data.LatentCache(str(tmp_path / "c1"))
+        two = data.LatentCache(str(tmp_path / "c2"))
+        # sharding-invariant, each rank writing files of its own
+        everything = range(len(one))
+        assert np.array_equal(one.pairs(everything), two.pairs(everything))
+        assert np.array_equal(one.labels, two.labels)
+        assert sorted(p.name for p in (tmp_path / "c2").glob("*.npy")) == [
+            "labels_rank0.npy", "labels_rank1.npy", "latents_rank0.npy", "latents_rank1.npy"]
+        # a cache of the earlier one-file layout (latents.npy, labels.npy) still reads
+        legacy = tmp_path / "legacy"
+        shutil.copytree(tmp_path / "c1", legacy)
+        (legacy / "latents_rank0.npy").rename(legacy / "latents.npy")
+        (legacy / "labels_rank0.npy").rename(legacy / "labels.npy")
+        meta = json.loads((legacy / "meta.json").read_text())
+        del meta["ranks"]
+        (legacy / "meta.json").write_text(json.dumps(meta))
+        old = data.LatentCache(str(legacy))
+        assert np.array_equal(old.pairs(everything), one.pairs(everything))
+        assert [old[i][0].tolist() for i in everything] == [one[i][0].tolist() for i in everything]
         assert (one.meta["latent_mean"] == 0.01 and one.meta["latent_std"] == 0.2
                 and one.meta["num_classes"] == 3)
         ds = data.ImageFolderDataset(images, 32, crop="center")
         x = data.to_model_range(torch.stack([ds[i][0] for i in range(len(ds))]))
         with torch.no_grad():
             z, z_flip = tok.encode(x), tok.encode(x.flip(-1))
-        torch.testing.assert_close(torch.from_numpy(one.latents[:, 0].astype(np.float32)), z,
+        pairs = one.pairs(everything)
+        torch.testing.assert_close(torch.from_numpy(pairs[:, 0].astype(np.float32)), z,
                                    atol=1e-3,
                                    rtol=1e-3)
-        torch.testing.assert_close(torch.from_numpy(one.latents[:, 1].astype(np.float32)), z_flip,
+        torch.testing.assert_close(torch.from_numpy(pairs[:, 1].astype(np.float32)), z_flip,
                                    atol=1e-3, rtol=1e-3)
         assert one.labels.tolist() == ds.labels
         # what the generator trains on: cached item i (flip chosen 50/50) normalised == on-the-fly,
@@ -2886,12 +3144,13 @@ class TestTrainGenerator:
                     "--tokenizer-config", str(tmp_path / "cfg.json"), "--data", images,
                     "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "cache")])
         cache = data.LatentCache(str(tmp_path / "cache"))
-        assert (cache.latents.shape == (3, 2, 64, 32)
+        assert (cache.pairs(range(3)).shape == (3, 2, 64, 32)
                 and cache.meta["latent_std"] == pytest.approx(0.06745294))
         ds = data.ImageFolderDataset(images, 256, crop="center")
         x = data.to_model_range(torch.stack([ds[i][0] for i in range(3)]))
         with torch.no_grad():
-            torch.testing.assert_close(torch.from_numpy(cache.latents[:, 0].astype(np.float32)),
+            first = cache.pairs(range(3))[:, 0]
+            torch.testing.assert_close(torch.from_numpy(first.astype(np.float32)),
                                        source.encode(x), atol=1e-3, rtol=1e-3)
 
     def test_generator_stage_from_cache_resumes_exactly_and_previews(self, tmp_path, probe_files):
@@ -2911,6 +3170,39 @@ class TestTrainGenerator:
         # sample.py reads what train.py wrote
         model, info = G.load_generator(str(tmp_path / "full" / "ckpt.pt"))
         assert info["path"] == probe_files["tok"]
+
+    def test_keep_every_keeps_numbered_checkpoints_that_sample_py_reads(self, tmp_path,
+                                                                        probe_files, monkeypatch,
+                                                                        capsys):
+        """--keep-every 2 over 4 steps: ckpt_0000002.pt and ckpt_0000004.pt beside ckpt.pt (the
+        latest, which --resume continues), each its own step's weights; sample.py draws a grid from
+        the step-2 one. A kept copy that cannot be written (a full disk, on a filesystem without
+        hard links) is one error line, with ckpt.pt holding that step."""
+        args = ["--stage", "generator", "--preset", "sit-tiny", "--latents", probe_files["cache"],
+                "--global-batch-size", "2", "--num-workers", "0", "--steps", "4",
+                "--ckpt-every", "100", "--sample-every", "100", "--keep-every", "2"]
+        out = tmp_path / "run"
+        _train_on_one_thread(args + ["--out", str(out)])
+        assert sorted(p.name for p in out.glob("ckpt*.pt")) == [
+            "ckpt.pt", "ckpt_0000002.pt", "ckpt_0000004.pt"]
+        latest, two, four = (torch.load(out / name, weights_only=True)
+                             for name in ("ckpt.pt", "ckpt_0000002.pt", "ckpt_0000004.pt"))
+        assert (latest["step"], two["step"], four["step"]) == (4, 2, 4)
+        assert torch.equal(latest["ema"]["x_embedder.weight"], four["ema"]["x_embedder.weight"])
+        assert not torch.equal(two["model"]["x_embedder.weight"],
+                               four["model"]["x_embedder.weight"])
+        S.main(["--ckpt", str(out / "ckpt_0000002.pt"), "--classes", "0", "1", "--per-class", "2",
+                "--num-sampling-steps", "2", "--sampler", "ode", "--out", str(tmp_path / "g.png")])
+        assert Image.open(tmp_path / "g.png").size[1] == 2 * 96
+
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(os, "link", full)
+        monkeypatch.setattr(shutil, "copyfileobj", full)
+        message = _user_error(capsys, train.main, args + ["--out", str(tmp_path / "full")])
+        assert "holds step 2, but keeping it as" in message and "No space left" in message
+        assert torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["step"] == 2
+        assert not list((tmp_path / "full").glob("ckpt_*"))
 
     def test_generator_stage_from_images(self, tmp_path, monkeypatch):
         """Encoding on the fly: the run trains, and its checkpoint names the tokenizer's files by
@@ -2954,7 +3246,7 @@ class TestTrainGenerator:
         assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
         S.main(["--ckpt", str(tmp_path / "g" / "ckpt.pt"), "--classes", "0", "1", "--per-class",
                 "4",
-                "--steps", "10", "--cfg", "1.5", "--out", str(tmp_path / "grid.png")])
+                "--num-sampling-steps", "10", "--cfg", "1.5", "--out", str(tmp_path / "grid.png")])
         # one row per class, 32 px cells shown at 96 px
         assert Image.open(tmp_path / "grid.png").size[1] == 2 * 3 * 32
 
@@ -3021,8 +3313,8 @@ class TestTrainEvaluation:
         with pytest.raises(ValueError, match="needs reference statistics"):
             fid.evaluate_batches(iter([]), net)
 
-    def test_eval_every_logs_what_sample_py_and_fid_py_give_and_changes_no_loss(self, 
-                  tmp_path, capsys, monkeypatch, fid_ts_path):
+    def test_eval_every_logs_what_sample_py_and_fid_py_give_and_changes_no_loss(
+            self, tmp_path, capsys, monkeypatch, fid_ts_path):
         """--eval-every: the tokenizer's last `eval` event holds the PSNR, both SSIMs and rFID that
         `sample.py --images` gives on the same images with the run's checkpoint; the generator's,
         the FID that `fid.py REF SAMPLES` gives on the samples `sample.py` draws with the stated
@@ -3043,10 +3335,9 @@ class TestTrainEvaluation:
         assert [r["step"] for r in evals_logged] == [2, 4]
         last = evals_logged[-1]
         assert last["images"] == 6 and last["split"] == "train" and last["seconds"] > 0
-        S.main(["--ckpt", str(tmp_path / "tok" / "ckpt.pt"), "--images", images, "--batch-size",
-                "3",
-                "--workers", "0", "--device", "cpu", "--inception", fid_ts_path,
-                "--out", str(tmp_path / "recon")])
+        S.main(["--ckpt", str(tmp_path / "tok" / "ckpt.pt"), "--images", images,
+                "--per-proc-batch-size", "3", "--num-workers", "0", "--device", "cpu",
+                "--inception", fid_ts_path, "--out", str(tmp_path / "recon")])
         metrics = json.load(open(tmp_path / "recon" / "metrics.json"))
         for key in ("psnr", "ssim_gaussian", "ssim_official"):
             assert last[key] == pytest.approx(metrics[key], rel=1e-9), key
@@ -3077,12 +3368,13 @@ class TestTrainEvaluation:
         records = [_strict_json(l) for l in open(tmp_path / "gen" / "log.jsonl")]
         (logged,) = [r for r in records if r.get("event") == "eval"]
         assert logged["sampling"] == {"solver": "sde", "steps": 50, "cfg_scale": 1.75,
-                                      "guidance_low": 0.0, "guidance_high": 0.7}
+                                      "guidance_low": 0.0, "guidance_high": 0.7,
+                                      "path_type": "linear"}
         assert logged["seed"] == 5
-        S.main(["--ckpt", str(tmp_path / "gen" / "ckpt.pt"), "--num-samples", "4", "--sampler",
-                "sde",
-                "--steps", "50", "--cfg", "1.75", "--guidance-high", "0.7", "--seed", "5",
-                "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "samples.npz")])
+        S.main(["--ckpt", str(tmp_path / "gen" / "ckpt.pt"), "--num-fid-samples", "4",
+                "--sampler", "sde", "--num-sampling-steps", "50", "--cfg-scale", "1.75",
+                "--guidance-high", "0.7", "--seed", "5", "--per-proc-batch-size", "4",
+                "--device", "cpu", "--out", str(tmp_path / "samples.npz")])
         measured = _fid_line(capsys, [ref, str(tmp_path / "samples.npz"), "--inception",
                                       fid_ts_path,
                                       "--workers", "0"])
@@ -3174,8 +3466,8 @@ class TestSample:
         monkeypatch.setattr(G, "load_tokenizer", _gen_stub_module(stub).load_tokenizer)
         out = tmp_path / "grid.png"
         S.main(["--ckpt", ckpt, "--classes", "1", "3", "0", "--per-class", "4", "--out", str(out),
-                "--steps", "3", "--cfg", "2", "--sampler", "ode", "--batch-size", "5",
-                "--device", "cpu"])
+                "--num-sampling-steps", "3", "--cfg-scale", "2", "--sampler", "ode",
+                "--per-proc-batch-size", "5", "--device", "cpu"])
         img = np.asarray(Image.open(out))
         # one row per class, 8 px cells shown at 96 px
         assert img.shape[0] == 3 * 96 and (img.shape[1] - 4 * 96) > 0
@@ -3226,7 +3518,7 @@ class TestSample:
         # the generator's stats win; a missing one falls back to the tokenizer's
         assert (mean, std) == (0.25, 2.0)
         S.main(["--ckpt", str(tmp_path / "gen.pt"), "--classes", "2", "0", "--per-class", "3",
-                "--steps", "2", "--sampler", "heun", "--cfg", "3", "--device", "cpu",
+                "--num-sampling-steps", "2", "--sampler", "heun", "--cfg", "3", "--device", "cpu",
                 "--out", str(tmp_path / "g.png")])
         # 32 px cells shown at 96 px
         assert Image.open(tmp_path / "g.png").size[1] == 2 * 3 * tok.config.image_size
@@ -3234,8 +3526,8 @@ class TestSample:
         assert "'tokenizer' checkpoint" in _user_error(capsys, S.main, argv)
 
     def test_sample_flags_reach_their_calls(self, tmp_path, monkeypatch, capsys, one_thread):
-        """--weights, --class-names, --fp32 on our checkpoints; --config for official SiT weights.
-        """
+        """--weights, --class-names, --precision fp32 (and its second spelling --fp32), --path-type
+        on our checkpoints; --config for official SiT weights."""
         ckpt, stub = _gen_setup_sampling(tmp_path)
         monkeypatch.setattr(G, "load_tokenizer", _gen_stub_module(stub).load_tokenizer)
         c = torch.load(ckpt, weights_only=True)
@@ -3250,21 +3542,28 @@ class TestSample:
             seen["names"] = class_names
             return real_grid(images, labels, class_names)
 
-        def gen(model, *a, amp=True, **k):
+        def gen(model, tok, noise, labels, sampling, *a, amp=True, **k):
             seen["amp"] = amp
             seen["model"] = model
-            return real_gen(model, *a, amp=amp, **k)
+            seen["sampling"] = sampling
+            return real_gen(model, tok, noise, labels, sampling, *a, amp=amp, **k)
 
         monkeypatch.setattr(data, "labelled_grid", grid)
         monkeypatch.setattr(S, "generate_images", gen)
         (tmp_path / "names.txt").write_text("\n".join(f"class-{i}" for i in range(5)))
-        common = ["--classes", "1", "3", "--per-class", "2", "--steps", "2", "--sampler", "ode",
-                  "--device", "cpu"]
+        common = ["--classes", "1", "3", "--per-class", "2", "--num-sampling-steps", "2",
+                  "--sampler", "ode", "--device", "cpu"]
         S.main(["--ckpt", ckpt, "--weights", "model", "--class-names", str(tmp_path / "names.txt"),
                 "--fp32", "--out", str(tmp_path / "g.png"), *common])
         assert seen["names"][3] == "class-3" and seen["amp"] is False
         # the zeroed "model" weights, not the EMA
         assert all(p.abs().sum() == 0 for p in seen["model"].parameters())
+        sde = ["--classes", "1", "--per-class", "1", "--num-sampling-steps", "2", "--device", "cpu"]
+        S.main(["--ckpt", ckpt, "--path-type", "cosine", "--precision", "fp32",
+                "--out", str(tmp_path / "c.png"), *sde])
+        assert seen["sampling"].path_type == "cosine" and seen["amp"] is False
+        S.main(["--ckpt", ckpt, "--out", str(tmp_path / "l.png"), *sde])
+        assert seen["sampling"].path_type == "linear" and seen["amp"] is True
         # official SiT weights whose width names no preset: the heads come from --config
         sd = _gen_tiny_official_sd(D=32, depth=2, L=4, d=3, C=5)
         (tmp_path / "sit").mkdir()
@@ -3283,10 +3582,9 @@ class TestSample:
         ckpt, stub = _gen_setup_sampling(tmp_path)
         monkeypatch.setattr(G, "load_tokenizer", _gen_stub_module(stub).load_tokenizer)
         out = tmp_path / "s.npz"
-        S.main(["--ckpt", ckpt, "--num-samples", "7", "--shard-size", "3", "--batch-size", "2",
-                "--steps", "2", "--sampler", "ode", "--cfg", "1.5", "--seed", "5",
-                "--device", "cpu",
-                "--out", str(out)])
+        S.main(["--ckpt", ckpt, "--num-fid-samples", "7", "--shard-size", "3",
+                "--per-proc-batch-size", "2", "--num-sampling-steps", "2", "--sampler", "ode",
+                "--cfg-scale", "1.5", "--seed", "5", "--device", "cpu", "--out", str(out)])
         with np.load(out) as z:
             assert sorted(z.files) == ["arr_0", "arr_1"]
             images, labels = z["arr_0"], z["arr_1"]
@@ -3307,9 +3605,9 @@ class TestSample:
         first after its shard (exit 3, shards kept); a SIGKILL mid-shard loses only that shard; the
         reruns give the uninterrupted file."""
         ckpt, stub = _gen_setup_sampling(tmp_path)
-        common = ["--ckpt", ckpt, "--num-samples", "22", "--shard-size", "2", "--batch-size", "2",
-                  "--steps", "60", "--cfg", "1.5", "--guidance-high", "0.7", "--seed", "3",
-                  "--device", "cpu"]
+        common = ["--ckpt", ckpt, "--num-fid-samples", "22", "--shard-size", "2",
+                  "--per-proc-batch-size", "2", "--num-sampling-steps", "60", "--cfg-scale", "1.5",
+                  "--guidance-high", "0.7", "--seed", "3", "--device", "cpu"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         ref = tmp_path / "ref.npz"
         # the uninterrupted run and the last rerun in this process, on one thread like the stopped
@@ -3365,8 +3663,9 @@ class TestSample:
         sampled, and fid.py prints it."""
         ckpt, stub = _gen_setup_sampling(tmp_path)
         monkeypatch.setattr(G, "load_tokenizer", _gen_stub_module(stub).load_tokenizer)
-        common = ["--ckpt", ckpt, "--num-samples", "20", "--shard-size", "4", "--batch-size", "4",
-                  "--steps", "3", "--seed", "3", "--device", "cpu", "--labels", "equal"]
+        common = ["--ckpt", ckpt, "--num-fid-samples", "20", "--shard-size", "4",
+                  "--per-proc-batch-size", "4", "--num-sampling-steps", "3", "--seed", "3",
+                  "--device", "cpu", "--labels", "equal"]
         S.main(common + ["--out", str(tmp_path / "a.npz")])
         labels = np.load(tmp_path / "a.npz")["arr_1"]
         assert (np.bincount(labels, minlength=5).tolist() == [4] * 5
@@ -3390,11 +3689,11 @@ class TestSample:
         assert (tmp_path / "b.npz").read_bytes() == (tmp_path / "a.npz").read_bytes()
         record = _strict_json((tmp_path / "a.json").read_text())
         assert record == {"generator": ckpt, "tokenizer": str(tmp_path / "tok.json"),
-                          "weights": "ema",
-                          "sampler": G.Sampling.solver, "steps": 3,
+                          "weights": "ema", "sampler": G.Sampling.solver, "steps": 3,
                           "cfg_scale": G.Sampling.cfg_scale,
                           "guidance_interval": [G.Sampling.guidance_low, G.Sampling.guidance_high],
-                          "seed": 3, "labels": "equal", "num_samples": 20, "num_classes": 5}
+                          "path_type": "linear", "seed": 3, "labels": "equal", "num_samples": 20,
+                          "num_classes": 5}
         # uniform labels: the default, recorded as such
         S.main(common[:-2] + ["--out", str(tmp_path / "u.npz")])
         assert _strict_json((tmp_path / "u.json").read_text())["labels"] == "uniform"
@@ -3436,8 +3735,9 @@ class TestSampleReconstruction:
         """
         _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
         images = _image_folder(tmp_path / "imgs", n=7)
-        common = ["--ckpt", str(tmp_path / "tok.pt"), "--images", images, "--batch-size", "3",
-                  "--workers", "0", "--device", "cpu", "--inception", str(tmp_path / "none.pt")]
+        common = ["--ckpt", str(tmp_path / "tok.pt"), "--images", images,
+                  "--per-proc-batch-size", "3", "--num-workers", "0", "--device", "cpu",
+                  "--inception", str(tmp_path / "none.pt")]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", "sample.py", *common, "--out", str(tmp_path / "two")],
@@ -3479,9 +3779,9 @@ class TestSampleReconstruction:
         images = _image_folder(tmp_path / "imgs", n=5)
         files = objective_files
         out = tmp_path / "eval"
-        common = ["--ckpt", str(tmp_path / "tok.pt"), "--images", images, "--batch-size", "2",
-                  "--workers", "0", "--device", "cpu", "--inception", str(tmp_path / "none.pt"),
-                  "--out", str(out)]
+        common = ["--ckpt", str(tmp_path / "tok.pt"), "--images", images,
+                  "--per-proc-batch-size", "2", "--num-workers", "0", "--device", "cpu",
+                  "--inception", str(tmp_path / "none.pt"), "--out", str(out)]
         S.main(common + ["--vgg", files["vgg_path"], "--lpips", files["lpips_path"]])
         import csv
         with open(out / "per_image.csv") as f:
@@ -3526,8 +3826,9 @@ class TestSampleReconstruction:
         for n in (12, 12, 60):
             images = _image_folder(tmp_path / f"imgs{n}", n=n)
             tracemalloc.start()
-            S.main(["--ckpt", str(tmp_path / "tok.pt"), "--images", images, "--batch-size", "4",
-                    "--workers", "0", "--device", "cpu", "--inception", __file__,
+            S.main(["--ckpt", str(tmp_path / "tok.pt"), "--images", images,
+                    "--per-proc-batch-size", "4", "--num-workers", "0", "--device", "cpu",
+                    "--inception", __file__,
                     "--out", str(tmp_path / f"out{n}_{len(peaks)}")])
             peaks.append(tracemalloc.get_traced_memory()[1])
             tracemalloc.stop()
@@ -3551,8 +3852,9 @@ class TestSampleReconstruction:
         _tiny_tokenizer_ckpt(tmp_path / "tok.pt")
         images = _image_folder(tmp_path / "imgs", n=3)
         monkeypatch.setattr(S, "load_tokenizer", lambda path, config: _IdentityTokenizer())
-        common = ["--ckpt", str(tmp_path / "tok.pt"), "--images", images, "--batch-size", "2",
-                  "--workers", "0", "--device", "cpu", "--inception", str(tmp_path / "none.pt")]
+        common = ["--ckpt", str(tmp_path / "tok.pt"), "--images", images,
+                  "--per-proc-batch-size", "2", "--num-workers", "0", "--device", "cpu",
+                  "--inception", str(tmp_path / "none.pt")]
         S.main(common + ["--out", str(tmp_path / "exact")])
         metrics = _strict_json((tmp_path / "exact" / "metrics.json").read_text())
         assert metrics["psnr"] == 100.0 and metrics["images"] == 3
@@ -3609,7 +3911,7 @@ def _run_quickstart(cwd, tok_steps=None, gen_steps=None, seed=None, samples=512)
         sampler = argv[argv.index("--sampler"):]
         sampler = sampler[:sampler.index("--out")] if "--out" in sampler else sampler
         if samples:
-            S.main(["--ckpt", argv[argv.index("--ckpt") + 1], "--num-samples", str(samples),
+            S.main(["--ckpt", argv[argv.index("--ckpt") + 1], "--num-fid-samples", str(samples),
                     "--out", "runs/quickstart/judge.npz", *sampler, "--device", "cpu"])
     finally:
         os.chdir(old)
@@ -3787,7 +4089,9 @@ PROBE_ERRORS = [
      "--steps must be at least 1"),
     ("train-batch-0", "train",
      lambda f, t: T("--batch-size", "0", "--out", str(t)),
-     "--batch-size must be"),
+     "--global-batch-size must be"),
+    ("train-keep-every-negative", "train", lambda f, t: T("--keep-every", "-1", "--out", str(t)),
+     "--keep-every must be >= 0"),
     ("train-lr-0", "train", lambda f, t: T("--lr", "0", "--out", str(t)), "--lr 0.0"),
     ("train-lr-negative", "train", lambda f, t: T("--lr=-1e-3", "--out", str(t)), "must be > 0"),
     ("train-grad-clip-0", "train",
@@ -3799,7 +4103,7 @@ PROBE_ERRORS = [
     ("train-ema-1", "train", lambda f, t: T("--ema-decay", "1", "--out", str(t)), "--ema-decay"),
     ("train-workers-negative", "train",
      lambda f, t: T("--workers", "-1", "--out", str(t)),
-     "--workers"),
+     "--num-workers"),
     ("train-grad-accum-0", "train",
      lambda f, t: T("--grad-accum", "0", "--out", str(t)),
      "--grad-accum"),
@@ -3823,7 +4127,7 @@ PROBE_ERRORS = [
      "needs --tokenizer"),
     ("generator-no-source", "train",
      lambda f, t: ["--stage", "generator", "--preset", "sit-tiny", "--out", str(t)],
-     "needs --latents or --tokenizer with --data"),
+     "needs --latents or --tokenizer with --data-path"),
     ("data-missing", "train",
      lambda f, t: T("--data", str(t / "nope"), "--out", str(t / "o")),
      "no such data folder"),
@@ -3860,7 +4164,7 @@ PROBE_ERRORS = [
      "not tokenizer softvq-tiny"),
     ("resume-other-batch", "train",
      lambda f, t: _probe_tokenizer_resume(f, t, ["--batch-size", "4"]),
-     "--batch-size 4"),
+     "--global-batch-size 4"),
     ("resume-other-lr", "train",
      lambda f, t: _probe_tokenizer_resume(f, t, ["--lr", "1e-4"]),
      "--lr 0.0001"),
@@ -3886,7 +4190,7 @@ PROBE_ERRORS = [
      "no complete latent cache"),
     ("cache-damaged", "train",
      lambda f, t: (shutil.copytree(f["cache"], t / "c"),
-                   np.save(t / "c" / "latents.npy", np.zeros((1, 2), np.float16)),
+                   np.save(t / "c" / "latents_rank0.npy", np.zeros((1, 2), np.float16)),
                    ["--stage", "generator", "--preset", "sit-tiny", "--latents", str(t / "c"),
                     "--out", str(t / "o")])[2],
      "do not match meta.json"),
@@ -3911,8 +4215,17 @@ PROBE_ERRORS = [
     ("sample-ckpt-truncated", "sample",
      lambda f, t: ["--ckpt", str(f["dir"] / "cut.pt"), "--out", str(t / "g.png")],
      "truncated or not a weights file"),
-    ("sample-cfg", "sample", lambda f, t: ["--ckpt", f["gen"], "--cfg", "0.5"], "--cfg 0.5"),
-    ("sample-steps", "sample", lambda f, t: ["--ckpt", f["gen"], "--steps", "0"], "--steps 0"),
+    ("sample-cfg", "sample", lambda f, t: ["--ckpt", f["gen"], "--cfg", "0.5"],
+     "--cfg-scale 0.5"),
+    ("sample-steps", "sample", lambda f, t: ["--ckpt", f["gen"], "--num-sampling-steps", "0"],
+     "--num-sampling-steps 0"),
+    ("sample-steps-is-train-py-s", "sample", lambda f, t: ["--ckpt", f["gen"], "--steps", "10"],
+     "use --num-sampling-steps"),
+    ("sample-batch-is-train-py-s", "sample",
+     lambda f, t: ["--ckpt", f["gen"], "--batch-size", "4"], "use --per-proc-batch-size"),
+    ("sample-path-type-without-sde", "sample",
+     lambda f, t: ["--ckpt", f["gen"], "--sampler", "ode", "--path-type", "cosine"],
+     "changes the SDE's score only"),
     ("sample-interval", "sample",
      lambda f, t: ["--ckpt", f["gen"], "--guidance-low", "0.9", "--guidance-high", "0.1"],
      "--guidance-low"),
@@ -3921,7 +4234,7 @@ PROBE_ERRORS = [
      "invalid choice"),
     ("sample-num-0", "sample",
      lambda f, t: ["--ckpt", f["gen"], "--num-samples", "0", "--out", str(t / "s.npz")],
-     "--num-samples must be"),
+     "--num-fid-samples must be"),
     ("sample-num-and-classes", "sample",
      lambda f, t: ["--ckpt", f["gen"], "--num-samples", "2", "--classes", "1",
                    "--out", str(t / "s.npz")],
@@ -3975,8 +4288,10 @@ PROBE_ERRORS = [
      "no valid dtype"),
     ("fid-one-input", "fid", lambda f, t: [f["imgs"]], "give REF SAMPLES"),
     ("fid-batch-0", "fid",
-     lambda f, t: [f["imgs"], f["imgs"], "--batch-size", "0"],
-     "--batch-size"),
+     lambda f, t: [f["imgs"], f["imgs"], "--inception-batch-size", "0"],
+     "--inception-batch-size and"),
+    ("fid-batch-is-train-py-s", "fid", lambda f, t: [f["imgs"], f["imgs"], "--batch-size", "3"],
+     "use --inception-batch-size"),
     ("fid-missing-input", "fid", lambda f, t: [str(t / "nope"), f["imgs"]], "not a folder"),
     ("fid-npz-without-images-or-statistics", "fid",
      lambda f, t: (np.savez(t / "bad.npz", images=np.zeros((2, 8, 8, 3), np.uint8)),
@@ -4044,6 +4359,30 @@ def _one_error_line(proc):
     return lines[-1]
 
 
+def _running(pid):
+    """Whether process `pid` still runs (a zombie nobody has reaped does not)."""
+    return (Path(f"/proc/{pid}").exists()
+            and "zombie" not in Path(f"/proc/{pid}/status").read_text())
+
+
+_CRASH_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+import train
+real_step = train.train_step
+
+
+def crash_on_rank_1(stage, args, batch, labels, step, rank):
+    if rank == 1 and step == 3:
+        raise RuntimeError("an injected fault")
+    return real_step(stage, args, batch, labels, step, rank)
+
+
+train.train_step = crash_on_rank_1
+train.main(sys.argv[1:])
+"""
+
+
 class TestCommandLines:
     @pytest.mark.parametrize("case", PROBE_ERRORS, ids=[c[0] for c in PROBE_ERRORS])
     def test_probe_user_errors(self, case, tmp_path, capsys, monkeypatch, probe_files):
@@ -4052,6 +4391,46 @@ class TestCommandLines:
         main = {"train": train.main, "sample": S.main, "fid": fid.main}[entry]
         msg = _user_error(capsys, main, argv(probe_files, tmp_path))
         assert needle in msg and "weights_only=False" not in msg, msg
+
+    def test_every_option_has_help_and_shows_its_default(self):
+        """train.py, sample.py and fid.py: every option has a help line that shows its default (or
+        says what happens without it); the field's names (DiT, SiT, the official code) exist, and
+        the earlier names are second spellings of the same options; sample.py's modes and
+        train.py's stages are argument groups; --preset lists the presets."""
+        parsers = {"train.py": train.make_parser(), "sample.py": S.make_parser(),
+                   "fid.py": fid.make_parser()}
+        for name, parser in parsers.items():
+            formatter = parser._get_formatter()
+            for action in parser._actions:
+                if action.help == argparse.SUPPRESS or action.dest == "help":
+                    continue
+                if action.required:
+                    assert action.help, (name, action.option_strings)
+                    continue
+                text = formatter._get_help_string(action) or ""
+                assert action.help and "default" in text, (name, action.option_strings)
+        flags = {name: {o for a in p._actions for o in a.option_strings}
+                 for name, p in parsers.items()}
+        assert {"--global-batch-size", "--data-path", "--keep-every", "--precision",
+                "--num-workers"} <= flags["train.py"]
+        assert {"--cfg-scale", "--num-fid-samples", "--per-proc-batch-size",
+                "--num-sampling-steps", "--path-type", "--precision"} <= flags["sample.py"]
+        assert {"--inception-batch-size", "--precision"} <= flags["fid.py"]
+        ckpt = ["--ckpt", "c.pt"]
+        for new, old, value in (("--cfg-scale", "--cfg", "2.0"), ("--num-fid-samples",
+                                                                "--num-samples", "8")):
+            assert S.parse_args(ckpt + [new, value]) == S.parse_args(ckpt + [old, value])
+        assert S.parse_args(ckpt + ["--fp32"]).precision == "fp32"
+        base = ["--stage", "tokenizer", "--preset", "softvq-tiny", "--out", "x"]
+        assert (train.parse_args(base + ["--data", "builtin", "--batch-size", "8"])
+                == train.parse_args(base + ["--data-path", "builtin", "--global-batch-size", "8"]))
+        groups = {name: [g.title for g in p._action_groups] for name, p in parsers.items()}
+        assert {"grid mode (the default): a labelled PNG", ".npz mode, for FID: --num-fid-samples",
+                "reconstruction mode: --images, for a tokenizer --ckpt"} <= set(groups["sample.py"])
+        assert {"tokenizer: the objective and its pretrained networks",
+                "cache and generator"} <= set(groups["train.py"])
+        preset = next(a for a in parsers["train.py"]._actions if a.dest == "preset")
+        assert "softvq-l-64-512" in preset.help and "sit-xl" in preset.help
 
     def test_probe_diverged_run_keeps_the_last_finite_checkpoint(self, tmp_path, capsys):
         """A run whose loss turns non-finite stops with one line naming the step; the newest
@@ -4071,8 +4450,8 @@ class TestCommandLines:
         """Finished outputs are replaced only with --overwrite; an --out in a missing folder is
         created at the start; after a resume the log marks where the repeated steps begin."""
         f = probe_files
-        common = ["--ckpt", f["gen"], "--classes", "0", "--per-class", "1", "--steps", "1",
-                  "--sampler", "ode"]
+        common = ["--ckpt", f["gen"], "--classes", "0", "--per-class", "1",
+                  "--num-sampling-steps", "1", "--sampler", "ode"]
         S.main(common + ["--out", str(tmp_path / "new" / "deeper" / "g.png")])
         assert (tmp_path / "new" / "deeper" / "g.png").is_file()
         again = common + ["--out", str(tmp_path / "new" / "deeper" / "g.png")]
@@ -4109,7 +4488,7 @@ class TestCommandLines:
                                           stderr=subprocess.PIPE, text=True))
         results = [(p.wait(timeout=120), p.communicate()[1]) for p in ranks]
         errors = [[l for l in err.splitlines() if l.startswith("error:")] for _, err in results]
-        refusal = "error: --batch-size 7 is not divisible by the 2 ranks x --grad-accum 1"
+        refusal = "error: --global-batch-size 7 is not divisible by the 2 ranks x --grad-accum 1"
         assert errors == [[refusal], []], results
         assert [code for code, _ in results] == [2, 2], results
         assert not (tmp_path / "run" / "ckpt.pt").exists()
@@ -4197,11 +4576,7 @@ class TestCommandLines:
         ranks = _rank_pids(proc.pid)
         os.kill(ranks[b"RANK=1"], signal.SIGSTOP)
         stopped = time.time()
-
-        def alive(pid):
-            return (Path(f"/proc/{pid}").exists()
-                    and "zombie" not in Path(f"/proc/{pid}/status").read_text())
-        while alive(ranks[b"RANK=0"]) and time.time() < stopped + 90:
+        while _running(ranks[b"RANK=0"]) and time.time() < stopped + 90:
             time.sleep(0.2)
         waited = time.time() - stopped
         for pid in ranks.values():  # torchrun would give the stopped rank 30 s to answer SIGTERM
@@ -4210,6 +4585,62 @@ class TestCommandLines:
         _, err = proc.communicate(timeout=60)
         assert proc.returncode != 0 and waited < 5 + 20, waited
         assert "error: a collective between the ranks failed or timed out" in err, err[-3000:]
+
+    def test_ranks_whose_launcher_is_killed_stop_with_the_checkpoint_of_their_last_step(
+            self, tmp_path):
+        """kill -9 torchrun (or the OOM killer) leaves its ranks, in sessions of their own, without
+        a launcher: within seconds they notice it, stop as on SIGHUP after the same step, whose
+        checkpoint is the last logged step, and exit; --resume then continues."""
+        out = tmp_path / "run"
+        args = T("--steps", "100000", "--log-every", "1", "--ckpt-every", "100000",
+                 "--out", str(out))
+        with open(tmp_path / "output.txt", "w") as output:
+            launcher = subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node=2", "train.py", *args], cwd=REPO, stdout=output,
+                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            _wait_for_step(out, 3, launcher)
+            ranks = _rank_pids(launcher.pid)
+            launcher.kill()
+            launcher.wait()
+            killed = time.time()
+            while any(map(_running, ranks.values())) and time.time() < killed + 60:
+                time.sleep(0.1)
+        gone = time.time() - killed
+        text = (tmp_path / "output.txt").read_text()
+        assert gone < 30 and "the launcher (pid" in text, (gone, text[-3000:])
+        recs, by_step = _log(out)
+        [stop] = [r for r in recs if r.get("event") == "stop"]
+        step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+        assert stop["signal"] == "SIGHUP" and stop["step"] == step == max(by_step), stop
+        # one more step (--allow-changes: a shorter run than the checkpoint's --steps)
+        _train_on_one_thread(args + ["--steps", str(step + 1), "--resume", "--allow-changes"])
+        assert max(_log(out)[1]) == step + 1
+
+    def test_a_crash_on_one_rank_is_logged_as_a_crash_and_ends_the_others(self, tmp_path):
+        """Rank 1 fails at step 3 of a 2-rank run: its crash record and a `crash` event in log.jsonl
+        name it; rank 0 (which torchrun then sends SIGTERM) ends too, not as a graceful stop (no
+        `stop` event, no checkpoint of a step the ranks never finished); the run is over within
+        seconds."""
+        script = tmp_path / "crash.py"
+        script.write_text(_CRASH_SCRIPT.format(repo=str(REPO)))
+        out = tmp_path / "run"
+        started = time.time()
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node=2", str(script),
+                               *T("--steps", "100", "--log-every", "1", "--out", str(out))],
+                              cwd=REPO, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and time.time() - started < 60, output[-3000:]
+        assert "stopping at the next boundary" not in output, output[-3000:]
+        events = [r for r in _log(out)[0] if r.get("event") in ("crash", "stop")]
+        fault = "RuntimeError: an injected fault"
+        assert events[0] == {"event": "crash", "rank": 1, "error": fault}
+        assert not [r for r in events if r["event"] == "stop"], events
+        assert (out / "crash_rank1.txt").read_text().startswith(
+            "rank 1 crashed: RuntimeError: an injected fault\n")
+        assert not (out / "ckpt.pt").exists()
 
     @pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"),
                         reason="kills at random moments, 2 minutes: SOFTVQ_SLOW=1")
@@ -4258,7 +4689,7 @@ class TestCommandLines:
                  "--workers", "0", "--out", str(tmp_path / "cache"), "--overwrite"]
         p = subprocess.Popen(_train_cmd(*cache), cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-        while (not (tmp_path / "cache" / "latents.npy").exists()
+        while (not (tmp_path / "cache" / "latents_rank0.npy").exists()
                or (tmp_path / "cache" / "meta.json").exists()):
             time.sleep(0.01)
         # a few batches in: the whole 400-image cache takes well under a second once it has started
@@ -4270,7 +4701,7 @@ class TestCommandLines:
                "--steps", "1", "--out", str(tmp_path / "sit")]
         assert "no complete latent cache" in _one_error_line(_run(_train_cmd(*gen)))
         assert _run(_train_cmd(*cache[:-1])).returncode == 0
-        assert data.LatentCache(str(tmp_path / "cache")).latents.shape[0] == 400
+        assert len(data.LatentCache(str(tmp_path / "cache"))) == 400
 
     def test_cache_stopped_by_a_signal_continues_to_the_uninterrupted_cache(self, tmp_path,
                                                                             probe_files):
@@ -4287,7 +4718,7 @@ class TestCommandLines:
         part = tmp_path / "part"
         proc = subprocess.Popen(cache(part), cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, env=env)
-        while not (part / "latents.npy").exists() and proc.poll() is None:
+        while not (part / "latents_rank0.npy").exists() and proc.poll() is None:
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         err = proc.communicate(timeout=60)[1]
@@ -4297,7 +4728,8 @@ class TestCommandLines:
         assert 0 < done < 200 and not (part / "meta.json").exists()
         _train_on_one_thread(cache(part)[2:])
         a, b = data.LatentCache(str(tmp_path / "full")), data.LatentCache(str(part))
-        assert np.array_equal(a.latents, b.latents) and np.array_equal(a.labels, b.labels)
+        assert np.array_equal(a.pairs(range(200)), b.pairs(range(200)))
+        assert np.array_equal(a.labels, b.labels)
         assert a.meta == b.meta and not list(part.glob("progress*"))
         assert _strict_json((part / "meta.json").read_text()) == b.meta
 
@@ -4362,8 +4794,8 @@ class TestHouse:
         assert sum(sizes.values()) <= 4900, sizes
         packed = {m: _packed_assignments((REPO / f"{m}.py").read_text()) for m in MODULES}
         assert not any(packed.values()), packed
-        # no line over 100 columns in the modules, nor in this file
-        files = [f"{m}.py" for m in MODULES] + [Path(__file__).name]
+        # no line over 100 columns in the modules, nor in bench.py and this file
+        files = [f"{m}.py" for m in MODULES] + ["bench.py", Path(__file__).name]
         wide = [f"{name}:{i}" for name in files
                 for i, line in enumerate((REPO / name).read_text().splitlines(),
                                          1) if len(line) > 100]
@@ -4376,6 +4808,29 @@ class TestHouse:
         hits = [f"{f.name}:{i}" for f in sources
                 for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
         assert not hits, hits
+
+    def test_the_readme_and_benchmarks_are_for_users(self):
+        """README.md at most 20 KB with a row for every released SoftVQVAE/* tokenizer and SiT,
+        BENCHMARKS.md at most 24 KB, an MIT LICENSE; every name a step of "Reading the code" gives
+        exists in the file that step names."""
+        readme = (REPO / "README.md").read_text()
+        assert len(readme.encode()) <= 20_000
+        assert len((REPO / "BENCHMARKS.md").read_text().encode()) <= 24_000
+        assert (REPO / "LICENSE").read_text().startswith("MIT License")
+        for name in ("softvq-l-64", "softvq-bl-64", "softvq-b-64", "softvq-l-32", "softvq-bl-32",
+                     "softvq-b-32", "softvq-bl-64-512", "softvq-l-32-512"):
+            assert f"| `SoftVQVAE/{name}` |" in readme, name
+            assert f"| `SoftVQVAE/sit-xl_{name}` |" in readme, name
+        path = readme.split("## Reading the code", 1)[1].split("\n## ", 1)[0]
+        steps = re.split(r"^\d\. ", path, flags=re.M)[1:]
+        assert len(steps) == 7
+        for step in steps:
+            module = None
+            for name in re.findall(r"`([A-Za-z_][A-Za-z0-9_.]*)`", step):
+                if name.endswith(".py"):
+                    module = importlib.import_module(name[:-3])
+                    continue
+                assert functools.reduce(getattr, name.split("."), module), name
 
     def test_ci_runs_the_readme_commands(self):
         setup_and_quickstart, tests = _readme_commands()
@@ -4395,435 +4850,7 @@ class TestHouse:
         assert "torch" in requirements and "pytest" not in requirements
 
 
-# ===== The device check: `python test_all.py bench PART [PART ...]` (BENCHMARKS.md) =====
-# The device check (BENCHMARKS.md): `python test_all.py bench PART [PART ...]` (or `all`) prints one
-# JSON line per part as soon as it is measured: the first calls (which compile) apart from the
-# steady state, on fixed device batches (no data loading), with stand-in pretrained networks of the
-# published sizes (random weights). It is a section of this file, not an entry point's flag,
-# because it needs the stand-in writers above (the pretrained LPIPS, DINO and DINOv2 files cannot be
-# downloaded here), and pytest collects only test_* functions, so it never runs as a test;
-# test_benchmark_harness_runs_on_cpu runs it on tiny models.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, NVIDIA data sheets
-
-
-# CUDA sizes. SiT-XL/1 trains and samples on 64 tokens of width 32 (B-64, L-64: the README's run)
-# with the README's sampler (SDE-250, CFG 1.75 on t in [0, 0.7]); `warmup` calls, or a sampler run
-# of `warmup_steps`, compile. Throughput decodes with SoftVQ's largest decoder (L), the ratio's low
-# side.
-BENCH_GPU = dict(
-    tokenizers={"tokenizer-b32": "softvq-b-32", "tokenizer-l64": "softvq-l-64"}, tokenizer_batch=32,
-    tokenizer_extra=[], full_size_standins=True, frozen_compile=(False, True), steps=10, warmup=2,
-    sit="sit-xl", sit_tokens=(64, 32), sit_batches=(32, 256), sampling_tokenizer="softvq-b-64",
-    sampling_batches={"sampling-b64": 64, "sampling-b256": 256}, sampling_steps=250, warmup_steps=4,
-    fid_images=2000, fid_size=256, throughput_tokenizers=("softvq-l-32", "softvq-l-64"),
-    throughput_batch=64, sd_vae_channels=(512, 512, 256, 128), latent_side=32, ddp_batch=32)
-
-
-# On a CPU: the same models, eager and fp32, at a small batch with few steps (the CPU ratio).
-BENCH_CPU = {**BENCH_GPU, "tokenizer_batch": 2, "frozen_compile": (False,), "steps": 1, "warmup": 1,
-             "sit_batches": (2,), "sampling_batches": {"sampling-b64": 2, "sampling-b256": 2},
-             "sampling_steps": 6, "warmup_steps": 0, "fid_images": 8, "throughput_batch": 2}
-
-
-# Tiny models for the smoke test; a 2-step sampler run stands in for the compiling warm-up.
-BENCH_SMOKE = {
-    **BENCH_CPU, "tokenizers": {"tokenizer-b32": "softvq-tiny", "tokenizer-l64": "softvq-tiny"},
-    "tokenizer_extra": ["--repa-patch-size", "4"], "full_size_standins": False, "sit": "sit-tiny",
-    "sit_tokens": (16, 16), "sampling_tokenizer": "softvq-tiny", "sampling_steps": 3,
-    "warmup_steps": 2, "fid_images": 2, "fid_size": 32, "throughput_tokenizers": ("softvq-tiny",),
-    "sd_vae_channels": (32, 32), "latent_side": 8}
-
-
-def sit_param_split(sit):
-    """(per-token, per-sample) parameter counts of a SiT, by name. Once per sample, on the condition
-    c (B, D): each block's and the final layer's adaLN modulation, the timestep MLP, the label table
-    (229 M of SiT-XL's 675 M). Per token: the token embedding, attention, MLP, output projection and
-    the position table. The two tables are lookups and adds (1.2 M), counted as weights all the
-    same."""
-    named = list(sit.named_parameters())
-    per_sample = sum(p.numel() for n, p in named
-                     if n.startswith(("t_embedder.", "y_embedder.")) or ".adaLN_modulation." in n)
-    per_token = sum(p.numel() for n, p in named
-                    if n.startswith(("x_embedder.", "pos_embed", "final_layer.linear."))
-                    or re.match(r"blocks\.\d+\.(attn|mlp)\.", n))
-    return per_token, per_sample
-
-
-def sit_forward_flops(sit):
-    """Forward FLOPs of one sample (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, app. B): a
-    weight is one multiply-add (2 FLOPs) per row it acts on, per token or once per sample; attention
-    adds q k^T and attn v, L² D multiply-adds each per block: 4 depth L² D FLOPs."""
-    c = sit.config
-    per_token, per_sample = sit_param_split(sit)
-    return 2 * per_token * c.num_tokens + 2 * per_sample + 4 * c.depth * c.num_tokens ** 2 * c.width
-
-
-def sit_train_flops(sit, batch):
-    """A training step's FLOPs: the backward costs twice the forward (gradients of activations and
-    of weights), so 3 x: per sample 6 x per-token params x L + 12 depth L² D + 6 x per-sample
-    params."""
-    return 3 * sit_forward_flops(sit) * batch
-
-
-class _VAEResBlock(nn.Module):  # (GroupNorm, SiLU, 3x3 conv) twice; 1x1 shortcut if widths differ
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.GroupNorm(32, c_in, eps=1e-6), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
-            nn.GroupNorm(32, c_out, eps=1e-6), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
-        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x):
-        return self.shortcut(x) + self.body(x)
-
-
-class _VAEAttention(nn.Module):  # one head over the H x W positions; 1x1 convs for q, k, v, output
-    def __init__(self, c):
-        super().__init__()
-        self.norm = nn.GroupNorm(32, c, eps=1e-6)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)
-        self.proj = nn.Conv2d(c, c, 1)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=-1)  # (B, HW, C)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C, H, W)
-        return x + self.proj(attended)
-
-
-class SDVAEDecoder(nn.Module):
-    """A decoder of SD-VAE's architecture and size, random weights, for speed only: the f8 KL
-    autoencoder's (Rombach et al. 2022; CompVis/latent-diffusion `Decoder`, ch 128, ch_mult
-    1,2,4,4): post-quant 1x1 conv, conv_in 4 -> 512, mid res-attention-res, 3 res blocks per
-    level of `channels`, a nearest x2 upsample and conv between levels, GroupNorm, SiLU,
-    conv_out -> 3 (49.49 M parameters). decode() takes SiT-XL/2's 2x2x4 patch tokens
-    (B, (side/2)², 16) from generate_images (SD's scale factor 0.18215 as latent_std)."""
-
-    def __init__(self, latent_side=32, channels=(512, 512, 256, 128)):
-        super().__init__()
-        self.side = latent_side
-        self.config = SimpleNamespace(num_tokens=(latent_side // 2) ** 2, token_dim=16,
-                                      latent_mean=0.0, latent_std=1 / 0.18215)
-        top = channels[0]
-        layers = [nn.Conv2d(4, 4, 1), nn.Conv2d(4, top, 3, padding=1), _VAEResBlock(top, top),
-                  _VAEAttention(top), _VAEResBlock(top, top)]
-        for i, (c_in, c) in enumerate(zip(channels[:1] + channels[:-1], channels)):
-            layers += [_VAEResBlock(c_in, c), _VAEResBlock(c, c), _VAEResBlock(c, c)]
-            if i < len(channels) - 1:
-                layers += [nn.Upsample(scale_factor=2.0), nn.Conv2d(c, c, 3, padding=1)]  # nearest
-        layers += [nn.GroupNorm(32, channels[-1], eps=1e-6), nn.SiLU(),
-                   nn.Conv2d(channels[-1], 3, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
-
-    def decode(self, tokens):  # (B, (side/2)², 2*2*4) -> latent (B, 4, side, side) -> (B, 3, H, W)
-        half = self.side // 2
-        latent = tokens.reshape(-1, half, half, 2, 2, 4).permute(0, 5, 1, 3, 2, 4)
-        return self.net(latent.reshape(-1, 4, self.side, self.side))
-
-
-@functools.cache
-def _bench_standins(d, full_size):
-    """Stand-ins for VGG16 + LPIPS heads, DINO ViT-S/16, the DINOv2 teacher (ViT-L/14 if full)."""
-    files = _write_objective_files(d)
-    if full_size:
-        g = torch.Generator().manual_seed(0)
-        with torch.device("meta"):
-            dino = ViT(224, 16, 384, 12, 6, layerscale=False).state_dict()
-        torch.save({k: torch.randn(v.shape, generator=g) * 0.02 for k, v in dino.items()},
-                   d / "dino_s16.pth")
-        torch.save(_obj_dinov2_state(g, width=1024, depth=24), d / "dinov2_l14.pth")
-        files.update(dino_path=str(d / "dino_s16.pth"), dinov2_path=str(d / "dinov2_l14.pth"))
-    return files
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _autocast(device):  # as the entry points: bf16 autocast on CUDA
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _fresh_compile(device):
-    """Forget compiled graphs (on-disk caches stay): each configuration compiles as its own run
-    would, and the sampler's many graphs never reach dynamo's recompile limit."""
-    if device.type == "cuda":
-        torch._dynamo.reset()
-
-
-def _quiet(build):  # start-up warnings go to stderr: stdout holds only the JSON lines
-    with contextlib.redirect_stdout(sys.stderr):
-        return build()
-
-
-def _timed(call, steps, device, warmup, first=None):
-    """compile_s: seconds of `warmup` first calls (of `first`, else `call`), which compile;
-    s_per_step: mean seconds of the `steps` calls after them; peak_gib: their CUDA memory peak."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        (first or call)()
-    _sync(device)
-    compile_s = time.perf_counter() - start if warmup else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        call()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-    return {"compile_s": compile_s, "s_per_step": seconds, "peak_gib": peak}
-
-
-def _host_syncs(call, device):
-    """Synchronising CUDA calls in one call (set_sync_debug_mode warns on each); None on a CPU."""
-    if device.type != "cuda":
-        return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            call()
-            torch.cuda.synchronize()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def _bench_tokenizer(part, sizes, device, tmp):
-    """The README recipe (default loss weights, every pretrained network) at steps from --disc-start
-    on, where every term trains; frozen networks eager, then compiled (compile_s: theirs alone)."""
-    batch = sizes["tokenizer_batch"]
-    files = _bench_standins(tmp, sizes["full_size_standins"])
-    args = train.parse_args([
-        "--stage", "tokenizer", "--preset", sizes["tokenizers"][part], "--data", "builtin",
-        "--out", str(tmp / "unused"), "--batch-size", str(batch), "--vgg", files["vgg_path"],
-        "--lpips", files["lpips_path"], "--dino", files["dino_path"],
-        "--dinov2", files["dinov2_path"], *sizes["tokenizer_extra"]])
-    stage = _quiet(lambda: train.TokenizerStage(args, device, 1, _autocast(device)))
-    size = stage.model.config.image_size
-    images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-    labels = torch.zeros(batch, dtype=torch.long, device=device)
-    step_index = itertools.count(args.disc_start)
-
-    def step():
-        return stage.step(images, labels, next(step_index))
-    # bf16 frozen weights as train.py casts them on CUDA; a CPU run has no autocast, so fp32 there
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" else None
-    out = {"preset": args.preset, "batch": batch}
-    for compiled in sizes["frozen_compile"]:
-        stage.criterion.prepare_frozen(frozen_dtype, compile=compiled)
-        timing = _timed(step, sizes["steps"], device, sizes["warmup"])
-        seconds = timing["s_per_step"]
-        out["frozen_compiled" if compiled else "frozen_eager"] = {
-            **timing, "steps_per_s": 1 / seconds, "img_per_s": batch / seconds,
-            "host_syncs_per_step": _host_syncs(step, device)}
-    return out
-
-
-def _latent_cache(tmp, tokens, dim):  # a small cache of normal latents over 1000 classes, made once
-    cache = tmp / f"latents_{tokens}x{dim}"
-    if not cache.exists():
-        cache.mkdir()
-        latents = np.random.default_rng(0).standard_normal((64, 2, tokens, dim))
-        np.save(cache / "latents.npy", latents.astype(np.float16))
-        np.save(cache / "labels.npy", np.arange(64))
-        (cache / "meta.json").write_text(json.dumps({
-            "count": 64, "num_tokens": tokens, "token_dim": dim, "num_classes": 1000, "classes": [],
-            "path": None, "latent_mean": 0.0, "latent_std": 1.0}))
-    return cache
-
-
-def _sit_step(sizes, batch, device, cache, world=1, extra=()):
-    """(train.py's GeneratorStage on `batch` latents per rank, a call: one step on fixed inputs)"""
-    args = train.parse_args([
-        "--stage", "generator", "--preset", sizes["sit"], "--latents", str(cache),
-        "--out", str(cache / "unused"), "--batch-size", str(batch * world), *extra])
-    stage = _quiet(lambda: train.GeneratorStage(args, device, world, _autocast(device)))
-    c = stage.model.config
-    x = torch.randn(batch, c.num_tokens, c.token_dim, device=device)
-    y = torch.randint(0, c.num_classes, (batch,), device=device)
-    return stage, lambda: stage.step(x, y, 0)
-
-
-def _bench_sit_train(part, sizes, device, tmp):
-    """SiT training steps at each batch; MFU: sit_train_flops / seconds / the dense bf16 peak."""
-    cache = _latent_cache(tmp, *sizes["sit_tokens"])
-    name = torch.cuda.get_device_name() if device.type == "cuda" else ""
-    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    out = {"preset": sizes["sit"], "tokens": sizes["sit_tokens"][0]}
-    for batch in sizes["sit_batches"]:
-        _fresh_compile(device)
-        stage, step = _sit_step(sizes, batch, device, cache)
-        timing = _timed(step, sizes["steps"], device, sizes["warmup"])
-        tflops = sit_train_flops(stage.model, batch) / timing["s_per_step"] / 1e12
-        out[f"batch_{batch}"] = {
-            **timing, "img_per_s": batch / timing["s_per_step"], "model_tflops": tflops,
-            "mfu": tflops / peak_tflops if peak_tflops else None,
-            "host_syncs_per_step": _host_syncs(step, device)}
-        per_token, per_sample = sit_param_split(stage.model)
-        out.update(params_per_token=per_token, params_per_sample=per_sample)
-        del stage, step
-    return out
-
-
-def _time_generation(sit, decoder, batch, sizes, device):
-    """Images/s of generate_images with decoding as sample.py calls it (compiled on CUDA, its
-    inputs, per-sample SDE noise; the README's sampler); a short run first compiles the B and 2B
-    graphs."""
-    c = decoder.config
-    net = torch.compile(sit) if device.type == "cuda" else sit
-    noise, labels, rngs = S.sample_inputs(0, range(batch), c.num_tokens, c.token_dim,
-                                          sit.config.num_classes, device)
-
-    def run(steps):
-        sampling = G.Sampling("sde", steps, 1.75, guidance_high=0.7)
-        return G.generate_images(net, decoder, noise, labels, sampling, rngs)
-    timing = _timed(lambda: run(sizes["sampling_steps"]), 1, device, int(sizes["warmup_steps"] > 0),
-                    lambda: run(sizes["warmup_steps"]))
-    return {"compile_s": timing["compile_s"], "s_per_batch": timing["s_per_step"],
-            "img_per_s": batch / timing["s_per_step"], "peak_gib": timing["peak_gib"]}
-
-
-def _bench_sampling(part, sizes, device, tmp):
-    """Sampling with decoding: fp32 weights, then (CUDA) the SiT's and decoder's cast once to bf16.
-    """
-    batch = sizes["sampling_batches"][part]
-    with torch.device(device):  # initialised there: seconds less than 675 M weights on the host
-        tok = SoftVQVAE(tokenizer_config(sizes["sampling_tokenizer"])).eval()
-        sit = G.SiT(G.sit_config(sizes["sit"], tok.config.num_tokens, tok.config.token_dim)).eval()
-    out = {"batch": batch, "steps": sizes["sampling_steps"], "tokens": tok.config.num_tokens,
-           "fp32_weights": _time_generation(sit, tok, batch, sizes, device)}
-    if device.type == "cuda":
-        _fresh_compile(device)
-        # as sample.py does on CUDA: the SiT's and the decoder's weights, once
-        cast_autocast_weights(sit, torch.bfloat16)
-        cast_autocast_weights(tok, torch.bfloat16)
-        out["bf16_weights"] = _time_generation(sit, tok, batch, sizes, device)
-    return out
-
-
-def _bench_throughput(part, sizes, device, tmp):
-    """The paper's claim (18x at 256 px) as a ratio of images/s with decoding: SiT-XL/1 on SoftVQ
-    tokens + its decoder against SiT-XL/2 on SD-VAE's 32x32x4 latent + a decoder of SD-VAE's size,
-    through the same generate_images, sampler, steps and batch. Our SiT is 1-D, so the baseline is
-    the same class on 256 tokens of 2x2x4 = 16 values: SiT-XL/2's patch embedding is that Linear, a
-    2-D position table costs what a 1-D one does, and its final layer predicts 32 values per token
-    (learned sigma) where ours predicts 16 (18 k of 446 M multiply-adds per token)."""
-    batch = sizes["throughput_batch"]
-    makers = [(p, functools.partial(SoftVQVAE, tokenizer_config(p)))
-              for p in sizes["throughput_tokenizers"]]
-    sd_vae = functools.partial(SDVAEDecoder, sizes["latent_side"], sizes["sd_vae_channels"])
-    makers.append(("sit-xl/2+sd-vae", sd_vae))
-    out = {"batch": batch, "steps": sizes["sampling_steps"]}
-    for name, make in makers:
-        _fresh_compile(device)
-        with torch.device(device):
-            decoder = make().eval()
-            c = decoder.config
-            sit = G.SiT(G.sit_config(sizes["sit"], c.num_tokens, c.token_dim)).eval()
-        if device.type == "cuda":  # bf16 sampling weights, cast once
-            cast_autocast_weights(sit, torch.bfloat16)
-        timing = _time_generation(sit, decoder, batch, sizes, device)
-        tokens = torch.randn(batch, c.num_tokens, c.token_dim, device=device)
-        with torch.no_grad(), _autocast(device):  # one decode, as generate_images runs it
-            decode = _timed(functools.partial(decoder.decode, tokens), 1, device, 0)
-        decoder_params = sum(p.numel() for p in getattr(decoder, "decoder", decoder).parameters())
-        out[name] = {**timing, "tokens": c.num_tokens, "decoder_params": decoder_params,
-                     "decode_share": decode["s_per_step"] / timing["s_per_batch"],
-                     "sit_gflop_per_image_call": sit_forward_flops(sit) / 1e9}
-        del decoder, sit
-    base = out["sit-xl/2+sd-vae"]
-    softvq = sizes["throughput_tokenizers"]
-    out["speedup"] = {p: out[p]["img_per_s"] / base["img_per_s"] for p in softvq}
-    base_flops = base["sit_gflop_per_image_call"]
-    out["sit_flop_ratio"] = {p: base_flops / out[p]["sit_gflop_per_image_call"] for p in softvq}
-    return out
-
-
-def _bench_fid(part, sizes, device, tmp):
-    """fid.py's path for SAMPLES images (source_features, exact fp32 on CUDA under
-    _cuda_precision(False), batch 250), stand-in weights through load_inception; the first batch
-    (cuDNN autotuning) is timed apart."""
-    path = tmp / "inception.pt"
-    torch.save(InceptionV3FID().state_dict(), path)
-    net = load_inception(str(path), device)
-    shape = (sizes["fid_images"], sizes["fid_size"], sizes["fid_size"], 3)
-    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-
-    def features(n):
-        return fid.source_features(images[:n], lambda: net, keep=True, progress=False)
-    timing = _timed(lambda: features(len(images)), 1, device, 1, lambda: features(250))
-    return {"images": len(images), "size": sizes["fid_size"], "first_batch_s": timing["compile_s"],
-            "img_per_s": len(images) / timing["s_per_step"]}
-
-
-def _ddp_rank(rank, port, sizes, cache):
-    """One of 2 ranks, with torchrun's environment; rank 0 writes the timings beside the cache."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    _, world, device = data.setup_distributed()
-    batch = sizes["ddp_batch"]
-    out = {"preset": sizes["sit"], "bucket_mb": train.DDP_BUCKET_MB, "local_batch": batch}
-    for accum in (1, 4):
-        _fresh_compile(device)
-        _, step = _sit_step(sizes, batch, device, Path(cache), world, ["--grad-accum", str(accum)])
-        timing = _timed(step, sizes["steps"], device, sizes["warmup"])
-        out[f"grad_accum_{accum}"] = {**timing, "img_per_s": world * batch / timing["s_per_step"]}
-    if rank == 0:
-        (Path(cache) / "ddp.json").write_text(json.dumps(out))
-    torch.distributed.destroy_process_group()
-
-
-def _bench_ddp(part, sizes, device, tmp):
-    """2 NCCL ranks (spawned): SiT steps through train.py's DDP wrap (bucket DDP_BUCKET_MB), one
-    batch per step and 4 accumulated micro-batches. Needs 2 GPUs."""
-    if torch.cuda.device_count() < 2:
-        return {"skipped": f"needs 2 CUDA devices, found {torch.cuda.device_count()}"}
-    cache = _latent_cache(tmp, *sizes["sit_tokens"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_rank, (port, sizes, str(cache)), nprocs=2)
-    return json.loads((cache / "ddp.json").read_text())
-
-
-BENCH_RUNNERS = {
-    "tokenizer-b32": _bench_tokenizer, "tokenizer-l64": _bench_tokenizer, "fid": _bench_fid,
-    "sit-train": _bench_sit_train, "sampling-b64": _bench_sampling,
-    "sampling-b256": _bench_sampling, "throughput": _bench_throughput, "ddp": _bench_ddp}
-
-
-BENCH_PARTS = tuple(BENCH_RUNNERS)
-
-
-def bench(parts, sizes=None):
-    """Run the parts in order ("all": every one), each printing its JSON line when measured."""
-    _, _, device = data.setup_distributed()  # one process; the entry points' TF32 and cuDNN flags
-    sizes = sizes or (BENCH_GPU if device.type == "cuda" else BENCH_CPU)
-    cpu_name = f"cpu, {torch.get_num_threads()} threads"
-    where = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name
-    with tempfile.TemporaryDirectory() as tmp:
-        for part in BENCH_PARTS if "all" in parts else parts:
-            _fresh_compile(device)
-            start = time.perf_counter()
-            record = BENCH_RUNNERS[part](part, sizes, device, Path(tmp))
-            record = {"part": part, "device": where, "torch": torch.__version__, **record,
-                      "part_s": time.perf_counter() - start}
-            print(json.dumps(record), flush=True)
-
-
-if __name__ == "__main__":
-    # `python test_all.py bench PART [PART ...]`: the device check (its section says why it is here)
-    cli = argparse.ArgumentParser(description="the device check of BENCHMARKS.md")
-    cli.add_argument("command", choices=["bench"])
-    cli.add_argument("parts", nargs="+", choices=[*BENCH_PARTS, "all"])
-    bench(cli.parse_args().parts)
-
-
+# ===== The device check: bench.py =====
 class TestBench:
     def test_sit_param_split_per_token_and_per_sample(self):
         """SiT-XL/1's (32 tokens of width 64) two parts sum to its 675 M parameters; the per-sample
@@ -4831,25 +4858,15 @@ class TestBench:
         table."""
         with torch.device("meta"):
             sit = G.SiT(G.sit_config("sit-xl", 32, 64))
-        per_token, per_sample = sit_param_split(sit)
+        per_token, per_sample = bench.sit_param_split(sit)
         D = 1152
         assert per_token + per_sample == sum(p.numel() for p in sit.parameters()) == 674_963_776
         by_hand = 28 * 6 * D * (D + 1) + 2 * D * (D + 1) + D * 257 + D * (D + 1) + 1001 * D
         assert per_sample == by_hand == 228_580_992
 
-    def test_benchmark_harness_runs_on_cpu(self, capsys):
-        """The device check on tiny models on the CPU: one JSON line per part, every images/s
-        positive (ddp: skipped without 2 GPUs); the SiT FLOP count equals a hand count from a tiny
-        SiT's sizes."""
-        bench(["all"], BENCH_SMOKE)
-        lines = capsys.readouterr().out.splitlines()
-        records = [json.loads(line) for line in lines]
-        assert [r["part"] for r in records] == list(BENCH_PARTS)
-        for line in lines[:-1]:
-            rates = [float(v) for v in re.findall(r'"img_per_s": ([^,}]+)', line)]
-            assert rates and all(math.isfinite(v) and v > 0 for v in rates), line
-        assert records[-1]["skipped"].startswith("needs 2 CUDA devices")
-        assert all(v > 0 for v in records[BENCH_PARTS.index("throughput")]["speedup"].values())
+    def test_sit_train_flops_equal_a_count_by_hand(self):
+        """A tiny SiT's training FLOPs from its sizes: every weight one multiply-add per row it acts
+        on, forward and backward (3 x), and the attention's two products."""
         config = G.SiTConfig(num_tokens=4, token_dim=3, width=8, depth=2, num_heads=2,
                              num_classes=5)
         L = config.num_tokens
@@ -4867,4 +4884,42 @@ class TestBench:
             + (config.num_classes + 1) * D
         attention = 2 * depth * L * L * D  # q k^T and attn v, forward multiply-adds
         hand = 3 * 2 * (per_token * L + per_sample + attention)  # fwd + bwd, 2 FLOPs each
-        assert sit_train_flops(G.SiT(config), batch=3) == 3 * hand
+        assert bench.sit_train_flops(G.SiT(config), batch=3) == 3 * hand
+
+    def test_every_section_prints_its_line_within_its_limit(self, tmp_path, capsys):
+        """bench.py's harness: each section in a process of its own prints one JSON line with
+        `section`, `limit_s` and its figures, or `error`, or `cut` with what it had by its limit;
+        the limits add up to at most 540 s; a summary table follows. (The sections themselves, all
+        of them at toy sizes: SOFTVQ_SLOW=1.)"""
+        assert sum(bench.SECTIONS.values()) <= 540
+        assert list(bench.SECTIONS)[:2] == ["environment", "end_to_end"]
+        limits = dict(bench.SECTIONS)
+        try:
+            # a limit too short for the fid section: it is cut, and the next one runs
+            bench.SECTIONS["fid"] = 6
+            rows = bench.run_all(["environment", "fid", "sit"], str(tmp_path))
+        finally:
+            bench.SECTIONS.update(limits)
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+                 if line.startswith("{")]
+        assert [r["section"] for r in lines] == ["environment", "fid", "sit"] and lines == rows
+        environment, cut, sit = lines
+        assert environment["limit_s"] == 15 and environment["bf16_matmul_tflops"] > 0
+        assert environment["torchrun_options"]["--signals-to-handle"]
+        assert cut["cut"] and cut["seconds"] < 20 and "error" not in cut
+        assert sit["training"]["img_per_s"] > 0 and sit["fixed_cost"]["ms"] > 0
+
+    @pytest.mark.skipif(not os.environ.get("SOFTVQ_SLOW"),
+                        reason="every section at toy sizes, about 2 minutes: SOFTVQ_SLOW=1")
+    def test_the_whole_device_check_runs_on_a_cpu(self, tmp_path):
+        """`python bench.py` on a CPU: every section's line, no error, no cut, the end-to-end
+        commands all passed, within 4 minutes."""
+        start = time.time()
+        proc = subprocess.run([sys.executable, "bench.py", "--out", str(tmp_path)], cwd=REPO,
+                              capture_output=True, text=True, timeout=400)
+        lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert proc.returncode == 0 and time.time() - start < 240, proc.stdout + proc.stderr
+        sections = [r for r in lines if "section" in r]
+        assert [r["section"] for r in sections] == list(bench.SECTIONS)
+        assert not [r for r in sections if "error" in r or r.get("cut")], sections
+        assert sections[1]["all_ok"], sections[1]

@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.parametrizations import spectral_norm
 
 from model import ViT, cast_autocast_weights, check_state_dict, load_state_dict_file, run_blocks
 
@@ -578,22 +577,74 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return ((xf - mean[:, None]) * scale[:, None] + self.bias[:, None]).to(x.dtype)
 
 
-def _bn(c):
-    return GlobalBatchNorm1d(c, eps=1e-6)
+def _unit_columns(x):  # (heads, n, 1) -> each column divided by its norm (F.normalize's eps)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-# spectral norm, one power iteration per training forward (SpectralConv1d)
-def _sn_conv(c_in, c_out, k):
-    return spectral_norm(nn.Conv1d(c_in, c_out, k, padding=k // 2, padding_mode="circular"))
+class HeadConvs(nn.Module):
+    """`heads` Conv1d layers (c_in -> c_out channels, kernel k, circular padding), each
+    spectral-normalised as torch.nn.utils.parametrizations.spectral_norm does it (one power
+    iteration per training forward, u and v buffers), run as one grouped convolution:
+    (B, heads * c_in, T) -> (B, heads * c_out, T), head h on its own block of channels."""
 
-
-class _Residual(nn.Module):
-    def __init__(self, fn):
+    def __init__(self, heads, c_in, c_out, k):
         super().__init__()
-        self.fn = fn
+        self.heads = heads
+        self.k = k
+        # nn.Conv1d's initialisation, per head (fan-in c_in x k)
+        weight = torch.empty(heads * c_out, c_in, k)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(c_in * k)
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.empty(heads * c_out).uniform_(-bound, bound))
+        # each head's singular-vector estimates, as columns: (heads, c_out, 1), (heads, c_in k, 1)
+        self.register_buffer("u", _unit_columns(torch.randn(heads, c_out, 1)))
+        self.register_buffer("v", _unit_columns(torch.randn(heads, c_in * k, 1)))
+        for _ in range(15):
+            self.power_iteration(self.matrices())
+
+    def matrices(self):  # (heads, c_out, c_in * k)
+        return self.weight.view(self.heads, -1, self.weight[0].numel())
+
+    @torch.no_grad()
+    def power_iteration(self, W):
+        # new tensors, not updates in place: an earlier call's backward needs the u and v it used
+        self.u = _unit_columns(torch.bmm(W, self.v))
+        self.v = _unit_columns(torch.bmm(W.transpose(1, 2), self.u))
 
     def forward(self, x):
-        return (self.fn(x) + x) / math.sqrt(2)
+        W = self.matrices()
+        if self.training:
+            self.power_iteration(W)
+        # (heads, 1, 1): each head's largest singular value, u^T W v
+        sigma = (self.u * torch.bmm(W, self.v)).sum(1, keepdim=True)
+        weight = (W / sigma).view_as(self.weight)
+        if self.k > 1:
+            x = F.pad(x, (self.k // 2, self.k // 2), mode="circular")
+        return F.conv1d(x, weight, self.bias, groups=self.heads)
+
+
+class DiscriminatorHeads(nn.Module):
+    """The DINO discriminator's heads (continuous_tokenizer discriminator_dino.py, one per tapped
+    map: spectral-norm conv 1x1, batch norm, LeakyReLU, then a residual of conv k, batch norm and
+    LeakyReLU, then a conv 1x1 to one logit per token), all computed together: head h on channels
+    [h C, (h + 1) C) of one tensor, by grouped convolutions and one batch norm per depth, whose
+    statistics over the ranks take one all-reduce for every head. (B, heads * C, T) -> (B, heads,
+    T)."""
+
+    def __init__(self, heads, width, kernel):
+        super().__init__()
+        self.heads = heads
+        self.conv1 = HeadConvs(heads, width, width, 1)
+        self.norm1 = GlobalBatchNorm1d(heads * width, eps=1e-6)
+        self.conv2 = HeadConvs(heads, width, width, kernel)
+        self.norm2 = GlobalBatchNorm1d(heads * width, eps=1e-6)
+        self.out = HeadConvs(heads, width, 1, 1)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.norm1(self.conv1(x)), 0.2)
+        x = (F.leaky_relu(self.norm2(self.conv2(x)), 0.2) + x) / math.sqrt(2)
+        return self.out(x)
 
 
 class DinoDiscriminator(UsesFrozen):
@@ -606,12 +657,14 @@ class DinoDiscriminator(UsesFrozen):
         self.frozen["backbone"] = dino_vit16(dino_path)
         self.backbone_input = ImageNetNormalize()
         width = self.frozen["backbone"].cls_token.shape[-1]
-        self.heads = nn.ModuleList(nn.Sequential(
-            _sn_conv(width, width, 1), _bn(width), nn.LeakyReLU(0.2),
-            _Residual(nn.Sequential(_sn_conv(width, width, kernel), _bn(width), nn.LeakyReLU(0.2))),
-            _sn_conv(width, 1, 1)) for _ in self.TAPS)
+        self.heads = DiscriminatorHeads(len(self.TAPS), width, kernel)
 
     def forward(self, x):  # (B, 3, H, W) in [-1, 1] -> logits (B, 5 * 196)
+        return self.logits(self.view(x))[0]
+
+    def view(self, x):
+        """(B, 3, H, W) in [-1, 1] -> what the backbone sees (B, 3, 224, 224), contiguous:
+        ImageNet-normalised, then one random 224 crop or a resize for the whole batch."""
         x = self.backbone_input(x.float())
         H, W = x.shape[-2:]
         # one random 224 crop for the whole batch
@@ -622,12 +675,20 @@ class DinoDiscriminator(UsesFrozen):
         # area when shrinking, bicubic when enlarging (as discriminator_dino.py)
         elif (H, W) != (224, 224):
             x = F.interpolate(x, size=(224, 224), mode="area" if H > 224 else "bicubic")
-        # 5 x (B, 1 + 196, 384)
-        _, feats = self.frozen["backbone"].forward_features(x, taps=self.TAPS)
-        # Each tapped map: patch tokens + cls token, channels first (B, 384, 196) for the Conv1d
-        # heads.
-        return torch.cat([head((f[:, 1:] + f[:, :1]).transpose(1, 2)).flatten(1)
-                          for head, f in zip(self.heads, feats)], dim=1)
+        # One memory layout whatever the crop or the augmentation before (a translation leaves the
+        # channels last): a compiled backbone meets one graph, not one per layout
+        return x.contiguous()
+
+    def logits(self, *views):
+        """Views (B_i, 3, 224, 224) -> their logits (B_i, 5 * 196), each as a call of its own (its
+        own batch-norm statistics); the frozen backbone, which has no batch norm, runs once over
+        them all."""
+        # 5 x (sum B_i, 1 + 196, 384)
+        _, feats = self.frozen["backbone"].forward_features(torch.cat(views), taps=self.TAPS)
+        # Each tapped map: patch tokens + cls token, channels first, the heads' side by side:
+        # (sum B_i, 5 * 384, 196)
+        x = torch.cat([(f[:, 1:] + f[:, :1]).transpose(1, 2) for f in feats], dim=1)
+        return [self.heads(part).flatten(1) for part in x.split([len(v) for v in views])]
 
 
 # DINOv2 loading with patch 14 -> 16: what timm's checkpoint filter does when continuous_tokenizer
@@ -743,11 +804,12 @@ class TokenizerLoss(UsesFrozen):
                                            nn.Linear(h, h), nn.SiLU(), nn.Linear(h, d_t))
 
     def prepare_frozen(self, dtype=None, compile=False):
-        """Optional speed-ups of the frozen networks (LPIPS/VGG, the DINO backbone, the DINOv2
-        teacher; train.py uses bf16 on CUDA). dtype: their Linear/Conv weights cast once
-        (model.cast_autocast_weights). compile: torch.compile their forwards; but with the adaptive
-        weight LPIPS's and the backbone's backward run twice per step (retain_graph), which a
-        compiled backward with donated buffers refuses: then only the teacher is compiled."""
+        """Speed-ups of the frozen networks (LPIPS, the DINO backbone, the DINOv2 teacher). dtype:
+        their Linear/Conv weights cast once. compile: torch.compile their forwards with static
+        shapes, a fixed set of graphs the first step of each phase meets (LPIPS one, the teacher
+        one, the backbone two: the generator's call, the discriminator's). With the adaptive weight
+        the teacher only: LPIPS's and the backbone's backward then run twice a step, which a
+        compiled backward with donated buffers refuses."""
         nets = dict(self.frozen)
         if self.disc is not None:
             nets["backbone"] = self.disc.frozen["backbone"]
@@ -757,7 +819,7 @@ class TokenizerLoss(UsesFrozen):
             if compile and (name == "teacher" or not self.cfg.adaptive_disc_weight):
                 method = "forward" if name == "lpips" else "forward_features"
                 # an instance attribute over the method
-                setattr(net, method, torch.compile(getattr(net, method)))
+                setattr(net, method, torch.compile(getattr(net, method), dynamic=False))
         return self
 
     # weight > 0 and every file present; else off, loudly if weight > 0
@@ -850,8 +912,16 @@ class TokenizerLoss(UsesFrozen):
         cfg = self.cfg
         images = images.detach()
         recon = recon.detach()
-        real = self.disc(diff_augment(images, WEAK, 0.5))  # real and fake augmented independently
-        fake = self.disc(diff_augment(recon, WEAK, 0.5))
+        # real and fake augmented independently, and for the consistency term strongly: the views
+        # in the order of one call each (the random draws), the backbone once over them all
+        disc = self.disc
+        views = [disc.view(diff_augment(images, WEAK, 0.5)),
+                 disc.view(diff_augment(recon, WEAK, 0.5))]
+        if cfg.consistency_weight > 0:
+            views += [disc.view(diff_augment(t, STRONG, 1.0)) for t in (images, recon)]
+        logits = disc.logits(*views)
+        real = logits[0]
+        fake = logits[1]
         hinge = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
         # LeCam (Tseng et al. 2021): EMAs updated before use, as vq_loss.py does
         with torch.no_grad():
@@ -871,7 +941,7 @@ class TokenizerLoss(UsesFrozen):
                 "logits_fake": fake.mean()}
         # bCR: strong vs weak augmentation, gradients through both; not scaled by adv
         if cfg.consistency_weight > 0:
-            strong = torch.cat([self.disc(diff_augment(t, STRONG, 1.0)) for t in (images, recon)])
+            strong = torch.cat(logits[2:])
             logs["consistency"] = F.mse_loss(torch.cat([real, fake]), strong)
             loss = loss + cfg.consistency_weight * logs["consistency"]
         logs["d_loss"] = loss

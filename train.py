@@ -1,26 +1,24 @@
 """Training for both stages, one loop for any world size (nanoGPT style).
 
-    # CPU, one process
-    python train.py --stage tokenizer --preset softvq-tiny --data builtin --out runs/tok
-    # 8 GPUs
+    python train.py --stage tokenizer --preset softvq-tiny --data-path builtin --out runs/tok
     torchrun --nproc_per_node=8 train.py --stage tokenizer --preset softvq-b-32 \
-        --data /imagenet/train --out runs/b32
-    # then --stage cache --tokenizer runs/b32/ckpt.pt, and --stage generator --preset sit-xl
-    # --latents (README)
+        --data-path /imagenet/train --out runs/b32    # then --stage cache, generator (README)
 
-Read top to bottom: the two stages (each builds its models and optimizers and knows how to take
-one training step, draw a preview and finish), `train_step`, the loop (`run_steps`), then the set-up
-around it (`train`, the preflight, evaluation during training, the latent cache), the training
-helpers (optimizer, EMA, DDP and compile, schedules, resume, checkpoints, the log) and last the
-command line. DDP comes from torchrun's environment (NCCL on CUDA, gloo on CPU); on CUDA the model
-is torch.compile'd and runs under bf16 autocast. Everything random in a step is seeded by (seed,
-step, rank) and the data order by (seed, epoch), so `--resume` continues with exactly the losses an
-uninterrupted run would have had.
+Read top to bottom: the two stages (each builds its models and optimizers and takes one training
+step, draws a preview and finishes), `train_step`, the loop (`run_steps`), the set-up around it
+(`train`, the preflight, evaluation during training, the latent cache), the training helpers
+(optimizer, EMA, DDP and compile, schedules, resume, checkpoints, the log) and the command line.
+DDP comes from torchrun's environment (NCCL on CUDA, gloo on CPU); on CUDA the model is
+torch.compile'd and runs under bf16 autocast. Every random draw of a step is seeded by (seed, step,
+rank) and the data order by (seed, epoch): `--resume` continues with the losses of an uninterrupted
+run.
 """
 import copy
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -36,9 +34,9 @@ from tqdm import tqdm
 
 import data
 import fid
-from generator import (EVAL_SAMPLING, PREVIEW, SiT, flow_matching_loss, generate_images,
-                       generator_checkpoint, load_tokenizer_for, sample_inputs, sit_config,
-                       tokenizer_info)
+from generator import (EVAL_SAMPLING, GENERATOR_PRESETS, PREVIEW, SiT, flow_matching_loss,
+                       generate_images, generator_checkpoint, load_tokenizer_for, sample_inputs,
+                       sit_config, tokenizer_info)
 from model import bf16_autocast, check_state_dict, load_state_dict_file
 from tokenizer import (PRESETS, LossConfig, SoftVQVAE, TokenizerLoss, init_encoder_from_dinov2,
                        load_tokenizer, normalize_latents, tokenizer_checkpoint, tokenizer_config)
@@ -93,9 +91,10 @@ class TokenizerStage:
             vgg_path=args.vgg, lpips_path=args.lpips, dino_path=args.dino,
             dinov2_path=args.dinov2)).to(device)
         self.warnings += self.criterion.disabled
-        # On CUDA the frozen nets' Linear/Conv weights go to bf16 once, not re-cast by autocast at
+        # Under bf16 autocast the frozen nets' Linear/Conv weights go to bf16 once, not re-cast at
         # every call
-        frozen_dtype = torch.bfloat16 if device.type == "cuda" else None
+        bf16 = device.type == "cuda" and args.precision == "bf16"
+        frozen_dtype = torch.bfloat16 if bf16 else None
         self.criterion.prepare_frozen(frozen_dtype, compile=args.compile_frozen == "on")
         # its weight's gradients are taken before the backward
         model.set_eager_pixel_head(args.adaptive_disc_weight)
@@ -105,8 +104,7 @@ class TokenizerStage:
         # The built-in data has a held-out split; a folder has none: its own centre crops stand in
         self.eval_split = "heldout" if args.data == "builtin" else "train"
         self.eval_setting = {"split": self.eval_split}
-        self.holdout = data.make_dataset(args.data, model.config.image_size, heldout=True,
-                                         seed=args.seed)
+        self.holdout = data.heldout_split(self.dataset)
         first = [self.holdout[i][0] for i in range(min(8, len(self.holdout)))]
         self.preview_images = data.to_model_range(torch.stack(first))
         self.model = model.to(device)
@@ -124,7 +122,7 @@ class TokenizerStage:
         self.optimizers = [o for o in (self.optimizer, self.disc_optimizer) if o is not None]
         if resume is not None:
             restore(resume, self.state_parts(), checkpoint_path(args))
-        self.ddp, self.forward = wrap(model, device, world, args.compile)
+        self.ddp, self.forward = wrap(model, device, args.compile)
 
     def state_parts(self):
         """(checkpoint key, module or optimizer) of everything a training step changes: the weights,
@@ -279,7 +277,7 @@ class GeneratorStage:
         self.optimizers = [self.optimizer]
         if resume is not None:
             restore(resume, self.state_parts(), checkpoint_path(args))
-        self.ddp, self.forward = wrap(model, device, world, args.compile)
+        self.ddp, self.forward = wrap(model, device, args.compile)
         # Only rank 0 draws the previews: unless every rank samples for --eval-every, the other
         # ranks do not hold a second tokenizer in GPU memory
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -338,7 +336,7 @@ class GeneratorStage:
 
     def eval_batches(self, rank, world, batch):
         """For --eval-every: this rank's share (k = r, r + world, ...) of --eval-images EMA
-        samples, uint8 (B, 3, H, W), those of `sample.py --num-samples K --seed SEED` with the
+        samples, uint8 (B, 3, H, W), those of `sample.py --num-fid-samples K --seed SEED` with the
         EVAL_SAMPLING settings: sample k's noise, label and SDE noise come from (seed, k) (on a CPU
         the same images bit for bit; on a GPU up to the kernels' rounding at another batch)."""
         c = self.ema.config
@@ -418,8 +416,9 @@ def run_steps(stage, args, step, resumed, rank, world, log, stop, evaluation=Non
         if last:
             stage.finish(rank)
         evaluating = evaluation is not None and (step % args.eval_every == 0 or last)
+        kept = args.keep_every and step % args.keep_every == 0
         # an evaluation follows its step's checkpoint: one that fails or is killed loses no step
-        if step % args.ckpt_every == 0 or last or evaluating:
+        if step % args.ckpt_every == 0 or last or evaluating or kept:
             save(stage, args, step, rank, nonfinite)
             saved_at = step
         if evaluating:
@@ -435,10 +434,13 @@ def log_line(stage, args, step, log, nonfinite):
 
 
 def save(stage, args, step, rank, nonfinite):
-    """The checkpoint of `step` (rank 0 writes it), never of a diverged run."""
+    """The checkpoint of `step` (rank 0 writes it), never of a diverged run; every --keep-every
+    steps also kept under a name of its own."""
     check_finite(nonfinite, step, checkpoint_path(args))
     if rank == 0:
         save_checkpoint(stage.checkpoint(step), checkpoint_path(args))
+        if args.keep_every and step % args.keep_every == 0:
+            keep_checkpoint(checkpoint_path(args), step)
 
 
 def save_at_stop(stage, args, step, saved_at, rank, log, nonfinite):
@@ -459,8 +461,9 @@ def train(args):
     """--stage tokenizer or generator, on every rank: refuse bad input before any work, build the
     stage, the preflight, the loop, then the end of the run (or of a stopped one: exit STOPPED).
     -> (model, EMA)."""
-    rank, world, device = data.setup_distributed(timeout_s=args.timeout)
-    autocast = bf16_autocast(device)
+    bf16 = args.precision == "bf16"
+    rank, world, device = data.setup_distributed(timeout_s=args.timeout, tf32=bf16)
+    autocast = bf16_autocast(device, bf16)
     if args.stage == "cache":
         return cache_latents(args, rank, world, device, autocast)
     lock = None
@@ -469,8 +472,8 @@ def train(args):
         # the run ends, so a second command on the same folder is refused
         with data.refusals_once():
             if args.batch_size % (world * args.grad_accum):
-                raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
-                                 f"ranks x --grad-accum {args.grad_accum}")
+                raise ValueError(f"--global-batch-size {args.batch_size} is not divisible by the "
+                                 f"{world} ranks x --grad-accum {args.grad_accum}")
             # the folder's lock first: a run that holds it is the reason to refuse, whatever else
             lock = prepare_out(args, rank, ("ckpt.pt", "log.jsonl", "log.png"))
             resume = load_resume(args)
@@ -503,11 +506,11 @@ def train(args):
         else:  # the log holds the steps a killed run made after this checkpoint: they repeat
             log.note(event="resume", step=step)
         stage.model.train()
-        stop = data.GracefulStop(device)
+        stop = data.GracefulStop(device, args.out)
         try:
             with stop:
                 if args.preflight == "on":
-                    preflight(stage, args, step, rank, world, device, log)
+                    preflight(stage, args, step, resumed, rank, world, device, log)
                 step, stopped = run_steps(stage, args, step, resumed, rank, world, log, stop,
                                           evaluation)
         finally:  # the bar's line ends before any error message
@@ -550,7 +553,7 @@ def end_stopped_run(args, stop, step, rank, log):
     sys.exit(data.STOPPED)
 
 
-def preflight(stage, args, start, rank, world, device, log):
+def preflight(stage, args, start, resumed, rank, world, device, log):
     """Before the first step, one full training step of each phase the run will enter
     (stage.phases), through the same compiled, DDP-wrapped step and batch size: an out-of-memory, a
     compile failure or a non-finite loss in a later phase (the GAN from --disc-start) ends the run
@@ -560,10 +563,13 @@ def preflight(stage, args, start, rank, world, device, log):
     phases = stage.phases(start)
     if not phases:
         return
-    # The EMA is not updated here, so it needs no copy (host memory: the weights are copied on every
-    # rank)
+    # The EMA is not updated here. The rest is put back from a file read through a memory map, so
+    # that the ranks of a node share one copy in the page cache and hold none of their own: the
+    # resumed checkpoint, or the initial state (the same on every rank) that rank 0 writes
     parts = [(name, obj) for name, obj in stage.state_parts() if obj is not stage.ema]
-    snapshot = {name: cpu_copy(obj.state_dict()) for name, obj in parts}
+    saved = checkpoint_path(args) if resumed else os.path.join(args.out, PREFLIGHT_STATE)
+    if rank == 0 and not resumed:
+        save_checkpoint({name: obj.state_dict() for name, obj in parts}, saved)
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
     # A batch of the run's size read from the dataset itself: the run's data stream is not touched
@@ -588,7 +594,7 @@ def preflight(stage, args, start, rank, world, device, log):
             finite = bool(finite)
         except torch.cuda.OutOfMemoryError:
             raise ValueError(f"{where} runs out of GPU memory at {local_batch} images per rank; "
-                             "lower --batch-size or add --grad-accum or "
+                             "lower --global-batch-size or add --grad-accum or "
                              "--grad-checkpointing") from None
         except Exception as e:
             trace = os.path.join(args.out, f"preflight_error_rank{rank}.txt")
@@ -606,8 +612,13 @@ def preflight(stage, args, start, rank, world, device, log):
             log.note(event="preflight", phases=report)
             raise FloatingPointError(f"{where}: the loss or gradient norm is not finite. Lower "
                                      "--lr, or check the data and the weights files")
-    for name, obj in parts:
-        obj.load_state_dict(snapshot[name])
+    if dist.is_initialized():
+        dist.barrier()
+    restore(load_state_dict_file(saved), parts, saved)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0 and not resumed:
+        os.remove(saved)
     torch.set_rng_state(cpu_rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)
@@ -635,8 +646,8 @@ def cache_latents(args, rank, world, device, autocast):
     try:
         with data.refusals_once():
             if args.batch_size % world:
-                raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
-                                 f"ranks")
+                raise ValueError(f"--global-batch-size {args.batch_size} is not divisible by the "
+                                 f"{world} ranks")
             lock = prepare_out(args, rank, ("meta.json",))
             if os.path.isfile(os.path.join(args.out, "meta.json")) and not args.overwrite:
                 raise FileExistsError(f"{args.out} holds a complete latent cache; pass --overwrite "
@@ -645,7 +656,7 @@ def cache_latents(args, rank, world, device, autocast):
         tc = tokenizer.config
         dataset = data.make_dataset(args.data, tc.image_size, crop="center", seed=args.seed)
         info = tokenizer_info(args.tokenizer, args.tokenizer_config, tc.latent_mean, tc.latent_std)
-        with data.GracefulStop(device) as stop:
+        with data.GracefulStop(device, args.out) as stop:
             moments = data.write_latent_cache(tokenizer, dataset, args.out, rank, world, device,
                                               args.batch_size // world, args.workers, autocast,
                                               extra_meta=info, stop=stop, fresh=args.overwrite)
@@ -733,12 +744,13 @@ def mean_logs(per_micro):  # [{name: scalar tensor}] of the micro-batches -> the
 DDP_BUCKET_MB = 100
 
 
-def wrap(model, device, world, compile):
-    """-> (DDP module or the model, what the training step calls). DDP over the ranks, then
-    torch.compile (--compile; auto = on CUDA). broadcast_buffers=False: the only buffer (the
-    tokenizer's codebook-usage log) is each rank's own."""
+def wrap(model, device, compile):
+    """-> (DDP module or the model, what the training step calls). DDP over the process group
+    (under torchrun, one process too), then torch.compile (--compile; auto = on CUDA).
+    broadcast_buffers=False: the only buffer (the tokenizer's codebook-usage log) is each rank's
+    own."""
     ddp = model
-    if world > 1:
+    if dist.is_initialized():
         device_ids = [device.index] if device.type == "cuda" else None
         ddp = DDP(model, device_ids=device_ids, broadcast_buffers=False,
                   bucket_cap_mb=DDP_BUCKET_MB, gradient_as_bucket_view=True)
@@ -768,12 +780,28 @@ def warmup_then_flat(step, lr, warmup_steps, steps):
 # Settings that do not change the trajectory of a run; every other flag must match the checkpoint's
 # on --resume.
 RESUME_FREE = {"out", "resume", "allow_changes", "overwrite", "log_every", "sample_every",
-               "ckpt_every", "workers", "compile", "compile_frozen", "preflight", "timeout",
-               "eval_every", "eval_images", "eval_ref", "inception"}
+               "ckpt_every", "keep_every", "workers", "compile", "compile_frozen", "preflight",
+               "timeout", "eval_every", "eval_images", "eval_ref", "inception"}
+
+
+# The initial state a new run's preflight puts back (written and removed by rank 0)
+PREFLIGHT_STATE = "preflight_state.pt"
 
 
 def checkpoint_path(args):
     return os.path.join(args.out, "ckpt.pt")
+
+
+def record_crash(args, error):
+    """A rank of a multi-rank run failed: its crash record in --out, for the other ranks (torchrun's
+    SIGTERM then ends them instead of stopping them), and a `crash` event in log.jsonl."""
+    if int(os.environ.get("WORLD_SIZE", 1)) < 2 or not os.path.isdir(args.out):
+        return
+    rank = int(os.environ.get("RANK", 0))
+    message = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    data.record_crash(args.out, rank, message)
+    with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"event": "crash", "rank": rank, "error": message}) + "\n")
 
 
 def load_resume(args):
@@ -800,7 +828,9 @@ def load_resume(args):
                          f"{resume['args'].get('preset')} checkpoint, not {args.stage} "
                          f"{args.preset}; use another --out")
     stored = resume["args"]
-    changed = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {stored[k]!r})"
+    # each setting under its first name on the command line
+    flags = {a.dest: a.option_strings[0] for a in make_parser()._actions if a.option_strings}
+    changed = [f"{flags.get(k, k)} {v!r} (checkpoint: {stored[k]!r})"
                for k, v in sorted(vars(args).items())
                if k not in RESUME_FREE and k in stored and stored[k] != v]
     if changed and not args.allow_changes:
@@ -825,6 +855,25 @@ def restore(resume, parts, ckpt_path):
                              f"({reason}); use another --out") from None
 
 
+def keep_checkpoint(ckpt_path, step):
+    """ckpt.pt, just written, kept as ckpt_STEP.pt beside it, never overwritten (DiT's numbered
+    checkpoints): a hard link (the next save renames a new file over ckpt.pt and leaves this one
+    be), or a copy where the filesystem has no links. A failure is one error, ckpt.pt being safe."""
+    kept = os.path.join(os.path.dirname(ckpt_path), f"ckpt_{step:07d}.pt")
+    if os.path.exists(kept):
+        return
+    try:
+        try:
+            os.link(ckpt_path, kept)
+        except OSError:
+            with open(ckpt_path, "rb") as source:
+                data.atomic_write(kept, lambda f: shutil.copyfileobj(source, f))
+    except OSError as e:
+        message = (f"{ckpt_path} holds step {step}, but keeping it as {kept} failed "
+                   f"({e.strerror}); make room or fix the folder, then --resume")
+        raise OSError(e.errno, message) from None
+
+
 def check_finite(nonfinite, step, ckpt_path):
     """Stop a diverged run: `nonfinite` holds 1 + the first step whose loss or gradient norm was not
     finite."""
@@ -839,26 +888,21 @@ def check_finite(nonfinite, step, ckpt_path):
                                  "--grad-clip")
 
 
-def cpu_copy(state):
-    """A copy of a (nested) state dict with every tensor cloned to the CPU: host memory, not the
-    GPU's."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: cpu_copy(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(cpu_copy(v) for v in state)
-    return copy.deepcopy(state)
-
-
 def prepare_out(args, rank, names):
     """On rank 0: refuse an output folder (--out) that cannot be written, lock it (-> the lock
     file, held for the run's life; None on the other ranks), clean what killed writes of `names`
-    left; --overwrite removes `names`."""
+    left and an earlier run's crash records; --overwrite removes `names`."""
     if rank != 0:
         return None
     data.check_writable(args.out)
     lock = data.lock_folder(os.path.join(args.out, ".lock"))
+    # an earlier run's crash records, and what a run killed in its preflight or while keeping a
+    # checkpoint left; with --overwrite, the kept checkpoints of the run it replaces
+    for name in os.listdir(args.out):
+        left = re.fullmatch(r"crash_rank\d+\.txt|ckpt_\d+\.pt\.tmp\d+", name)
+        kept = re.fullmatch(r"ckpt_\d+\.pt", name) and args.overwrite
+        if left or kept or name == PREFLIGHT_STATE:
+            os.remove(os.path.join(args.out, name))
     for name in names:
         path = os.path.join(args.out, name)
         data.remove_stale_temps(path)
@@ -999,109 +1043,147 @@ def _draw_log(log_path, png_path, width, height):
 # The command line.
 def make_parser():
     p = data.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", required=True, choices=["tokenizer", "cache", "generator"])
-    p.add_argument("--preset", help="model preset (tokenizer: softvq-*, generator: sit-*)")
-    p.add_argument("--data",
-                   help="ImageNet-layout folder, or 'builtin' for the procedural shapes dataset")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, PNG grids")
-    p.add_argument("--image-size", type=int,
-                   help="override the preset's image size (a multiple of the patch size)")
-    p.add_argument("--steps", type=int, default=250_000)
-    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over the ranks")
-    p.add_argument("--lr", type=float,
-                   help="peak learning rate (tokenizer default 1e-4 x batch/256; generator 1e-4)")
-    p.add_argument("--warmup-steps", type=int,
-                   help="linear warmup from 1e-5 to --lr; then the tokenizer's cosine, the "
-                        "generator's flat --lr (default: tokenizer 5004, one epoch of the "
-                        "released recipe; generator 0, as SiT)")
-    p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="0 = Adam without decay, what the released tokenizers ran; >0 = AdamW on "
-                        ">=2-D weights")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (> 0)")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute activations in the backward: less memory, ~30%% more compute")
-    p.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per step: the batch splits over ranks x this (less memory)")
-    # Tokenizer objective (defaults: the released L-64 recipe, configs/softvq-l-64.yaml). A term
-    # whose weights file is missing is switched off with a WARNING at start and in the log; a weight
-    # of 0 switches it off quietly.
-    p.add_argument("--entropy-weight", type=float, default=0.01,
-                   help="tokenizer: weight of the entropy regulariser")
-    p.add_argument("--perceptual-weight", type=float, default=1.0,
-                   help="LPIPS weight (needs --vgg and --lpips)")
-    p.add_argument("--perceptual-warmup", type=int, default=10_000,
-                   help="steps of the LPIPS weight's linear ramp")
-    p.add_argument("--adversarial-weight", type=float, default=0.2,
-                   help="GAN weight (needs --dino)")
-    p.add_argument("--disc-start", type=int, default=20_000,
-                   help="step at which D and the GAN term start")
-    p.add_argument("--lecam-weight", type=float, default=0.001)
-    p.add_argument("--consistency-weight", type=float, default=4.0,
-                   help="D consistency regularisation")
-    p.add_argument("--adaptive-disc-weight", action="store_true",
-                   help="VQGAN gradient-norm balance of the GAN term")
-    p.add_argument("--repa-weight", type=float, default=0.1,
-                   help="alignment to DINOv2 (needs --dinov2)")
-    p.add_argument("--repa-patch-size", type=int, default=16,
-                   help="patch size of the DINOv2 teacher")
-    p.add_argument("--vgg", help="torchvision vgg16-397923af.pth (LPIPS backbone)")
-    p.add_argument("--lpips", help="LPIPS v0.1 vgg.pth (linear heads)")
-    p.add_argument("--dino", help="dino_deitsmall16_pretrain.pth (discriminator backbone)")
-    p.add_argument("--dinov2",
-                   help="DINOv2 checkpoint of the REPA teacher (e.g. dinov2_vitl14_pretrain.pth)")
-    p.add_argument("--init-encoder",
-                   help="DINOv2 checkpoint of the encoder's size to initialise it from")
-    p.add_argument("--tokenizer", help="generator/cache: tokenizer checkpoint (ours or released)")
-    p.add_argument("--tokenizer-config",
-                   help="config.json of a released tokenizer (default: next to the weights)")
-    p.add_argument("--latents", help="generator: a --stage cache folder (else encode on the fly)")
-    p.add_argument("--time-dist", default="lognormal", choices=["lognormal", "uniform"],
-                   help="generator: flow-matching time sampling (released recipe: logit-normal)")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--sample-every", type=int, default=5000,
-                   help="PNG grid of reconstructions / samples")
-    p.add_argument("--ckpt-every", type=int, default=10_000)
-    p.add_argument("--eval-every", type=int, default=0,
-                   help="every N steps and at the end (0 = off), an `eval` event in log.jsonl: "
-                        "tokenizer rFID, PSNR, SSIM; generator FID against --eval-ref (README)")
-    p.add_argument("--eval-images", type=int, default=1000,
-                   help="images (tokenizer) or samples (generator) of each evaluation")
-    p.add_argument("--eval-ref",
-                   help="generator: FID reference statistics, from `fid.py --save-stats`")
-    p.add_argument("--inception", help="Inception weights for --eval-every (default: as fid.py)")
-    p.add_argument("--workers", type=int, default=8, help="data loader workers per rank")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the trained model: auto = on CUDA only; off to debug, on "
-                        "to test it on CPU")
-    p.add_argument("--compile-frozen", choices=["on", "off"], default="off",
-                   help="tokenizer: torch.compile the frozen networks too (LPIPS, D's backbone, "
-                        "the REPA teacher; with --adaptive-disc-weight the teacher only)")
-    p.add_argument("--preflight", choices=["on", "off"], default="on",
-                   help="before the first step, one training step of each phase the run will "
-                        "enter (e.g. the GAN phase from --disc-start), then every state put back: "
-                        "a phase that fails ends the run now")
-    p.add_argument("--seed", type=int, default=42, help="a non-negative integer")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    p.add_argument("--allow-changes", action="store_true",
-                   help="with --resume: go on although the settings differ from the checkpoint's")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace what OUT holds (a finished run or latent cache)")
-    p.add_argument("--stats-images", type=int, default=50_000,
-                   help="tokenizer: images for the latent mean and std")
-    p.add_argument("--timeout", type=float, default=1800,
-                   help="seconds a rank waits for the others before the run ends with an error")
+    run = p.add_argument_group("every stage")
+    run.add_argument("--stage", required=True, choices=["tokenizer", "cache", "generator"],
+                     help="tokenizer: train SoftVQ-VAE; cache: encode --data-path once with "
+                          "--tokenizer; generator: train SiT on the latents")
+    run.add_argument("--data-path", "--data", dest="data",
+                     help="ImageNet-layout folder (a sub-folder per class), or 'builtin' for the "
+                          "procedural shapes (default: none; the generator can use --latents)")
+    run.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, PNG grids")
+    run.add_argument("--global-batch-size", "--batch-size", dest="batch_size", type=int,
+                     default=256, help="images a step over all ranks")
+    run.add_argument("--num-workers", "--workers", dest="workers", type=int, default=8,
+                     help="data loader processes per rank")
+    run.add_argument("--seed", "--global-seed", type=int, default=42,
+                     help="a non-negative integer: weights, data order and every step's noise")
+    run.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                     help="on CUDA: bf16 autocast (TF32 for the rest) or float32 throughout; a "
+                          "CPU runs float32")
+    run.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                     help="torch.compile the trained model: auto = on CUDA only; off to debug, on "
+                          "to test it on CPU")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace what OUT holds (a finished run or latent cache)")
+    run.add_argument("--timeout", type=float, default=1800,
+                     help="seconds a rank waits for the others before the run ends with an error")
+    steps = p.add_argument_group("training (tokenizer and generator)")
+    presets = ", ".join([*PRESETS, *GENERATOR_PRESETS])
+    steps.add_argument("--preset", help=f"model preset (default: none; one of {presets})")
+    steps.add_argument("--image-size", type=int,
+                       help="the tokenizer's image size, a multiple of its patch size (default: "
+                            "the preset's)")
+    steps.add_argument("--steps", type=int, default=250_000, help="training steps")
+    steps.add_argument("--lr", type=float,
+                       help="peak learning rate (default: tokenizer 1e-4 x batch / 256; "
+                            "generator 1e-4)")
+    steps.add_argument("--warmup-steps", type=int,
+                       help="linear warmup from 1e-5 to --lr; then the tokenizer's cosine, the "
+                            "generator's flat --lr (default: tokenizer 5004, one epoch of the "
+                            "released recipe; generator 0, as SiT)")
+    steps.add_argument("--weight-decay", type=float, default=0.0,
+                       help="0 = Adam without decay, what the released tokenizers ran; > 0 = "
+                            "AdamW on >= 2-D weights")
+    steps.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights")
+    steps.add_argument("--grad-clip", type=float, default=1.0,
+                       help="max global gradient norm (> 0)")
+    steps.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute activations in the backward: less memory, ~30%% more "
+                            "compute")
+    steps.add_argument("--grad-accum", type=int, default=1,
+                       help="micro-batches per step: the batch splits over ranks x this (less "
+                            "memory)")
+    steps.add_argument("--log-every", type=int, default=100, help="steps per log.jsonl line")
+    steps.add_argument("--sample-every", type=int, default=5000,
+                       help="steps per PNG grid of reconstructions / samples")
+    steps.add_argument("--ckpt-every", type=int, default=10_000,
+                       help="steps per OUT/ckpt.pt (the latest, which --resume continues)")
+    steps.add_argument("--keep-every", type=int, default=0,
+                       help="steps per kept checkpoint OUT/ckpt_STEP.pt, never overwritten (0 = "
+                            "none)")
+    steps.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    steps.add_argument("--allow-changes", action="store_true",
+                       help="with --resume: go on although the settings differ from the "
+                            "checkpoint's")
+    steps.add_argument("--preflight", choices=["on", "off"], default="on",
+                       help="before the first step, one training step of each phase the run will "
+                            "enter (e.g. the GAN phase from --disc-start), then every state put "
+                            "back: a phase that fails ends the run now")
+    add_objective_options(p.add_argument_group(
+        "tokenizer: the objective and its pretrained networks"))
+    gen = p.add_argument_group("cache and generator")
+    gen.add_argument("--tokenizer", help="tokenizer checkpoint, ours or released (default: the "
+                                         "latent cache's, for its sample grids)")
+    gen.add_argument("--tokenizer-config",
+                     help="config.json of a released tokenizer (default: beside the weights)")
+    gen.add_argument("--latents", help="generator: a --stage cache folder (default: none, the "
+                                       "images are encoded on the fly)")
+    gen.add_argument("--time-dist", default="lognormal", choices=["lognormal", "uniform"],
+                     help="flow-matching time sampling (released recipe: logit-normal)")
+    ev = p.add_argument_group("evaluation during training")
+    ev.add_argument("--eval-every", type=int, default=0,
+                    help="every N steps and at the end (0 = off), an `eval` event in log.jsonl: "
+                         "tokenizer rFID, PSNR, SSIM; generator FID against --eval-ref")
+    ev.add_argument("--eval-images", type=int, default=1000,
+                    help="images (tokenizer) or samples (generator) of each evaluation")
+    ev.add_argument("--eval-ref", help="generator: FID reference statistics, from `fid.py "
+                                       "--save-stats` (default: none)")
+    ev.add_argument("--inception",
+                    help="Inception weights for --eval-every (default: as fid.py)")
     return p
+
+
+def add_objective_options(tok):
+    """The tokenizer's objective (defaults: the released L-64 recipe, configs/softvq-l-64.yaml). A
+    term whose weights file is missing is switched off with a WARNING at start and in the log; a
+    weight of 0 switches it off quietly."""
+    tok.add_argument("--entropy-weight", type=float, default=0.01,
+                     help="weight of the entropy regulariser")
+    tok.add_argument("--perceptual-weight", type=float, default=1.0,
+                     help="LPIPS weight (needs --vgg and --lpips)")
+    tok.add_argument("--perceptual-warmup", type=int, default=10_000,
+                     help="steps of the LPIPS weight's linear ramp")
+    tok.add_argument("--adversarial-weight", type=float, default=0.2,
+                     help="GAN weight (needs --dino)")
+    tok.add_argument("--disc-start", type=int, default=20_000,
+                     help="step at which D and the GAN term start")
+    tok.add_argument("--lecam-weight", type=float, default=0.001,
+                     help="LeCam regularisation of D")
+    tok.add_argument("--consistency-weight", type=float, default=4.0,
+                     help="D consistency regularisation")
+    tok.add_argument("--adaptive-disc-weight", action="store_true",
+                     help="VQGAN gradient-norm balance of the GAN term")
+    tok.add_argument("--repa-weight", type=float, default=0.1,
+                     help="alignment to DINOv2 (needs --dinov2)")
+    tok.add_argument("--repa-patch-size", type=int, default=16,
+                     help="patch size of the DINOv2 teacher")
+    tok.add_argument("--vgg", help="torchvision vgg16-397923af.pth, the LPIPS backbone (default: "
+                                   "none, LPIPS off)")
+    tok.add_argument("--lpips", help="LPIPS v0.1 vgg.pth, its linear heads (default: none, LPIPS "
+                                     "off)")
+    tok.add_argument("--dino", help="dino_deitsmall16_pretrain.pth, the discriminator's backbone "
+                                    "(default: none, GAN off)")
+    tok.add_argument("--dinov2", help="DINOv2 checkpoint of the REPA teacher, e.g. "
+                                      "dinov2_vitl14_pretrain.pth (default: none, REPA off)")
+    tok.add_argument("--init-encoder",
+                     help="DINOv2 checkpoint of the encoder's size to initialise it from "
+                          "(default: random weights)")
+    tok.add_argument("--compile-frozen", choices=["on", "off"], default="off",
+                     help="torch.compile the frozen networks too (LPIPS, D's backbone, the REPA "
+                          "teacher; with --adaptive-disc-weight the teacher only)")
+    tok.add_argument("--stats-images", type=int, default=50_000,
+                     help="images for the latent mean and std, measured at the end")
 
 
 def parse_args(argv=None):
     """The flags, checked at the start: a flag that makes no sense ends the run in one line."""
     p = make_parser()
     args = p.parse_args(argv)
-    needs = {"tokenizer": ["--preset", "--data"], "cache": ["--tokenizer", "--data"],
-             "generator": ["--preset", "--latents or --tokenizer with --data"]}[args.stage]
-    have = {"--preset": args.preset, "--data": args.data, "--tokenizer": args.tokenizer,
-            "--latents or --tokenizer with --data": args.latents or (args.tokenizer and args.data)}
+    either = "--latents or --tokenizer with --data-path"
+    needs = {"tokenizer": ["--preset", "--data-path"], "cache": ["--tokenizer", "--data-path"],
+             "generator": ["--preset", either]}[args.stage]
+    have = {"--preset": args.preset, "--data-path": args.data, "--tokenizer": args.tokenizer,
+            either: args.latents or (args.tokenizer and args.data)}
     missing = [flag for flag in needs if not have[flag]]
     if missing:
         p.error(f"--stage {args.stage} needs {' and '.join(missing)}")
@@ -1110,14 +1192,16 @@ def parse_args(argv=None):
                 f"{', '.join(sorted(PRESETS))}")
     if args.warmup_steps is None:
         args.warmup_steps = 5004 if args.stage == "tokenizer" else 0
-    counts = ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "grad_accum",
-              "stats_images")
-    too_small = [(getattr(args, n) < 1, f"--{n.replace('_', '-')} must be at least 1")
-                 for n in counts]
+    counts = {"--steps": args.steps, "--global-batch-size": args.batch_size,
+              "--log-every": args.log_every, "--sample-every": args.sample_every,
+              "--ckpt-every": args.ckpt_every, "--grad-accum": args.grad_accum,
+              "--stats-images": args.stats_images}
+    too_small = [(value < 1, f"{flag} must be at least 1") for flag, value in counts.items()]
     for bad, msg in [*too_small,
                      (args.seed < 0, f"--seed {args.seed}: use a non-negative integer"),
                      (min(args.workers, args.warmup_steps, args.weight_decay) < 0,
-                      "--workers, --warmup-steps and --weight-decay must be >= 0"),
+                      "--num-workers, --warmup-steps and --weight-decay must be >= 0"),
+                     (args.keep_every < 0, "--keep-every must be >= 0 (0 = keep none)"),
                      (not 0 <= args.ema_decay < 1, "--ema-decay must be in [0, 1)"),
                      (not (args.grad_clip > 0 and args.timeout > 0),
                       "--grad-clip and --timeout must be > 0"),
@@ -1147,7 +1231,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with data.user_errors():
-        train(args)
+        try:
+            train(args)
+        except Exception as e:
+            record_crash(args, e)
+            raise
 
 
 if __name__ == "__main__":
