@@ -300,22 +300,27 @@ class SyntheticImages(torch.utils.data.Dataset):
 
 def time_loop(stage, args, device, steps):
     """train.run_steps over `steps` steps, the real loop body (data, the step, EMA, the stop check,
-    logging), timed per step by CUDA events (wall clock on a CPU) recorded after each step's EMA.
-    Warm-up lasts until the last step that compiled a graph. -> (figures, step seconds)."""
+    logging), timed per step by CUDA events (wall clock on a CPU) recorded after each step's EMA;
+    the end of the run (latent statistics, a checkpoint) is left out. Warm-up lasts until the last
+    step that compiled a graph; host syncs are counted over the steps after it. -> (figures, step
+    seconds)."""
     from torch._dynamo.utils import counters
     marks = []
-    real_update = train.update_ema
+    caught = []
+    real = (train.update_ema, train.save, stage.finish)
 
     def update_and_mark(*a, **k):
-        real_update(*a, **k)
+        real[0](*a, **k)
         event = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
         if event is not None:
             event.record()
-        marks.append((event, time.perf_counter(), counters["stats"]["unique_graphs"]))
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        marks.append((event, time.perf_counter(), counters["stats"]["unique_graphs"], syncs))
     args.steps = steps
     log = train.Logger(args.out, steps, "bench", 0, 0)
     train.update_ema = update_and_mark
-    syncs = []
+    train.save = lambda *a, **k: None
+    stage.finish = lambda rank: None
     start = time.perf_counter()
     try:
         with data.GracefulStop(device) as stop, warnings.catch_warnings(record=True) as caught:
@@ -324,11 +329,10 @@ def time_loop(stage, args, device, steps):
                 torch.cuda.set_sync_debug_mode("warn")
             train.run_steps(stage, args, 0, False, 0, 1, log, stop)
             _sync(device)
-            syncs = [w for w in caught if "synchroniz" in str(w.message)]
     finally:
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
-        train.update_ema = real_update
+        train.update_ema, train.save, stage.finish = real
         log.bar.close()
     # the last step that compiled a graph; the steps after it are timed
     graphs = [m[2] for m in marks]
@@ -339,13 +343,13 @@ def time_loop(stage, args, device, steps):
         times = [b[1] - a[1] for a, b in zip(marks[warm:], marks[warm + 1:])]
     if not times:
         raise RuntimeError(f"every one of the {steps} steps compiled: no step left to time")
-    compile_s = marks[warm][1] - start
     median = float(np.median(times))
-    return {"compile_s": round(compile_s, 2), "timed_steps": len(times),
+    syncs = (marks[-1][3] - marks[warm][3]) / len(times)
+    return {"compile_s": round(marks[warm][1] - start, 2), "timed_steps": len(times),
             "step_ms_median": round(median * 1e3, 2),
             "step_ms_p90": round(float(np.percentile(times, 90)) * 1e3, 2),
             "img_per_s": round(args.batch_size / median, 1),
-            "host_syncs_per_step": round(len(syncs) / steps, 2) if device.type == "cuda" else None,
+            "host_syncs_per_step": round(syncs, 2) if device.type == "cuda" else None,
             "graphs": graphs[-1]}, median
 
 

@@ -648,18 +648,18 @@ def latent_stats(model, dataset, device, autocast, rank=0, world=1, workers=0, n
 # setup, the seed recipe, atomic writes, one-line user errors, graceful stops on a signal and the
 # output folder's lock.
 def setup_distributed(device=None, timeout_s=1800, tf32=True):
-    """-> (rank, world, device) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; without them, one
-    process and no process group (nanoGPT's pattern); under torchrun even one process joins one
-    (as DiT: one GPU runs the path of many). Rank r takes GPU LOCAL_RANK; NCCL on CUDA, gloo on CPU;
-    a collective that waits over timeout_s ends the run. device: "cuda", "cpu", "cuda:1" (default:
-    CUDA). tf32: on CUDA, TF32 for the float32 matmuls and convolutions."""
+    """-> (rank, world, device) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; without them one
+    process, no process group (nanoGPT); under torchrun even one process joins one (as DiT). Rank r
+    takes GPU LOCAL_RANK; NCCL on CUDA, gloo on CPU; a collective waiting over timeout_s ends the
+    run. device: "cuda", "cpu", "cuda:1" (default CUDA). tf32: TF32 for float32 matmuls on CUDA."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if local_world > 1:
         # Inductor starts up to one compile worker per CPU core in every process: N ranks on a node
         # would start N times that. An explicit TORCHINDUCTOR_COMPILE_THREADS wins.
-        threads = str(max(1, (os.cpu_count() or 1) // local_world))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = str(max(1, cpus // local_world))
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", threads)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -833,23 +833,23 @@ def user_errors():
 # Exit status of a run that stopped on a signal after saving its work (1: a crash, 2: a user
 # error); `--resume` (train.py) or the same command (sample.py) continues it.
 STOPPED = 3
-# Ranks agree on a stop every STOP_EVERY steps, reading a flag reduced STOP_EVERY steps earlier:
-# a multi-rank run stops at most 2 x STOP_EVERY steps after the signal; one process, after the step
-# it is in.
+# Ranks agree on a stop every STOP_EVERY steps, reading a flag reduced STOP_EVERY steps earlier: at
+# most 2 x STOP_EVERY steps after the signal (one process: after the step it is in).
 STOP_EVERY = 5
 # SIGHUP: a closed terminal, or the launcher gone (GracefulStop)
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
 # An environment variable torchrun sets for its workers
 LAUNCHED_BY_TORCHRUN = "TORCHELASTIC_RUN_ID"
+# The process that started this one (under torchrun, the launcher GracefulStop watches)
+PARENT = os.getppid()
 
 
 class GracefulStop:
     """While active (a `with` block), SIGTERM, SIGINT, SIGUSR1 and SIGHUP set a flag instead of
-    killing the process; the work asks `should_stop` at its boundaries (a step, a shard, a batch),
-    keeps what is finished and exits with STOPPED. A second Ctrl-C stops at once. Under torchrun
-    the launcher's death (kill -9) counts as a SIGHUP. With `folder`, another rank's crash record
-    there makes torchrun's SIGTERM end this rank at once (status 1): without the crashed rank, the
-    ranks cannot agree on a last step."""
+    killing the process; the work asks `should_stop` at its boundaries, keeps what is finished and
+    exits with STOPPED. A second Ctrl-C stops at once. Under torchrun the launcher's death (kill -9)
+    counts as a SIGHUP. With `folder`, another rank's crash record there makes torchrun's SIGTERM
+    end this rank at once (status 1): without it, the ranks cannot agree on a last step."""
 
     def __init__(self, device=None, folder=None):
         self.device = device or torch.device("cpu")
@@ -865,10 +865,12 @@ class GracefulStop:
     def __enter__(self):
         for name in STOP_SIGNALS:
             number = getattr(signal, name)
-            self.previous[number] = signal.signal(number, self._handle)
+            # a hangup that nohup ignores stays ignored
+            if name != "SIGHUP" or signal.getsignal(number) is not signal.SIG_IGN:
+                self.previous[number] = signal.signal(number, self._handle)
         if LAUNCHED_BY_TORCHRUN in os.environ:
             self.watching = threading.Event()
-            threading.Thread(target=_watch_launcher, args=(os.getppid(), self.watching),
+            threading.Thread(target=_watch_launcher, args=(PARENT, self.watching),
                              daemon=True).start()
         return self
 
@@ -897,10 +899,9 @@ class GracefulStop:
         return signal.Signals(self.signum).name
 
     def should_stop(self, step):
-        """True when this process (one rank: its own flag) or every rank (several: the MAX of all
-        flags, agreed every STOP_EVERY steps) is to stop now, after `step` steps. The agreement
-        reads a result finished STOP_EVERY steps ago (a pinned copy and an event on CUDA): no wait
-        on the GPU's queue."""
+        """Whether to stop now, after `step` steps: one process by its own flag, several ranks by
+        the MAX of their flags, agreed every STOP_EVERY steps on a result finished STOP_EVERY steps
+        ago (a pinned copy and an event on CUDA): no wait on the GPU's queue."""
         if not dist.is_initialized():
             return self.signum != 0
         if step % STOP_EVERY:
@@ -931,8 +932,7 @@ class GracefulStop:
 
 
 def _watch_launcher(launcher, done):
-    """Until `done` is set: once a second, whether this process's parent (torchrun) is still
-    `launcher`; when it is gone, a SIGHUP to this process (GracefulStop)."""
+    """Once a second until `done`: a SIGHUP to this process when its parent is not `launcher`."""
     while not done.wait(1.0):
         if os.getppid() != launcher:
             print(f"the launcher (pid {launcher}) is gone: stopping as on a signal",

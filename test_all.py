@@ -1195,8 +1195,8 @@ class TestGenerator:
         os.makedirs(tmp_path / "hf")
         save_safetensors(sd, str(tmp_path / "hf" / "model.safetensors"))
         json.dump(dict(depth=2, hidden_size=32, num_heads=4, input_size=5, in_channels=6,
-                       patch_size=1,
-                       vae_1d=True, num_classes=10), open(tmp_path / "hf" / "config.json", "w"))
+                       patch_size=1, vae_1d=True, num_classes=10),
+                  open(tmp_path / "hf" / "config.json", "w"))
         loaded, info = G.load_generator(str(tmp_path / "hf" / "model.safetensors"))
         assert info is None and loaded.config == cfg
         with torch.no_grad():
@@ -1388,8 +1388,7 @@ class TestGenerator:
         sampling = G.Sampling("ode", 8, cfg_scale=2.0, guidance_low=0.25, guidance_high=0.75)
         G.integrate_flow(f, x, y, sampling, null_label=10)
         assert calls == [(3, 1.0), (3, 0.875), (6, 0.75), (6, 0.625), (6, 0.5), (6, 0.375),
-                         (6, 0.25),
-                         (3, 0.125)]
+                         (6, 0.25), (3, 0.125)]
         # Heun's corrector (evaluated at t_next) follows its step's decision at t_cur; no corrector
         # on the last step
         f, calls = _gen_recorder(vel)
@@ -1659,7 +1658,22 @@ class TestData:
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                              text=True, check=True, env={**env, "LOCAL_WORLD_SIZE": "8"})
         threads, cpus = map(int, out.stdout.split())
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
         assert threads == max(1, cpus // 8)
+
+    def test_a_hangup_nohup_ignores_stays_ignored(self):
+        """GracefulStop takes SIGHUP (a closed terminal stops a run gracefully), unless the process
+        was started to ignore it (nohup): then it stays ignored."""
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            with data.GracefulStop():
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            with data.GracefulStop() as stop:
+                assert signal.getsignal(signal.SIGHUP) == stop._handle
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        finally:
+            signal.signal(signal.SIGHUP, previous)
 
     def test_second_ctrl_c_stops_at_once_without_a_traceback(self, capsys):
         """The first SIGINT is a request (a flag, the run goes on to its boundary); the second
@@ -2413,8 +2427,7 @@ class TestFidCommandLine:
         assert np.abs(f_mixed - f_each).max() < 1e-5
 
     def test_fid_cli_every_metric_in_the_evaluators_words(self, fid_ts, fid_ts_path, one_thread,
-                                                          tmp_path,
-                                                                capsys, monkeypatch):
+                                                          tmp_path, capsys, monkeypatch):
         """`fid.py REF SAMPLES`: the evaluator's five lines in its order, each value the metric of
         the features the run computed (checked by the independent formulas); IS needs the output
         layer, precision/recall images on both sides, sFID mu_s/sigma_s; an ADM reference batch
@@ -2512,8 +2525,7 @@ class TestFidCommandLine:
         folder = _fid_write_folder(tmp_path / 'imgs', _fid_smooth_images(2, 32, 32, seed=10))
         env = {**os.environ, 'SOFTVQ_INCEPTION': str(tmp_path / 'missing.pt')}
         r = subprocess.run([sys.executable, str(REPO / 'fid.py'), folder, folder],
-                           capture_output=True,
-                           text=True, env=env, timeout=60)
+                           capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode != 0 and 'Traceback' not in r.stderr
         assert r.stderr.strip().count('\n') == 0
         assert ('missing.pt' in r.stderr
@@ -2679,10 +2691,9 @@ class TestTrainTokenizer:
         assert "train_psnr" in done and "heldout_psnr" not in done
 
     def test_schedule_optimizer_clipping_and_image_size(self, tmp_path, monkeypatch):
-        args = train.parse_args(["--stage", "tokenizer", "--preset", "softvq-tiny", "--data",
-                                 "builtin",
-                                 "--out", "x", "--lr", "1e-3", "--warmup-steps", "10",
-                                 "--steps", "110"])
+        args = train.parse_args(["--stage", "tokenizer", "--preset", "softvq-tiny",
+                                 "--data-path", "builtin", "--out", "x", "--lr", "1e-3",
+                                 "--warmup-steps", "10", "--steps", "110"])
         stage = SimpleNamespace(args=args)
         lr = functools.partial(train.TokenizerStage.learning_rate, stage)
         assert lr(0) == 1e-5 and lr(10) == pytest.approx(1e-3)
@@ -2819,8 +2830,7 @@ class TestTrainTokenizer:
         Adam's rounding. Measured on CPU: loss 8e-8 relative, grad norm equal, weights 4e-9 apart
         (lr 1e-5), so the bounds below leave a margin of 10-200x."""
         base = TINY_TRAIN + ["--stage", "tokenizer", "--steps", "1", "--entropy-weight", "0",
-                             "--lr",
-                             "1e-5", "--warmup-steps", "0"]
+                             "--lr", "1e-5", "--warmup-steps", "0"]
         train.main(base + ["--out", str(tmp_path / "one")])
         train.main(base + ["--grad-accum", "4", "--out", str(tmp_path / "four")])
         (_, one), (_, four) = _log(str(tmp_path / "one")), _log(str(tmp_path / "four"))
@@ -2906,8 +2916,7 @@ class TestTrainTokenizer:
         assert [(p["phase"], p["step"]) for p in event["phases"]] == [("flow-matching", 0)]
 
     def test_preflight_failing_phase_ends_the_run_before_step_one(self, tmp_path, capsys,
-                                                                  monkeypatch,
-                                                                        objective_files):
+                                                                  monkeypatch, objective_files):
         """A discriminator that raises, or gives a non-finite loss, only from the GAN phase (step 3)
         on: the run ends before its first step with one line naming the phase and its step; no step
         is logged, no checkpoint written."""
@@ -3109,8 +3118,7 @@ class TestTrainGenerator:
             z, z_flip = tok.encode(x), tok.encode(x.flip(-1))
         pairs = one.pairs(everything)
         torch.testing.assert_close(torch.from_numpy(pairs[:, 0].astype(np.float32)), z,
-                                   atol=1e-3,
-                                   rtol=1e-3)
+                                   atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(torch.from_numpy(pairs[:, 1].astype(np.float32)), z_flip,
                                    atol=1e-3, rtol=1e-3)
         assert one.labels.tolist() == ds.labels
@@ -3171,9 +3179,8 @@ class TestTrainGenerator:
         model, info = G.load_generator(str(tmp_path / "full" / "ckpt.pt"))
         assert info["path"] == probe_files["tok"]
 
-    def test_keep_every_keeps_numbered_checkpoints_that_sample_py_reads(self, tmp_path,
-                                                                        probe_files, monkeypatch,
-                                                                        capsys):
+    def test_keep_every_keeps_numbered_checkpoints_that_sample_py_reads(self, tmp_path, probe_files,
+                                                                        monkeypatch, capsys):
         """--keep-every 2 over 4 steps: ckpt_0000002.pt and ckpt_0000004.pt beside ckpt.pt (the
         latest, which --resume continues), each its own step's weights; sample.py draws a grid from
         the step-2 one. A kept copy that cannot be written (a full disk, on a filesystem without
@@ -3239,14 +3246,14 @@ class TestTrainGenerator:
         # occurrence)
         [generator] = [argv for script, argv in _quickstart_stages()
                        if script == "train.py" and argv[argv.index("--stage") + 1] == "generator"]
-        train.main(generator + ["--latents", str(tmp_path / "c"), "--steps", "60", "--log-every",
-                                "20",
-                                "--sample-every", "60", "--out", str(tmp_path / "g")])
+        train.main(generator + ["--latents", str(tmp_path / "c"), "--steps", "60",
+                                "--log-every", "20", "--sample-every", "60",
+                                "--out", str(tmp_path / "g")])
         losses = [r["loss"] for r in _log(str(tmp_path / "g"))[1].values()]
         assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-        S.main(["--ckpt", str(tmp_path / "g" / "ckpt.pt"), "--classes", "0", "1", "--per-class",
-                "4",
-                "--num-sampling-steps", "10", "--cfg", "1.5", "--out", str(tmp_path / "grid.png")])
+        S.main(["--ckpt", str(tmp_path / "g" / "ckpt.pt"), "--classes", "0", "1",
+                "--per-class", "4", "--num-sampling-steps", "10", "--cfg-scale", "1.5",
+                "--out", str(tmp_path / "grid.png")])
         # one row per class, 32 px cells shown at 96 px
         assert Image.open(tmp_path / "grid.png").size[1] == 2 * 3 * 32
 
@@ -3375,9 +3382,8 @@ class TestTrainEvaluation:
                 "--sampler", "sde", "--num-sampling-steps", "50", "--cfg-scale", "1.75",
                 "--guidance-high", "0.7", "--seed", "5", "--per-proc-batch-size", "4",
                 "--device", "cpu", "--out", str(tmp_path / "samples.npz")])
-        measured = _fid_line(capsys, [ref, str(tmp_path / "samples.npz"), "--inception",
-                                      fid_ts_path,
-                                      "--workers", "0"])
+        measured = _fid_line(capsys, [ref, str(tmp_path / "samples.npz"),
+                                      "--inception", fid_ts_path, "--num-workers", "0"])
         assert logged["fid"] == pytest.approx(measured, rel=1e-6)
         assert logged["images"] == 4
         # a cached generator whose tokenizer has gone cannot decode samples: refused at the start
@@ -3510,8 +3516,7 @@ class TestSample:
         info = {"path": str(tmp_path / "tok.pt"), "config_json": None, "latent_mean": 0.25,
                 "latent_std": None}
         torch.save({"kind": "generator", "config": vars(cfg), "model": sd, "ema": sd,
-                    "tokenizer": info,
-                    "step": 0, "args": {"lr": 1e-4}}, tmp_path / "gen.pt")
+                    "tokenizer": info, "step": 0, "args": {"lr": 1e-4}}, tmp_path / "gen.pt")
         model, info = G.load_generator(str(tmp_path / "gen.pt"))
         loaded = G.load_tokenizer_for(model, info)
         mean, std = loaded.config.latent_mean, loaded.config.latent_std
@@ -3599,8 +3604,9 @@ class TestSample:
         again = data.to_uint8(generated)
         assert np.array_equal(again[0], images[4])
 
-    def test_sample_npz_one_writer_stops_on_a_signal_and_resumes_after_kill(
-            self, tmp_path, capsys, monkeypatch, one_thread):
+    def test_sample_npz_one_writer_stops_on_a_signal_and_resumes_after_kill(self, tmp_path, capsys,
+                                                                            monkeypatch,
+                                                                            one_thread):
         """A second sample.py on the same .npz is refused while the first runs; SIGTERM ends the
         first after its shard (exit 3, shards kept); a SIGKILL mid-shard loses only that shard; the
         reruns give the uninterrupted file."""
@@ -3657,7 +3663,7 @@ class TestSample:
                 and len({a.tobytes() for a in arr}) == 22)
 
     def test_sample_labels_equal_resume_and_the_sampling_record(self, tmp_path, monkeypatch, capsys,
-                                                                      one_thread):
+                                                                one_thread):
         """--labels equal: every class the same number of times, shuffled by the seed; a run killed
         after two shards and rerun writes the same file; the record beside the .npz says how it was
         sampled, and fid.py prints it."""
@@ -3828,8 +3834,7 @@ class TestSampleReconstruction:
             tracemalloc.start()
             S.main(["--ckpt", str(tmp_path / "tok.pt"), "--images", images,
                     "--per-proc-batch-size", "4", "--num-workers", "0", "--device", "cpu",
-                    "--inception", __file__,
-                    "--out", str(tmp_path / f"out{n}_{len(peaks)}")])
+                    "--inception", __file__, "--out", str(tmp_path / f"out{n}_{len(peaks)}")])
             peaks.append(tracemalloc.get_traced_memory()[1])
             tracemalloc.stop()
         # what holding real + recon of the extra images would add

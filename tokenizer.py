@@ -582,10 +582,9 @@ def _unit_columns(x):  # (heads, n, 1) -> each column divided by its norm (F.nor
 
 
 class HeadConvs(nn.Module):
-    """`heads` Conv1d layers (c_in -> c_out channels, kernel k, circular padding), each
-    spectral-normalised as torch.nn.utils.parametrizations.spectral_norm does it (one power
-    iteration per training forward, u and v buffers), run as one grouped convolution:
-    (B, heads * c_in, T) -> (B, heads * c_out, T), head h on its own block of channels."""
+    """`heads` Conv1d layers (c_in -> c_out, kernel k, circular padding), each spectral-normalised
+    as torch.nn.utils.parametrizations.spectral_norm (a power iteration per training forward), as
+    one grouped convolution: (B, heads * c_in, T) -> (B, heads * c_out, T), a block per head."""
 
     def __init__(self, heads, c_in, c_out, k):
         super().__init__()
@@ -613,12 +612,14 @@ class HeadConvs(nn.Module):
         self.v = _unit_columns(torch.bmm(W.transpose(1, 2), self.u))
 
     def forward(self, x):
-        W = self.matrices()
-        if self.training:
-            self.power_iteration(W)
-        # (heads, 1, 1): each head's largest singular value, u^T W v
-        sigma = (self.u * torch.bmm(W, self.v)).sum(1, keepdim=True)
-        weight = (W / sigma).view_as(self.weight)
+        # the spectral norm in float32, as torch's keeps it (under autocast bmm would run in bf16)
+        with torch.autocast(x.device.type, enabled=False):
+            W = self.matrices()
+            if self.training:
+                self.power_iteration(W)
+            # (heads, 1, 1): each head's largest singular value, u^T W v
+            sigma = (self.u * torch.bmm(W, self.v)).sum(1, keepdim=True)
+            weight = (W / sigma).view_as(self.weight)
         if self.k > 1:
             x = F.pad(x, (self.k // 2, self.k // 2), mode="circular")
         return F.conv1d(x, weight, self.bias, groups=self.heads)
@@ -626,11 +627,10 @@ class HeadConvs(nn.Module):
 
 class DiscriminatorHeads(nn.Module):
     """The DINO discriminator's heads (continuous_tokenizer discriminator_dino.py, one per tapped
-    map: spectral-norm conv 1x1, batch norm, LeakyReLU, then a residual of conv k, batch norm and
-    LeakyReLU, then a conv 1x1 to one logit per token), all computed together: head h on channels
-    [h C, (h + 1) C) of one tensor, by grouped convolutions and one batch norm per depth, whose
-    statistics over the ranks take one all-reduce for every head. (B, heads * C, T) -> (B, heads,
-    T)."""
+    map: spectral-norm conv 1x1, batch norm, LeakyReLU, a residual of conv k, batch norm and
+    LeakyReLU, a conv 1x1 to one logit per token) computed together, head h on channels [h C, (h +
+    1) C): grouped convolutions, one batch norm per depth (one all-reduce over the ranks for every
+    head). (B, heads * C, T) -> (B, heads, T)."""
 
     def __init__(self, heads, width, kernel):
         super().__init__()
@@ -648,8 +648,8 @@ class DiscriminatorHeads(nn.Module):
 
 
 class DinoDiscriminator(UsesFrozen):
-    """Five trainable heads on frozen DINO ViT-S/16 features (embedding output, blocks 2, 5, 8, 11).
-    ~7.39M params."""
+    """Five trainable heads (7.39 M parameters) on frozen DINO ViT-S/16 features: blocks 2, 5, 8, 11
+    and the embedding before them."""
     TAPS = (-1, 2, 5, 8, 11)  # -1: the embedding output before any block
 
     def __init__(self, dino_path, kernel=9):

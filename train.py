@@ -331,7 +331,8 @@ class GeneratorStage:
         rng = torch.Generator().manual_seed(self.args.seed)
         noise = torch.randn(len(labels), self.ema.config.num_tokens, self.ema.config.token_dim,
                             generator=rng)
-        images = generate_images(self.ema, self.decoder, noise.to(self.device), labels, PREVIEW)
+        images = generate_images(self.ema, self.decoder, noise.to(self.device), labels, PREVIEW,
+                                 amp=self.args.precision == "bf16")
         data.labelled_grid(data.to_uint8(images), labels.tolist(), self.classes or None).save(path)
 
     def eval_batches(self, rank, world, batch):
@@ -344,7 +345,8 @@ class GeneratorStage:
         for i in range(0, len(indices), batch):
             noise, labels, rngs = sample_inputs(self.args.seed, indices[i:i + batch], c.num_tokens,
                                                 c.token_dim, c.num_classes, self.device)
-            images = generate_images(self.ema, self.decoder, noise, labels, EVAL_SAMPLING, rngs)
+            images = generate_images(self.ema, self.decoder, noise, labels, EVAL_SAMPLING, rngs,
+                                     amp=self.args.precision == "bf16")
             yield None, data.to_uint8_tensor(images)
 
     def learning_rate(self, step):
@@ -793,8 +795,7 @@ def checkpoint_path(args):
 
 
 def record_crash(args, error):
-    """A rank of a multi-rank run failed: its crash record in --out, for the other ranks (torchrun's
-    SIGTERM then ends them instead of stopping them), and a `crash` event in log.jsonl."""
+    """A rank of several failed: its crash record in --out (data.GracefulStop) and a log event."""
     if int(os.environ.get("WORLD_SIZE", 1)) < 2 or not os.path.isdir(args.out):
         return
     rank = int(os.environ.get("RANK", 0))
