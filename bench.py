@@ -134,6 +134,11 @@ def write_objective_standins(folder, full_size=False):
     return {name: os.path.join(folder, name + ".pth") for name in files}
 
 
+def objective_flags(files):
+    """{LossConfig path field: file} -> train.py's flags for them: --vgg FILE --lpips FILE ..."""
+    return [a for field, path in files.items() for a in (f"--{field.split('_')[0]}", path)]
+
+
 def write_inception_standin(path):
     """The FID Inception's layout, random weights (features for speed and plumbing, not FID)."""
     torch.manual_seed(0)
@@ -332,7 +337,9 @@ def time_loop(stage, args, device, steps):
     finally:
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
-        train.update_ema, train.save, stage.finish = real
+        train.update_ema = real[0]
+        train.save = real[1]
+        stage.finish = real[2]
         log.bar.close()
     # the last step that compiled a graph; the steps after it are timed
     graphs = [m[2] for m in marks]
@@ -427,8 +434,7 @@ def end_to_end(sizes, device, out, record):
            "--eval-every", "15", "--eval-images", "16", "--inception", inception,
            "--stats-images", "64", "--log-every", "1",
            "--repa-patch-size", "4", "--num-workers", "2", "--out", str(e2e / "tok"),
-           *compile_flag, *[a for k, v in standins.items()
-                            for a in (f"--{k.split('_')[0]}", v)]]
+           *compile_flag, *objective_flags(standins)]
     results = {}
     # the tokenizer, stopped by SIGTERM once step 2 is logged, then resumed
     start = time.time()
@@ -491,8 +497,8 @@ def tokenizer(sizes, device, out, record):
     """The tokenizer stage's loop: MSE + entropy (no pretrained files: the official 631 img/s row's
     objective), then the whole objective from step 0 (stand-ins of the published sizes)."""
     files = write_objective_standins(out, full_size=sizes["full_size_standins"])
-    full = [a for k, v in files.items() for a in (f"--{k.split('_')[0]}", v)]
-    runs = [("mse_entropy", []), ("full_objective", full + ["--disc-start", "0"])]
+    whole = objective_flags(files) + ["--disc-start", "0"]
+    runs = [("mse_entropy", []), ("full_objective", whole)]
     with one_rank_group(device):
         for name, extra in runs:
             _fresh_memory(device)
@@ -683,8 +689,7 @@ def run_all(names, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help="comma-separated sections, in the order to run them")
     p.add_argument("--out", help="folder for the sections' files and logs (default: a new "

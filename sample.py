@@ -401,9 +401,9 @@ def score_reconstructions(args, ds, world, rfid):
     metrics_json = json.dumps(metrics, indent=1, allow_nan=False)
     pngs = [os.path.join(args.out, "recon", f"{k:06d}.png") for k in range(n)]
     first = np.asarray(Image.open(pngs[0]))
-    step = args.per_proc_batch_size
-    chunks = (np.stack([np.asarray(Image.open(p)) for p in pngs[i:i + step]])
-              for i in range(0, n, step))
+    batch = args.per_proc_batch_size
+    chunks = (np.stack([np.asarray(Image.open(p)) for p in pngs[i:i + batch]])
+              for i in range(0, n, batch))
     save_npz(os.path.join(args.out, "recon.npz"), chunks, (n,) + first.shape, np.array(ds.labels))
 
     # a path as a CSV (RFC 4180) field: relative to --images, quoted

@@ -447,12 +447,10 @@ def save(stage, args, step, rank, nonfinite):
 
 def save_at_stop(stage, args, step, saved_at, rank, log, nonfinite):
     """A signal stopped the loop after `step`: the log line of the steps since the last one, then
-    that step's checkpoint, unless it was just written."""
+    that step's checkpoint, unless it was just written (and so passed the divergence check)."""
     if log.count:
-        log.flush(step, args.batch_size, lr=stage.learning_rate(step - 1), **stage.log_extra())
-    if saved_at == step:
-        check_finite(nonfinite, step, checkpoint_path(args))
-    else:
+        log_line(stage, args, step, log, nonfinite)
+    if saved_at != step:
         save(stage, args, step, rank, nonfinite)
 
 
